@@ -1,0 +1,86 @@
+"""One run: prepare the workdir, then train (+ evaluate + export), evaluate or export."""
+
+import dataclasses
+import json
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from clae_tf import ClaeError, data, distribute, evaluate, export, train
+from clae_tf.config import CHECKPOINT_FLAGS, Config
+
+FLAGFILE = "flags.cfg"
+
+
+def check_workdir(cfg: Config):
+    """A workdir that holds a checkpoint must be resumed with compatible flags."""
+    path = os.path.join(cfg.run_dir, FLAGFILE)
+    has_checkpoint = tf.train.latest_checkpoint(os.path.join(cfg.run_dir, "checkpoints"))
+    if not (has_checkpoint and os.path.exists(path)):
+        return
+    with open(path) as f:
+        saved = Config.parse_flagfile(f.read())
+    diffs = [f"--{k}={saved[k]} (now {cfg.value_str(k)})" for k in CHECKPOINT_FLAGS
+             if k in saved and saved[k] != cfg.value_str(k)]
+    if diffs:
+        raise ClaeError(f"--workdir: {cfg.run_dir} holds a checkpoint made with "
+                        f"{', '.join(diffs)}; use the same flags or another --workdir")
+
+
+def write_flagfile(cfg: Config):
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    resolved = dataclasses.replace(cfg, workdir=cfg.run_dir)
+    with open(os.path.join(cfg.run_dir, FLAGFILE), "w") as f:
+        f.write(f"# Reproduce this run: python run.py --flagfile={cfg.run_dir}/{FLAGFILE}\n")
+        f.write(resolved.to_flagfile())
+
+
+def run(cfg: Config, strategy=None) -> dict:
+    """Runs cfg.mode. Returns what was written (results, paths)."""
+    strategy = strategy or distribute.make_strategy(cfg)
+    keras.utils.set_random_seed(cfg.seed)
+    keras.mixed_precision.set_global_policy(
+        "mixed_bfloat16" if cfg.precision == "bf16" else "float32")
+    check_workdir(cfg)
+    source = data.load(cfg)
+    export_dir = os.path.join(cfg.run_dir, "saved_model")
+    out = {"workdir": cfg.run_dir}
+    if cfg.mode == "train":
+        write_flagfile(cfg)
+        t0 = time.time()
+        summary = train.train(cfg, strategy, source)
+        model = summary.pop("model")
+        summary["wall_seconds_this_process"] = time.time() - t0
+        out["results"] = evaluate.evaluate(cfg, model, source, summary["step"], extra=summary)
+        if cfg.export:
+            export.export(cfg, model, export_dir)
+            out["saved_model"] = export_dir
+        return out
+    steps_per_epoch = source.train.num_examples // cfg.batch_size
+    state = train.State(cfg, strategy, steps_per_epoch, steps_per_epoch * cfg.epochs)
+    if not state.restore(model_only=True):
+        raise ClaeError(f"--workdir: no checkpoint in {cfg.run_dir}/checkpoints to {cfg.mode}")
+    if cfg.mode == "eval":
+        out["results"] = evaluate.evaluate(cfg, state.model, source, state.step)
+    else:
+        export.export(cfg, state.model, export_dir)
+        out["saved_model"] = export_dir
+    return out
+
+
+def print_summary(out: dict):
+    d = out["workdir"]
+    lines = [f"Workdir:      {d}"]
+    if "results" in out:
+        r = out["results"]
+        lines.append(f"kNN top-1:    {r['knn_top1']:.4f}   linear top-1: {r['linear_top1']:.4f}"
+                     f"   (step {r['step']}, {r['test_examples']} test images)")
+        lines.append(f"Results:      {os.path.join(d, 'results.json')}")
+    lines.append(f"Checkpoints:  {os.path.join(d, 'checkpoints')}")
+    lines.append(f"TensorBoard:  tensorboard --logdir={os.path.join(d, 'tensorboard')}")
+    if "saved_model" in out:
+        lines.append(f"SavedModel:   {out['saved_model']}  (tf.saved_model.load(path).serve(images))")
+    lines.append(f"Reproduce:    python run.py --flagfile={os.path.join(d, FLAGFILE)}")
+    print("\n".join(lines))

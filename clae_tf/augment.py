@@ -1,0 +1,123 @@
+"""The SimCLR augmentation set, vectorised over a batch, with torchvision's semantics.
+
+Images are float32 in [0, 1] here; `normalize` maps them to the model's input range
+((x - 0.5) / 0.5 for SimCLR, so eps is in those units).
+
+Why not the keras-cv (or Keras 3) layers: (1) their colour jitter does not follow torchvision's
+ColorJitter (additive brightness, other factor ranges, fixed order), which the paper uses; (2) their
+random generators are stateful, so a parallel tf.data map is not reproducible and a resumed run
+would not see the same views. Every op here is a stateless function of a per-batch seed, so a
+given (seed, epoch, batch) always gives the same views, in any pipeline and after a resume.
+"""
+
+import math
+
+import tensorflow as tf
+
+_GRAY = tf.constant([0.299, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights.
+
+
+def _split(seed, n):
+    return tf.unstack(tf.random.experimental.stateless_split(seed, n))
+
+
+def _grayscale(x):
+    return tf.reduce_sum(x * _GRAY, axis=-1, keepdims=True)  # (B, H, W, 1)
+
+
+def _per_image(v):
+    return tf.reshape(v, [-1, 1, 1, 1])
+
+
+def random_resized_crop(x, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    """torchvision RandomResizedCrop: up to 10 tries of (area, log-ratio), else the whole image."""
+    b = tf.shape(x)[0]
+    h = tf.cast(tf.shape(x)[1], tf.float32)
+    w = tf.cast(tf.shape(x)[2], tf.float32)
+    s_area, s_ratio, s_y, s_x = _split(seed, 4)
+    area = tf.random.stateless_uniform([b, attempts], s_area, scale[0], scale[1]) * h * w
+    log_r = tf.random.stateless_uniform([b, attempts], s_ratio, math.log(ratio[0]),
+                                        math.log(ratio[1]))
+    r = tf.exp(log_r)
+    cw = tf.round(tf.sqrt(area * r))
+    ch = tf.round(tf.sqrt(area / r))
+    ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+    first = tf.argmax(tf.cast(ok, tf.int32), axis=1)  # first valid attempt (0 if none)
+    any_ok = tf.reduce_any(ok, axis=1)
+    cw = tf.where(any_ok, tf.gather(cw, first, batch_dims=1), w)
+    ch = tf.where(any_ok, tf.gather(ch, first, batch_dims=1), h)
+    y0 = tf.floor(tf.random.stateless_uniform([b], s_y) * (h - ch + 1))
+    x0 = tf.floor(tf.random.stateless_uniform([b], s_x) * (w - cw + 1))
+    # crop_and_resize boxes are in [0, 1] image coordinates of pixel corners/centres; this maps
+    # the integer crop [y0, y0 + ch) onto the output grid.
+    boxes = tf.stack([y0 / (h - 1), x0 / (w - 1), (y0 + ch - 1) / (h - 1),
+                      (x0 + cw - 1) / (w - 1)], axis=1)
+    return tf.image.crop_and_resize(x, boxes, tf.range(b), [size, size])
+
+
+def _blend(a, b, factor):
+    return tf.clip_by_value(b + _per_image(factor) * (a - b), 0.0, 1.0)
+
+
+def _adjust_hue(x, delta):
+    hsv = tf.image.rgb_to_hsv(x)
+    hue = tf.math.floormod(hsv[..., :1] + _per_image(delta), 1.0)
+    return tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], axis=-1))
+
+
+def color_jitter(x, seed, brightness, contrast, saturation, hue):
+    """torchvision ColorJitter: the four adjustments in a random order per image."""
+    b = tf.shape(x)[0]
+    seeds = _split(seed, 5)
+
+    def factor(s, amount):
+        return tf.random.stateless_uniform([b], s, max(0.0, 1 - amount), 1 + amount)
+
+    fb, fc, fs = factor(seeds[0], brightness), factor(seeds[1], contrast), factor(seeds[2], saturation)
+    dh = tf.random.stateless_uniform([b], seeds[3], -hue, hue)
+    ops = [
+        lambda v: tf.clip_by_value(v * _per_image(fb), 0.0, 1.0),
+        lambda v: _blend(v, tf.reduce_mean(_grayscale(v), axis=[1, 2, 3], keepdims=True), fc),
+        lambda v: _blend(v, _grayscale(v), fs),
+        lambda v: _adjust_hue(v, dh),
+    ]
+    # A random permutation of the 4 ops per image: argsort of uniform noise.
+    order = tf.argsort(tf.random.stateless_uniform([b, 4], seeds[4]), axis=1)  # (B, 4)
+    for position in range(4):
+        candidates = tf.stack([op(x) for op in ops], axis=0)  # (4, B, H, W, C)
+        pick = tf.one_hot(order[:, position], 4, axis=0)  # (4, B)
+        x = tf.einsum("kb,kbhwc->bhwc", pick, candidates)
+    return x
+
+
+def _apply_with_prob(x, y, p, seed):
+    keep = tf.random.stateless_uniform([tf.shape(x)[0]], seed) < p
+    return tf.where(_per_image(keep), y, x)
+
+
+def simclr_view(x, seed, size, crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2),
+                jitter_prob=0.8, gray_prob=0.2):
+    """One SimCLR view of a batch: crop-resize, h-flip, colour jitter (p), grayscale (p).
+
+    Args:
+      x: (B, H, W, 3) float32 in [0, 1].
+      seed: shape-(2,) int seed; the view is a pure function of (x, seed).
+    Returns:
+      (B, size, size, 3) float32 in [0, 1].
+    """
+    s_crop, s_flip, s_jit, s_jit_p, s_gray = _split(seed, 5)
+    x = random_resized_crop(x, s_crop, size, scale=crop_scale)
+    flip = tf.random.stateless_uniform([tf.shape(x)[0]], s_flip) < 0.5
+    x = tf.where(_per_image(flip), tf.reverse(x, axis=[2]), x)
+    x = _apply_with_prob(x, color_jitter(x, s_jit, *jitter), jitter_prob, s_jit_p)
+    gray = tf.tile(_grayscale(x), [1, 1, 1, 3])
+    return _apply_with_prob(x, gray, gray_prob, s_gray)
+
+
+def normalize(x, mean=0.5, std=0.5):
+    """[0, 1] images -> model inputs. SimCLR: mean 0.5, std 0.5, i.e. [-1, 1]."""
+    return (x - mean) / std
+
+
+def denormalize(x, mean=0.5, std=0.5):
+    return x * std + mean

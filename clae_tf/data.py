@@ -1,0 +1,230 @@
+"""Input pipelines: the two-view pretraining stream and the labelled evaluation streams.
+
+A `--dataset` is one of:
+  - "digits": scikit-learn's 8x8 handwritten digits (1,797 images, ships with the package, so it
+    works offline); every 5th image is the test split.
+  - a folder `root/{train,test}/<label>/<image>` (any size; grayscale becomes RGB);
+  - a TFDS name (cifar10, cifar100, ...), read from --data_dir or downloaded.
+Every source becomes uint8 (size, size, 3) images with int32 labels; the pretraining stream then
+makes two SimCLR views per image on whole batches (augment.py), normalised for the model.
+"""
+
+import dataclasses
+import os
+from typing import List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from clae_tf import ClaeError, augment
+from clae_tf.config import Config
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Decoded splits up to this size are cached in memory (CIFAR-10 train is 150 MB).
+_CACHE_BYTES = 4 << 30
+
+
+@dataclasses.dataclass
+class Split:
+    images: tf.data.Dataset  # (uint8 (S, S, 3), int32 label), in a fixed order.
+    num_examples: int
+    files: Optional[List[str]] = None  # image folders: all files, to name an unreadable one.
+
+
+@dataclasses.dataclass
+class Source:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+
+
+def load(cfg: Config) -> Source:
+    """Opens `cfg.dataset` and applies the --train_examples / --examples_per_class subsets."""
+    if cfg.dataset == "digits":
+        source = _digits(cfg.image_size)
+    elif os.sep in cfg.dataset or cfg.dataset.startswith(".") or os.path.exists(cfg.dataset):
+        source = _folder(cfg.dataset, cfg.image_size)
+    else:
+        source = _tfds(cfg.dataset, cfg.data_dir, cfg.image_size)
+    source.train = _subset(source.train, source.num_classes, cfg.train_examples,
+                           cfg.examples_per_class)
+    if source.train.num_examples < cfg.batch_size:
+        raise ClaeError(f"--batch_size: {cfg.batch_size} is larger than the {source.train.num_examples} "
+                        f"training images of {cfg.dataset}")
+    return source
+
+
+def _resize(image, size):
+    image = tf.image.resize(image, [size, size], antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _finish(ds, n, size):
+    """Resize to (size, size, 3) uint8 and cache small splits in memory."""
+    ds = ds.map(lambda x, y: (_resize(x, size), tf.cast(y, tf.int32)),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    if n * size * size * 3 <= _CACHE_BYTES:
+        ds = ds.cache()
+    return ds
+
+
+def _digits(size):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ClaeError("--dataset=digits needs scikit-learn (pip install scikit-learn)")
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    labels = digits.target.astype(np.int32)
+    is_test = np.arange(len(labels)) % 5 == 0
+
+    def split(mask):
+        ds = tf.data.Dataset.from_tensor_slices((images[mask], labels[mask]))
+        return Split(_finish(ds, int(mask.sum()), size), int(mask.sum()))
+
+    return Source("digits", split(~is_test), split(is_test), 10)
+
+
+def _folder(root, size):
+    if not os.path.isdir(root):
+        raise ClaeError(f"--dataset: image folder {root} does not exist")
+    splits = {}
+    for split_name in ("train", "test"):
+        split_dir = os.path.join(root, split_name)
+        if not os.path.isdir(split_dir):
+            raise ClaeError(f"--dataset: {root} has no '{split_name}' folder; expected "
+                            f"{root}/train/<label>/<image> and {root}/test/<label>/<image>")
+        splits[split_name] = split_dir
+    classes = sorted(d for d in os.listdir(splits["train"])
+                     if os.path.isdir(os.path.join(splits["train"], d)))
+    if not classes:
+        raise ClaeError(f"--dataset: {splits['train']} has no class folders (<label>/<image>)")
+    out = {}
+    for split_name, split_dir in splits.items():
+        files, labels = [], []
+        for label, cls in enumerate(classes):
+            cls_dir = os.path.join(split_dir, cls)
+            if not os.path.isdir(cls_dir):
+                continue
+            names = sorted(f for f in os.listdir(cls_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+            files += [os.path.join(cls_dir, f) for f in names]
+            labels += [label] * len(names)
+        if not files:
+            raise ClaeError(f"--dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) in {split_dir}")
+        ds = tf.data.Dataset.from_tensor_slices((files, np.array(labels, np.int32)))
+        ds = ds.map(lambda f, y: (_decode(tf.io.read_file(f)), y),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+        out[split_name] = Split(_finish(ds, len(files), size), len(files), files)
+    return Source(os.path.basename(os.path.normpath(root)), out["train"], out["test"], len(classes))
+
+
+def _decode(data):
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)  # gray -> RGB
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _tfds(name, data_dir, size):
+    import tensorflow_datasets as tfds
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ClaeError(f"--dataset: {name!r} is neither 'digits', an existing image folder, "
+                        f"nor a TFDS dataset name")
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # network errors come in many types
+            raise ClaeError(
+                f"--dataset: TFDS dataset {name!r} is not in {builder.data_dir} and could not be "
+                f"downloaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}). Prepare it on a "
+                f"machine with network (or pass --data_dir), or use an image folder: "
+                f"--dataset=/path/with/train/<label>/<image>")
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    num_classes = builder.info.features[label_key].num_classes
+    splits = {}
+    for split_name, candidates in (("train", ("train",)), ("test", ("test", "validation"))):
+        available = list(builder.info.splits.keys())
+        tfds_split = next((s for s in candidates if s in available or not available), None)
+        if tfds_split is None:
+            raise ClaeError(f"--dataset: TFDS dataset {name!r} has no {split_name} split "
+                            f"(it has {', '.join(available)})")
+        ds = builder.as_dataset(split=tfds_split, as_supervised=True, shuffle_files=False)
+        n = int(ds.cardinality())
+        if n < 0:
+            n = int(ds.reduce(0, lambda c, _: c + 1))
+        splits[split_name] = Split(_finish(ds, n, size), n)
+    return Source(name, splits["train"], splits["test"], num_classes)
+
+
+def _subset(split, num_classes, train_examples, examples_per_class):
+    """The first N images, and/or the first K of each class, in the source's order."""
+    ds, n = split.images, split.num_examples
+    if examples_per_class:
+        # Running per-class counts; keep an image while its class has fewer than K.
+        def count(counts, example):
+            _, y = example
+            keep = counts[y] < examples_per_class
+            return counts + tf.one_hot(y, num_classes, dtype=tf.int32), (example, keep)
+
+        ds = ds.scan(tf.zeros([num_classes], tf.int32), count)
+        ds = ds.filter(lambda example, keep: keep).map(lambda example, keep: example)
+        labels = np.array([int(y) for y in split.images.map(lambda x, y: y)])
+        n = int(sum(min(int(c), examples_per_class) for c in
+                    np.bincount(labels, minlength=num_classes)))
+    if train_examples:
+        ds = ds.take(train_examples)
+        n = min(n, train_examples)
+    if n == split.num_examples:
+        return split
+    return Split(ds.cache(), n, split.files)
+
+
+def pretrain_dataset(split: Split, cfg: Config, epoch: int, start_batch: int = 0):
+    """Batches of two views (x1, x2) for one epoch, normalised, as a pure function of the seed.
+
+    The shuffle order depends on (seed, epoch) and each batch's views on (seed, epoch, batch
+    index), so resuming at `start_batch` gives exactly the batches an uninterrupted run would.
+    """
+    buffer = min(split.num_examples, 50_000)
+    ds = split.images.shuffle(buffer, seed=cfg.seed * 100_003 + epoch,
+                              reshuffle_each_iteration=False)
+    ds = ds.batch(cfg.batch_size, drop_remainder=True).skip(start_batch).enumerate(start_batch)
+
+    def two_views(index, batch):
+        images, _ = batch
+        x = tf.cast(images, tf.float32) / 255.0
+        seed = tf.stack([tf.constant(cfg.seed, tf.int64), epoch * 1_000_000 + index])
+        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        x1 = augment.simclr_view(x, s1, cfg.image_size)
+        x2 = augment.simclr_view(x, s2, cfg.image_size)
+        return augment.normalize(x1), augment.normalize(x2)
+
+    return ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(split: Split, batch_size: int):
+    """Non-augmented, normalised images with labels, every image once, in order."""
+    return split.images.batch(batch_size).map(
+        lambda x, y: (augment.normalize(tf.cast(x, tf.float32) / 255.0), y),
+        num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def find_unreadable(split: Split) -> Optional[str]:
+    """The first file of `split` that cannot be decoded (used only after a decode error)."""
+    for path in split.files or []:
+        try:
+            _decode(tf.io.read_file(path))
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+            return path
+    return None
+
+
+def raise_if_unreadable(split: Split, error: Exception):
+    """Turns a decode error deep in tf.data into a one-line error naming the file."""
+    path = find_unreadable(split)
+    if path is not None:
+        raise ClaeError(f"--dataset: cannot read image {path}")
+    raise error

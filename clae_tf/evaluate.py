@@ -1,0 +1,100 @@
+"""Evaluation of a pretrained encoder: weighted kNN on z and a linear probe on frozen h.
+
+Both report the FINAL number on the whole test split (no selection on test, unlike the
+reference, which keeps the best test accuracy over probe epochs and drops the last kNN batch).
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from clae_tf import data
+from clae_tf.config import Config
+
+
+def extract(model, split: data.Split, batch_size: int):
+    """(h, z, y) as numpy arrays for every image of `split`, clean BNs in inference mode."""
+    embed = tf.function(lambda x: model(x, training=False))
+    hs, zs, ys = [], [], []
+    try:
+        for x, y in data.eval_dataset(split, batch_size):
+            h, z = embed(x)
+            hs.append(h.numpy())
+            zs.append(z.numpy())
+            ys.append(y.numpy())
+    except tf.errors.InvalidArgumentError as e:
+        data.raise_if_unreadable(split, e)
+    return np.concatenate(hs), np.concatenate(zs), np.concatenate(ys)
+
+
+def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, chunk=256):
+    """Weighted kNN (Wu et al. 2018): each of the k most similar training embeddings votes for
+    its class with weight exp(similarity / sigma). Embeddings must be L2-normalised.
+    Returns top-1 accuracy over every test example.
+    """
+    k = min(k, len(train_z))
+    bank = tf.constant(train_z, tf.float32)  # (N, D)
+    bank_y = tf.constant(train_y, tf.int32)
+    correct = 0
+    for i in range(0, len(test_z), chunk):
+        sim = tf.matmul(tf.constant(test_z[i:i + chunk], tf.float32), bank, transpose_b=True)
+        top_sim, top_idx = tf.math.top_k(sim, k=k)  # (b, k)
+        votes = tf.one_hot(tf.gather(bank_y, top_idx), num_classes)  # (b, k, C)
+        scores = tf.reduce_sum(votes * tf.exp(top_sim / sigma)[..., None], axis=1)  # (b, C)
+        pred = tf.argmax(scores, axis=-1, output_type=tf.int32).numpy()
+        correct += int(np.sum(pred == test_y[i:i + chunk]))
+    return correct / len(test_z)
+
+
+def linear_top1(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3e-4,
+                batch_size=256, seed=0):
+    """Logistic regression on frozen features with Adam; the final epoch's test accuracy."""
+    layer = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.VarianceScaling(
+        1.0 / 3.0, mode="fan_in", distribution="uniform", seed=seed))
+    layer.build((None, train_h.shape[1]))
+    optimizer = keras.optimizers.Adam(lr)
+    optimizer.build(layer.trainable_variables)
+    ds = (tf.data.Dataset.from_tensor_slices((train_h.astype(np.float32), train_y.astype(np.int32)))
+          .shuffle(len(train_h), seed=seed).batch(batch_size))
+
+    @tf.function
+    def run_epoch():
+        for x, y in ds:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels=y, logits=layer(x)))
+            grads = tape.gradient(loss, layer.trainable_variables)
+            optimizer.apply_gradients(zip(grads, layer.trainable_variables))
+
+    for _ in range(epochs):
+        run_epoch()
+    pred = np.argmax(layer(tf.constant(test_h, tf.float32)).numpy(), axis=-1)
+    return float(np.mean(pred == test_y))
+
+
+def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> dict:
+    """kNN and linear probe; writes <workdir>/results.json and eval/ scalars to TensorBoard."""
+    train_h, train_z, train_y = extract(model, source.train, cfg.eval_batch_size)
+    test_h, test_z, test_y = extract(model, source.test, cfg.eval_batch_size)
+    results = {
+        "knn_top1": knn_top1(train_z, train_y, test_z, test_y, source.num_classes,
+                             k=cfg.knn_k, sigma=cfg.sigma),
+        "linear_top1": linear_top1(train_h, train_y, test_h, test_y, source.num_classes,
+                                   epochs=cfg.linear_epochs, lr=cfg.linear_lr,
+                                   batch_size=cfg.linear_batch_size, seed=cfg.seed),
+        "step": step, "dataset": source.name, "train_examples": len(train_y),
+        "test_examples": len(test_y), "num_classes": source.num_classes,
+        "method": cfg.method, "adversarial": cfg.adversarial, "seed": cfg.seed,
+    }
+    results.update(extra or {})
+    writer = tf.summary.create_file_writer(os.path.join(cfg.run_dir, "tensorboard"))
+    with writer.as_default(step=step):
+        tf.summary.scalar("eval/knn_top1", results["knn_top1"])
+        tf.summary.scalar("eval/linear_top1", results["linear_top1"])
+    writer.flush()
+    with open(os.path.join(cfg.run_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    return results

@@ -1,0 +1,51 @@
+"""SavedModel export of the encoder (clean BN path) with serving signatures."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from clae_tf import augment, models
+from clae_tf.config import Config
+
+
+def export(cfg: Config, model, path: str):
+    """Writes a SavedModel at `path` with two endpoints, both returning {"h", "z"}:
+
+      serve(images):       float32 (N, H, W, 3) in [0, 1]
+      serve_uint8(images): uint8   (N, H, W, 3) in [0, 255]
+
+    Images of any size are resized to --image_size as in training. The exported model is a fresh
+    single-device copy without the adversarial BN twins (evaluation uses the clean BNs only), so
+    it loads anywhere, whatever strategy trained it.
+    """
+    serving = models.build_model(dataclasses.replace(cfg, adversarial=False, sync_bn=False))
+    source = {v.path: v for v in model.variables}
+    for v in serving.variables:
+        v.assign(source[v.path].numpy())
+
+    size = cfg.image_size
+
+    def embed(images01):
+        x = tf.image.resize(images01, [size, size], antialias=True)
+        h, z = serving(augment.normalize(x), training=False)
+        return {"h": h, "z": z}
+
+    archive = keras.export.ExportArchive()
+    archive.track(serving)
+    archive.add_endpoint("serve", embed,
+                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    archive.add_endpoint("serve_uint8", lambda images: embed(tf.cast(images, tf.float32) / 255.0),
+                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    archive.write_out(path, verbose=False)
+
+
+def check_export(path: str, model, images_uint8: np.ndarray) -> float:
+    """Largest |difference| between the reloaded SavedModel and `model` on the same images."""
+    loaded = tf.saved_model.load(path)
+    out = loaded.serve_uint8(tf.constant(images_uint8))
+    x = augment.normalize(tf.cast(images_uint8, tf.float32) / 255.0)
+    h, z = model(x, training=False)
+    return float(max(np.max(np.abs(out["h"].numpy() - h.numpy())),
+                     np.max(np.abs(out["z"].numpy() - z.numpy()))))

@@ -1,0 +1,150 @@
+"""ResNet encoders with a separate batch-norm path for adversarial inputs, and the projection head.
+
+`model(x, training, adversarial)` returns (h, z): h the representation (global-pooled encoder
+output), z = g(h) the L2-normalised projection. With `adversarial=True` every encoder BN uses its
+adversarial twin (AdvProp); clean inputs never touch the twins and adversarial inputs never touch
+the clean BNs. Convolutions and dense layers are shared between the two paths.
+"""
+
+import keras
+import tensorflow as tf
+
+from clae_tf.config import Config
+
+# PyTorch's default init for conv and linear weights, kaiming_uniform(a=sqrt(5)), is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)): exactly this VarianceScaling. Matching it keeps the
+# reference's early-training behaviour.
+def _torch_init():
+    return keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_in", distribution="uniform")
+
+
+class DualBatchNorm(keras.layers.Layer):
+    """A BatchNorm with an optional adversarial twin (own gamma/beta and running statistics)."""
+
+    def __init__(self, momentum=0.1, adv_momentum=0.01, dual=False, synchronized=False, **kwargs):
+        super().__init__(**kwargs)
+        # Keras momentum is the weight of the old value: keras = 1 - pytorch.
+        self.clean = keras.layers.BatchNormalization(
+            momentum=1.0 - momentum, epsilon=1e-5, synchronized=synchronized, name="bn")
+        self.adv = keras.layers.BatchNormalization(
+            momentum=1.0 - adv_momentum, epsilon=1e-5, synchronized=synchronized,
+            name="bn_adv") if dual else None
+
+    def build(self, input_shape):
+        self.clean.build(input_shape)
+        if self.adv is not None:
+            self.adv.build(input_shape)
+
+    def call(self, x, training=False, adversarial=False):
+        if adversarial:
+            if self.adv is None:
+                raise ValueError("adversarial=True on a model built without the adversarial BNs")
+            return self.adv(x, training=training)
+        return self.clean(x, training=training)
+
+
+class _Block(keras.layers.Layer):
+    """BasicBlock (ResNet-18/34) or Bottleneck (ResNet-50), post-activation as in the reference."""
+
+    def __init__(self, filters, stride, bottleneck, bn, **kwargs):
+        super().__init__(**kwargs)
+        expansion = 4 if bottleneck else 1
+        self.out_filters = filters * expansion
+        convs = ([(1, 1, filters), (3, stride, filters), (1, 1, filters * 4)] if bottleneck
+                 else [(3, stride, filters), (3, 1, filters)])
+        self.convs = [_conv(f, k, s, name=f"conv{i}") for i, (k, s, f) in enumerate(convs)]
+        self.bns = [bn(name=f"bn{i}") for i in range(len(convs))]
+        self.stride = stride
+        self._make_bn = bn
+        self.shortcut_conv = self.shortcut_bn = None
+
+    def build(self, input_shape):
+        if self.stride != 1 or input_shape[-1] != self.out_filters:
+            self.shortcut_conv = _conv(self.out_filters, 1, self.stride, name="shortcut_conv")
+            self.shortcut_bn = self._make_bn(name="shortcut_bn")
+
+    def call(self, x, training=False, adversarial=False):
+        out = x
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            out = bn(conv(out), training=training, adversarial=adversarial)
+            if i < len(self.convs) - 1:
+                out = tf.nn.relu(out)
+        shortcut = x
+        if self.shortcut_conv is not None:
+            shortcut = self.shortcut_bn(self.shortcut_conv(x), training=training,
+                                        adversarial=adversarial)
+        return tf.nn.relu(out + shortcut)
+
+
+def _conv(filters, kernel, stride, name):
+    return keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                               kernel_initializer=_torch_init(), name=name)
+
+
+_LAYOUT = {"resnet10": ([1, 1, 1, 1], False), "resnet18": ([2, 2, 2, 2], False),
+           "resnet34": ([3, 4, 6, 3], False), "resnet50": ([3, 4, 6, 3], True)}
+
+
+class ContrastiveModel(keras.Model):
+    """ResNet encoder f and projection head g: x -> (h, z)."""
+
+    def __init__(self, arch="resnet18", stem="cifar", width=1.0, proj_hidden=0, proj_dim=64,
+                 bn_momentum=0.1, bn_adv_momentum=0.01, dual_bn=False, sync_bn=False, **kwargs):
+        super().__init__(**kwargs)
+        blocks, bottleneck = _LAYOUT[arch]
+        self.dual_bn = dual_bn
+
+        def bn(name):
+            return DualBatchNorm(bn_momentum, bn_adv_momentum, dual_bn, sync_bn, name=name)
+
+        base = max(1, int(round(64 * width)))
+        if stem == "cifar":
+            self.stem_conv = _conv(base, 3, 1, name="stem_conv")
+            self.stem_pool = None
+        else:
+            self.stem_conv = _conv(base, 7, 2, name="stem_conv")
+            self.stem_pool = keras.layers.MaxPooling2D(3, 2, padding="same")
+        self.stem_bn = bn("stem_bn")
+        self.blocks = []
+        for stage, n in enumerate(blocks):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                self.blocks.append(_Block(base * 2 ** stage, stride, bottleneck, bn,
+                                          name=f"stage{stage + 1}_block{i + 1}"))
+        self.feature_dim = base * 8 * (4 if bottleneck else 1)
+        hidden = proj_hidden or self.feature_dim
+        # The SimCLR projection head has no BN (PAPER.md), so it is shared by both paths.
+        self.proj_hidden = keras.layers.Dense(hidden, activation="relu",
+                                              kernel_initializer=_torch_init(), name="proj_hidden")
+        self.proj_out = keras.layers.Dense(proj_dim, kernel_initializer=_torch_init(),
+                                           name="proj_out")
+
+    def call(self, x, training=False, adversarial=False):
+        out = tf.nn.relu(self.stem_bn(self.stem_conv(x), training=training, adversarial=adversarial))
+        if self.stem_pool is not None:
+            out = self.stem_pool(out)
+        for block in self.blocks:
+            out = block(out, training=training, adversarial=adversarial)
+        h = tf.reduce_mean(out, axis=[1, 2])  # (B, feature_dim)
+        z = self.proj_out(self.proj_hidden(h))  # (B, proj_dim)
+        # Losses and kNN work on the unit sphere; normalise in float32 (mixed precision).
+        z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)
+        return tf.cast(h, tf.float32), z
+
+
+def build_model(cfg: Config) -> ContrastiveModel:
+    """Builds the model for `cfg` and creates its variables (both BN paths when adversarial)."""
+    model = ContrastiveModel(arch=cfg.arch, stem=cfg.stem, width=cfg.width,
+                             proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
+                             bn_momentum=cfg.bn_momentum, bn_adv_momentum=cfg.bn_adv_momentum,
+                             dual_bn=cfg.adversarial, sync_bn=cfg.sync_bn, name="clae_model")
+    dummy = tf.zeros([2, cfg.image_size, cfg.image_size, 3])
+    model(dummy, training=False)
+    if cfg.adversarial:
+        model(dummy, training=False, adversarial=True)
+    return model
+
+
+def bn_layers(model):
+    """All DualBatchNorm layers of `model` (for tests and inspection)."""
+    return [layer for layer in model._flatten_layers() if isinstance(layer, DualBatchNorm)]

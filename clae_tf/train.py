@@ -1,0 +1,186 @@
+"""Optimizer, the CLAE train step, and the train loop (checkpoints, TensorBoard, progress)."""
+
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from clae_tf import ClaeError, attacks, augment, data, losses, models
+from clae_tf.config import Config
+from clae_tf.distribute import gather
+from clae_tf.progress import Progress
+
+SCALARS = ("loss", "clean_loss", "adv_loss", "contrast_acc")
+
+
+def build_optimizer(cfg: Config, steps_per_epoch: int, total_steps: int):
+    lr = cfg.learning_rate
+    if cfg.lr_schedule == "step":
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [b * steps_per_epoch for b in cfg.lr_boundaries],
+            [cfg.learning_rate] + [cfg.learning_rate * f for f in cfg.lr_factors])
+    elif cfg.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, max(1, total_steps))
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+
+
+def make_train_step(model, optimizer, cfg: Config, num_replicas: int):
+    """The per-replica CLAE step (PAPER.md, "The CLAE step"). Call it under strategy.run.
+
+    x1, x2 are this replica's slices of the two normalised views. Embeddings are gathered over
+    replicas, so the loss (and the attack) see the whole global batch; every replica computes
+    that same loss, and the gather's gradient sums it over replicas, so the loss is divided by
+    num_replicas for the optimizer, which sums gradients across replicas.
+    """
+    base_loss = losses.LOSSES[cfg.method]
+
+    def batch_loss(za, zb):  # -> (loss, logits, labels) over the global batch
+        return base_loss(gather(za), gather(zb), cfg.temperature)
+
+    def step(x1, x2):
+        with tf.GradientTape() as tape:
+            x_adv = x1
+            if cfg.adversarial:
+                # The attack is not part of the training graph: the outer tape stops recording,
+                # and the nested tape inside fgsm differentiates w.r.t. the input only.
+                with tape.stop_recording():
+                    x_adv = attacks.fgsm(
+                        lambda x: model(x, training=True, adversarial=True)[1],
+                        lambda za, zb: batch_loss(za, zb)[0], x1, cfg.eps)
+            _, z1 = model(x1, training=True)
+            _, z2 = model(x2, training=True)
+            clean_loss, logits, labels = batch_loss(z1, z2)
+            loss, adv_loss = clean_loss, tf.constant(0.0)
+            if cfg.adversarial:
+                _, z_adv = model(x_adv, training=True, adversarial=True)
+                adv_loss, _, _ = batch_loss(z1, z_adv)
+                loss = clean_loss + cfg.alpha * adv_loss
+            scaled_loss = loss / num_replicas
+        variables = model.trainable_variables
+        grads = tape.gradient(scaled_loss, variables)
+        if cfg.weight_decay:
+            # PyTorch-style (coupled) L2, as the reference's SGD/Adam weight_decay; divided by
+            # the replicas because the optimizer sums gradients across them.
+            grads = [g + (cfg.weight_decay / num_replicas) * v for g, v in zip(grads, variables)]
+        optimizer.apply_gradients(zip(grads, variables))
+        metrics = {"loss": loss, "clean_loss": clean_loss, "adv_loss": adv_loss,
+                   "contrast_acc": losses.contrast_accuracy(logits, labels)}
+        return metrics, {"x": x1[:4], "x_adv": x_adv[:4]}
+
+    return step
+
+
+class State:
+    """Model, optimizer and checkpoint manager of a workdir; restores the latest checkpoint."""
+
+    def __init__(self, cfg: Config, strategy, steps_per_epoch: int, total_steps: int):
+        with strategy.scope():
+            self.model = models.build_model(cfg)
+            self.optimizer = build_optimizer(cfg, steps_per_epoch, total_steps)
+            # Keras 3 optimizers must be built in the scope before a distributed step.
+            self.optimizer.build(self.model.trainable_variables)
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(cfg.run_dir, "checkpoints"), max_to_keep=3)
+
+    def restore(self, model_only=False):
+        path = self.manager.latest_checkpoint
+        if path is None:
+            return False
+        try:
+            status = self.checkpoint.restore(path)
+            if model_only:
+                status.expect_partial()
+            else:
+                status.assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            raise ClaeError(f"--workdir: checkpoint {path} does not fit these flags "
+                            f"({str(e).splitlines()[0][:160]}); use another --workdir")
+        return True
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+
+def train(cfg: Config, strategy, source: data.Source) -> dict:
+    """Pretrains (or resumes) in cfg.run_dir. Returns a summary for results.json."""
+    steps_per_epoch = source.train.num_examples // cfg.batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    state = State(cfg, strategy, steps_per_epoch, total_steps)
+    if state.restore():
+        print(f"Resuming from {state.manager.latest_checkpoint} at step {state.step}.")
+    model, optimizer = state.model, state.optimizer
+
+    replica_step = make_train_step(model, optimizer, cfg, strategy.num_replicas_in_sync)
+
+    @tf.function
+    def distributed_step(x1, x2):
+        metrics, images = strategy.run(replica_step, args=(x1, x2))
+        metrics = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                   for k, v in metrics.items()}
+        images = {k: strategy.experimental_local_results(v)[0] for k, v in images.items()}
+        return metrics, images
+
+    writer = tf.summary.create_file_writer(os.path.join(cfg.run_dir, "tensorboard"))
+    step = start = state.step
+    progress = Progress(start, total_steps, every=cfg.log_every)
+    window_start, window_steps, train_time = time.time(), 0, 0.0
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        batches = iter(strategy.experimental_distribute_dataset(
+            data.pretrain_dataset(source.train, cfg, epoch, offset)))
+        for _ in range(offset, steps_per_epoch):
+            if step >= total_steps:
+                break
+            try:
+                x1, x2 = next(batches)
+            except tf.errors.InvalidArgumentError as e:
+                data.raise_if_unreadable(source.train, e)
+            t = time.time()
+            metrics, images = distributed_step(x1, x2)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            train_time += time.time() - t
+            step += 1
+            window_steps += 1
+            progress.update(step, {k: metrics[k] for k in ("loss", "contrast_acc")})
+            if step % cfg.log_every == 0 or step == total_steps:
+                elapsed = time.time() - window_start
+                _log_scalars(writer, step, metrics, float(optimizer.learning_rate),
+                             window_steps * cfg.batch_size / max(elapsed, 1e-9))
+                window_start, window_steps = time.time(), 0
+            if cfg.adversarial and (step % cfg.image_every == 0 or step == start + 1):
+                _log_images(writer, step, images, cfg.eps)
+            if step % cfg.ckpt_every == 0:
+                state.manager.save(checkpoint_number=step)
+    if state.manager.latest_checkpoint is None or not state.manager.latest_checkpoint.endswith(
+            f"-{step}"):
+        state.manager.save(checkpoint_number=step)
+    writer.flush()
+    return {"model": model, "step": step, "steps_per_epoch": steps_per_epoch,
+            "epochs": step / steps_per_epoch, "train_seconds_this_process": train_time}
+
+
+def _log_scalars(writer, step, metrics, lr, images_per_sec):
+    with writer.as_default(step=step):
+        for k, v in metrics.items():
+            tf.summary.scalar(f"train/{k}", v)
+        tf.summary.scalar("train/learning_rate", lr)
+        tf.summary.scalar("train/images_per_sec", images_per_sec)
+
+
+def _log_images(writer, step, images, eps):
+    """A few x, x_adv and the perturbation amplified to the full range (+eps white, -eps black)."""
+    x = tf.clip_by_value(augment.denormalize(images["x"]), 0.0, 1.0)
+    x_adv = tf.clip_by_value(augment.denormalize(images["x_adv"]), 0.0, 1.0)
+    delta = (images["x_adv"] - images["x"]) / (2.0 * max(eps, 1e-12)) + 0.5
+    with writer.as_default(step=step):
+        tf.summary.image("adversarial/x", x, max_outputs=4)
+        tf.summary.image("adversarial/x_adv", x_adv, max_outputs=4)
+        tf.summary.image("adversarial/perturbation_amplified",
+                         tf.clip_by_value(delta, 0.0, 1.0), max_outputs=4)

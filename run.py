@@ -1,0 +1,47 @@
+"""clae-tf entry point.
+
+    python run.py --method=simclr --adversarial            # small offline run (scikit-learn digits)
+    python run.py --flagfile=flags/cifar10_clae.cfg         # the paper's CIFAR-10 SimCLR+CLAE run
+    python run.py --mode=eval --workdir=runs/...            # evaluate a finished run again
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of the log
+
+from absl import app, flags  # noqa: E402
+
+from clae_tf import ClaeError, config  # noqa: E402
+
+config.define_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        cfg = config.from_flags()
+        if cfg.mode != "train":
+            cfg = _with_saved_flags(cfg)
+        from clae_tf import app as clae_app  # imports TensorFlow: after the cheap checks
+        clae_app.print_summary(clae_app.run(cfg))
+    except ClaeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _with_saved_flags(cfg):
+    """eval/export: the run's own flags.cfg first, then whatever the command line says."""
+    path = os.path.join(cfg.run_dir, "flags.cfg")
+    if not os.path.exists(path):
+        raise ClaeError(f"--workdir: {cfg.run_dir} has no flags.cfg; is it a clae-tf run?")
+    argv = [sys.argv[0], f"--flagfile={path}"] + sys.argv[1:]
+    FLAGS.unparse_flags()
+    FLAGS(argv)
+    return config.from_flags()
+
+
+if __name__ == "__main__":
+    app.run(main)

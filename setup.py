@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="clae-tf",
+    version="0.1.0",
+    description="Contrastive Learning with Adversarial Examples (CLAE) in TensorFlow / Keras 3",
+    packages=find_packages(include=["clae_tf", "clae_tf.*"]),
+    python_requires=">=3.10",
+    # Ranges known to install and work together (checked with TF 2.21 / Keras 3.15).
+    install_requires=[
+        "tensorflow>=2.16,<2.22",
+        "keras>=3.3,<3.16",
+        "tensorflow-datasets>=4.9,<4.10",
+        "absl-py>=2.0",
+        "tensorboard>=2.16,<2.22",
+        "numpy>=1.26",
+        "scikit-learn>=1.3",  # ships the offline default dataset (8x8 digits)
+    ],
+    extras_require={"test": ["pytest>=7"], "plot": ["matplotlib>=3.7"]},
+)
