@@ -8,13 +8,13 @@ setup(
     python_requires=">=3.10",
     # Ranges known to install and work together (checked with TF 2.21 / Keras 3.15).
     install_requires=[
-        "tensorflow>=2.16,<2.22",
-        "keras>=3.3,<3.16",
-        "tensorflow-datasets>=4.9,<4.10",
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<3.16",
+        "tensorflow-datasets>=4.9.10,<4.10",
         "absl-py>=2.0",
-        "tensorboard>=2.16,<2.22",
+        "tensorboard>=2.21,<2.22",
         "numpy>=1.26",
         "scikit-learn>=1.3",  # ships the offline default dataset (8x8 digits)
     ],
-    extras_require={"test": ["pytest>=7"], "plot": ["matplotlib>=3.7"]},
+    extras_require={"test": ["pytest>=7", "matplotlib>=3.7"], "plot": ["matplotlib>=3.7"]},
 )

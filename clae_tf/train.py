@@ -1,5 +1,6 @@
 """Optimizer, the CLAE train step, and the train loop (checkpoints, TensorBoard, progress)."""
 
+import math
 import os
 import time
 
@@ -131,20 +132,17 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
     step = start = state.step
     progress = Progress(start, total_steps, every=cfg.log_every)
     window_start, window_steps, train_time = time.time(), 0, 0.0
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        batches = iter(strategy.experimental_distribute_dataset(
-            data.pretrain_dataset(source.train, cfg, epoch, offset)))
-        for _ in range(offset, steps_per_epoch):
-            if step >= total_steps:
-                break
-            try:
-                x1, x2 = next(batches)
-            except tf.errors.InvalidArgumentError as e:
-                data.raise_if_unreadable(source.train, e)
+    batches = _batches(strategy, source, cfg, start, steps_per_epoch)
+    try:
+        while step < total_steps:
+            x1, x2 = next(batches)
             t = time.time()
             metrics, images = distributed_step(x1, x2)
             metrics = {k: float(v) for k, v in metrics.items()}
+            if not math.isfinite(metrics["loss"]):
+                raise ClaeError(f"the loss became {metrics['loss']} at step {step + 1}; the last "
+                                f"finite checkpoint is {state.manager.latest_checkpoint} (try a "
+                                f"lower --learning_rate)")
             train_time += time.time() - t
             step += 1
             window_steps += 1
@@ -158,12 +156,31 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
                 _log_images(writer, step, images, cfg.eps)
             if step % cfg.ckpt_every == 0:
                 state.manager.save(checkpoint_number=step)
+    except KeyboardInterrupt:
+        # Keep what this process has done: the same command resumes from here.
+        state.manager.save(checkpoint_number=state.step)
+        raise ClaeError(f"interrupted at step {state.step}; checkpoint saved in "
+                        f"{state.manager.directory}; run the same command to resume")
     if state.manager.latest_checkpoint is None or not state.manager.latest_checkpoint.endswith(
             f"-{step}"):
         state.manager.save(checkpoint_number=step)
     writer.flush()
     return {"model": model, "step": step, "steps_per_epoch": steps_per_epoch,
             "epochs": step / steps_per_epoch, "train_seconds_this_process": train_time}
+
+
+def _batches(strategy, source, cfg, step, steps_per_epoch):
+    """Distributed (x1, x2) batches from global step `step` on, epoch after epoch."""
+    while True:
+        epoch, offset = divmod(step, steps_per_epoch)
+        batches = iter(strategy.experimental_distribute_dataset(
+            data.pretrain_dataset(source.train, cfg, epoch, offset)))
+        for _ in range(offset, steps_per_epoch):
+            try:
+                yield next(batches)
+            except tf.errors.InvalidArgumentError as e:  # a decode error deep in tf.data
+                data.raise_if_unreadable(source.train, e)
+            step += 1
 
 
 def _log_scalars(writer, step, metrics, lr, images_per_sec):

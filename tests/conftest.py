@@ -1,0 +1,30 @@
+"""Shared test setup: 4 virtual CPU devices (for the multi-replica tests) and a tiny config."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Must happen before anything initialises TF's devices. Single-device tests use /cpu:0.
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
+
+from clae_tf.config import Config  # noqa: E402
+
+
+def tiny_config(tmp_path=None, **overrides) -> Config:
+    """A model and run small enough for CPU tests (ResNet-10 at width 1/16, 16x16 images)."""
+    values = dict(arch="resnet10", width=0.0625, image_size=16, batch_size=16, proj_dim=16,
+                  epochs=1, linear_epochs=2, knn_k=5, eval_batch_size=64, log_every=1,
+                  image_every=2, ckpt_every=2, dataset="digits", adversarial=True)
+    if tmp_path is not None:
+        values["workdir"] = str(tmp_path / "run")
+    values.update(overrides)
+    return Config(**values)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return tiny_config(tmp_path)
