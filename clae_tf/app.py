@@ -48,10 +48,14 @@ def run(cfg: Config, strategy=None) -> dict:
     export_dir = os.path.join(cfg.run_dir, "saved_model")
     out = {"workdir": cfg.run_dir}
     if cfg.mode == "train":
-        write_flagfile(cfg)
+        chief = distribute.is_chief(strategy)
+        if chief:
+            write_flagfile(cfg)
         t0 = time.time()
         summary = train.train(cfg, strategy, source)
         model = summary.pop("model")
+        if not chief:  # multi-worker: only the chief evaluates and writes results and the export
+            return out
         summary["wall_seconds_this_process"] = time.time() - t0
         out["results"] = evaluate.evaluate(cfg, model, source, summary["step"], extra=summary)
         if cfg.export:
@@ -81,6 +85,6 @@ def print_summary(out: dict):
     lines.append(f"Checkpoints:  {os.path.join(d, 'checkpoints')}")
     lines.append(f"TensorBoard:  tensorboard --logdir={os.path.join(d, 'tensorboard')}")
     if "saved_model" in out:
-        lines.append(f"SavedModel:   {out['saved_model']}  (tf.saved_model.load(path).serve(images))")
+        lines.append(f"SavedModel:   {out['saved_model']}  (m = tf.saved_model.load(path); m.serve(images))")
     lines.append(f"Reproduce:    python run.py --flagfile={os.path.join(d, FLAGFILE)}")
     print("\n".join(lines))

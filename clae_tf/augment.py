@@ -14,7 +14,9 @@ import math
 
 import tensorflow as tf
 
-_GRAY = tf.constant([0.299, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights.
+# torchvision's rgb_to_grayscale weights. A tuple, not a tf.constant: a tensor made at import
+# would initialise TF before run.py can set up --virtual_cpus or MultiWorkerMirroredStrategy.
+_GRAY = (0.299, 0.587, 0.114)
 
 
 def _split(seed, n):
@@ -75,18 +77,25 @@ def color_jitter(x, seed, brightness, contrast, saturation, hue):
 
     fb, fc, fs = factor(seeds[0], brightness), factor(seeds[1], contrast), factor(seeds[2], saturation)
     dh = tf.random.stateless_uniform([b], seeds[3], -hue, hue)
+    # Each op takes a sub-batch and the per-image parameters of those images.
     ops = [
-        lambda v: tf.clip_by_value(v * _per_image(fb), 0.0, 1.0),
-        lambda v: _blend(v, tf.reduce_mean(_grayscale(v), axis=[1, 2, 3], keepdims=True), fc),
-        lambda v: _blend(v, _grayscale(v), fs),
-        lambda v: _adjust_hue(v, dh),
+        lambda v, i: tf.clip_by_value(v * _per_image(tf.gather(fb, i)), 0.0, 1.0),
+        lambda v, i: _blend(v, tf.reduce_mean(_grayscale(v), axis=[1, 2, 3], keepdims=True),
+                            tf.gather(fc, i)),
+        lambda v, i: _blend(v, _grayscale(v), tf.gather(fs, i)),
+        lambda v, i: _adjust_hue(v, tf.gather(dh, i)),
     ]
     # A random permutation of the 4 ops per image: argsort of uniform noise.
     order = tf.argsort(tf.random.stateless_uniform([b, 4], seeds[4]), axis=1)  # (B, 4)
+    index = tf.range(b)
     for position in range(4):
-        candidates = tf.stack([op(x) for op in ops], axis=0)  # (4, B, H, W, C)
-        pick = tf.one_hot(order[:, position], 4, axis=0)  # (4, B)
-        x = tf.einsum("kb,kbhwc->bhwc", pick, candidates)
+        # Split the batch by the op each image applies at this position, apply each op to its
+        # images only, and put the batch back together: every op runs once per image (running
+        # all 4 on the whole batch and selecting cost 4x, mostly in the hue conversion).
+        which = order[:, position]
+        parts = tf.dynamic_partition(x, which, 4)
+        indices = tf.dynamic_partition(index, which, 4)
+        x = tf.dynamic_stitch(indices, [op(v, i) for op, v, i in zip(ops, parts, indices)])
     return x
 
 

@@ -205,13 +205,14 @@ _HELP = {
     "linear_lr": "Linear probe learning rate (Adam).",
     "linear_batch_size": "Linear probe batch size.",
     "eval_batch_size": "Batch size for feature extraction.",
-    "strategy": "auto (mirrored when >1 GPU), mirrored or one_device.",
+    "strategy": "auto (mirrored when >1 GPU), mirrored, multiworker (TF_CONFIG; "
+                "docs/distributed.md) or one_device.",
     "virtual_cpus": "Split the CPU into N virtual devices and mirror over them (testing).",
 }
 _ENUMS = {"mode": ("train", "eval", "export"), "method": METHODS, "arch": ARCHS,
           "stem": ("cifar", "imagenet"), "precision": ("float32", "bf16"),
           "optimizer": ("adam", "sgd"), "lr_schedule": ("constant", "step", "cosine"),
-          "strategy": ("auto", "mirrored", "one_device")}
+          "strategy": ("auto", "mirrored", "multiworker", "one_device")}
 
 
 def define_flags():

@@ -29,6 +29,7 @@ class Split:
     images: tf.data.Dataset  # (uint8 (S, S, 3), int32 label), in a fixed order.
     num_examples: int
     files: Optional[List[str]] = None  # image folders: all files, to name an unreadable one.
+    labels: Optional[np.ndarray] = None  # when known without decoding (folders, digits).
 
 
 @dataclasses.dataclass
@@ -82,7 +83,7 @@ def _digits(size):
 
     def split(mask):
         ds = tf.data.Dataset.from_tensor_slices((images[mask], labels[mask]))
-        return Split(_finish(ds, int(mask.sum()), size), int(mask.sum()))
+        return Split(_finish(ds, int(mask.sum()), size), int(mask.sum()), labels=labels[mask])
 
     return Source("digits", split(~is_test), split(is_test), 10)
 
@@ -113,10 +114,11 @@ def _folder(root, size):
             labels += [label] * len(names)
         if not files:
             raise ClaeError(f"--dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) in {split_dir}")
-        ds = tf.data.Dataset.from_tensor_slices((files, np.array(labels, np.int32)))
+        labels = np.array(labels, np.int32)
+        ds = tf.data.Dataset.from_tensor_slices((files, labels))
         ds = ds.map(lambda f, y: (_decode(tf.io.read_file(f)), y),
                     num_parallel_calls=tf.data.AUTOTUNE)
-        out[split_name] = Split(_finish(ds, len(files), size), len(files), files)
+        out[split_name] = Split(_finish(ds, len(files), size), len(files), files, labels)
     return Source(os.path.basename(os.path.normpath(root)), out["train"], out["test"], len(classes))
 
 
@@ -170,8 +172,15 @@ def _subset(split, num_classes, train_examples, examples_per_class):
             return counts + tf.one_hot(y, num_classes, dtype=tf.int32), (example, keep)
 
         ds = ds.scan(tf.zeros([num_classes], tf.int32), count)
-        ds = ds.filter(lambda example, keep: keep).map(lambda example, keep: example)
-        labels = np.array([int(y) for y in split.images.map(lambda x, y: y)])
+        # Distinct argument names: AutoGraph cannot tell two same-line lambdas with the same
+        # signature apart, and warns.
+        ds = ds.filter(lambda _, keep: keep).map(lambda example, _keep: example)
+        labels = split.labels
+        if labels is None:  # TFDS: counting decodes every image once
+            try:
+                labels = np.array([int(y) for y in split.images.map(lambda x, y: y)])
+            except tf.errors.InvalidArgumentError as e:
+                raise_if_unreadable(split, e)
         n = int(sum(min(int(c), examples_per_class) for c in
                     np.bincount(labels, minlength=num_classes)))
     if train_examples:

@@ -95,6 +95,10 @@ def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> 
         tf.summary.scalar("eval/knn_top1", results["knn_top1"])
         tf.summary.scalar("eval/linear_top1", results["linear_top1"])
     writer.flush()
-    with open(os.path.join(cfg.run_dir, "results.json"), "w") as f:
+    path = os.path.join(cfg.run_dir, "results.json")
+    if os.path.exists(path):  # --mode=eval: keep what training wrote (wall time, epochs...)
+        with open(path) as f:
+            results = {**json.load(f), **results}
+    with open(path, "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
     return results

@@ -7,7 +7,7 @@ import time
 import keras
 import tensorflow as tf
 
-from clae_tf import ClaeError, attacks, augment, data, losses, models
+from clae_tf import ClaeError, attacks, augment, data, distribute, losses, models
 from clae_tf.config import Config
 from clae_tf.distribute import gather
 from clae_tf.progress import Progress
@@ -83,12 +83,31 @@ class State:
             self.optimizer = build_optimizer(cfg, steps_per_epoch, total_steps)
             # Keras 3 optimizers must be built in the scope before a distributed step.
             self.optimizer.build(self.model.trainable_variables)
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+        # Every model variable by path: tf.train.Checkpoint does not follow Keras 3's tracked
+        # lists (model.blocks, a block's convs/bns), so `model=` alone misses the blocks' BN
+        # moving statistics (their trainable weights are reached only through the optimizer).
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model, optimizer=self.optimizer,
+            variables={v.path: v for v in self.model.variables})
+        self.directory = os.path.join(cfg.run_dir, "checkpoints")
+        # Multi-worker: saving is collective, so every worker saves; only the chief's copy lands
+        # in the workdir, the others go to a temporary directory that is removed after each save.
+        self.strategy = strategy
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(cfg.run_dir, "checkpoints"), max_to_keep=3)
+            self.checkpoint, distribute.worker_dir(strategy, self.directory), max_to_keep=3)
+        self.saved_step = None  # the same on every worker (decides collective saves)
+
+    @property
+    def latest_checkpoint(self):
+        return tf.train.latest_checkpoint(self.directory)  # every worker restores the chief's
+
+    def save(self, step: int):
+        self.manager.save(checkpoint_number=step)
+        distribute.remove_worker_dir(self.strategy, self.manager.directory)
+        self.saved_step = step
 
     def restore(self, model_only=False):
-        path = self.manager.latest_checkpoint
+        path = self.latest_checkpoint
         if path is None:
             return False
         try:
@@ -100,6 +119,7 @@ class State:
         except (AssertionError, ValueError, tf.errors.OpError) as e:
             raise ClaeError(f"--workdir: checkpoint {path} does not fit these flags "
                             f"({str(e).splitlines()[0][:160]}); use another --workdir")
+        self.saved_step = self.step
         return True
 
     @property
@@ -115,7 +135,7 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
         total_steps = min(total_steps, cfg.max_steps)
     state = State(cfg, strategy, steps_per_epoch, total_steps)
     if state.restore():
-        print(f"Resuming from {state.manager.latest_checkpoint} at step {state.step}.")
+        print(f"Resuming from {state.latest_checkpoint} at step {state.step}.")
     model, optimizer = state.model, state.optimizer
 
     replica_step = make_train_step(model, optimizer, cfg, strategy.num_replicas_in_sync)
@@ -128,7 +148,8 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
         images = {k: strategy.experimental_local_results(v)[0] for k, v in images.items()}
         return metrics, images
 
-    writer = tf.summary.create_file_writer(os.path.join(cfg.run_dir, "tensorboard"))
+    writer = (tf.summary.create_file_writer(os.path.join(cfg.run_dir, "tensorboard"))
+              if distribute.is_chief(strategy) else tf.summary.create_noop_writer())
     step = start = state.step
     progress = Progress(start, total_steps, every=cfg.log_every)
     window_start, window_steps, train_time = time.time(), 0, 0.0
@@ -141,7 +162,7 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
             metrics = {k: float(v) for k, v in metrics.items()}
             if not math.isfinite(metrics["loss"]):
                 raise ClaeError(f"the loss became {metrics['loss']} at step {step + 1}; the last "
-                                f"finite checkpoint is {state.manager.latest_checkpoint} (try a "
+                                f"finite checkpoint is {state.latest_checkpoint} (try a "
                                 f"lower --learning_rate)")
             train_time += time.time() - t
             step += 1
@@ -149,21 +170,22 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
             progress.update(step, {k: metrics[k] for k in ("loss", "contrast_acc")})
             if step % cfg.log_every == 0 or step == total_steps:
                 elapsed = time.time() - window_start
-                _log_scalars(writer, step, metrics, float(optimizer.learning_rate),
+                # convert_to_tensor: float() of a Keras variable fails when it is mirrored.
+                lr = float(tf.convert_to_tensor(optimizer.learning_rate))
+                _log_scalars(writer, step, metrics, lr,
                              window_steps * cfg.batch_size / max(elapsed, 1e-9))
                 window_start, window_steps = time.time(), 0
             if cfg.adversarial and (step % cfg.image_every == 0 or step == start + 1):
                 _log_images(writer, step, images, cfg.eps)
             if step % cfg.ckpt_every == 0:
-                state.manager.save(checkpoint_number=step)
+                state.save(step)
     except KeyboardInterrupt:
         # Keep what this process has done: the same command resumes from here.
-        state.manager.save(checkpoint_number=state.step)
+        state.save(state.step)
         raise ClaeError(f"interrupted at step {state.step}; checkpoint saved in "
-                        f"{state.manager.directory}; run the same command to resume")
-    if state.manager.latest_checkpoint is None or not state.manager.latest_checkpoint.endswith(
-            f"-{step}"):
-        state.manager.save(checkpoint_number=step)
+                        f"{state.directory}; run the same command to resume")
+    if state.saved_step != step:
+        state.save(step)
     writer.flush()
     return {"model": model, "step": step, "steps_per_epoch": steps_per_epoch,
             "epochs": step / steps_per_epoch, "train_seconds_this_process": train_time}
@@ -173,8 +195,8 @@ def _batches(strategy, source, cfg, step, steps_per_epoch):
     """Distributed (x1, x2) batches from global step `step` on, epoch after epoch."""
     while True:
         epoch, offset = divmod(step, steps_per_epoch)
-        batches = iter(strategy.experimental_distribute_dataset(
-            data.pretrain_dataset(source.train, cfg, epoch, offset)))
+        batches = iter(distribute.distribute_batches(
+            strategy, data.pretrain_dataset(source.train, cfg, epoch, offset)))
         for _ in range(offset, steps_per_epoch):
             try:
                 yield next(batches)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# SimCLR vs SimCLR+CLAE on a small CIFAR-10 subset (flags/cifar10_small_*.cfg), seeds 0, 1, 2,
+# then the comparison table and plot (python -m clae_tf.compare).
+#
+#   scripts/cifar10_small.sh [ROOT] [extra run.py flags...]
+#   e.g. scripts/cifar10_small.sh runs/cifar10_small --dataset=/data/cifar10
+#
+# Workdirs: ROOT/<simclr|clae>_seed<k> (ROOT defaults to runs/cifar10_small). Runs alternate
+# between the methods so that an interrupted sweep still holds complete pairs; a run that already
+# has results.json is skipped, an unfinished one resumes from its checkpoint. The table and plot
+# go to ROOT/compare/. Run from the repository root (the flagfiles nest by relative path).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="${1:-runs/cifar10_small}"
+shift || true
+SEEDS="${SEEDS:-0 1 2}"
+PYTHON="${PYTHON:-python}"
+
+workdirs=()
+for seed in $SEEDS; do
+  for method in simclr clae; do
+    workdir="$ROOT/${method}_seed${seed}"
+    workdirs+=("$workdir")
+    if [[ -f "$workdir/results.json" ]]; then
+      echo "== $workdir: done already (results.json), skipping"
+      continue
+    fi
+    echo "== $workdir: start $(date -u +%FT%TZ)"
+    start=$(date +%s)
+    "$PYTHON" run.py --flagfile="flags/cifar10_small_${method}.cfg" --seed="$seed" \
+        --workdir="$workdir" "$@"
+    echo "== $workdir: done $(date -u +%FT%TZ), $(( $(date +%s) - start )) s wall (whole process)"
+  done
+done
+
+"$PYTHON" -m clae_tf.compare "${workdirs[@]}" --out "$ROOT/compare"

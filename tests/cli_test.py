@@ -1,0 +1,83 @@
+"""run.py on bad input: a non-zero exit and a one-line message naming the flag, no traceback.
+
+Each subprocess that imports TensorFlow costs seconds, so most cases are errors that run.py
+raises before it imports TensorFlow; a fake `tensorflow` package on PYTHONPATH checks that.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_config
+
+from clae_tf import app, distribute, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path, tensorflow=True):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if not tensorflow:
+        # Any import of TensorFlow fails loudly: these errors must come before it.
+        fake = tmp_path / "no_tensorflow"
+        (fake / "tensorflow").mkdir(parents=True, exist_ok=True)
+        (fake / "tensorflow" / "__init__.py").write_text(
+            "raise ImportError('run.py imported TensorFlow before checking its flags')\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(fake), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    return proc
+
+
+def _assert_one_line_error(proc, flag):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if flag in line]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--eps=-1"], "--eps"),
+    (["--alpha=-1"], "--alpha"),
+    (["--batch_size=1"], "--batch_size"),
+])
+def test_bad_values_fail_before_tensorflow(tmp_path, args, flag):
+    proc = _run(args + [f"--workdir={tmp_path / 'run'}"], tmp_path, tensorflow=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: ")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert _assert_one_line_error(proc, flag).startswith(f"error: {flag}:")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_method(tmp_path):
+    # An enum flag: absl itself rejects the value while parsing.
+    proc = _run(["--method=nope", f"--workdir={tmp_path / 'run'}"], tmp_path, tensorflow=False)
+    line = _assert_one_line_error(proc, "--method")
+    assert "nope" in line and "simclr" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_folder(tmp_path):
+    proc = _run(["--dataset=/nonexistent", f"--workdir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    line = _assert_one_line_error(proc, "--dataset")
+    assert line.startswith("error: --dataset:") and "/nonexistent" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_incompatible_checkpoint(tmp_path):
+    # A workdir holding a real checkpoint of a width-1/16 model (no training needed).
+    cfg = tiny_config(tmp_path)
+    app.write_flagfile(cfg)
+    train.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
+    args = ["--arch=resnet10", "--width=0.125", "--image_size=16", "--batch_size=16",
+            "--proj_dim=16", "--adversarial", "--max_steps=1", f"--workdir={cfg.run_dir}"]
+    proc = _run(args, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    line = _assert_one_line_error(proc, "--width")
+    assert line.startswith("error: --workdir:") and cfg.run_dir in line
+    assert "--width=0.0625 (now 0.125)" in line

@@ -1,0 +1,387 @@
+"""Input pipelines: image folders, TFDS names, subsets, errors and the two-view stream."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from conftest import tiny_config
+
+from clae_tf import ClaeError, app, data
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated image folders. Every image is one constant colour, so an image can be recognised
+# after decoding and resizing (a constant image stays constant under any resize).
+
+
+def _write(path, value, size=(12, 12), channels=3, fmt="png"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image = tf.fill([size[0], size[1], channels], tf.constant(value, tf.uint8))
+    encoded = tf.io.encode_png(image) if fmt == "png" else tf.io.encode_jpeg(image, quality=100)
+    tf.io.write_file(path, encoded)
+
+
+def _mixed_folder(root):
+    """root/{train,test}/<class>/... with PNG, JPEG, grayscale, RGBA and images of many sizes.
+
+    Classes are created out of sorted order, and file names sort differently as strings than as
+    numbers ('10.png' < '2.png'). Returns {path: (label, value)} of the expected train images.
+    """
+    train = {
+        # class "b_dog" is created first but must get label 1.
+        os.path.join(root, "train", "b_dog", "2.png"): (1, 200, dict(size=(20, 20))),
+        os.path.join(root, "train", "b_dog", "10.jpg"): (1, 150, dict(size=(40, 30), fmt="jpeg")),
+        os.path.join(root, "train", "b_dog", "3.png"): (1, 90, dict(size=(8, 12), channels=1)),
+        os.path.join(root, "train", "a_cat", "x.PNG"): (0, 30, dict(size=(64, 64), channels=4)),
+        os.path.join(root, "train", "a_cat", "a.jpeg"): (0, 60, dict(size=(5, 9), fmt="jpeg")),
+    }
+    for path, (_, value, kw) in train.items():
+        _write(path, value, **kw)
+    _write(os.path.join(root, "test", "a_cat", "t.png"), 11, size=(16, 16))
+    _write(os.path.join(root, "test", "b_dog", "t.png"), 22, size=(33, 17), channels=1)
+    # Not images: ignored.
+    with open(os.path.join(root, "train", "a_cat", "notes.txt"), "w") as f:
+        f.write("not an image")
+    with open(os.path.join(root, "train", "README"), "w") as f:
+        f.write("a file next to the class folders is not a class")
+    return {p: (label, value) for p, (label, value, _) in train.items()}
+
+
+def _grid_folder(root, classes=3, per_class=4, test_per_class=1):
+    """Class c's image i (in sorted file order) has the unique value 10 * c + i + 1."""
+    for c in range(classes):
+        for i in range(per_class):
+            _write(os.path.join(root, "train", f"class{c}", f"img{i:02d}.png"), 10 * c + i + 1)
+        for i in range(test_per_class):
+            _write(os.path.join(root, "test", f"class{c}", f"img{i:02d}.png"), 200 + c)
+
+
+def _examples(split):
+    """[(image uint8 numpy, label int)] of a split, in its order."""
+    return [(x.numpy(), int(y.numpy())) for x, y in split.images]
+
+
+def _values(split):
+    """(constant value of each image, label) pairs of a split of constant-colour images."""
+    out = []
+    for x, y in _examples(split):
+        out.append((int(x[0, 0, 0]), y))
+    return out
+
+
+def _cfg(dataset, **kw):
+    kw.setdefault("batch_size", 2)
+    return tiny_config(dataset=str(dataset), **kw)
+
+
+def test_folder_loads_sorted_classes_labels_counts_and_converts_images(tmp_path):
+    root = tmp_path / "pets"
+    expected = _mixed_folder(str(root))
+    source = data.load(_cfg(root, image_size=16))
+
+    assert source.name == "pets"
+    assert source.num_classes == 2
+    assert source.train.num_examples == 5
+    assert source.test.num_examples == 2
+    # Classes in sorted order, files sorted within each class; non-image files skipped.
+    order = sorted(expected, key=lambda p: (expected[p][0], os.path.basename(p)))
+    assert source.train.files == order
+
+    examples = _examples(source.train)
+    assert len(examples) == 5
+    for path, (image, label) in zip(order, examples):
+        want_label, want_value = expected[path]
+        assert image.shape == (16, 16, 3), path
+        assert image.dtype == np.uint8, path
+        assert label == want_label, path
+        tol = 2 if path.endswith((".jpg", ".jpeg")) else 0
+        # Grayscale is replicated to RGB; RGBA loses its alpha channel.
+        assert np.abs(image.astype(int) - want_value).max() <= tol, (path, image[0, 0])
+
+    test = _examples(source.test)
+    assert [y for _, y in test] == [0, 1]
+    assert [int(x[0, 0, 0]) for x, _ in test] == [11, 22]
+    assert all(x.shape == (16, 16, 3) and x.dtype == np.uint8 for x, _ in test)
+    # The element spec is static: (S, S, 3) uint8 and int32 labels.
+    spec = source.train.images.element_spec
+    assert spec[0].shape.as_list() == [16, 16, 3] and spec[0].dtype == tf.uint8
+    assert spec[1].dtype == tf.int32
+
+
+def test_folder_images_resized_to_other_image_size(tmp_path):
+    root = tmp_path / "pets"
+    _mixed_folder(str(root))
+    source = data.load(_cfg(root, image_size=24))
+    for image, _ in _examples(source.train) + _examples(source.test):
+        assert image.shape == (24, 24, 3) and image.dtype == np.uint8
+
+
+def _error(cfg_or_dataset, **kw):
+    cfg = cfg_or_dataset if not isinstance(cfg_or_dataset, (str, os.PathLike)) else _cfg(
+        cfg_or_dataset, **kw)
+    with pytest.raises(ClaeError) as e:
+        data.load(cfg)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_folder_errors_name_the_flag_and_path(tmp_path):
+    missing = tmp_path / "nope"
+    message = _error(missing)
+    assert "--dataset" in message and str(missing) in message
+
+    # No train/ (an empty folder), then no test/.
+    root = tmp_path / "empty"
+    root.mkdir()
+    message = _error(root)
+    assert "--dataset" in message and str(root) in message and "train" in message
+    (root / "train" / "a").mkdir(parents=True)
+    _write(str(root / "train" / "a" / "0.png"), 1)
+    message = _error(root)
+    assert "--dataset" in message and str(root) in message and "test" in message
+
+    # train/ holds files but no class folders.
+    root = tmp_path / "flat"
+    (root / "test" / "a").mkdir(parents=True)
+    _write(str(root / "train" / "0.png"), 1)
+    message = _error(root)
+    assert "--dataset" in message and str(root / "train") in message and "class" in message
+
+    # Class folders, but no images (only other files) in train/, then in test/.
+    root = tmp_path / "noimages"
+    (root / "train" / "a").mkdir(parents=True)
+    (root / "test" / "a").mkdir(parents=True)
+    (root / "train" / "a" / "notes.txt").write_text("x")
+    message = _error(root)
+    assert "--dataset" in message and str(root / "train") in message and "no images" in message
+    _write(str(root / "train" / "a" / "0.png"), 1)
+    _write(str(root / "train" / "a" / "1.png"), 2)
+    message = _error(root)
+    assert "--dataset" in message and str(root / "test") in message and "no images" in message
+
+
+def _folder_with_corrupt_image(root, where="train"):
+    _grid_folder(root, classes=2, per_class=3)
+    bad = os.path.join(root, where, "class1", "img01b.png")  # sorts between img01 and img02
+    with open(bad, "wb") as f:
+        f.write(b"this is not a png at all")
+    return bad
+
+
+def test_corrupt_image_is_named_when_iterated(tmp_path):
+    root = str(tmp_path / "corrupt")
+    bad = _folder_with_corrupt_image(root)
+    source = data.load(_cfg(root))  # lazy: opening the folder does not decode anything
+    assert source.train.num_examples == 7
+    with pytest.raises(tf.errors.InvalidArgumentError) as raw:
+        _examples(source.train)
+    assert data.find_unreadable(source.train) == bad
+    with pytest.raises(ClaeError) as e:
+        data.raise_if_unreadable(source.train, raw.value)
+    assert "--dataset" in str(e.value) and bad in str(e.value)
+
+    # Through the pretraining stream, as the train loop sees it. A fresh source: tf.data's
+    # in-memory cache keeps what it read before the error, so a second pass over the same
+    # dataset silently yields the readable images only.
+    source = data.load(_cfg(root))
+    with pytest.raises(tf.errors.InvalidArgumentError) as raw:
+        next(iter(data.pretrain_dataset(source.train, _cfg(root), 0)))
+    with pytest.raises(ClaeError, match="img01b.png"):
+        data.raise_if_unreadable(source.train, raw.value)
+
+    # A readable split (test/ is fine) re-raises the original error rather than blaming a file.
+    assert data.find_unreadable(source.test) is None
+    original = tf.errors.InvalidArgumentError(None, None, "something else")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="something else"):
+        data.raise_if_unreadable(source.test, original)
+
+
+def test_truncated_image_is_named_too(tmp_path):
+    root = str(tmp_path / "truncated")
+    _grid_folder(root, classes=2, per_class=2)
+    bad = os.path.join(root, "test", "class0", "zz.png")
+    encoded = tf.io.encode_png(tf.fill([20, 20, 3], tf.constant(7, tf.uint8))).numpy()
+    with open(bad, "wb") as f:
+        f.write(encoded[: len(encoded) // 2])
+    source = data.load(_cfg(root))
+    with pytest.raises(tf.errors.InvalidArgumentError) as raw:
+        list(data.eval_dataset(source.test, 2))
+    with pytest.raises(ClaeError, match="zz.png"):
+        data.raise_if_unreadable(source.test, raw.value)
+
+
+def test_corrupt_image_is_named_by_app_run(tmp_path):
+    root = str(tmp_path / "corrupt")
+    bad = _folder_with_corrupt_image(root)
+    cfg = _cfg(root, workdir=str(tmp_path / "run"), max_steps=1)
+    with pytest.raises(ClaeError) as e:
+        app.run(cfg)
+    assert "--dataset" in str(e.value) and bad in str(e.value)
+
+
+def test_corrupt_image_with_examples_per_class_is_named(tmp_path):
+    # The per-class subset filters the decoded stream: the error surfaces while training.
+    root = str(tmp_path / "corrupt")
+    bad = _folder_with_corrupt_image(root)
+    cfg = _cfg(root, workdir=str(tmp_path / "run"), max_steps=1, examples_per_class=2)
+    assert data.load(cfg).train.num_examples > 0  # counted from the file list, no decoding
+    with pytest.raises(ClaeError) as e:
+        app.run(cfg)
+    assert "--dataset" in str(e.value) and bad in str(e.value)
+
+
+def _first_per_class(examples, k):
+    counts, out = {}, []
+    for x, y in examples:
+        if counts.get(y, 0) < k:
+            out.append((x, y))
+            counts[y] = counts.get(y, 0) + 1
+    return out
+
+
+def test_folder_subsets_take_the_first_images_in_sorted_order(tmp_path):
+    root = tmp_path / "grid"
+    _grid_folder(str(root), classes=3, per_class=4)
+    full = data.load(_cfg(root))
+    assert full.train.num_examples == 12
+    assert _values(full.train) == [(10 * c + i + 1, c) for c in range(3) for i in range(4)]
+
+    source = data.load(_cfg(root, examples_per_class=2))
+    assert source.train.num_examples == 6
+    assert _values(source.train) == [(10 * c + i + 1, c) for c in range(3) for i in range(2)]
+    assert source.test.num_examples == 3  # subsets apply to the training split only
+
+    source = data.load(_cfg(root, train_examples=5))
+    assert source.train.num_examples == 5
+    assert _values(source.train) == _values(full.train)[:5]
+
+    source = data.load(_cfg(root, examples_per_class=2, train_examples=5))
+    assert source.train.num_examples == 5
+    assert _values(source.train) == [(1, 0), (2, 0), (11, 1), (12, 1), (21, 2)]
+
+    # Larger than what there is: everything.
+    source = data.load(_cfg(root, examples_per_class=10, train_examples=100))
+    assert source.train.num_examples == 12
+    assert _values(source.train) == _values(full.train)
+
+
+def test_digits_subsets(tmp_path):
+    full = data.load(tiny_config())
+    assert (full.name, full.num_classes) == ("digits", 10)
+    assert (full.train.num_examples, full.test.num_examples) == (1437, 360)
+    full_examples = _examples(full.train)
+    assert len(full_examples) == 1437
+    x, _ = full_examples[0]
+    assert x.shape == (16, 16, 3) and x.dtype == np.uint8
+
+    source = data.load(tiny_config(examples_per_class=3))
+    assert source.train.num_examples == 30
+    got = _examples(source.train)
+    want = _first_per_class(full_examples, 3)
+    assert len(got) == 30
+    assert [y for _, y in got] == [y for _, y in want]
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(got, want))
+
+    source = data.load(tiny_config(train_examples=20))
+    assert source.train.num_examples == 20
+    got = _examples(source.train)
+    assert all(np.array_equal(a, b) and ya == yb
+               for (a, ya), (b, yb) in zip(got, full_examples[:20]))
+    assert len(got) == 20
+
+
+def test_batch_size_larger_than_the_training_set(tmp_path):
+    message = _error(tiny_config(train_examples=10, batch_size=16))
+    assert "--batch_size" in message and "10" in message
+    root = tmp_path / "grid"
+    _grid_folder(str(root), classes=2, per_class=3)
+    message = _error(_cfg(root, batch_size=8))
+    assert "--batch_size" in message and "6" in message
+    # Exactly the training set is fine.
+    assert data.load(_cfg(root, batch_size=6)).train.num_examples == 6
+
+
+def test_tfds_by_name_with_mock_data():
+    with tfds.testing.mock_data(num_examples=24):
+        source = data.load(tiny_config(dataset="cifar10", batch_size=8))
+        examples = _examples(source.train)
+        test = _examples(source.test)
+    assert source.name == "cifar10"
+    assert source.num_classes == 10
+    assert source.train.num_examples == 24 == len(examples)
+    assert source.test.num_examples == 24 == len(test)
+    for x, y in examples + test:
+        assert x.shape == (16, 16, 3) and x.dtype == np.uint8
+        assert 0 <= y < 10
+
+
+def test_unknown_dataset_name():
+    message = _error(tiny_config(dataset="no_such_dataset_xyz"))
+    assert "--dataset" in message and "no_such_dataset_xyz" in message
+
+
+def test_tfds_dataset_not_prepared_offline(tmp_path):
+    t = time.time()
+    message = _error(tiny_config(dataset="mnist", data_dir=str(tmp_path / "tfds")))
+    elapsed = time.time() - t
+    assert "--dataset" in message and "mnist" in message
+    assert "could not be downloaded" in message
+    assert "image folder" in message
+    assert elapsed < 60, f"the offline failure took {elapsed:.0f} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# The pretraining stream.
+
+
+def _batches(split, cfg, epoch, start_batch=0, n=3):
+    return [(a.numpy(), b.numpy()) for a, b in
+            data.pretrain_dataset(split, cfg, epoch, start_batch).take(n)]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load(tiny_config())
+
+
+def test_pretrain_dataset_views(digits):
+    cfg = tiny_config()
+    batches = _batches(digits.train, cfg, epoch=0, n=2)
+    assert len(batches) == 2
+    for x1, x2 in batches:
+        for x in (x1, x2):
+            assert x.shape == (16, 16, 16, 3)
+            assert x.dtype == np.float32
+            assert x.min() >= -1.0 and x.max() <= 1.0
+            assert x.max() - x.min() > 0.5  # not a blank image: actually normalised to [-1, 1]
+        assert not np.allclose(x1, x2)
+        # Each image's two views differ (independent augmentations per view).
+        assert all(not np.allclose(x1[i], x2[i]) for i in range(len(x1)))
+    assert not np.allclose(batches[0][0], batches[1][0])
+    # drop_remainder: steps_per_epoch full batches.
+    n = sum(1 for _ in data.pretrain_dataset(digits.train, cfg, 0).map(lambda a, b: 0))
+    assert n == digits.train.num_examples // cfg.batch_size
+
+
+def test_pretrain_dataset_is_a_function_of_seed_epoch_and_batch(digits):
+    cfg = tiny_config()
+    full = _batches(digits.train, cfg, epoch=1, n=4)
+    again = _batches(digits.train, cfg, epoch=1, n=4)
+    for (a1, a2), (b1, b2) in zip(full, again):
+        np.testing.assert_array_equal(a1, b1)
+        np.testing.assert_array_equal(a2, b2)
+    # Resuming at batch k gives the k-th batch of a full pass, and the ones after it.
+    resumed = _batches(digits.train, cfg, epoch=1, start_batch=2, n=2)
+    for (a1, a2), (b1, b2) in zip(full[2:], resumed):
+        np.testing.assert_array_equal(a1, b1)
+        np.testing.assert_array_equal(a2, b2)
+    # Another epoch or another seed: other batches.
+    other_epoch = _batches(digits.train, cfg, epoch=2, n=1)[0]
+    other_seed = _batches(digits.train, tiny_config(seed=1), epoch=1, n=1)[0]
+    assert not np.allclose(other_epoch[0], full[0][0])
+    assert not np.allclose(other_seed[0], full[0][0])
