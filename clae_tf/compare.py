@@ -98,8 +98,9 @@ def markdown_table(groups: Dict[str, List[dict]]) -> str:
             parts = []
             for i, metric in enumerate(("kNN", "linear")):
                 (m0, s0), (m1, s1) = stats[base][i], stats[label][i]
-                parts.append(f"{metric} {100 * (m1 - m0):+.2f} points (seed std "
-                             f"{_pct(s0)} / {_pct(s1)})")
+                spread = ("one seed, no spread" if math.isnan(s0) or math.isnan(s1)
+                          else f"seed std {_pct(s0)} / {_pct(s1)}")
+                parts.append(f"{metric} {100 * (m1 - m0):+.2f} points ({spread})")
             lines.append(f"{label} - {base}: " + "; ".join(parts) + ".")
     lines += ["", "| run | method | seed | steps | kNN top-1 (%) | linear top-1 (%) | "
                   "train steps (min) | training wall (min) |",

@@ -202,6 +202,7 @@ def pretrain_dataset(split: Split, cfg: Config, epoch: int, start_batch: int = 0
                               reshuffle_each_iteration=False)
     ds = ds.batch(cfg.batch_size, drop_remainder=True).skip(start_batch).enumerate(start_batch)
 
+    @tf.autograph.experimental.do_not_convert  # no control flow; AutoGraph only warns here
     def two_views(index, batch):
         images, _ = batch
         x = tf.cast(images, tf.float32) / 255.0

@@ -9,10 +9,12 @@
 # between the methods so that an interrupted sweep still holds complete pairs; a run that already
 # has results.json is skipped, an unfinished one resumes from its checkpoint. The table and plot
 # go to ROOT/compare/. Run from the repository root (the flagfiles nest by relative path).
+# Takes about 2 hours on a 2-core CPU (17 min per SimCLR run, 21 min per CLAE run; see
+# docs/results/results.md). SEEDS="0" runs one seed only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT="${1:-runs/cifar10_small}"
-shift || true
+ROOT=runs/cifar10_small
+if [[ $# -gt 0 && "$1" != -* ]]; then ROOT="$1"; shift; fi
 SEEDS="${SEEDS:-0 1 2}"
 PYTHON="${PYTHON:-python}"
 
