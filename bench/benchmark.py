@@ -1,16 +1,18 @@
 """Throughput of the SimCLR and CLAE train steps, the input pipeline, bf16, and peak memory.
 
-    python bench/benchmark.py                  # the table in BENCHMARKS.md (~1 h on 2 busy cores)
-    python bench/benchmark.py --quick          # ResNet-10 x0.25, batch 64: under 2 minutes
+    python bench/benchmark.py                  # the table in BENCHMARKS.md (20-40 min, 2 cores)
+    python bench/benchmark.py --quick          # ResNet-10 x0.25, batch 64: ~1 min when idle
     python bench/benchmark.py --widths=1 --batch_size=128 --image_size=32 --precisions=float32
+    python bench/benchmark.py --widths=0.25 --rounds=0 --profile   # op-level time by op group
 
 What is timed: train.make_train_step (cfg.adversarial False = SimCLR, True = CLAE, same
 architecture and width) under tf.function, called directly on fixed input tensors, after
 warm-up. SimCLR, CLAE (float32 and bf16) and a large matmul are timed in INTERLEAVED rounds, so
 that a machine shared with other jobs slows all of them alike: the ratios are what to read.
 Each row reports the median over rounds; "images/s" is batch_size / step time (an image gives two
-views). CPU seconds (all threads of this process) are reported too: they do not count time lost
-to other processes.
+views). The CLAE/SimCLR ratio is also given as the median of per-round ratios, the ratio of the
+fastest rounds, and the ratio of CPU seconds (all threads of this process; they do not count
+time lost to other processes).
 
 FLOPs are counted analytically from the static shapes of the Conv2D and MatMul ops in the
 traced forward graph (2 FLOPs per multiply-add; BN, ReLU, the loss and the optimizer are not
@@ -192,7 +194,8 @@ def bench_width(args, width: float, flops: dict, fns: dict) -> list:
             "ratio_round_iqr": [float(np.percentile(per_round, 25)),
                                 float(np.percentile(per_round, 75))],
             "ratio_cpu": med[c]["cpu"] / med[s]["cpu"],
-            # Contention only ever adds time: the fastest round of each is the least disturbed.
+            # Contention only adds time, so the fastest rounds are the least disturbed (but a
+            # CLAE step, twice as long, is less likely to fit in a quiet moment).
             "ratio_best": min(t[c]["wall"]) / min(t[s]["wall"]),
             "wall_per_round": {s: t[s]["wall"], c: t[c]["wall"]},
             "simclr_s": med[s]["wall"], "clae_s": med[c]["wall"],
