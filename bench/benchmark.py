@@ -105,15 +105,20 @@ def step_flops(f: dict) -> dict:
 
 # ----------------------------------------------------------------------------------- the steps
 
+def compiled_step(cfg: Config):
+    """The seeded model's train step under tf.function (call under cfg.precision's policy)."""
+    keras.utils.set_random_seed(cfg.seed)
+    model = models.build_model(cfg)
+    optimizer = train.build_optimizer(cfg, 1, 1)
+    optimizer.build(model.trainable_variables)
+    return tf.function(train.make_train_step(model, optimizer, cfg, num_replicas=1))
+
+
 def build_step(cfg: Config):
     """A compiled train step and its inputs, built under cfg.precision's Keras policy."""
     keras.mixed_precision.set_global_policy(POLICIES[cfg.precision])
     try:
-        keras.utils.set_random_seed(cfg.seed)
-        model = models.build_model(cfg)
-        optimizer = train.build_optimizer(cfg, 1, 1)
-        optimizer.build(model.trainable_variables)
-        step = tf.function(train.make_train_step(model, optimizer, cfg, num_replicas=1))
+        step = compiled_step(cfg)
         shape = [cfg.batch_size, cfg.image_size, cfg.image_size, 3]
         x1 = tf.random.stateless_uniform(shape, [1, 2], -1.0, 1.0)
         x2 = tf.random.stateless_uniform(shape, [3, 4], -1.0, 1.0)
@@ -339,11 +344,7 @@ def train_curve(cfg: Config, steps: int) -> dict:
     """Losses of `steps` CLAE steps on cfg.dataset, and |x_adv - x| / eps of the logged images."""
     keras.mixed_precision.set_global_policy(POLICIES[cfg.precision])
     try:
-        keras.utils.set_random_seed(cfg.seed)
-        model = models.build_model(cfg)
-        optimizer = train.build_optimizer(cfg, 1, 1)
-        optimizer.build(model.trainable_variables)
-        step = tf.function(train.make_train_step(model, optimizer, cfg, num_replicas=1))
+        step = compiled_step(cfg)
         source = data.load(cfg)
         losses, ratios, epoch = [], [], 0
         while len(losses) < steps:
