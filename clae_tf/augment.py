@@ -1,7 +1,8 @@
-"""The SimCLR augmentation set, vectorised over a batch, with torchvision's semantics.
+"""The augmentation sets (SimCLR's, Plain/UEL's, MoCo v2's), vectorised over a batch, with
+torchvision's semantics.
 
 Images are float32 in [0, 1] here; `normalize` maps them to the model's input range
-((x - 0.5) / 0.5 for SimCLR, so eps is in those units).
+((x - 0.5) / 0.5 for SimCLR, the CIFAR mean/std for Plain/UEL; eps is in those units).
 
 Why not the keras-cv (or Keras 3) layers: (1) their colour jitter does not follow torchvision's
 ColorJitter (additive brightness, other factor ranges, fixed order), which the paper uses; (2) their
@@ -123,10 +124,33 @@ def simclr_view(x, seed, size, crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.
     return _apply_with_prob(x, gray, gray_prob, s_gray)
 
 
-def normalize(x, mean=0.5, std=0.5):
-    """[0, 1] images -> model inputs. SimCLR: mean 0.5, std 0.5, i.e. [-1, 1]."""
+# The augmentation sets of --augment: keyword arguments of simclr_view.
+AUGMENTATIONS = {
+    # SimCLR (PAPER.md): crop scale 0.08-1, ColorJitter(0.8, 0.8, 0.8, 0.2) with p = 0.8.
+    "simclr": dict(crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_prob=0.8,
+                   gray_prob=0.2),
+    # Plain / UEL (PAPER.md): crop scale 0.2-1, ColorJitter(0.4 x 4) always.
+    "uel": dict(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_prob=1.0,
+                gray_prob=0.2),
+    # MoCo v2: crop scale 0.2-1, ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8; its Gaussian blur
+    # is left out, as in MoCo's own CIFAR recipes (it erases 32-pixel images).
+    "moco": dict(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8,
+                 gray_prob=0.2),
+}
+
+# --normalize: (mean, std) per RGB channel. --eps is in the units these produce.
+NORMALIZATIONS = {
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # SimCLR reference: inputs in [-1, 1]
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # Plain/UEL reference
+}
+
+
+def normalize(x, kind="half"):
+    """[0, 1] images -> model inputs, with the --normalize mean/std."""
+    mean, std = NORMALIZATIONS[kind]
     return (x - mean) / std
 
 
-def denormalize(x, mean=0.5, std=0.5):
+def denormalize(x, kind="half"):
+    mean, std = NORMALIZATIONS[kind]
     return x * std + mean

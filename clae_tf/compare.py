@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 from clae_tf.config import Config
 
-METHOD_NAMES = {"simclr": "SimCLR"}
+METHOD_NAMES = {"simclr": "SimCLR", "plain": "Plain", "uel": "UEL", "moco": "MoCo"}
 # Flags that may differ between the runs of one group (the seeds of one method).
 PER_RUN_FLAGS = {"seed", "workdir", "data_dir"}
 
@@ -93,8 +93,11 @@ def markdown_table(groups: Dict[str, List[dict]]) -> str:
     labels = list(groups)
     if len(labels) > 1:
         lines.append("")
-        base = labels[0]
         for label in labels[1:]:
+            # X+CLAE against X when both are there, otherwise against the first method.
+            base = label[:-len("+CLAE")] if label.endswith("+CLAE") else labels[0]
+            if base not in stats or base == label:
+                base = labels[0]
             parts = []
             for i, metric in enumerate(("kNN", "linear")):
                 (m0, s0), (m1, s1) = stats[base][i], stats[label][i]
@@ -202,7 +205,7 @@ def plot(groups: Dict[str, List[dict]], path: str) -> bool:
     lo, hi = min(all_values), max(all_values)
     ax_acc.set_ylim(max(0.0, lo - 0.25 * (hi - lo) - 3), hi + 0.15 * (hi - lo) + 3)
     ax_acc.set_xlim(-0.6, 1.6)
-    ax_acc.set_xticks([0, 1], ["kNN top-1 (z)", "linear top-1 (h)"])
+    ax_acc.set_xticks([0, 1], ["kNN top-1 (z)", "linear top-1 (probe features)"])
     ax_acc.set_ylabel("test accuracy (%)")
     ax_acc.set_title("test accuracy (diamond: mean, whisker: std, dots: seeds)")
     ax_acc.legend()
@@ -222,7 +225,7 @@ def plot(groups: Dict[str, List[dict]], path: str) -> bool:
                 ax_loss.plot(*zip(*adv), color=color, lw=1, ls="--", alpha=0.8,
                              label=f"{label} adversarial loss" if k == 0 else None)
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("NT-Xent loss")
+    ax_loss.set_ylabel("the method's loss")
     ax_loss.set_title("training loss per run (train/clean_loss"
                       + (", dashed: train/adv_loss)" if any_adv else ")"))
     ax_loss.legend(fontsize=8)

@@ -12,12 +12,37 @@ from absl import flags
 
 from clae_tf import ClaeError
 
-METHODS = ("simclr",)
+METHODS = ("simclr", "plain", "uel", "moco")
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50")
 
 # Flags that decide the shape of what a checkpoint holds: resuming with other values is an error.
-CHECKPOINT_FLAGS = ("method", "adversarial", "arch", "stem", "width", "proj_hidden", "proj_dim",
-                    "optimizer", "image_size", "sync_bn", "precision")
+CHECKPOINT_FLAGS = ("method", "adversarial", "arch", "stem", "width", "head", "proj_hidden",
+                    "proj_dim", "optimizer", "image_size", "sync_bn", "precision", "queue_size")
+
+# Each method's paper settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
+# A flag left at its "auto" value (auto, 0, or -1 for weight_decay) takes the method's value, so
+# `--method=uel` alone trains UEL as published; any flag given explicitly wins.
+_STEP = dict(lr_schedule="step", lr_boundaries=(120, 160, 200), lr_factors=(0.1, 0.05, 0.01))
+METHOD_DEFAULTS = {
+    # NT-Xent; MLP head 512-512-64 (x width); Adam 3e-4; inputs in [-1, 1].
+    "simclr": dict(temperature=0.5, head="mlp", proj_dim=64, augment="simclr", normalize="half",
+                   optimizer="adam", learning_rate=3e-4, weight_decay=0.0, lr_schedule="constant",
+                   probe="h"),
+    # Batch instance classification and UEL: a linear 128-d head, CIFAR mean/std, SGD with steps,
+    # and both kNN and the linear probe on the 128-d embedding.
+    "plain": dict(temperature=0.1, head="linear", proj_dim=128, augment="uel", normalize="cifar",
+                  optimizer="sgd", learning_rate=0.03, weight_decay=5e-4, probe="z", **_STEP),
+    "uel": dict(temperature=0.1, head="linear", proj_dim=128, augment="uel", normalize="cifar",
+                optimizer="sgd", learning_rate=0.03, weight_decay=5e-4, probe="z", **_STEP),
+    # MoCo v2 (Chen et al. 2020) at CIFAR scale: MLP head to 128, temperature 0.2, its
+    # augmentations without the blur (32-pixel images), SGD 0.06 + cosine, wd 5e-4.
+    "moco": dict(temperature=0.2, head="mlp", proj_dim=128, augment="moco", normalize="cifar",
+                 optimizer="sgd", learning_rate=0.06, weight_decay=5e-4, lr_schedule="cosine",
+                 probe="h"),
+}
+_AUTO = {"temperature": 0.0, "head": "auto", "proj_dim": 0, "augment": "auto", "normalize": "auto",
+         "optimizer": "auto", "learning_rate": 0.0, "weight_decay": -1.0, "lr_schedule": "auto",
+         "probe": "auto"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,15 +54,18 @@ class Config:
     # Method.
     method: str = "simclr"
     adversarial: bool = False
-    temperature: float = 0.5
-    eps: float = 0.03  # FGSM step, in normalised-input units (inputs normalised by mean 0.5, std 0.5).
+    temperature: float = 0.0  # 0 -> the method's (SimCLR 0.5, Plain/UEL 0.1, MoCo 0.2).
+    eps: float = 0.03  # FGSM step, in normalised-input units (see --normalize).
     alpha: float = 1.0  # weight of the adversarial loss.
     # Model.
     arch: str = "resnet18"
     stem: str = "cifar"
     width: float = 0.25
+    head: str = "auto"  # mlp (hidden layer + ReLU) or linear.
     proj_hidden: int = 0  # 0 -> the representation's width (512 for ResNet-18 x1).
-    proj_dim: int = 64
+    proj_dim: int = 0
+    queue_size: int = 4096  # MoCo: negatives kept from past batches.
+    key_momentum: float = 0.999  # MoCo: key encoder = m * key + (1 - m) * query.
     bn_momentum: float = 0.1  # PyTorch convention: new = (1 - m) * old + m * batch.
     bn_adv_momentum: float = 0.01
     sync_bn: bool = True  # synchronise BN statistics across replicas (only matters with > 1).
@@ -48,15 +76,17 @@ class Config:
     image_size: int = 32
     train_examples: int = 0  # 0 -> all.
     examples_per_class: int = 0  # 0 -> all.
+    augment: str = "auto"  # simclr, uel or moco augmentation set (augment.AUGMENTATIONS).
+    normalize: str = "auto"  # half (mean = std = 0.5) or cifar (CIFAR mean/std).
     # Optimisation.
     batch_size: int = 256  # global batch, over all replicas.
     epochs: int = 30
     max_steps: int = 0  # 0 -> epochs * steps_per_epoch; else stop early (smoke tests).
-    optimizer: str = "adam"
-    learning_rate: float = 3e-4
+    optimizer: str = "auto"
+    learning_rate: float = 0.0
     momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
+    weight_decay: float = -1.0
+    lr_schedule: str = "auto"
     lr_boundaries: Tuple[int, ...] = ()  # epochs, for lr_schedule=step.
     lr_factors: Tuple[float, ...] = ()  # multipliers of learning_rate after each boundary.
     # Bookkeeping.
@@ -67,6 +97,7 @@ class Config:
     # Evaluation.
     knn_k: int = 200
     knn_sigma: float = 0.0  # 0 -> temperature.
+    probe: str = "auto"  # features of the linear probe: h (representation) or z (embedding).
     linear_epochs: int = 100
     linear_lr: float = 3e-4
     linear_batch_size: int = 256
@@ -76,7 +107,20 @@ class Config:
     virtual_cpus: int = 0
 
     def __post_init__(self):
+        self._resolve_method_defaults()
         self.validate()
+
+    def _resolve_method_defaults(self):
+        """Fills every flag left at its "auto" value with the method's paper setting."""
+        defaults = METHOD_DEFAULTS.get(self.method)
+        if defaults is None:
+            return  # validate() names the bad method
+        for name, auto in _AUTO.items():
+            if getattr(self, name) == auto:
+                object.__setattr__(self, name, defaults[name])  # frozen dataclass
+        if self.lr_schedule == "step" and not self.lr_boundaries and "lr_boundaries" in defaults:
+            object.__setattr__(self, "lr_boundaries", defaults["lr_boundaries"])
+            object.__setattr__(self, "lr_factors", defaults["lr_factors"])
 
     def validate(self):
         def bad(flag, why):
@@ -106,6 +150,18 @@ class Config:
             bad("lr_factors", "needs one factor per --lr_boundaries entry")
         if self.knn_k < 1:
             bad("knn_k", f"must be >= 1, got {self.knn_k}")
+        if self.learning_rate <= 0:
+            bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.proj_dim < 1:
+            bad("proj_dim", f"must be >= 1, got {self.proj_dim}")
+        if self.method == "moco":
+            if self.queue_size < self.batch_size:
+                bad("queue_size", f"must be >= --batch_size ({self.batch_size}): each step "
+                                  f"enqueues the whole batch of keys, got {self.queue_size}")
+            if not 0 <= self.key_momentum < 1:
+                bad("key_momentum", f"must be in [0, 1), got {self.key_momentum}")
 
     @property
     def run_dir(self) -> str:
@@ -159,7 +215,6 @@ class Config:
 
 
 _BOOL_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type in (bool, "bool")}
-_DEFAULTS = Config()
 _HELP = {
     "mode": "train (then evaluate and export), eval or export (of the run in --workdir).",
     "workdir": "Where checkpoints, TensorBoard events, results.json and the SavedModel go. "
@@ -167,14 +222,18 @@ _HELP = {
     "seed": "Seed for weights, shuffling and augmentation.",
     "method": "Contrastive method.",
     "adversarial": "Add CLAE: an FGSM adversarial view as an extra positive, with its own BNs.",
-    "temperature": "Contrastive loss temperature.",
-    "eps": "FGSM step size in normalised-input units (0.03 ~ 3.8/255 with mean/std 0.5).",
+    "temperature": "Contrastive loss temperature; 0: the method's.",
+    "eps": "FGSM step size in normalised-input units (0.03 ~ 3.8/255 with --normalize=half, "
+           "~1.5/255 with cifar).",
     "alpha": "Weight of the adversarial loss: L = L_clean + alpha * L_adv.",
     "arch": "Encoder (resnet10 is a small one for tests).",
     "stem": "cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv and 3x3/2 max-pool.",
     "width": "Channel width multiplier (0.25 -> 16-32-64-128 for ResNet-18).",
+    "head": "Projection head: mlp (h -> hidden -> ReLU -> z) or linear (h -> z); auto: the method's.",
     "proj_hidden": "Projection head hidden units; 0 -> the representation's width.",
-    "proj_dim": "Projection (z) dimension.",
+    "proj_dim": "Projection (z) dimension; 0: the method's (SimCLR 64, others 128).",
+    "queue_size": "MoCo: number of past keys kept as negatives.",
+    "key_momentum": "MoCo: momentum of the key encoder's parameter update.",
     "bn_momentum": "Clean BN momentum, PyTorch convention (0.1).",
     "bn_adv_momentum": "Adversarial BN momentum, PyTorch convention (0.01).",
     "sync_bn": "Synchronise batch-norm statistics across replicas.",
@@ -185,14 +244,17 @@ _HELP = {
     "image_size": "Images are resized to this size.",
     "train_examples": "Use only the first N training images (0: all).",
     "examples_per_class": "Use only the first N training images of each class (0: all).",
+    "augment": "Augmentation set: simclr, uel (Plain/UEL's) or moco (MoCo v2's); auto: the method's.",
+    "normalize": "Input normalisation: half (mean = std = 0.5, inputs in [-1, 1]) or cifar "
+                 "(CIFAR-10 mean/std); auto: the method's. --eps is in these units.",
     "batch_size": "Global batch size (over all replicas).",
     "epochs": "Pretraining epochs.",
     "max_steps": "Stop after this many steps (0: epochs x steps per epoch).",
-    "optimizer": "adam or sgd.",
-    "learning_rate": "Base learning rate.",
+    "optimizer": "adam or sgd; auto: the method's.",
+    "learning_rate": "Base learning rate; 0: the method's.",
     "momentum": "SGD momentum.",
-    "weight_decay": "L2 weight decay added to the gradient (PyTorch convention).",
-    "lr_schedule": "constant, step (--lr_boundaries/--lr_factors) or cosine.",
+    "weight_decay": "L2 weight decay added to the gradient (PyTorch convention); -1: the method's.",
+    "lr_schedule": "constant, step (--lr_boundaries/--lr_factors) or cosine; auto: the method's.",
     "lr_boundaries": "Epochs at which the step schedule changes the learning rate.",
     "lr_factors": "Learning-rate multipliers applied from each boundary on.",
     "ckpt_every": "Save a checkpoint every N steps (and at the end).",
@@ -201,6 +263,7 @@ _HELP = {
     "export": "Export a SavedModel at the end of training.",
     "knn_k": "Neighbours of the weighted kNN evaluation.",
     "knn_sigma": "kNN weight temperature; 0 -> --temperature.",
+    "probe": "Linear probe features: h (representation) or z (embedding); auto: the method's.",
     "linear_epochs": "Epochs of the linear probe on frozen h.",
     "linear_lr": "Linear probe learning rate (Adam).",
     "linear_batch_size": "Linear probe batch size.",
@@ -211,7 +274,9 @@ _HELP = {
 }
 _ENUMS = {"mode": ("train", "eval", "export"), "method": METHODS, "arch": ARCHS,
           "stem": ("cifar", "imagenet"), "precision": ("float32", "bf16"),
-          "optimizer": ("adam", "sgd"), "lr_schedule": ("constant", "step", "cosine"),
+          "head": ("auto", "mlp", "linear"), "augment": ("auto", "simclr", "uel", "moco"),
+          "normalize": ("auto", "half", "cifar"), "probe": ("auto", "h", "z"),
+          "optimizer": ("auto", "adam", "sgd"), "lr_schedule": ("auto", "constant", "step", "cosine"),
           "strategy": ("auto", "mirrored", "multiworker", "one_device")}
 
 
@@ -220,7 +285,9 @@ def define_flags():
     for f in dataclasses.fields(Config):
         if f.name in flags.FLAGS:
             continue
-        default, helptext = getattr(_DEFAULTS, f.name), _HELP[f.name]
+        # The field's own default, not Config()'s: "auto" values must stay auto until the
+        # method is known.
+        default, helptext = f.default, _HELP[f.name]
         if f.name in _ENUMS:
             flags.DEFINE_enum(f.name, default, _ENUMS[f.name], helptext)
         elif isinstance(default, bool):

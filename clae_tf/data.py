@@ -6,7 +6,7 @@ A `--dataset` is one of:
   - a folder `root/{train,test}/<label>/<image>` (any size; grayscale becomes RGB);
   - a TFDS name (cifar10, cifar100, ...), read from --data_dir or downloaded.
 Every source becomes uint8 (size, size, 3) images with int32 labels; the pretraining stream then
-makes two SimCLR views per image on whole batches (augment.py), normalised for the model.
+makes two views per image on whole batches (augment.py, --augment), normalised for the model.
 """
 
 import dataclasses
@@ -208,17 +208,18 @@ def pretrain_dataset(split: Split, cfg: Config, epoch: int, start_batch: int = 0
         x = tf.cast(images, tf.float32) / 255.0
         seed = tf.stack([tf.constant(cfg.seed, tf.int64), epoch * 1_000_000 + index])
         s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        x1 = augment.simclr_view(x, s1, cfg.image_size)
-        x2 = augment.simclr_view(x, s2, cfg.image_size)
-        return augment.normalize(x1), augment.normalize(x2)
+        views = augment.AUGMENTATIONS[cfg.augment]
+        x1 = augment.simclr_view(x, s1, cfg.image_size, **views)
+        x2 = augment.simclr_view(x, s2, cfg.image_size, **views)
+        return augment.normalize(x1, cfg.normalize), augment.normalize(x2, cfg.normalize)
 
     return ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def eval_dataset(split: Split, batch_size: int):
-    """Non-augmented, normalised images with labels, every image once, in order."""
+def eval_dataset(split: Split, batch_size: int, normalize: str):
+    """Non-augmented images, normalised as --normalize, with labels, every image once, in order."""
     return split.images.batch(batch_size).map(
-        lambda x, y: (augment.normalize(tf.cast(x, tf.float32) / 255.0), y),
+        lambda x, y: (augment.normalize(tf.cast(x, tf.float32) / 255.0, normalize), y),
         num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 

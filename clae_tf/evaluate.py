@@ -1,4 +1,4 @@
-"""Evaluation of a pretrained encoder: weighted kNN on z and a linear probe on frozen h.
+"""Evaluation of a pretrained encoder: weighted kNN on z and a linear probe on frozen h (or z).
 
 Both report the FINAL number on the whole test split (no selection on test, unlike the
 reference, which keeps the best test accuracy over probe epochs and drops the last kNN batch).
@@ -15,12 +15,12 @@ from clae_tf import data
 from clae_tf.config import Config
 
 
-def extract(model, split: data.Split, batch_size: int):
+def extract(model, split: data.Split, batch_size: int, normalize: str):
     """(h, z, y) as numpy arrays for every image of `split`, clean BNs in inference mode."""
     embed = tf.function(lambda x: model(x, training=False))
     hs, zs, ys = [], [], []
     try:
-        for x, y in data.eval_dataset(split, batch_size):
+        for x, y in data.eval_dataset(split, batch_size, normalize):
             h, z = embed(x)
             hs.append(h.numpy())
             zs.append(z.numpy())
@@ -77,12 +77,14 @@ def linear_top1(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3e
 
 def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> dict:
     """kNN and linear probe; writes <workdir>/results.json and eval/ scalars to TensorBoard."""
-    train_h, train_z, train_y = extract(model, source.train, cfg.eval_batch_size)
-    test_h, test_z, test_y = extract(model, source.test, cfg.eval_batch_size)
+    train_h, train_z, train_y = extract(model, source.train, cfg.eval_batch_size, cfg.normalize)
+    test_h, test_z, test_y = extract(model, source.test, cfg.eval_batch_size, cfg.normalize)
+    # The probe's features: h for SimCLR and MoCo, the 128-d embedding z for Plain/UEL (PAPER.md).
+    train_f, test_f = (train_h, test_h) if cfg.probe == "h" else (train_z, test_z)
     results = {
         "knn_top1": knn_top1(train_z, train_y, test_z, test_y, source.num_classes,
                              k=cfg.knn_k, sigma=cfg.sigma),
-        "linear_top1": linear_top1(train_h, train_y, test_h, test_y, source.num_classes,
+        "linear_top1": linear_top1(train_f, train_y, test_f, test_y, source.num_classes,
                                    epochs=cfg.linear_epochs, lr=cfg.linear_lr,
                                    batch_size=cfg.linear_batch_size, seed=cfg.seed),
         "step": step, "dataset": source.name, "train_examples": len(train_y),

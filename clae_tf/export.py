@@ -16,7 +16,8 @@ def export(cfg: Config, model, path: str):
       serve(images):       float32 (N, H, W, 3) in [0, 1]
       serve_uint8(images): uint8   (N, H, W, 3) in [0, 255]
 
-    Images of any size are resized to --image_size as in training. The exported model is a fresh
+    Images of any size are resized to --image_size and normalised (--normalize) as in training.
+    The exported model is a fresh
     single-device copy without the adversarial BN twins (evaluation uses the clean BNs only), so
     it loads anywhere, whatever strategy trained it.
     """
@@ -29,7 +30,7 @@ def export(cfg: Config, model, path: str):
 
     def embed(images01):
         x = tf.image.resize(images01, [size, size], antialias=True)
-        h, z = serving(augment.normalize(x), training=False)
+        h, z = serving(augment.normalize(x, cfg.normalize), training=False)
         return {"h": h, "z": z}
 
     archive = keras.export.ExportArchive()
@@ -41,11 +42,11 @@ def export(cfg: Config, model, path: str):
     archive.write_out(path, verbose=False)
 
 
-def check_export(path: str, model, images_uint8: np.ndarray) -> float:
+def check_export(path: str, model, images_uint8: np.ndarray, normalize: str = "half") -> float:
     """Largest |difference| between the reloaded SavedModel and `model` on the same images."""
     loaded = tf.saved_model.load(path)
     out = loaded.serve_uint8(tf.constant(images_uint8))
-    x = augment.normalize(tf.cast(images_uint8, tf.float32) / 255.0)
+    x = augment.normalize(tf.cast(images_uint8, tf.float32) / 255.0, normalize)
     h, z = model(x, training=False)
     return float(max(np.max(np.abs(out["h"].numpy() - h.numpy())),
                      np.max(np.abs(out["z"].numpy() - z.numpy()))))

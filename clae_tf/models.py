@@ -119,8 +119,9 @@ _LAYOUT = {"resnet10": ([1, 1, 1, 1], False), "resnet18": ([2, 2, 2, 2], False),
 class ContrastiveModel(keras.Model):
     """ResNet encoder f and projection head g: x -> (h, z)."""
 
-    def __init__(self, arch="resnet18", stem="cifar", width=1.0, proj_hidden=0, proj_dim=64,
-                 bn_momentum=0.1, bn_adv_momentum=0.01, dual_bn=False, sync_bn=False, **kwargs):
+    def __init__(self, arch="resnet18", stem="cifar", width=1.0, head="mlp", proj_hidden=0,
+                 proj_dim=64, bn_momentum=0.1, bn_adv_momentum=0.01, dual_bn=False, sync_bn=False,
+                 **kwargs):
         super().__init__(**kwargs)
         blocks, bottleneck = _LAYOUT[arch]
         self.dual_bn = dual_bn
@@ -144,9 +145,11 @@ class ContrastiveModel(keras.Model):
                                           name=f"stage{stage + 1}_block{i + 1}"))
         self.feature_dim = base * 8 * (4 if bottleneck else 1)
         hidden = proj_hidden or self.feature_dim
-        # The SimCLR projection head has no BN (PAPER.md), so it is shared by both paths.
-        self.proj_hidden = keras.layers.Dense(hidden, activation="relu",
-                                              kernel_initializer=_torch_init(), name="proj_hidden")
+        # The heads have no BN (PAPER.md), so they are shared by both paths. "mlp": SimCLR's and
+        # MoCo v2's h -> hidden -> ReLU -> z; "linear": Plain/UEL's h -> 128-d embedding.
+        self.proj_hidden = keras.layers.Dense(
+            hidden, activation="relu", kernel_initializer=_torch_init(),
+            name="proj_hidden") if head == "mlp" else None
         self.proj_out = keras.layers.Dense(proj_dim, kernel_initializer=_torch_init(),
                                            name="proj_out")
 
@@ -157,18 +160,18 @@ class ContrastiveModel(keras.Model):
         for block in self.blocks:
             out = block(out, training=training, adversarial=adversarial)
         h = tf.reduce_mean(out, axis=[1, 2])  # (B, feature_dim)
-        z = self.proj_out(self.proj_hidden(h))  # (B, proj_dim)
+        z = self.proj_out(self.proj_hidden(h) if self.proj_hidden is not None else h)
         # Losses and kNN work on the unit sphere; normalise in float32 (mixed precision).
         z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)
         return tf.cast(h, tf.float32), z
 
 
-def build_model(cfg: Config) -> ContrastiveModel:
+def build_model(cfg: Config, name: str = "clae_model") -> ContrastiveModel:
     """Builds the model for `cfg` and creates its variables (both BN paths when adversarial)."""
-    model = ContrastiveModel(arch=cfg.arch, stem=cfg.stem, width=cfg.width,
+    model = ContrastiveModel(arch=cfg.arch, stem=cfg.stem, width=cfg.width, head=cfg.head,
                              proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
                              bn_momentum=cfg.bn_momentum, bn_adv_momentum=cfg.bn_adv_momentum,
-                             dual_bn=cfg.adversarial, sync_bn=cfg.sync_bn, name="clae_model")
+                             dual_bn=cfg.adversarial, sync_bn=cfg.sync_bn, name=name)
     dummy = tf.zeros([2, cfg.image_size, cfg.image_size, 3])
     model(dummy, training=False)
     if cfg.adversarial:

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from clae_tf import ClaeError, attacks, augment, data, distribute, losses, models
+from clae_tf.moco import MoCo
 from clae_tf.config import Config
 from clae_tf.distribute import gather
 from clae_tf.progress import Progress
@@ -28,20 +29,39 @@ def build_optimizer(cfg: Config, steps_per_epoch: int, total_steps: int):
     return keras.optimizers.SGD(lr, momentum=cfg.momentum)
 
 
-def make_train_step(model, optimizer, cfg: Config, num_replicas: int):
+def make_train_step(model, optimizer, cfg: Config, num_replicas: int, moco=None):
     """The per-replica CLAE step (PAPER.md, "The CLAE step"). Call it under strategy.run.
 
     x1, x2 are this replica's slices of the two normalised views. Embeddings are gathered over
     replicas, so the loss (and the attack) see the whole global batch; every replica computes
     that same loss, and the gather's gradient sums it over replicas, so the loss is divided by
     num_replicas for the optimizer, which sums gradients across replicas.
-    """
-    base_loss = losses.LOSSES[cfg.method]
 
-    def batch_loss(za, zb):  # -> (loss, logits, labels) over the global batch
-        return base_loss(gather(za), gather(zb), cfg.temperature)
+    `batch_loss(z1, z)` is the method's loss with z in the place the adversarial view takes:
+      - SimCLR, Plain, UEL: L(z1, z) with z the embeddings of x2 (clean) or x_adv (CLAE), so
+        x_adv is the positive of its own view 1 and, for the others, a negative (Plain: a
+        classifier weight);
+      - MoCo (`moco` given): z are the queries, of x1 (clean) or x_adv (CLAE), against the keys
+        of x2 from the momentum encoder and the queue; z1 is not used.
+    The attack maximises the same batch loss (attacks.fgsm), so it accounts for the whole batch
+    and, for MoCo, the queue. Returns (metrics, images, new_keys); new_keys are the gathered keys
+    for the queue (MoCo) or empty.
+    """
 
     def step(x1, x2):
+        if moco is not None:
+            keys = gather(moco.keys(x2))  # the whole global batch of keys
+
+            def batch_loss(z1, z):
+                del z1  # MoCo is one-directional: queries against keys
+                return losses.moco(gather(z), keys, moco.queue, cfg.temperature)
+        else:
+            keys = tf.zeros([0, cfg.proj_dim])
+            pair_loss = losses.PAIR_LOSSES[cfg.method]
+
+            def batch_loss(z1, z):
+                return pair_loss(gather(z1), gather(z), cfg.temperature)
+
         with tf.GradientTape() as tape:
             x_adv = x1
             if cfg.adversarial:
@@ -52,8 +72,11 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int):
                         lambda x: model(x, training=True, adversarial=True)[1],
                         lambda za, zb: batch_loss(za, zb)[0], x1, cfg.eps)
             _, z1 = model(x1, training=True)
-            _, z2 = model(x2, training=True)
-            clean_loss, logits, labels = batch_loss(z1, z2)
+            if moco is not None:  # the query of view 1 against the keys of view 2
+                clean_loss, logits, labels = batch_loss(z1, z1)
+            else:
+                _, z2 = model(x2, training=True)
+                clean_loss, logits, labels = batch_loss(z1, z2)
             loss, adv_loss = clean_loss, tf.constant(0.0)
             if cfg.adversarial:
                 _, z_adv = model(x_adv, training=True, adversarial=True)
@@ -69,9 +92,27 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int):
         optimizer.apply_gradients(zip(grads, variables))
         metrics = {"loss": loss, "clean_loss": clean_loss, "adv_loss": adv_loss,
                    "contrast_acc": losses.contrast_accuracy(logits, labels)}
-        return metrics, {"x": x1[:4], "x_adv": x_adv[:4]}
+        return metrics, {"x": x1[:4], "x_adv": x_adv[:4]}, keys
 
     return step
+
+
+def make_distributed_step(strategy, replica_step, moco=None, compiled=True):
+    """The global step: strategy.run of the replica step, plus MoCo's updates, which run in
+    cross-replica context (moco.py explains the order). compiled=False: eager (tests)."""
+
+    def distributed_step(x1, x2):
+        if moco is not None:
+            moco.momentum_update()
+        metrics, images, keys = strategy.run(replica_step, args=(x1, x2))
+        metrics = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                   for k, v in metrics.items()}
+        images = {k: strategy.experimental_local_results(v)[0] for k, v in images.items()}
+        if moco is not None:  # every replica holds the same gathered keys: take the first's
+            moco.enqueue(strategy.experimental_local_results(keys)[0])
+        return metrics, images
+
+    return tf.function(distributed_step) if compiled else distributed_step
 
 
 class State:
@@ -83,12 +124,14 @@ class State:
             self.optimizer = build_optimizer(cfg, steps_per_epoch, total_steps)
             # Keras 3 optimizers must be built in the scope before a distributed step.
             self.optimizer.build(self.model.trainable_variables)
+            self.moco = MoCo(cfg, self.model) if cfg.method == "moco" else None
         # Every model variable by path: tf.train.Checkpoint does not follow Keras 3's tracked
         # lists (model.blocks, a block's convs/bns), so `model=` alone misses the blocks' BN
         # moving statistics (their trainable weights are reached only through the optimizer).
         self.checkpoint = tf.train.Checkpoint(
             model=self.model, optimizer=self.optimizer,
-            variables={v.path: v for v in self.model.variables})
+            variables={v.path: v for v in self.model.variables},
+            **(self.moco.checkpoint_items() if self.moco else {}))
         self.directory = os.path.join(cfg.run_dir, "checkpoints")
         # Multi-worker: saving is collective, so every worker saves; only the chief's copy lands
         # in the workdir, the others go to a temporary directory that is removed after each save.
@@ -138,15 +181,9 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
         print(f"Resuming from {state.latest_checkpoint} at step {state.step}.")
     model, optimizer = state.model, state.optimizer
 
-    replica_step = make_train_step(model, optimizer, cfg, strategy.num_replicas_in_sync)
-
-    @tf.function
-    def distributed_step(x1, x2):
-        metrics, images = strategy.run(replica_step, args=(x1, x2))
-        metrics = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
-                   for k, v in metrics.items()}
-        images = {k: strategy.experimental_local_results(v)[0] for k, v in images.items()}
-        return metrics, images
+    replica_step = make_train_step(model, optimizer, cfg, strategy.num_replicas_in_sync,
+                                   state.moco)
+    distributed_step = make_distributed_step(strategy, replica_step, state.moco)
 
     writer = (tf.summary.create_file_writer(os.path.join(cfg.run_dir, "tensorboard"))
               if distribute.is_chief(strategy) else tf.summary.create_noop_writer())
@@ -176,7 +213,7 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
                              window_steps * cfg.batch_size / max(elapsed, 1e-9))
                 window_start, window_steps = time.time(), 0
             if cfg.adversarial and (step % cfg.image_every == 0 or step == start + 1):
-                _log_images(writer, step, images, cfg.eps)
+                _log_images(writer, step, images, cfg.eps, cfg.normalize)
             if step % cfg.ckpt_every == 0:
                 state.save(step)
     except KeyboardInterrupt:
@@ -213,10 +250,10 @@ def _log_scalars(writer, step, metrics, lr, images_per_sec):
         tf.summary.scalar("train/images_per_sec", images_per_sec)
 
 
-def _log_images(writer, step, images, eps):
+def _log_images(writer, step, images, eps, normalize):
     """A few x, x_adv and the perturbation amplified to the full range (+eps white, -eps black)."""
-    x = tf.clip_by_value(augment.denormalize(images["x"]), 0.0, 1.0)
-    x_adv = tf.clip_by_value(augment.denormalize(images["x_adv"]), 0.0, 1.0)
+    x = tf.clip_by_value(augment.denormalize(images["x"], normalize), 0.0, 1.0)
+    x_adv = tf.clip_by_value(augment.denormalize(images["x_adv"], normalize), 0.0, 1.0)
     delta = (images["x_adv"] - images["x"]) / (2.0 * max(eps, 1e-12)) + 0.5
     with writer.as_default(step=step):
         tf.summary.image("adversarial/x", x, max_outputs=4)

@@ -143,15 +143,24 @@ def test_apply_probabilities_roughly_as_asked():
     assert 0.16 < gray.mean() < 0.24
 
 
-@pytest.mark.parametrize("mean,std", [(0.5, 0.5), (0.45, 0.2)])
-def test_normalize_round_trip(mean, std):
+@pytest.mark.parametrize("kind", ["half", "cifar"])
+def test_normalize_round_trip(kind):
     x = _images(4)
-    y = augment.normalize(x, mean, std)
-    np.testing.assert_allclose(augment.denormalize(y, mean, std).numpy(), x.numpy(), atol=1e-6)
-    np.testing.assert_allclose(y.numpy(), (x.numpy() - mean) / std, atol=1e-6)
+    mean, std = (np.array(v, np.float32) for v in augment.NORMALIZATIONS[kind])
+    y = augment.normalize(x, kind)
+    np.testing.assert_allclose(augment.denormalize(y, kind).numpy(), x.numpy(), atol=1e-6)
+    np.testing.assert_allclose(y.numpy(), (x.numpy() - mean) / std, atol=1e-5)
+
+
+def test_cifar_normalisation_is_per_channel():
+    gray = tf.fill([1, 1, 1, 3], 0.5)  # the same value in every channel
+    y = augment.normalize(gray, "cifar").numpy().ravel()
+    np.testing.assert_allclose(y, [(0.5 - 0.4914) / 0.2023, (0.5 - 0.4822) / 0.1994,
+                                   (0.5 - 0.4465) / 0.2010], rtol=1e-5)
 
 
 def test_normalize_default_maps_to_minus_one_one():
-    ends = tf.constant([0.0, 0.5, 1.0])
-    np.testing.assert_allclose(augment.normalize(ends).numpy(), [-1.0, 0.0, 1.0])
-    np.testing.assert_allclose(augment.denormalize(tf.constant([-1.0, 1.0])).numpy(), [0.0, 1.0])
+    ends = tf.constant([[0.0] * 3, [0.5] * 3, [1.0] * 3])  # (3 pixels, RGB)
+    np.testing.assert_allclose(augment.normalize(ends).numpy()[:, 0], [-1.0, 0.0, 1.0])
+    np.testing.assert_allclose(augment.denormalize(tf.constant([[-1.0] * 3, [1.0] * 3])).numpy(),
+                               [[0.0] * 3, [1.0] * 3])

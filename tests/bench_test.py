@@ -43,7 +43,7 @@ def _keras_bn(model, x, training, adversarial):
 
 def reference_step(model, optimizer, cfg, x1, x2):
     """PAPER.md "The CLAE step", literally (no shortcut, no fused BN)."""
-    base = losses.LOSSES[cfg.method]
+    base = losses.PAIR_LOSSES[cfg.method]
     # Step 3: x_adv starts at x1; both arguments through the adversarial branch in training
     # mode; the tape records the parameters too; one signed-gradient step w.r.t. x_adv only.
     x_adv = tf.identity(x1)
@@ -92,7 +92,7 @@ def test_optimized_step_matches_literal_paper_step():
     ref_clean_stats = [v for v in ref_model.variables if "/bn/moving_" in v.path]
     for step in range(2):  # the second step starts from updated weights and statistics
         x1, x2 = _views(cfg, step)
-        metrics, images = fast_step(x1, x2)
+        metrics, images, _ = fast_step(x1, x2)
         ref_metrics, ref_x_adv, grad_x = reference_step(ref_model, ref_opt, cfg, x1, x2)
         for k in ("loss", "clean_loss", "adv_loss"):
             np.testing.assert_allclose(float(metrics[k]), float(ref_metrics[k]), rtol=1e-5)
@@ -122,7 +122,7 @@ def test_bf16_step_close_to_float32_and_x_adv_on_the_eps_sphere():
         try:
             model, optimizer = _model_and_optimizer(dataclasses.replace(cfg, precision=precision))
             # Eagerly: tracing costs more than the step here (the compiled step is tested above).
-            metrics, images = train.make_train_step(model, optimizer, cfg, num_replicas=1)(x1, x2)
+            metrics, images, _ = train.make_train_step(model, optimizer, cfg, num_replicas=1)(x1, x2)
         finally:
             keras.mixed_precision.set_global_policy("float32")
         assert metrics["loss"].dtype == tf.float32 and images["x_adv"].dtype == tf.float32

@@ -210,7 +210,7 @@ def test_truncated_image_is_named_too(tmp_path):
         f.write(encoded[: len(encoded) // 2])
     source = data.load(_cfg(root))
     with pytest.raises(tf.errors.InvalidArgumentError) as raw:
-        list(data.eval_dataset(source.test, 2))
+        list(data.eval_dataset(source.test, 2, "half"))
     with pytest.raises(ClaeError, match="zz.png"):
         data.raise_if_unreadable(source.test, raw.value)
 

@@ -115,7 +115,7 @@ def _one_step(strategy, cfg, initial, x1, x2, monkeypatch, replace=None):
     capture = _CaptureXAdv(monkeypatch, replace)
 
     def replica_fn(a, b):
-        metrics, _ = step(a, b)
+        metrics, _, _ = step(a, b)
         return metrics["loss"], capture.pop()
 
     loss, x_adv = strategy.run(replica_fn, args=_split(strategy, x1, x2))
@@ -135,7 +135,7 @@ def _input_gradient(cfg, initial, x1):
     with tf.GradientTape() as tape:
         tape.watch(x)
         z = model(x, training=True, adversarial=True)[1]
-        loss = losses.LOSSES[cfg.method](tf.stop_gradient(z), z, cfg.temperature)[0]
+        loss = losses.PAIR_LOSSES[cfg.method](tf.stop_gradient(z), z, cfg.temperature)[0]
     return tape.gradient(loss, x).numpy()
 
 
