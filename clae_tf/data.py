@@ -11,7 +11,7 @@ makes two views per image on whole batches (augment.py, --augment), normalised f
 
 import dataclasses
 import os
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -30,6 +30,8 @@ class Split:
     num_examples: int
     files: Optional[List[str]] = None  # image folders: all files, to name an unreadable one.
     labels: Optional[np.ndarray] = None  # when known without decoding (folders, digits).
+    # indices -> the Split of just those examples, built without decoding the others.
+    select: Optional[Callable[[np.ndarray], "Split"]] = None
 
 
 @dataclasses.dataclass
@@ -81,11 +83,12 @@ def _digits(size):
     labels = digits.target.astype(np.int32)
     is_test = np.arange(len(labels)) % 5 == 0
 
-    def split(mask):
-        ds = tf.data.Dataset.from_tensor_slices((images[mask], labels[mask]))
-        return Split(_finish(ds, int(mask.sum()), size), int(mask.sum()), labels=labels[mask])
+    def split(index):
+        ds = tf.data.Dataset.from_tensor_slices((images[index], labels[index]))
+        return Split(_finish(ds, len(index), size), len(index), labels=labels[index],
+                     select=lambda i: split(index[i]))
 
-    return Source("digits", split(~is_test), split(is_test), 10)
+    return Source("digits", split(np.flatnonzero(~is_test)), split(np.flatnonzero(is_test)), 10)
 
 
 def _folder(root, size):
@@ -114,12 +117,16 @@ def _folder(root, size):
             labels += [label] * len(names)
         if not files:
             raise ClaeError(f"--dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) in {split_dir}")
-        labels = np.array(labels, np.int32)
-        ds = tf.data.Dataset.from_tensor_slices((files, labels))
-        ds = ds.map(lambda f, y: (_decode(tf.io.read_file(f)), y),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-        out[split_name] = Split(_finish(ds, len(files), size), len(files), files, labels)
+        out[split_name] = _file_split(files, np.array(labels, np.int32), size)
     return Source(os.path.basename(os.path.normpath(root)), out["train"], out["test"], len(classes))
+
+
+def _file_split(files, labels, size):
+    """Images decoded lazily from `files`; a subset only ever reads its own files."""
+    ds = tf.data.Dataset.from_tensor_slices((files, labels))
+    ds = ds.map(lambda f, y: (_decode(tf.io.read_file(f)), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return Split(_finish(ds, len(files), size), len(files), files, labels,
+                 select=lambda i: _file_split([files[j] for j in i], labels[i], size))
 
 
 def _decode(data):
@@ -163,6 +170,17 @@ def _tfds(name, data_dir, size):
 
 def _subset(split, num_classes, train_examples, examples_per_class):
     """The first N images, and/or the first K of each class, in the source's order."""
+    if split.select is not None and (train_examples or examples_per_class):
+        # Labels known from the file list (or memory): pick the examples before decoding.
+        keep = np.ones(split.num_examples, bool)
+        if examples_per_class:
+            seen = np.zeros(num_classes, np.int64)
+            for i, y in enumerate(split.labels):
+                keep[i] = seen[y] < examples_per_class
+                seen[y] += 1
+        index = np.flatnonzero(keep)[:train_examples or None]
+        return split if len(index) == split.num_examples else split.select(index)
+    # TFDS: filter the decoded stream by running per-class counts.
     ds, n = split.images, split.num_examples
     if examples_per_class:
         # Running per-class counts; keep an image while its class has fewer than K.
@@ -175,12 +193,11 @@ def _subset(split, num_classes, train_examples, examples_per_class):
         # Distinct argument names: AutoGraph cannot tell two same-line lambdas with the same
         # signature apart, and warns.
         ds = ds.filter(lambda _, keep: keep).map(lambda example, _keep: example)
-        labels = split.labels
-        if labels is None:  # TFDS: counting decodes every image once
-            try:
-                labels = np.array([int(y) for y in split.images.map(lambda x, y: y)])
-            except tf.errors.InvalidArgumentError as e:
-                raise_if_unreadable(split, e)
+        # TFDS: labels come with the images, so counting them decodes every image once.
+        try:
+            labels = np.array([int(y) for y in split.images.map(lambda x, y: y)])
+        except tf.errors.InvalidArgumentError as e:
+            raise_if_unreadable(split, e)
         n = int(sum(min(int(c), examples_per_class) for c in
                     np.bincount(labels, minlength=num_classes)))
     if train_examples:

@@ -225,11 +225,15 @@ def test_corrupt_image_is_named_by_app_run(tmp_path):
 
 
 def test_corrupt_image_with_examples_per_class_is_named(tmp_path):
-    # The per-class subset filters the decoded stream: the error surfaces while training.
+    # The per-class subset is picked from the file list, so only its own files are ever read:
+    # a corrupt image outside it does not matter, one inside it is named while training.
     root = str(tmp_path / "corrupt")
-    bad = _folder_with_corrupt_image(root)
-    cfg = _cfg(root, workdir=str(tmp_path / "run"), max_steps=1, examples_per_class=2)
-    assert data.load(cfg).train.num_examples > 0  # counted from the file list, no decoding
+    bad = _folder_with_corrupt_image(root)  # the third image of class1
+    outside = data.load(_cfg(root, examples_per_class=2))
+    assert outside.train.num_examples == 4 and bad not in outside.train.files
+    assert len(_examples(outside.train)) == 4
+    cfg = _cfg(root, workdir=str(tmp_path / "run"), max_steps=1, examples_per_class=3)
+    assert data.load(cfg).train.num_examples == 6  # counted from the file list, no decoding
     with pytest.raises(ClaeError) as e:
         app.run(cfg)
     assert "--dataset" in str(e.value) and bad in str(e.value)
