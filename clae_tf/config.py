@@ -264,7 +264,7 @@ _HELP = {
     "knn_k": "Neighbours of the weighted kNN evaluation.",
     "knn_sigma": "kNN weight temperature; 0 -> --temperature.",
     "probe": "Linear probe features: h (representation) or z (embedding); auto: the method's.",
-    "linear_epochs": "Epochs of the linear probe on frozen h.",
+    "linear_epochs": "Epochs of the linear probe on the frozen features (--probe).",
     "linear_lr": "Linear probe learning rate (Adam).",
     "linear_batch_size": "Linear probe batch size.",
     "eval_batch_size": "Batch size for feature extraction.",

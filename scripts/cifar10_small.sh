@@ -9,8 +9,8 @@
 # between the methods so that an interrupted sweep still holds complete pairs; a run that already
 # has results.json is skipped, an unfinished one resumes from its checkpoint. The table and plot
 # go to ROOT/compare/. Run from the repository root (the flagfiles nest by relative path).
-# Takes about 2 hours on a 2-core CPU (17 min per SimCLR run, 21 min per CLAE run; see
-# docs/results/results.md). SEEDS="0" runs one seed only.
+# Takes about 55 min alone on a 2-core CPU (6 min per SimCLR run, 12 min per CLAE run; more when
+# other jobs share the cores; see docs/results/results.md). SEEDS="0" runs one seed only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=runs/cifar10_small
