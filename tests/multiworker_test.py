@@ -1,4 +1,5 @@
-"""Two local worker processes (MultiWorkerMirroredStrategy over loopback) train like one process.
+"""Two local worker processes (MultiWorkerMirroredStrategy over loopback) train like one process
+(SimCLR, and MoCo with its key encoder and queue).
 
 The test starts this file twice as a worker (`python tests/multiworker_test.py worker ...`) with a
 TF_CONFIG naming 127.0.0.1 ports; both run app.run (train, then on the chief only: evaluation,
@@ -17,6 +18,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240  # seconds for both workers (~1.5 min on a loaded 2-core machine)
@@ -40,13 +42,30 @@ def _worker(cfg_path, out_path):
         trained.update(model=summary["model"], step=summary["step"])
         return summary
 
-    train.train = keep_model
+    states = []
+    real_state = train.State
+
+    class KeepState(real_state):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            states.append(self)
+
+    train.train, train.State = keep_model, KeepState
     out = app.run(cfg, strategy)
-    np.savez(out_path, **{v.path: v.numpy() for v in trained["model"].variables})
+    np.savez(out_path, **_state_values(states[-1]))
     with open(out_path + ".json", "w") as f:
         json.dump({"chief": distribute.is_chief(strategy), "step": trained["step"],
                    "replicas": strategy.num_replicas_in_sync, "results": "results" in out,
                    "saved_model": out.get("saved_model"), "pid": os.getpid()}, f)
+
+
+def _state_values(state):
+    """Model variables by path, plus MoCo's key encoder ("key/<path>") and queue."""
+    values = {v.path: v.numpy() for v in state.model.variables}
+    if state.moco is not None:
+        values.update({f"key/{v.path}": v.numpy() for v in state.moco.key_model.variables})
+        values["moco_queue"] = state.moco.queue.numpy()
+    return values
 
 
 def _free_ports(n):
@@ -64,17 +83,20 @@ def _tail(path, n=3000):
         return f.read()[-n:]
 
 
-def test_two_workers_train_like_one_process(tmp_path):
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_two_workers_train_like_one_process(tmp_path, method):
     import tensorflow as tf
 
     from conftest import tiny_config
 
     from clae_tf import data, train
 
-    # lr 0.01 and eps=0 keep the comparison with one process tight (see below).
+    # lr 0.01 and eps=0 keep the comparison with one process tight (see below). A constant
+    # learning rate: the reference below does not know the workers' total steps.
     cfg = tiny_config(tmp_path, strategy="multiworker", optimizer="sgd", learning_rate=0.01,
                       momentum=0.9, weight_decay=5e-4, max_steps=3, ckpt_every=2,
-                      linear_epochs=1, log_every=1, image_every=100, eps=0.0)
+                      linear_epochs=1, log_every=1, image_every=100, eps=0.0, method=method,
+                      lr_schedule="constant", queue_size=40, key_momentum=0.9)
     cfg_path = str(tmp_path / "cfg.json")
     with open(cfg_path, "w") as f:
         json.dump(dataclasses.asdict(cfg), f)
@@ -103,10 +125,12 @@ def test_two_workers_train_like_one_process(tmp_path):
         keras.utils.set_random_seed(cfg.seed)
         state = train.State(single, one, 10, 10)
         initial = {v.path: v.numpy() for v in state.model.variables}
-        step = train.make_train_step(state.model, state.optimizer, single, 1)
+        step = train.make_distributed_step(one, train.make_train_step(
+            state.model, state.optimizer, single, 1, state.moco), state.moco, compiled=False)
         for x1, x2 in data.pretrain_dataset(source.train, single, epoch=0).take(cfg.max_steps):
-            one.run(step, args=(x1, x2))
-        reference = {v.path: v.numpy() for v in state.model.variables}
+            step(x1, x2)
+        reference_all = _state_values(state)
+        reference = {v.path: reference_all[v.path] for v in state.model.variables}
 
         deadline = time.time() + TIMEOUT
         for p, log in zip(procs, logs):
@@ -128,7 +152,8 @@ def test_two_workers_train_like_one_process(tmp_path):
     assert [i["chief"] for i in infos] == [True, False]
     assert [i["step"] for i in infos] == [3, 3] and infos[0]["replicas"] == 2
     w0, w1 = np.load(outs[0]), np.load(outs[1])
-    for k in reference:
+    assert sorted(w0.files) == sorted(reference_all)
+    for k in reference_all:
         np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)  # the workers agree exactly
     # ... and with one process on the same global batches, up to round-off (gRPC ring
     # all-reduce, synchronised vs fused BN, graph vs eager), which this tiny model amplifies
@@ -144,6 +169,11 @@ def test_two_workers_train_like_one_process(tmp_path):
           f"{diff / change:.2e}; worst variable {worst}: "
           f"{np.linalg.norm(w0[worst] - reference[worst]) / np.linalg.norm(reference[worst] - initial[worst]):.2e}")
     assert diff / change < 1e-4
+    if method == "moco":  # the queue holds the 3 global batches' keys, as on one process
+        np.testing.assert_allclose(w0["moco_queue"], reference_all["moco_queue"], atol=1e-4)
+        for k in reference_all:
+            if k.startswith("key/"):
+                np.testing.assert_allclose(w0[k], reference_all[k], atol=1e-4, err_msg=k)
 
     # Only the chief wrote into the workdir: checkpoints, results, the export, TensorBoard.
     run_dir = cfg.run_dir
