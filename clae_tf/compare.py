@@ -208,7 +208,11 @@ def plot(groups: Dict[str, List[dict]], path: str) -> bool:
     ax_acc.set_xticks([0, 1], ["kNN top-1 (z)", "linear top-1 (probe features)"])
     ax_acc.set_ylabel("test accuracy (%)")
     ax_acc.set_title("test accuracy (diamond: mean, whisker: std, dots: seeds)")
-    ax_acc.legend()
+    # Many methods: legends below the axes, where they cover no data.
+    below = {}
+    if len(labels) > 2:
+        below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8)
+    ax_acc.legend(**(dict(below, ncol=4) if below else {}))
     any_adv = False
     for i, label in enumerate(labels):
         color = colors[i % len(colors)]
@@ -228,9 +232,9 @@ def plot(groups: Dict[str, List[dict]], path: str) -> bool:
     ax_loss.set_ylabel("the method's loss")
     ax_loss.set_title("training loss per run (train/clean_loss"
                       + (", dashed: train/adv_loss)" if any_adv else ")"))
-    ax_loss.legend(fontsize=8)
+    ax_loss.legend(**(dict(below, ncol=2) if below else dict(fontsize=8)))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
