@@ -41,8 +41,10 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, moco=None)
       - SimCLR, Plain, UEL: L(z1, z) with z the embeddings of x2 (clean) or x_adv (CLAE), so
         x_adv is the positive of its own view 1 and, for the others, a negative (Plain: a
         classifier weight);
-      - MoCo (`moco` given): z are the queries, of x1 (clean) or x_adv (CLAE), against the keys
-        of x2 from the momentum encoder and the queue; z1 is not used.
+      - MoCo (`moco` given): z are queries against keys from the momentum encoder and the
+        queue; z1 is not used. The clean query of x1 has the key of x2 as its positive. x_adv's
+        positive is the key of its own source view x1, as SimCLR pairs x_adv with x1 (PAPER.md,
+        steps 3 and 4); only x2's keys enter the queue.
     The attack maximises the same batch loss (attacks.fgsm), so it accounts for the whole batch
     and, for MoCo, the queue. Returns (metrics, images, new_keys); new_keys are the gathered keys
     for the queue (MoCo) or empty.
@@ -51,10 +53,11 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, moco=None)
     def step(x1, x2):
         if moco is not None:
             keys = gather(moco.keys(x2))  # the whole global batch of keys
+            adv_keys = gather(moco.keys(x1)) if cfg.adversarial else keys
 
             def batch_loss(z1, z):
-                del z1  # MoCo is one-directional: queries against keys
-                return losses.moco(gather(z), keys, moco.queue, cfg.temperature)
+                del z1  # MoCo is one-directional: queries (here x_adv's) against keys
+                return losses.moco(gather(z), adv_keys, moco.queue, cfg.temperature)
         else:
             keys = tf.zeros([0, cfg.proj_dim])
             pair_loss = losses.PAIR_LOSSES[cfg.method]
@@ -73,7 +76,8 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, moco=None)
                         lambda za, zb: batch_loss(za, zb)[0], x1, cfg.eps)
             _, z1 = model(x1, training=True)
             if moco is not None:  # the query of view 1 against the keys of view 2
-                clean_loss, logits, labels = batch_loss(z1, z1)
+                clean_loss, logits, labels = losses.moco(gather(z1), keys, moco.queue,
+                                                         cfg.temperature)
             else:
                 _, z2 = model(x2, training=True)
                 clean_loss, logits, labels = batch_loss(z1, z2)
