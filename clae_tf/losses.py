@@ -30,8 +30,7 @@ def nt_xent(z1, z2, temperature):
     # Remove u itself from its own denominator. -1e9 rather than -inf keeps gradients finite.
     logits = logits - 1e9 * tf.eye(n2, dtype=logits.dtype)
     labels = tf.concat([tf.range(n, n2), tf.range(0, n)], axis=0)  # (2N,)
-    loss = tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+    loss = _cross_entropy(logits, labels)
     return loss, logits, labels
 
 
@@ -48,8 +47,7 @@ def plain(z1, z2, temperature):
     b = tf.cast(z2, tf.float32)
     logits = tf.matmul(a, b, transpose_b=True) / temperature
     labels = tf.range(tf.shape(a)[0])
-    loss = tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+    loss = _cross_entropy(logits, labels)
     return loss, logits, labels
 
 
@@ -80,12 +78,13 @@ def uel(z1, z2, temperature):
 
 
 def moco(q, k, queue, temperature):
-    """MoCo's InfoNCE (He et al. 2020; MoCo v2): each query's positive is the key of the other
-    view of its image; the negatives are the queue of keys from past batches.
+    """MoCo's InfoNCE (He et al. 2020; MoCo v2): each query's positive is its image's key from
+    the momentum encoder (train.py picks which view); the negatives are the queue of keys from
+    past batches.
 
     Args:
       q: (N, D) unit-norm queries (query encoder; gradients flow).
-      k: (N, D) unit-norm keys of the same images (momentum encoder; treated as constants).
+      k: (N, D) unit-norm positive keys, row i for query i (momentum encoder; constants).
       queue: (K, D) unit-norm keys of earlier batches.
     Returns (loss, logits (N, 1 + K) = [positive, queue...] / t, labels (N,) = 0).
     """
@@ -95,9 +94,14 @@ def moco(q, k, queue, temperature):
     l_neg = tf.matmul(q, tf.stop_gradient(tf.cast(queue, tf.float32)), transpose_b=True)
     logits = tf.concat([l_pos, l_neg], axis=1) / temperature
     labels = tf.zeros([tf.shape(q)[0]], tf.int32)
-    loss = tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+    loss = _cross_entropy(logits, labels)
     return loss, logits, labels
+
+
+def _cross_entropy(logits, labels):
+    """Mean softmax cross-entropy of each row's logits against its label column."""
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
 
 def contrast_accuracy(logits, labels):
