@@ -39,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clae_tf import data, models, train  # noqa: E402
+from clae_tf import builders, checkpoints, data, train  # noqa: E402
 from clae_tf.config import Config  # noqa: E402
 
 POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16"}
@@ -73,7 +73,7 @@ def forward_flops(cfg: Config) -> dict:
     attack needs) and the tf.compat.v1 profiler's count of the same graph as a cross-check
     ("profiler", which also counts some element-wise ops).
     """
-    model = models.build_model(dataclasses.replace(cfg, adversarial=False))
+    model = builders.build_model(cfg, adversarial=False)
     fn = tf.function(lambda x: model(x, training=True)[1])
     graph = fn.get_concrete_function(
         tf.TensorSpec([1, cfg.image_size, cfg.image_size, 3], tf.float32)).graph
@@ -108,8 +108,8 @@ def step_flops(f: dict) -> dict:
 def compiled_step(cfg: Config):
     """The seeded model's train step under tf.function (call under cfg.precision's policy)."""
     keras.utils.set_random_seed(cfg.seed)
-    model = models.build_model(cfg)
-    optimizer = train.build_optimizer(cfg, 1, 1)
+    model = builders.build_model(cfg)
+    optimizer = checkpoints.build_optimizer(cfg, 1, 1)
     optimizer.build(model.trainable_variables)
     return tf.function(train.make_train_step(model, optimizer, cfg, num_replicas=1))
 
@@ -299,8 +299,8 @@ def memory_child(argv) -> None:
     arch, width, batch, size, precision, steps = argv
     cfg = make_config(arch, float(width), int(batch), int(size), True, precision)
     keras.mixed_precision.set_global_policy(POLICIES[precision])
-    model = models.build_model(cfg)
-    optimizer = train.build_optimizer(cfg, 1, 1)
+    model = builders.build_model(cfg)
+    optimizer = checkpoints.build_optimizer(cfg, 1, 1)
     optimizer.build(model.trainable_variables)
     step = tf.function(train.make_train_step(model, optimizer, cfg, num_replicas=1))
     split = synthetic_split(cfg.batch_size * int(steps), cfg.image_size)

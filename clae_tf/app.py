@@ -8,7 +8,7 @@ import time
 import keras
 import tensorflow as tf
 
-from clae_tf import ClaeError, data, distribute, evaluate, export, train
+from clae_tf import ClaeError, checkpoints, data, distribute, evaluate, export, train
 from clae_tf.config import CHECKPOINT_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
@@ -62,8 +62,7 @@ def run(cfg: Config, strategy=None) -> dict:
             export.export(cfg, model, export_dir)
             out["saved_model"] = export_dir
         return out
-    steps_per_epoch = source.train.num_examples // cfg.batch_size
-    state = train.State(cfg, strategy, steps_per_epoch, steps_per_epoch * cfg.epochs)
+    state = checkpoints.State(cfg, strategy)  # no optimizer: eval and export need the model only
     if not state.restore(model_only=True):
         raise ClaeError(f"--workdir: no checkpoint in {cfg.run_dir}/checkpoints to {cfg.mode}")
     if cfg.mode == "eval":

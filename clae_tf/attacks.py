@@ -32,3 +32,8 @@ def fgsm(embed_adv, batch_loss, x1, eps):
     # Kept in float32 even under mixed precision: an underflowed gradient gives sign(0) = 0.
     grad = tf.cast(grad, tf.float32)
     return tf.stop_gradient(x1 + tf.cast(eps, x1.dtype) * tf.sign(tf.cast(grad, x1.dtype)))
+
+
+def training_attack(cfg):
+    """The attack of the CLAE train step, (embed_adv, batch_loss, x1) -> x_adv: --eps FGSM."""
+    return lambda embed_adv, batch_loss, x1: fgsm(embed_adv, batch_loss, x1, cfg.eps)

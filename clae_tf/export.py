@@ -1,12 +1,10 @@
 """SavedModel export of the encoder (clean BN path) with serving signatures."""
 
-import dataclasses
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import augment, models
+from clae_tf import augment, builders
 from clae_tf.config import Config
 
 
@@ -21,7 +19,7 @@ def export(cfg: Config, model, path: str):
     single-device copy without the adversarial BN twins (evaluation uses the clean BNs only), so
     it loads anywhere, whatever strategy trained it.
     """
-    serving = models.build_model(dataclasses.replace(cfg, adversarial=False, sync_bn=False))
+    serving = builders.build_model(cfg, adversarial=False, sync_bn=False)
     source = {v.path: v for v in model.variables}
     for v in serving.variables:
         v.assign(source[v.path].numpy())

@@ -9,8 +9,6 @@ the clean BNs. Convolutions and dense layers are shared between the two paths.
 import keras
 import tensorflow as tf
 
-from clae_tf.config import Config
-
 # PyTorch's default init for conv and linear weights, kaiming_uniform(a=sqrt(5)), is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)): exactly this VarianceScaling. Matching it keeps the
 # reference's early-training behaviour.
@@ -124,7 +122,6 @@ class ContrastiveModel(keras.Model):
                  **kwargs):
         super().__init__(**kwargs)
         blocks, bottleneck = _LAYOUT[arch]
-        self.dual_bn = dual_bn
 
         def bn(name):
             return DualBatchNorm(bn_momentum, bn_adv_momentum, dual_bn, sync_bn, name=name)
@@ -164,19 +161,6 @@ class ContrastiveModel(keras.Model):
         # Losses and kNN work on the unit sphere; normalise in float32 (mixed precision).
         z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)
         return tf.cast(h, tf.float32), z
-
-
-def build_model(cfg: Config, name: str = "clae_model") -> ContrastiveModel:
-    """Builds the model for `cfg` and creates its variables (both BN paths when adversarial)."""
-    model = ContrastiveModel(arch=cfg.arch, stem=cfg.stem, width=cfg.width, head=cfg.head,
-                             proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
-                             bn_momentum=cfg.bn_momentum, bn_adv_momentum=cfg.bn_adv_momentum,
-                             dual_bn=cfg.adversarial, sync_bn=cfg.sync_bn, name=name)
-    dummy = tf.zeros([2, cfg.image_size, cfg.image_size, 3])
-    model(dummy, training=False)
-    if cfg.adversarial:
-        model(dummy, training=False, adversarial=True)
-    return model
 
 
 def bn_layers(model):

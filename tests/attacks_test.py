@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import attacks, losses, models
+from clae_tf import attacks, builders, losses
 from conftest import tiny_config
 
 T = 0.5
@@ -18,7 +18,7 @@ def cfg():
 @pytest.fixture(scope="module")
 def model(cfg):
     tf.keras.utils.set_random_seed(0)
-    return models.build_model(cfg)
+    return builders.build_model(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import losses, models, train
+from clae_tf import builders, checkpoints, losses, models, train
 from conftest import tiny_config
 
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
@@ -69,8 +69,8 @@ def reference_step(model, optimizer, cfg, x1, x2):
 
 def _model_and_optimizer(cfg):
     keras.utils.set_random_seed(cfg.seed)
-    model = models.build_model(cfg)
-    optimizer = train.build_optimizer(cfg, 1, 1)
+    model = builders.build_model(cfg)
+    optimizer = checkpoints.build_optimizer(cfg, 1, 1)
     optimizer.build(model.trainable_variables)
     return model, optimizer
 

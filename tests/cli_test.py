@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_config
 
-from clae_tf import app, distribute, train
+from clae_tf import app, checkpoints, distribute
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +73,7 @@ def test_incompatible_checkpoint(tmp_path):
     # A workdir holding a real checkpoint of a width-1/16 model (no training needed).
     cfg = tiny_config(tmp_path)
     app.write_flagfile(cfg)
-    train.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
+    checkpoints.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
     args = ["--arch=resnet10", "--width=0.125", "--image_size=16", "--batch_size=16",
             "--proj_dim=16", "--adversarial", "--max_steps=1", f"--workdir={cfg.run_dir}"]
     proc = _run(args, tmp_path)

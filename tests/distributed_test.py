@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from conftest import tiny_config
 
-from clae_tf import attacks, data, distribute, export, losses, models, train
+from clae_tf import attacks, builders, checkpoints, data, distribute, export, losses, train
 
 # SGD (not Adam) so the weight update is proportional to the gradient: a wrong loss scale, a
 # missing negative or an unsynchronised statistic shows up in the weights, and coupled weight
@@ -64,14 +64,14 @@ def initial():
     """Initial weights by variable path, shared by every model of a comparison."""
     keras.utils.set_random_seed(0)
     with ONE_DEVICE.scope():
-        model = models.build_model(tiny_config(**SGD))
+        model = builders.build_model(tiny_config(**SGD))
     return {v.path: v.numpy() for v in model.variables}
 
 
 def _build(strategy, cfg, initial):
     with strategy.scope():
-        model = models.build_model(cfg)
-        optimizer = train.build_optimizer(cfg, 1, 1)
+        model = builders.build_model(cfg)
+        optimizer = checkpoints.build_optimizer(cfg, 1, 1)
         optimizer.build(model.trainable_variables)  # Keras 3: build in scope, before the step
     for v in model.variables:
         v.assign(initial[v.path])
@@ -249,7 +249,7 @@ def test_checkpoint_cross_restore_and_export(tmp_path, source):
     cfg = tiny_config(tmp_path, **MULTI_STEP)
     saved = initial = None
     for phase, strategy in enumerate([_mirrored(2), ONE_DEVICE, _mirrored(2)]):
-        state = train.State(cfg, strategy, steps_per_epoch=50, total_steps=50)
+        state = checkpoints.State(cfg, strategy, steps_per_epoch=50, total_steps=50)
         assert state.restore() == (phase > 0)
         assert state.step == phase
         if saved is None:
@@ -264,7 +264,7 @@ def test_checkpoint_cross_restore_and_export(tmp_path, source):
         saved = _variables(state)
 
     # The same 3 steps without interruptions on one device: equal up to round-off.
-    reference = train.State(tiny_config(tmp_path / "reference", **MULTI_STEP), ONE_DEVICE, 50, 50)
+    reference = checkpoints.State(tiny_config(tmp_path / "reference", **MULTI_STEP), ONE_DEVICE, 50, 50)
     for v in reference.model.variables:
         v.assign(initial[v.path])
     _train_steps(reference, ONE_DEVICE, cfg, source, 3)

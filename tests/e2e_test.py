@@ -20,7 +20,7 @@ from absl import flags
 
 from conftest import tiny_config
 
-from clae_tf import ClaeError, app, augment, config, distribute, export, train
+from clae_tf import ClaeError, app, augment, checkpoints, config, distribute, export, train
 
 
 def _run(cfg):
@@ -52,7 +52,7 @@ def resumed(tmp_path_factory):
 def _restore(cfg):
     """A fresh model (and optimizer) restored from the workdir's latest checkpoint."""
     strategy = distribute.make_strategy(cfg)
-    state = train.State(cfg, strategy, 89, 89)
+    state = checkpoints.State(cfg, strategy, 89, 89)
     assert state.restore(model_only=True)
     return state
 

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from conftest import tiny_config
 
-from clae_tf import app, config, distribute, train
+from clae_tf import app, checkpoints, config, distribute
 
 
 def _run(cfg):
@@ -51,7 +51,7 @@ def _moco_cfg(root, steps, export=False):
 
 
 def _moco_state(cfg):
-    state = train.State(cfg, distribute.make_strategy(cfg), 4, 4)
+    state = checkpoints.State(cfg, distribute.make_strategy(cfg), 4, 4)
     assert state.restore(model_only=True)
     return state
 
@@ -63,10 +63,10 @@ def test_moco_resume_equals_uninterrupted_run(tmp_path):
     _run(_moco_cfg(tmp_path / "resumed", 4))
     a, b = _moco_state(full), _moco_state(_moco_cfg(tmp_path / "resumed", 4))
     assert a.step == b.step == 4
-    assert int(a.moco.queue_ptr.numpy()) == int(b.moco.queue_ptr.numpy()) == (4 * 8) % 20
-    np.testing.assert_allclose(a.moco.queue.numpy(), b.moco.queue.numpy(), atol=1e-5)
-    for x, y in zip(a.moco.key_model.variables + a.model.variables,
-                    b.moco.key_model.variables + b.model.variables):
+    assert int(a.method.queue_ptr.numpy()) == int(b.method.queue_ptr.numpy()) == (4 * 8) % 20
+    np.testing.assert_allclose(a.method.queue.numpy(), b.method.queue.numpy(), atol=1e-5)
+    for x, y in zip(a.method.key_model.variables + a.model.variables,
+                    b.method.key_model.variables + b.model.variables):
         np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-5, err_msg=x.path)
     # The export is the query encoder alone and reloads without clae_tf.
     loaded = tf.saved_model.load(out["saved_model"])

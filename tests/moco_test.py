@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from conftest import tiny_config
 
-from clae_tf import data, distribute, train
+from clae_tf import checkpoints, data, distribute, train
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 # SGD without weight decay, and momentum 0.9 so that two steps move the key encoder visibly.
@@ -22,7 +22,7 @@ MOCO = dict(method="moco", queue_size=40, key_momentum=0.9, optimizer="sgd",
 
 def _state(strategy, cfg):
     keras.utils.set_random_seed(cfg.seed)
-    return train.State(cfg, strategy, 10, 10)
+    return checkpoints.State(cfg, strategy, 10, 10)
 
 
 def _values(variables):
@@ -37,7 +37,7 @@ def _batches(cfg, n):
 
 def test_queue_is_a_ring_buffer():
     cfg = tiny_config(**MOCO)  # batch 16, queue 40: the third batch wraps around
-    moco = _state(ONE_DEVICE, cfg).moco
+    moco = _state(ONE_DEVICE, cfg).method
     expected = moco.queue.numpy().copy()
     np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, rtol=1e-5)
     rng = np.random.default_rng(0)
@@ -54,7 +54,7 @@ def test_queue_is_a_ring_buffer():
 def test_steps_update_key_encoder_by_momentum_and_enqueue_the_keys(adversarial):
     cfg = tiny_config(adversarial=adversarial, **MOCO)
     state = _state(ONE_DEVICE, cfg)
-    moco, model = state.moco, state.model
+    moco, model = state.method, state.model
     step = train.make_distributed_step(
         ONE_DEVICE, train.make_train_step(model, state.optimizer, cfg, 1, moco), moco,
         compiled=False)
@@ -92,13 +92,13 @@ def test_two_replicas_hold_the_same_queue_and_key_encoder_as_one_device():
                                                         tf.config.list_logical_devices("CPU")][:2]))):
         state = _state(strategy, cfg)
         if name == "two":  # the same starting point as the single device, whatever the RNG did
-            for v in state.model.variables + state.moco.key_model.variables + [state.moco.queue]:
-                v.assign(out["one"]["init"][v.path if v is not state.moco.queue else "queue"])
-        init = {**_values(state.model.variables), **_values(state.moco.key_model.variables),
-                "queue": state.moco.queue.numpy()}
+            for v in state.model.variables + state.method.key_model.variables + [state.method.queue]:
+                v.assign(out["one"]["init"][v.path if v is not state.method.queue else "queue"])
+        init = {**_values(state.model.variables), **_values(state.method.key_model.variables),
+                "queue": state.method.queue.numpy()}
         step = train.make_distributed_step(strategy, train.make_train_step(
-            state.model, state.optimizer, cfg, strategy.num_replicas_in_sync, state.moco),
-            state.moco, compiled=False)
+            state.model, state.optimizer, cfg, strategy.num_replicas_in_sync, state.method),
+            state.method, compiled=False)
         for x1, x2 in batches:
             b = len(x1) // strategy.num_replicas_in_sync
 
@@ -109,9 +109,9 @@ def test_two_replicas_hold_the_same_queue_and_key_encoder_as_one_device():
             step(*strategy.experimental_distribute_values_from_function(value_fn))
         local = strategy.experimental_local_results
         copies = {v.path: [c.numpy() for c in local(v.value)]
-                  for v in state.moco.key_model.variables}
-        copies["queue"] = [c.numpy() for c in local(state.moco.queue)]
-        copies["queue_ptr"] = [c.numpy() for c in local(state.moco.queue_ptr)]
+                  for v in state.method.key_model.variables}
+        copies["queue"] = [c.numpy() for c in local(state.method.queue)]
+        copies["queue_ptr"] = [c.numpy() for c in local(state.method.queue_ptr)]
         out[name] = {"init": init, "copies": copies}
     two = out["two"]["copies"]
     for path, values in two.items():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import models
+from clae_tf import builders, models
 from conftest import tiny_config
 
 SIZE = 16
@@ -28,7 +28,7 @@ def _stage_shapes(model, x):
 
 @pytest.fixture(scope="module")
 def dual_model():
-    return models.build_model(tiny_config(adversarial=True))
+    return builders.build_model(tiny_config(adversarial=True))
 
 
 # stem -> expected H = W after the stem and after stages 1..4, for 16x16 inputs.
@@ -42,7 +42,7 @@ _SPATIAL = {
 @pytest.mark.parametrize("stem", ["cifar", "imagenet"])
 def test_shapes(arch, blocks, stem):
     cfg = tiny_config(arch=arch, stem=stem, image_size=SIZE, adversarial=False)
-    model = models.build_model(cfg)
+    model = builders.build_model(cfg)
     base = 4  # 64 * width 1/16
     assert model.feature_dim == 8 * base
     assert len(model.blocks) == blocks
@@ -66,7 +66,7 @@ def test_projection_head_widths(dual_model):
     # tiny_config: proj_hidden=0 (-> the representation's width), proj_dim=16.
     assert dual_model.proj_hidden.kernel.shape == (dual_model.feature_dim, dual_model.feature_dim)
     assert dual_model.proj_out.kernel.shape == (dual_model.feature_dim, 16)
-    model = models.build_model(tiny_config(proj_hidden=24, proj_dim=8, adversarial=False))
+    model = builders.build_model(tiny_config(proj_hidden=24, proj_dim=8, adversarial=False))
     assert model.proj_hidden.kernel.shape == (model.feature_dim, 24)
     assert model.proj_out.kernel.shape == (24, 8)
 
@@ -148,7 +148,7 @@ def test_inference_forward_updates_nothing(dual_model):
 
 
 def test_adversarial_path_uses_its_own_bn_parameters():
-    dual_model = models.build_model(tiny_config(adversarial=True))  # fresh: untouched statistics
+    dual_model = builders.build_model(tiny_config(adversarial=True))  # fresh: untouched statistics
     x = _x(seed=3)
     _, z_clean = dual_model(x, training=False)
     _, z_adv = dual_model(x, training=False, adversarial=True)
@@ -170,7 +170,7 @@ def test_adversarial_path_uses_its_own_bn_parameters():
 
 
 def test_without_adversarial_no_twins():
-    model = models.build_model(tiny_config(adversarial=False))
+    model = builders.build_model(tiny_config(adversarial=False))
     assert not any("bn_adv" in v.path for v in model.variables)
     assert all(layer.adv is None for layer in models.bn_layers(model))
     with pytest.raises(ValueError, match="adversarial"):
@@ -178,7 +178,7 @@ def test_without_adversarial_no_twins():
 
 
 def test_resnet18_has_20_dual_bns():
-    model = models.build_model(tiny_config(arch="resnet18", adversarial=True))
+    model = builders.build_model(tiny_config(arch="resnet18", adversarial=True))
     layers = models.bn_layers(model)
     # stem + 2 per block x 8 blocks + shortcut BNs of stages 2, 3, 4.
     assert len(layers) == 20

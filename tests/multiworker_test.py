@@ -28,7 +28,7 @@ def _worker(cfg_path, out_path):
     """One worker process: TF_CONFIG is in the environment; cfg is a JSON of Config fields."""
     # Importing clae_tf must not initialise TF: MultiWorkerMirroredStrategy has to come first
     # (as in run.py, which imports clae_tf.app before make_strategy).
-    from clae_tf import app, config, distribute, train
+    from clae_tf import app, checkpoints, config, distribute, train
 
     with open(cfg_path) as f:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
@@ -62,9 +62,9 @@ def _worker(cfg_path, out_path):
 def _state_values(state):
     """Model variables by path, plus MoCo's key encoder ("key/<path>") and queue."""
     values = {v.path: v.numpy() for v in state.model.variables}
-    if state.moco is not None:
-        values.update({f"key/{v.path}": v.numpy() for v in state.moco.key_model.variables})
-        values["moco_queue"] = state.moco.queue.numpy()
+    if hasattr(state.method, "key_model"):  # MoCo
+        values.update({f"key/{v.path}": v.numpy() for v in state.method.key_model.variables})
+        values["moco_queue"] = state.method.queue.numpy()
     return values
 
 
@@ -89,7 +89,7 @@ def test_two_workers_train_like_one_process(tmp_path, method):
 
     from conftest import tiny_config
 
-    from clae_tf import data, train
+    from clae_tf import checkpoints, data, train
 
     # lr 0.01 and eps=0 keep the comparison with one process tight (see below). A constant
     # learning rate: the reference below does not know the workers' total steps.
@@ -123,10 +123,10 @@ def test_two_workers_train_like_one_process(tmp_path, method):
         single = dataclasses.replace(cfg, strategy="one_device", workdir=str(tmp_path / "single"))
         source = data.load(single)
         keras.utils.set_random_seed(cfg.seed)
-        state = train.State(single, one, 10, 10)
+        state = checkpoints.State(single, one, 10, 10)
         initial = {v.path: v.numpy() for v in state.model.variables}
         step = train.make_distributed_step(one, train.make_train_step(
-            state.model, state.optimizer, single, 1, state.moco), state.moco, compiled=False)
+            state.model, state.optimizer, single, 1, state.method), state.method, compiled=False)
         for x1, x2 in data.pretrain_dataset(source.train, single, epoch=0).take(cfg.max_steps):
             step(x1, x2)
         reference_all = _state_values(state)
@@ -187,7 +187,7 @@ def test_two_workers_train_like_one_process(tmp_path, method):
     assert os.listdir(tmp_path / "tmp1") == []
 
     # The multi-worker checkpoint restores on one device, at step 3, with the same weights.
-    state = train.State(dataclasses.replace(cfg, strategy="one_device"),
+    state = checkpoints.State(dataclasses.replace(cfg, strategy="one_device"),
                         tf.distribute.OneDeviceStrategy("/cpu:0"), 10, 10)
     assert state.restore() and state.step == 3
     for v in state.model.variables:

@@ -1,0 +1,90 @@
+"""The train state of a workdir: model, method state, optimizer, and their checkpoints."""
+
+import os
+
+import keras
+import tensorflow as tf
+
+from clae_tf import ClaeError, builders, distribute, methods
+from clae_tf.config import Config
+
+
+def build_optimizer(cfg: Config, steps_per_epoch: int, total_steps: int):
+    lr = cfg.learning_rate
+    if cfg.lr_schedule == "step":
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [b * steps_per_epoch for b in cfg.lr_boundaries],
+            [cfg.learning_rate] + [cfg.learning_rate * f for f in cfg.lr_factors])
+    elif cfg.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, max(1, total_steps))
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+
+
+class State:
+    """Model, method (methods/base.py), optimizer and checkpoint manager of a workdir.
+
+    Without steps_per_epoch (eval, export) no optimizer is built: restore() then reads the
+    model and the method's variables only, and the step comes from the checkpoint's number.
+    """
+
+    def __init__(self, cfg: Config, strategy, steps_per_epoch=None, total_steps=None):
+        with strategy.scope():
+            self.model = builders.build_model(cfg)
+            self.method = methods.build(cfg, self.model)
+            self.optimizer = None
+            if steps_per_epoch is not None:
+                self.optimizer = build_optimizer(cfg, steps_per_epoch, total_steps)
+                # Keras 3 optimizers must be built in the scope before a distributed step.
+                self.optimizer.build(self.model.trainable_variables)
+        # Every model variable by path: tf.train.Checkpoint does not follow Keras 3's tracked
+        # lists (model.blocks, a block's convs/bns), so `model=` alone misses the blocks' BN
+        # moving statistics (their trainable weights are reached only through the optimizer).
+        items = dict(model=self.model, variables={v.path: v for v in self.model.variables},
+                     **self.method.checkpoint_items())
+        if self.optimizer is not None:
+            items["optimizer"] = self.optimizer
+        self.checkpoint = tf.train.Checkpoint(**items)
+        self.directory = os.path.join(cfg.run_dir, "checkpoints")
+        # Multi-worker: saving is collective, so every worker saves; only the chief's copy lands
+        # in the workdir, the others go to a temporary directory that is removed after each save.
+        self.strategy = strategy
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, distribute.worker_dir(strategy, self.directory), max_to_keep=3)
+        self.saved_step = None  # the same on every worker (decides collective saves)
+        self._restored_step = 0
+
+    @property
+    def latest_checkpoint(self):
+        return tf.train.latest_checkpoint(self.directory)  # every worker restores the chief's
+
+    def save(self, step: int):
+        self.manager.save(checkpoint_number=step)
+        distribute.remove_worker_dir(self.strategy, self.manager.directory)
+        self.saved_step = step
+
+    def restore(self, model_only=False):
+        """Restores the latest checkpoint; False when there is none. model_only: skip what
+        this state does not hold (eval, export)."""
+        path = self.latest_checkpoint
+        if path is None:
+            return False
+        try:
+            status = self.checkpoint.restore(path)
+            if model_only or self.optimizer is None:
+                status.expect_partial()
+            else:
+                status.assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            raise ClaeError(f"--workdir: checkpoint {path} does not fit these flags "
+                            f"({str(e).splitlines()[0][:160]}); use another --workdir")
+        self._restored_step = int(path.rsplit("-", 1)[1])  # saved as ckpt-<step>
+        self.saved_step = self.step
+        return True
+
+    @property
+    def step(self) -> int:
+        if self.optimizer is None:
+            return self._restored_step
+        return int(self.optimizer.iterations.numpy())

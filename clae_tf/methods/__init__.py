@@ -1,0 +1,20 @@
+"""Contrastive methods behind one interface (methods/base.py): SimCLR, Plain, UEL, MoCo v2."""
+
+from clae_tf import losses
+from clae_tf.config import Config
+from clae_tf.methods.base import Method
+from clae_tf.methods.moco import MoCo
+from clae_tf.methods.pair import PairMethod
+
+# --method -> builder(cfg, model). Methods with state (MoCo) are built inside strategy.scope().
+BUILDERS = {
+    "simclr": lambda cfg, model: PairMethod(losses.nt_xent, cfg.temperature),
+    "plain": lambda cfg, model: PairMethod(losses.plain, cfg.temperature),
+    "uel": lambda cfg, model: PairMethod(losses.uel, cfg.temperature),
+    "moco": MoCo,
+}
+
+
+def build(cfg: Config, model) -> Method:
+    """The Method of --method for the trained `model`."""
+    return BUILDERS[cfg.method](cfg, model)
