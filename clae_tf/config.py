@@ -2,10 +2,15 @@
 
 This is the ONLY module that imports absl.flags: every other module takes a Config (or plain
 arguments), so everything can be built in a test without parsing argv.
+
+Each flag is declared once, as a field of Config: its default, its --help text, its allowed
+values (an enum flag) and whether its default means "the method's value" (auto) all sit on that
+field (`_flag` below); define_flags, from_flags and the method defaults are derived from them.
 """
 
 import dataclasses
 import os
+import typing
 from typing import Optional, Tuple
 
 from absl import flags
@@ -19,9 +24,10 @@ ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50")
 CHECKPOINT_FLAGS = ("method", "adversarial", "arch", "stem", "width", "head", "proj_hidden",
                     "proj_dim", "optimizer", "image_size", "sync_bn", "precision", "queue_size")
 
-# Each method's paper settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
-# A flag left at its "auto" value (auto, 0, or -1 for weight_decay) takes the method's value, so
-# `--method=uel` alone trains UEL as published; any flag given explicitly wins.
+# Each method's paper settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale):
+# one row per method, one entry per auto flag. A flag left at its auto default (auto, 0, or -1
+# for weight_decay) takes the method's value, so `--method=uel` alone trains UEL as published;
+# any flag given explicitly wins. lr_boundaries/lr_factors come only with a step schedule.
 _STEP = dict(lr_schedule="step", lr_boundaries=(120, 160, 200), lr_factors=(0.1, 0.05, 0.01))
 METHOD_DEFAULTS = {
     # NT-Xent; MLP head 512-512-64 (x width); Adam 3e-4; inputs in [-1, 1].
@@ -40,95 +46,142 @@ METHOD_DEFAULTS = {
                  optimizer="sgd", learning_rate=0.06, weight_decay=5e-4, lr_schedule="cosine",
                  probe="h"),
 }
-_AUTO = {"temperature": 0.0, "head": "auto", "proj_dim": 0, "augment": "auto", "normalize": "auto",
-         "optimizer": "auto", "learning_rate": 0.0, "weight_decay": -1.0, "lr_schedule": "auto",
-         "probe": "auto"}
+# The step schedule's boundaries and factors: taken from the method's row together, or not at all.
+_STEP_PAIR = ("lr_boundaries", "lr_factors")
+# Not written to a run's flags.cfg: they say what to do with the run, not what the run is.
+_NOT_RECORDED = ("mode", "virtual_cpus")
+
+
+def _flag(default, help, choices=None, auto=False):
+    """One flag, declared as a Config field.
+
+    Args:
+      default: the flag's default (also Config's).
+      help: its --help text.
+      choices: the allowed values (an enum flag), or None.
+      auto: True if the default stands for the method's value (METHOD_DEFAULTS).
+    Returns:
+      A dataclasses.field carrying help, choices and auto in its metadata.
+    """
+    return dataclasses.field(default=default,
+                             metadata={"help": help, "choices": choices, "auto": auto})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs. Defaults are the small offline run of `python run.py`."""
-    mode: str = "train"
-    workdir: str = ""  # "" -> runs/<dataset>_<method>[_clae]_seed<seed>
-    seed: int = 0
+    mode: str = _flag("train", "train (then evaluate and export), eval or export (of the run in "
+                      "--workdir).", choices=("train", "eval", "export"))
+    workdir: str = _flag("", "Where checkpoints, TensorBoard events, results.json and the "
+                         "SavedModel go. Re-running the same command on the same workdir resumes. "
+                         "Default runs/<dataset>_<method>[_clae]_seed<seed>.")
+    seed: int = _flag(0, "Seed for weights, shuffling and augmentation.")
     # Method.
-    method: str = "simclr"
-    adversarial: bool = False
-    temperature: float = 0.0  # 0 -> the method's (SimCLR 0.5, Plain/UEL 0.1, MoCo 0.2).
-    eps: float = 0.03  # FGSM step, in normalised-input units (see --normalize).
-    alpha: float = 1.0  # weight of the adversarial loss.
+    method: str = _flag("simclr", "Contrastive method.", choices=METHODS)
+    adversarial: bool = _flag(False, "Add CLAE: an FGSM adversarial view as an extra positive, "
+                              "with its own BNs.")
+    temperature: float = _flag(0.0, "Contrastive loss temperature.", auto=True)
+    eps: float = _flag(0.03, "FGSM step size in normalised-input units (0.03 ~ 3.8/255 with "
+                       "--normalize=half, ~1.5/255 with cifar).")
+    alpha: float = _flag(1.0, "Weight of the adversarial loss: L = L_clean + alpha * L_adv.")
     # Model.
-    arch: str = "resnet18"
-    stem: str = "cifar"
-    width: float = 0.25
-    head: str = "auto"  # mlp (hidden layer + ReLU) or linear.
-    proj_hidden: int = 0  # 0 -> the representation's width (512 for ResNet-18 x1).
-    proj_dim: int = 0
-    queue_size: int = 4096  # MoCo: negatives kept from past batches.
-    key_momentum: float = 0.999  # MoCo: key encoder = m * key + (1 - m) * query.
-    bn_momentum: float = 0.1  # PyTorch convention: new = (1 - m) * old + m * batch.
-    bn_adv_momentum: float = 0.01
-    sync_bn: bool = True  # synchronise BN statistics across replicas (only matters with > 1).
-    precision: str = "float32"
+    arch: str = _flag("resnet18", "Encoder (resnet10 is a small one for tests).", choices=ARCHS)
+    stem: str = _flag("cifar", "cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv and 3x3/2 "
+                      "max-pool.", choices=("cifar", "imagenet"))
+    width: float = _flag(0.25, "Channel width multiplier (0.25 -> 16-32-64-128 for ResNet-18).")
+    head: str = _flag("auto", "Projection head: mlp (h -> hidden -> ReLU -> z) or linear (h -> z).",
+                      choices=("auto", "mlp", "linear"), auto=True)
+    proj_hidden: int = _flag(0, "Projection head hidden units; 0 -> the representation's width "
+                             "(512 for ResNet-18 x1).")
+    proj_dim: int = _flag(0, "Projection (z) dimension.", auto=True)
+    queue_size: int = _flag(4096, "MoCo: number of past keys kept as negatives.")
+    key_momentum: float = _flag(0.999, "MoCo: momentum of the key encoder's parameter update "
+                                "(key = m * key + (1 - m) * query).")
+    bn_momentum: float = _flag(0.1, "Clean BN momentum, PyTorch convention "
+                               "(new = (1 - m) * old + m * batch).")
+    bn_adv_momentum: float = _flag(0.01, "Adversarial BN momentum, PyTorch convention.")
+    sync_bn: bool = _flag(True, "Synchronise batch-norm statistics across replicas (only matters "
+                          "with more than one).")
+    precision: str = _flag("float32", "float32, or bf16 (Keras mixed_bfloat16; losses and the "
+                           "attack gradient stay float32).", choices=("float32", "bf16"))
     # Data.
-    dataset: str = "digits"
-    data_dir: Optional[str] = None
-    image_size: int = 32
-    train_examples: int = 0  # 0 -> all.
-    examples_per_class: int = 0  # 0 -> all.
-    augment: str = "auto"  # simclr, uel or moco augmentation set (augment.AUGMENTATIONS).
-    normalize: str = "auto"  # half (mean = std = 0.5) or cifar (CIFAR mean/std).
+    dataset: str = _flag("digits", "A TFDS name (cifar10, cifar100, ...), a folder "
+                         "root/{train,test}/<label>/<image>, or 'digits' (scikit-learn's 8x8 "
+                         "digits, offline).")
+    data_dir: Optional[str] = _flag(None, "TFDS data directory.")
+    image_size: int = _flag(32, "Images are resized to this size.")
+    train_examples: int = _flag(0, "Use only the first N training images (0: all).")
+    examples_per_class: int = _flag(0, "Use only the first N training images of each class "
+                                    "(0: all).")
+    augment: str = _flag("auto", "Augmentation set: simclr, uel (Plain/UEL's) or moco (MoCo v2's).",
+                         choices=("auto", "simclr", "uel", "moco"), auto=True)
+    normalize: str = _flag("auto", "Input normalisation: half (mean = std = 0.5, inputs in "
+                           "[-1, 1]), cifar (CIFAR-10 mean/std) or imagenet (ImageNet mean/std). "
+                           "--eps is in these units.",
+                           choices=("auto", "half", "cifar", "imagenet"), auto=True)
     # Optimisation.
-    batch_size: int = 256  # global batch, over all replicas.
-    epochs: int = 30
-    max_steps: int = 0  # 0 -> epochs * steps_per_epoch; else stop early (smoke tests).
-    optimizer: str = "auto"
-    learning_rate: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = -1.0
-    lr_schedule: str = "auto"
-    lr_boundaries: Tuple[int, ...] = ()  # epochs, for lr_schedule=step.
-    lr_factors: Tuple[float, ...] = ()  # multipliers of learning_rate after each boundary.
+    batch_size: int = _flag(256, "Global batch size (over all replicas).")
+    epochs: int = _flag(30, "Pretraining epochs.")
+    max_steps: int = _flag(0, "Stop after this many steps (0: epochs x steps per epoch).")
+    optimizer: str = _flag("auto", "adam or sgd.", choices=("auto", "adam", "sgd"), auto=True)
+    learning_rate: float = _flag(0.0, "Base learning rate.", auto=True)
+    momentum: float = _flag(0.9, "SGD momentum.")
+    weight_decay: float = _flag(-1.0, "L2 weight decay added to the gradient (PyTorch convention).",
+                                auto=True)
+    lr_schedule: str = _flag("auto", "constant, step (--lr_boundaries/--lr_factors) or cosine.",
+                             choices=("auto", "constant", "step", "cosine"), auto=True)
+    lr_boundaries: Tuple[int, ...] = _flag((), "Epochs at which the step schedule changes the "
+                                           "learning rate.", auto=True)
+    lr_factors: Tuple[float, ...] = _flag((), "Learning-rate multipliers applied from each "
+                                          "boundary on.", auto=True)
     # Bookkeeping.
-    ckpt_every: int = 500
-    log_every: int = 10
-    image_every: int = 200
-    export: bool = True
+    ckpt_every: int = _flag(500, "Save a checkpoint every N steps (and at the end).")
+    log_every: int = _flag(10, "Write TensorBoard scalars every N steps.")
+    image_every: int = _flag(200, "Write x, x_adv and the perturbation to TensorBoard every N "
+                             "steps.")
+    export: bool = _flag(True, "Export a SavedModel at the end of training.")
     # Evaluation.
-    knn_k: int = 200
-    knn_sigma: float = 0.0  # 0 -> temperature.
-    probe: str = "auto"  # features of the linear probe: h (representation) or z (embedding).
-    linear_epochs: int = 100
-    linear_lr: float = 3e-4
-    linear_batch_size: int = 256
-    eval_batch_size: int = 500
+    knn_k: int = _flag(200, "Neighbours of the weighted kNN evaluation.")
+    knn_sigma: float = _flag(0.0, "kNN weight temperature; 0 -> --temperature.")
+    probe: str = _flag("auto", "Linear probe features: h (representation) or z (embedding).",
+                       choices=("auto", "h", "z"), auto=True)
+    linear_epochs: int = _flag(100, "Epochs of the linear probe on the frozen features (--probe).")
+    linear_lr: float = _flag(3e-4, "Linear probe learning rate (Adam).")
+    linear_batch_size: int = _flag(256, "Linear probe batch size.")
+    eval_batch_size: int = _flag(500, "Batch size for feature extraction.")
     # Distribution.
-    strategy: str = "auto"
-    virtual_cpus: int = 0
+    strategy: str = _flag("auto", "auto (mirrored when >1 GPU), mirrored, multiworker (TF_CONFIG; "
+                          "docs/distributed.md) or one_device.",
+                          choices=("auto", "mirrored", "multiworker", "one_device"))
+    virtual_cpus: int = _flag(0, "Split the CPU into N virtual devices and mirror over them "
+                              "(testing).")
 
     def __post_init__(self):
         self._resolve_method_defaults()
         self.validate()
 
     def _resolve_method_defaults(self):
-        """Fills every flag left at its "auto" value with the method's paper setting."""
-        defaults = METHOD_DEFAULTS.get(self.method)
-        if defaults is None:
+        """Fills every auto flag left at its default with the method's paper setting."""
+        row = METHOD_DEFAULTS.get(self.method)
+        if row is None:
             return  # validate() names the bad method
-        for name, auto in _AUTO.items():
-            if getattr(self, name) == auto:
-                object.__setattr__(self, name, defaults[name])  # frozen dataclass
-        if self.lr_schedule == "step" and not self.lr_boundaries and "lr_boundaries" in defaults:
-            object.__setattr__(self, "lr_boundaries", defaults["lr_boundaries"])
-            object.__setattr__(self, "lr_factors", defaults["lr_factors"])
+        unset = {f.name for f in dataclasses.fields(self)
+                 if f.metadata["auto"] and getattr(self, f.name) == f.default}
+        schedule = row["lr_schedule"] if "lr_schedule" in unset else self.lr_schedule
+        if schedule != "step" or not unset.issuperset(_STEP_PAIR):
+            # A step schedule's boundaries and factors belong together: half of the pair given,
+            # or another schedule, and the row's pair does not apply.
+            unset -= set(_STEP_PAIR)
+        for name in unset & row.keys():
+            object.__setattr__(self, name, row[name])  # frozen dataclass
 
     def validate(self):
         def bad(flag, why):
             raise ClaeError(f"--{flag}: {why}")
-        if self.method not in METHODS:
-            bad("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.arch not in ARCHS:
-            bad("arch", f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata["choices"], getattr(self, f.name)
+            if choices and value not in choices:
+                bad(f.name, f"unknown value {value!r}; choose one of {', '.join(choices)}")
         if self.eps < 0:
             bad("eps", f"must be >= 0, got {self.eps}")
         if self.alpha < 0:
@@ -180,16 +233,12 @@ class Config:
         lines = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name in ("mode", "virtual_cpus"):
-                continue
-            if v is None:
+            if f.name in _NOT_RECORDED or v is None:
                 continue
             if isinstance(v, bool):
                 lines.append(f"--{f.name}" if v else f"--no{f.name}")
-            elif isinstance(v, tuple):
-                lines.append(f"--{f.name}={','.join(str(x) for x in v)}")
             else:
-                lines.append(f"--{f.name}={v}")
+                lines.append(f"--{f.name}={self.value_str(f.name)}")
         return "\n".join(lines) + "\n"
 
     @staticmethod
@@ -210,74 +259,28 @@ class Config:
         return out
 
     def value_str(self, name: str) -> str:
+        """A flag's value as the command line spells it (lists comma-separated)."""
         v = getattr(self, name)
         return ",".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
 
 
-_BOOL_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type in (bool, "bool")}
-_HELP = {
-    "mode": "train (then evaluate and export), eval or export (of the run in --workdir).",
-    "workdir": "Where checkpoints, TensorBoard events, results.json and the SavedModel go. "
-               "Re-running the same command on the same workdir resumes. Default runs/<name>.",
-    "seed": "Seed for weights, shuffling and augmentation.",
-    "method": "Contrastive method.",
-    "adversarial": "Add CLAE: an FGSM adversarial view as an extra positive, with its own BNs.",
-    "temperature": "Contrastive loss temperature; 0: the method's.",
-    "eps": "FGSM step size in normalised-input units (0.03 ~ 3.8/255 with --normalize=half, "
-           "~1.5/255 with cifar).",
-    "alpha": "Weight of the adversarial loss: L = L_clean + alpha * L_adv.",
-    "arch": "Encoder (resnet10 is a small one for tests).",
-    "stem": "cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv and 3x3/2 max-pool.",
-    "width": "Channel width multiplier (0.25 -> 16-32-64-128 for ResNet-18).",
-    "head": "Projection head: mlp (h -> hidden -> ReLU -> z) or linear (h -> z); auto: the method's.",
-    "proj_hidden": "Projection head hidden units; 0 -> the representation's width.",
-    "proj_dim": "Projection (z) dimension; 0: the method's (SimCLR 64, others 128).",
-    "queue_size": "MoCo: number of past keys kept as negatives.",
-    "key_momentum": "MoCo: momentum of the key encoder's parameter update.",
-    "bn_momentum": "Clean BN momentum, PyTorch convention (0.1).",
-    "bn_adv_momentum": "Adversarial BN momentum, PyTorch convention (0.01).",
-    "sync_bn": "Synchronise batch-norm statistics across replicas.",
-    "precision": "float32, or bf16 (Keras mixed_bfloat16; losses and the attack gradient stay float32).",
-    "dataset": "A TFDS name (cifar10, cifar100, ...), a folder root/{train,test}/<label>/<image>, "
-               "or 'digits' (scikit-learn's 8x8 digits, offline).",
-    "data_dir": "TFDS data directory.",
-    "image_size": "Images are resized to this size.",
-    "train_examples": "Use only the first N training images (0: all).",
-    "examples_per_class": "Use only the first N training images of each class (0: all).",
-    "augment": "Augmentation set: simclr, uel (Plain/UEL's) or moco (MoCo v2's); auto: the method's.",
-    "normalize": "Input normalisation: half (mean = std = 0.5, inputs in [-1, 1]) or cifar "
-                 "(CIFAR-10 mean/std); auto: the method's. --eps is in these units.",
-    "batch_size": "Global batch size (over all replicas).",
-    "epochs": "Pretraining epochs.",
-    "max_steps": "Stop after this many steps (0: epochs x steps per epoch).",
-    "optimizer": "adam or sgd; auto: the method's.",
-    "learning_rate": "Base learning rate; 0: the method's.",
-    "momentum": "SGD momentum.",
-    "weight_decay": "L2 weight decay added to the gradient (PyTorch convention); -1: the method's.",
-    "lr_schedule": "constant, step (--lr_boundaries/--lr_factors) or cosine; auto: the method's.",
-    "lr_boundaries": "Epochs at which the step schedule changes the learning rate.",
-    "lr_factors": "Learning-rate multipliers applied from each boundary on.",
-    "ckpt_every": "Save a checkpoint every N steps (and at the end).",
-    "log_every": "Write TensorBoard scalars every N steps.",
-    "image_every": "Write x, x_adv and the perturbation to TensorBoard every N steps.",
-    "export": "Export a SavedModel at the end of training.",
-    "knn_k": "Neighbours of the weighted kNN evaluation.",
-    "knn_sigma": "kNN weight temperature; 0 -> --temperature.",
-    "probe": "Linear probe features: h (representation) or z (embedding); auto: the method's.",
-    "linear_epochs": "Epochs of the linear probe on the frozen features (--probe).",
-    "linear_lr": "Linear probe learning rate (Adam).",
-    "linear_batch_size": "Linear probe batch size.",
-    "eval_batch_size": "Batch size for feature extraction.",
-    "strategy": "auto (mirrored when >1 GPU), mirrored, multiworker (TF_CONFIG; "
-                "docs/distributed.md) or one_device.",
-    "virtual_cpus": "Split the CPU into N virtual devices and mirror over them (testing).",
-}
-_ENUMS = {"mode": ("train", "eval", "export"), "method": METHODS, "arch": ARCHS,
-          "stem": ("cifar", "imagenet"), "precision": ("float32", "bf16"),
-          "head": ("auto", "mlp", "linear"), "augment": ("auto", "simclr", "uel", "moco"),
-          "normalize": ("auto", "half", "cifar"), "probe": ("auto", "h", "z"),
-          "optimizer": ("auto", "adam", "sgd"), "lr_schedule": ("auto", "constant", "step", "cosine"),
-          "strategy": ("auto", "mirrored", "multiworker", "one_device")}
+_BOOL_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type is bool}
+
+
+def _is_list(f) -> bool:
+    return typing.get_origin(f.type) is tuple
+
+
+def _help(f) -> str:
+    """The field's help, plus for an auto flag what its default stands for in each method."""
+    text = f.metadata["help"]
+    if not f.metadata["auto"]:
+        return text
+    per_method = ", ".join(
+        f"{m} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+        for m, row in METHOD_DEFAULTS.items() if (v := row.get(f.name)) is not None)
+    default = "empty" if f.default == () else f.default
+    return f"{text} {default}: the method's ({per_method})."
 
 
 def define_flags():
@@ -285,23 +288,20 @@ def define_flags():
     for f in dataclasses.fields(Config):
         if f.name in flags.FLAGS:
             continue
-        # The field's own default, not Config()'s: "auto" values must stay auto until the
+        # The field's own default, not Config()'s: auto values must stay auto until the
         # method is known.
-        default, helptext = f.default, _HELP[f.name]
-        if f.name in _ENUMS:
-            flags.DEFINE_enum(f.name, default, _ENUMS[f.name], helptext)
-        elif isinstance(default, bool):
-            flags.DEFINE_bool(f.name, default, helptext)
-        elif f.name == "lr_boundaries":
-            flags.DEFINE_list(f.name, [], helptext)
-        elif f.name == "lr_factors":
-            flags.DEFINE_list(f.name, [], helptext)
-        elif isinstance(default, int):
-            flags.DEFINE_integer(f.name, default, helptext)
-        elif isinstance(default, float):
-            flags.DEFINE_float(f.name, default, helptext)
+        if f.metadata["choices"]:
+            flags.DEFINE_enum(f.name, f.default, f.metadata["choices"], _help(f))
+        elif f.type is bool:
+            flags.DEFINE_bool(f.name, f.default, _help(f))
+        elif _is_list(f):
+            flags.DEFINE_list(f.name, list(f.default), _help(f))
+        elif f.type is int:
+            flags.DEFINE_integer(f.name, f.default, _help(f))
+        elif f.type is float:
+            flags.DEFINE_float(f.name, f.default, _help(f))
         else:
-            flags.DEFINE_string(f.name, default, helptext)
+            flags.DEFINE_string(f.name, f.default, _help(f))
 
 
 def from_flags() -> Config:
@@ -309,10 +309,8 @@ def from_flags() -> Config:
     values = {}
     for f in dataclasses.fields(Config):
         v = flags.FLAGS[f.name].value
-        if f.name == "lr_boundaries":
-            v = tuple(_parse_numbers(f.name, v, int))
-        elif f.name == "lr_factors":
-            v = tuple(_parse_numbers(f.name, v, float))
+        if _is_list(f):
+            v = tuple(_parse_numbers(f.name, v, typing.get_args(f.type)[0]))
         values[f.name] = v
     return Config(**values)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SimCLR vs SimCLR+CLAE on a small CIFAR-10 subset (flags/cifar10_small_*.cfg), seeds 0, 1, 2,
-# then the comparison table and plot (python -m clae_tf.compare).
+# then the comparison table and plot (python scripts/compare.py).
 #
 #   scripts/cifar10_small.sh [ROOT] [extra run.py flags...]
 #   e.g. scripts/cifar10_small.sh runs/cifar10_small --dataset=/data/cifar10
@@ -35,4 +35,4 @@ for seed in $SEEDS; do
   done
 done
 
-"$PYTHON" -m clae_tf.compare "${workdirs[@]}" --out "$ROOT/compare"
+"$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$ROOT/compare"

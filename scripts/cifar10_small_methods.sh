@@ -2,7 +2,7 @@
 # Every method with and without CLAE, one seed, on the small CIFAR-10 protocol
 # (flags/cifar10_small_common.cfg: 5,000 images, ResNet-18 x0.25, batch 256, 15 epochs; each
 # method with its own loss, head, temperature, augmentations and optimizer), then one table and
-# plot (python -m clae_tf.compare).
+# plot (python scripts/compare.py).
 #
 #   scripts/cifar10_small_methods.sh [ROOT] [extra run.py flags...]
 #   e.g. scripts/cifar10_small_methods.sh runs/cifar10_methods --dataset=/data/cifar10
@@ -43,4 +43,4 @@ for method in $METHODS; do
   done
 done
 
-"$PYTHON" -m clae_tf.compare "${workdirs[@]}" --out "$ROOT/compare"
+"$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$ROOT/compare"

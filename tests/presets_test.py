@@ -1,5 +1,11 @@
-"""Every preset in flags/ parses into a valid Config with the paper's settings."""
+"""Every preset in flags/ parses into a valid Config with the paper's settings.
 
+The presets hold only what differs from `--method=X` and the flags' defaults, so the expectations
+below are written out in full (literal values, not Config's or METHOD_DEFAULTS'): a changed default
+that would silently change a preset fails here.
+"""
+
+import dataclasses
 import glob
 import os
 
@@ -10,10 +16,69 @@ from clae_tf import config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "flags", "*.cfg")))
-# The fields that make a method what it is (PAPER.md, "Reference hyper-parameters").
-METHOD_FIELDS = ("temperature", "head", "proj_dim", "augment", "normalize", "optimizer",
-                 "learning_rate", "weight_decay", "lr_schedule", "lr_boundaries", "lr_factors",
-                 "probe")
+
+# Every flag's default that is not a method setting (python run.py with no flags).
+DEFAULTS = dict(
+    mode="train", workdir="", seed=0, adversarial=False, eps=0.03, alpha=1.0, arch="resnet18",
+    stem="cifar", width=0.25, proj_hidden=0, queue_size=4096, key_momentum=0.999,
+    bn_momentum=0.1, bn_adv_momentum=0.01, sync_bn=True, precision="float32", dataset="digits",
+    data_dir=None, image_size=32, train_examples=0, examples_per_class=0, batch_size=256,
+    epochs=30, max_steps=0, momentum=0.9, ckpt_every=500, log_every=10, image_every=200,
+    export=True, knn_k=200, knn_sigma=0.0, linear_epochs=100, linear_lr=3e-4,
+    linear_batch_size=256, eval_batch_size=500, strategy="auto", virtual_cpus=0)
+# The method settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
+SIMCLR = dict(method="simclr", temperature=0.5, head="mlp", proj_dim=64, augment="simclr",
+              normalize="half", optimizer="adam", learning_rate=3e-4, weight_decay=0.0,
+              lr_schedule="constant", lr_boundaries=(), lr_factors=(), probe="h")
+PLAIN = dict(method="plain", temperature=0.1, head="linear", proj_dim=128, augment="uel",
+             normalize="cifar", optimizer="sgd", learning_rate=0.03, weight_decay=5e-4,
+             lr_schedule="step", lr_boundaries=(120, 160, 200), lr_factors=(0.1, 0.05, 0.01),
+             probe="z")
+UEL = dict(PLAIN, method="uel")
+MOCO = dict(method="moco", temperature=0.2, head="mlp", proj_dim=128, augment="moco",
+            normalize="cifar", optimizer="sgd", learning_rate=0.06, weight_decay=5e-4,
+            lr_schedule="cosine", lr_boundaries=(), lr_factors=(), probe="h")
+CLAE = dict(adversarial=True)
+
+# The paper-scale runs: full width, 1000-epoch probe, fewer logs.
+PAPER_SIMCLR = dict(SIMCLR, dataset="cifar10", width=1.0, proj_hidden=512, epochs=100,
+                    linear_epochs=1000, ckpt_every=1000, log_every=50, image_every=500)
+PAPER_PLAIN = dict(PLAIN, dataset="cifar10", width=1.0, batch_size=128, epochs=301,
+                   knn_sigma=0.1, linear_epochs=1000, ckpt_every=2000, log_every=50,
+                   image_every=1000)
+PAPER_UEL = dict(PAPER_PLAIN, method="uel")
+PAPER_MOCO = dict(MOCO, dataset="cifar10", width=1.0, proj_hidden=512, epochs=200,
+                  knn_sigma=0.2, linear_epochs=1000, ckpt_every=2000, log_every=50,
+                  image_every=1000)
+SMALL = dict(dataset="/tmp/cifar10", examples_per_class=500, epochs=15, linear_epochs=500)
+
+# {preset: every field of its resolved Config}, as the presets resolved before they were cut
+# down to their differences from the method defaults.
+EXPECTED = {
+    "cifar10_simclr.cfg": PAPER_SIMCLR,
+    "cifar10_clae.cfg": dict(PAPER_SIMCLR, **CLAE),
+    "cifar100_simclr.cfg": dict(PAPER_SIMCLR, dataset="cifar100"),
+    "cifar100_clae.cfg": dict(PAPER_SIMCLR, dataset="cifar100", **CLAE),
+    "cifar10_plain.cfg": PAPER_PLAIN,
+    "cifar10_plain_clae.cfg": dict(PAPER_PLAIN, **CLAE),
+    "cifar100_plain.cfg": dict(PAPER_PLAIN, dataset="cifar100"),
+    "cifar100_plain_clae.cfg": dict(PAPER_PLAIN, dataset="cifar100", **CLAE),
+    "cifar10_uel.cfg": PAPER_UEL,
+    "cifar10_uel_clae.cfg": dict(PAPER_UEL, **CLAE),
+    "cifar100_uel.cfg": dict(PAPER_UEL, dataset="cifar100"),
+    "cifar100_uel_clae.cfg": dict(PAPER_UEL, dataset="cifar100", **CLAE),
+    "cifar10_moco.cfg": PAPER_MOCO,
+    "cifar10_moco_clae.cfg": dict(PAPER_MOCO, **CLAE),
+    "cifar100_moco.cfg": dict(PAPER_MOCO, dataset="cifar100"),
+    "cifar100_moco_clae.cfg": dict(PAPER_MOCO, dataset="cifar100", **CLAE),
+    "cifar10_small_common.cfg": dict(SIMCLR, **SMALL),
+    "cifar10_small_simclr.cfg": dict(SIMCLR, knn_sigma=0.5, **SMALL),
+    "cifar10_small_clae.cfg": dict(SIMCLR, knn_sigma=0.5, **SMALL, **CLAE),
+    "smoke.cfg": dict(SIMCLR, adversarial=True, arch="resnet10", width=0.125, image_size=16,
+                      batch_size=64, epochs=2, linear_epochs=20, workdir="runs/smoke"),
+}
+# Edited elsewhere (Tiny-ImageNet's own settings); only the name check below covers them.
+NOT_PINNED = ("tinyimagenet_",)
 
 
 def _parse(monkeypatch, *args):
@@ -28,6 +93,14 @@ def _parse(monkeypatch, *args):
         flags.FLAGS.unparse_flags()
 
 
+def _assert_config(cfg, expected):
+    expected = dict(DEFAULTS, **expected)
+    got = dataclasses.asdict(cfg)
+    assert set(got) == set(expected), "a new flag: add its default to DEFAULTS"
+    diff = {k: (got[k], expected[k]) for k in got if got[k] != expected[k]}
+    assert not diff, f"(got, expected): {diff}"
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_parses_to_what_its_name_says(monkeypatch, preset):
     cfg = _parse(monkeypatch, f"--flagfile=flags/{preset}")
@@ -40,46 +113,30 @@ def test_preset_parses_to_what_its_name_says(monkeypatch, preset):
         assert (cfg.eps, cfg.alpha, cfg.bn_adv_momentum) == (0.03, 1.0, 0.01)
 
 
-@pytest.mark.parametrize("method", ["plain", "uel"])
-@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
-def test_plain_and_uel_presets_are_the_paper_settings(monkeypatch, method, dataset):
-    cfg = _parse(monkeypatch, f"--flagfile=flags/{dataset}_{method}_clae.cfg")
-    assert (cfg.dataset, cfg.batch_size, cfg.epochs, cfg.temperature, cfg.sigma) == (
-        dataset, 128, 301, 0.1, 0.1)
-    assert (cfg.optimizer, cfg.learning_rate, cfg.momentum, cfg.weight_decay) == (
-        "sgd", 0.03, 0.9, 5e-4)
-    assert (cfg.lr_boundaries, cfg.lr_factors) == ((120, 160, 200), (0.1, 0.05, 0.01))
-    assert (cfg.head, cfg.proj_dim, cfg.augment, cfg.normalize, cfg.probe) == (
-        "linear", 128, "uel", "cifar", "z")
-    # --method alone gives the same method settings as the preset spells out.
-    auto = config.Config(method=method)
-    assert all(getattr(cfg, f) == getattr(auto, f) for f in METHOD_FIELDS)
+def test_every_preset_is_pinned():
+    pinned = set(EXPECTED) | {p for p in PRESETS if p.startswith(NOT_PINNED)}
+    assert set(PRESETS) == pinned
 
 
-def test_moco_presets(monkeypatch):
-    cfg = _parse(monkeypatch, "--flagfile=flags/cifar100_moco_clae.cfg")
-    assert (cfg.dataset, cfg.temperature, cfg.queue_size, cfg.key_momentum, cfg.head) == (
-        "cifar100", 0.2, 4096, 0.999, "mlp")
-    assert cfg.sync_bn and cfg.adversarial
-    auto = config.Config(method="moco")
-    assert all(getattr(cfg, f) == getattr(auto, f) for f in METHOD_FIELDS)
+@pytest.mark.parametrize("preset", sorted(EXPECTED))
+def test_preset_resolves_to_the_recorded_config(monkeypatch, preset):
+    _assert_config(_parse(monkeypatch, f"--flagfile=flags/{preset}"), EXPECTED[preset])
 
 
-def test_small_simclr_preset_is_issue_5_protocol(monkeypatch):
-    cfg = _parse(monkeypatch, "--flagfile=flags/cifar10_small_clae.cfg")
-    expected = dict(dataset="/tmp/cifar10", examples_per_class=500, arch="resnet18",
-                    stem="cifar", width=0.25, head="mlp", proj_hidden=0, proj_dim=64,
-                    temperature=0.5, batch_size=256, epochs=15, optimizer="adam",
-                    learning_rate=3e-4, weight_decay=0.0, lr_schedule="constant", knn_k=200,
-                    knn_sigma=0.5, linear_epochs=500, augment="simclr", normalize="half",
-                    probe="h", adversarial=True, eps=0.03, alpha=1.0, bn_adv_momentum=0.01)
-    assert {k: getattr(cfg, k) for k in expected} == expected
+def test_paper_presets_spot_check(monkeypatch):
+    # The headline numbers, spelled out once more against PAPER.md.
+    cfg = _parse(monkeypatch, "--flagfile=flags/cifar10_simclr.cfg")
+    assert (cfg.temperature, cfg.proj_dim, cfg.batch_size, cfg.epochs, cfg.optimizer,
+            cfg.learning_rate, cfg.width, cfg.sigma) == (0.5, 64, 256, 100, "adam", 3e-4, 1.0, 0.5)
+    cfg = _parse(monkeypatch, "--flagfile=flags/cifar100_uel_clae.cfg")
+    assert (cfg.temperature, cfg.proj_dim, cfg.batch_size, cfg.epochs, cfg.optimizer,
+            cfg.learning_rate, cfg.momentum, cfg.weight_decay, cfg.sigma) == (
+        0.1, 128, 128, 301, "sgd", 0.03, 0.9, 5e-4, 0.1)
 
 
-def test_small_common_preset_takes_each_methods_settings(monkeypatch):
-    for method in config.METHODS:
-        cfg = _parse(monkeypatch, "--flagfile=flags/cifar10_small_common.cfg",
-                     f"--method={method}")
-        auto = config.Config(method=method)
-        assert all(getattr(cfg, f) == getattr(auto, f) for f in METHOD_FIELDS), method
-        assert (cfg.width, cfg.epochs, cfg.batch_size) == (0.25, 15, 256)
+@pytest.mark.parametrize("method, settings", [("simclr", SIMCLR), ("plain", PLAIN),
+                                              ("uel", UEL), ("moco", MOCO)])
+def test_small_common_preset_takes_each_methods_settings(monkeypatch, method, settings):
+    cfg = _parse(monkeypatch, "--flagfile=flags/cifar10_small_common.cfg", f"--method={method}")
+    _assert_config(cfg, dict(settings, **SMALL))
+    _assert_config(config.Config(method=method), settings)

@@ -1,12 +1,14 @@
 """Compare finished runs: a markdown table over seeds per method and a PNG plot.
 
-    python -m clae_tf.compare runs/cifar10_small/*_seed* --out runs/cifar10_small/compare
+    python scripts/compare.py runs/cifar10_small/*_seed* --out runs/cifar10_small/compare
 
 Reads each workdir's results.json (accuracies, wall time) and flags.cfg (to group the runs by
 method: SimCLR, SimCLR+CLAE, ...), prints the table and writes <out>/comparison.md and
 <out>/comparison.png (accuracy per method with every seed, and the training-loss curves from the
 TensorBoard events). Needs matplotlib for the plot (pip install matplotlib); without it only the
 table is written. Reads TensorBoard events without importing TensorFlow.
+
+An offline tool over finished runs, not part of training: the clae_tf package does not import it.
 """
 
 import argparse
@@ -18,7 +20,10 @@ import struct
 import sys
 from typing import Dict, List, Optional
 
-from clae_tf.config import Config
+# Run as `python scripts/compare.py` from a checkout: the repository root holds clae_tf.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from clae_tf.config import Config  # noqa: E402  (after the path set-up)
 
 METHOD_NAMES = {"simclr": "SimCLR", "plain": "Plain", "uel": "UEL", "moco": "MoCo"}
 # Flags that may differ between the runs of one group (the seeds of one method).
@@ -241,7 +246,7 @@ def plot(groups: Dict[str, List[dict]], path: str) -> bool:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m clae_tf.compare", description=__doc__.split("\n\n")[0])
+        prog="python scripts/compare.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("workdirs", nargs="+", help="finished run workdirs (results.json, flags.cfg)")
     parser.add_argument("--out", required=True, help="folder for comparison.md and comparison.png")
     args = parser.parse_args(argv)
