@@ -137,6 +137,9 @@ class Config:
     # Bookkeeping.
     ckpt_every: int = _flag(500, "Save a checkpoint every N steps (and at the end).")
     log_every: int = _flag(10, "Write TensorBoard scalars every N steps.")
+    steps_per_loop: int = _flag(50, "Train steps per compiled call (one host round trip per "
+                                "call; calls also end at --log_every/--ckpt_every/--image_every "
+                                "steps).")
     image_every: int = _flag(200, "Write x, x_adv and the perturbation to TensorBoard every N "
                              "steps.")
     export: bool = _flag(True, "Export a SavedModel at the end of training.")
@@ -184,6 +187,8 @@ class Config:
                 bad(f.name, f"unknown value {value!r}; choose one of {', '.join(choices)}")
         if self.eps < 0:
             bad("eps", f"must be >= 0, got {self.eps}")
+        if self.steps_per_loop < 1:
+            bad("steps_per_loop", f"must be >= 1, got {self.steps_per_loop}")
         if self.alpha < 0:
             bad("alpha", f"must be >= 0, got {self.alpha}")
         if self.batch_size < 2:

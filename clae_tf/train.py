@@ -147,12 +147,14 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
     progress = Progress(start, total_steps, every=cfg.log_every)
     w_norm0 = health.weight_norm(model.trainable_variables)
     window_start, window_steps, train_time = time.time(), 0, 0.0
-    iterator = iter(distribute.distribute_batches(
-        strategy, _pretrain_stream(source.train, cfg, start, steps_per_epoch, total_steps)))
+    epochs = _epoch_batches(strategy, source.train, cfg, start, steps_per_epoch)
+    iterator, left_in_epoch = next(epochs)
     try:
         with _sigterm_as_interrupt():
             while step < total_steps:
-                n = _steps_to_next_event(step, total_steps, cfg)
+                if not left_in_epoch:
+                    iterator, left_in_epoch = next(epochs)
+                n = min(left_in_epoch, _steps_to_next_event(step, total_steps, cfg))
                 t = time.time()
                 try:
                     out = train_loop(iterator, tf.constant(n), w_norm0)
@@ -161,13 +163,13 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
                 out = tf.nest.map_structure(lambda v: v.numpy(), out)  # the one round trip
                 train_time += time.time() - t
                 step += int(out["steps"])
+                left_in_epoch -= int(out["steps"])
                 last = out["last"]
                 if not last["healthy"]:
                     raise ClaeError(
                         health.describe(step, float(last["loss"]), float(last["w_norm"]),
                                         float(last["z_norm"]), float(w_norm0))
-                        + f"; nothing after it was saved, the last good checkpoint is "
-                        f"{state.latest_checkpoint} (try a lower --learning_rate)")
+                        + f"; {_last_good(state)} (try a lower --learning_rate)")
                 metrics = {k: float(v) for k, v in out["metrics"].items()}
                 window_steps += int(out["steps"])
                 progress.update(step, {k: metrics[k] for k in ("loss", "contrast_acc")})
@@ -186,8 +188,8 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
         # Keep what this process has done (if it is healthy): the same command resumes.
         why = "interrupted" if not isinstance(e, _Terminated) else "terminated (SIGTERM)"
         if not math.isfinite(float(health.weight_norm(model.trainable_variables))):
-            raise ClaeError(f"{why} at step {state.step} with non-finite weights; nothing "
-                            f"saved, the last good checkpoint is {state.latest_checkpoint}")
+            raise ClaeError(f"{why} at step {state.step} with non-finite weights; "
+                            f"{_last_good(state)}")
         state.save(state.step)
         raise ClaeError(f"{why} at step {state.step}; checkpoint saved in "
                         f"{state.directory}; run the same command to resume")
@@ -196,6 +198,12 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
     writer.flush()
     return {"model": model, "step": step, "steps_per_epoch": steps_per_epoch,
             "epochs": step / steps_per_epoch, "train_seconds_this_process": train_time}
+
+
+def _last_good(state):
+    path = state.latest_checkpoint
+    return (f"nothing was saved after it, the last good checkpoint is {path}" if path else
+            "no checkpoint was saved")
 
 
 def _steps_to_next_event(step, total_steps, cfg):
@@ -207,17 +215,15 @@ def _steps_to_next_event(step, total_steps, cfg):
     return n
 
 
-def _pretrain_stream(split, cfg, start, steps_per_epoch, total_steps):
-    """(x1, x2) batches from global step `start` to `total_steps`, epoch after epoch, as ONE
-    dataset: the next epoch's shuffle and first views are prepared while this one trains (a
-    pipeline per epoch stalled the loop at every epoch boundary). Each epoch is
-    data.pretrain_dataset(epoch), so the batches are those of a run that never stopped."""
-    first_epoch, offset = divmod(start, steps_per_epoch)
-    last_epoch = -(-total_steps // steps_per_epoch)  # ceil
-    epochs = tf.data.Dataset.range(first_epoch, max(last_epoch, first_epoch + 1))
-    stream = epochs.flat_map(lambda epoch: data.pretrain_dataset(
-        split, cfg, epoch, tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), 0)))
-    return stream.prefetch(tf.data.AUTOTUNE)
+def _epoch_batches(strategy, split, cfg, step, steps_per_epoch):
+    """Iterators over the distributed (x1, x2) batches of each epoch, from global step `step`
+    on: (iterator, steps left in its epoch). Each epoch is data.pretrain_dataset(epoch), so a
+    resumed run sees the batches of a run that never stopped."""
+    while True:
+        epoch, offset = divmod(step, steps_per_epoch)
+        yield iter(distribute.distribute_batches(
+            strategy, data.pretrain_dataset(split, cfg, epoch, offset))), steps_per_epoch - offset
+        step += steps_per_epoch - offset
 
 
 class _Terminated(KeyboardInterrupt):

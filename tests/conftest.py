@@ -13,6 +13,8 @@ tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfigu
 
 from clae_tf.config import Config  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def tiny_config(tmp_path=None, **overrides) -> Config:
     """A model and run small enough for CPU tests (ResNet-10 at width 1/16, 16x16 images)."""

@@ -23,8 +23,8 @@ DEFAULTS = dict(
     stem="cifar", width=0.25, proj_hidden=0, queue_size=4096, key_momentum=0.999,
     bn_momentum=0.1, bn_adv_momentum=0.01, sync_bn=True, precision="float32", dataset="digits",
     data_dir=None, image_size=32, train_examples=0, examples_per_class=0, batch_size=256,
-    epochs=30, max_steps=0, momentum=0.9, ckpt_every=500, log_every=10, image_every=200,
-    export=True, knn_k=200, knn_sigma=0.0, linear_epochs=100, linear_lr=3e-4,
+    epochs=30, max_steps=0, momentum=0.9, ckpt_every=500, log_every=10, steps_per_loop=50,
+    image_every=200, export=True, knn_k=200, knn_sigma=0.0, linear_epochs=100, linear_lr=3e-4,
     linear_batch_size=256, eval_batch_size=500, strategy="auto", virtual_cpus=0)
 # The method settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
 SIMCLR = dict(method="simclr", temperature=0.5, head="mlp", proj_dim=64, augment="simclr",

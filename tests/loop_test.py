@@ -1,0 +1,124 @@
+"""The train loop: several steps per compiled call, divergence caught, SIGTERM saves.
+
+S = a tiny run on digits (conftest.tiny_config). Each app.run compiles the loop, so runs are few.
+"""
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, tiny_config
+
+from clae_tf import ClaeError, app, checkpoints, data, distribute, health, train
+
+ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+def _run(cfg):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return app.run(cfg)
+
+
+def _state_and_loop(cfg):
+    keras.utils.set_random_seed(cfg.seed)
+    state = checkpoints.State(cfg, ONE_DEVICE, 10, 10)
+    step = train.make_train_step(state.model, state.optimizer, cfg, 1, state.method)
+    global_step = train.make_distributed_step(ONE_DEVICE, step, state.method, compiled=False)
+    return state, global_step, train.make_train_loop(ONE_DEVICE, global_step, state.model, cfg)
+
+
+def test_one_call_of_three_steps_equals_three_single_steps():
+    cfg = tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=5e-4)
+    batches = list(data.pretrain_dataset(data.load(cfg).train, cfg, epoch=0).take(3))
+    # Reference: three compiled single steps, fed from the host.
+    ref_state, ref_step, _ = _state_and_loop(cfg)
+    ref_step = tf.function(ref_step)
+    losses = [float(ref_step(x1, x2)[0]["loss"]) for x1, x2 in batches]
+    state, _, loop = _state_and_loop(cfg)
+    w0 = health.weight_norm(state.model.trainable_variables)
+    out = loop(iter(tf.data.Dataset.from_tensor_slices(
+        tuple(tf.stack(v) for v in zip(*batches)))), tf.constant(3), w0)
+    assert int(out["steps"]) == 3 and bool(out["last"]["healthy"])
+    # The mean of the three losses, and the weights after the third update.
+    np.testing.assert_allclose(float(out["metrics"]["loss"]), np.mean(losses), rtol=1e-5)
+    for a, b in zip(state.model.variables, ref_state.model.variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
+    assert int(state.optimizer.iterations.numpy()) == 3
+
+
+def test_loop_stops_at_the_first_unhealthy_step():
+    cfg = tiny_config(optimizer="sgd", learning_rate=1e35, weight_decay=0.0)
+    batches = list(data.pretrain_dataset(data.load(cfg).train, cfg, epoch=0).take(3))
+    state, _, loop = _state_and_loop(cfg)
+    w0 = health.weight_norm(state.model.trainable_variables)
+    out = loop(iter(tf.data.Dataset.from_tensor_slices(
+        tuple(tf.stack(v) for v in zip(*batches)))), tf.constant(3), w0)
+    assert int(out["steps"]) == 1 and not bool(out["last"]["healthy"])
+
+
+@pytest.mark.parametrize("loss, w_norm, z_norm, healthy", [
+    (3.0, 20.0, 1.0, True),
+    (float("nan"), 20.0, 1.0, False),
+    (3.0, float("inf"), 1.0, False),
+    (3.0, 10.0 * health.MAX_WEIGHT_GROWTH + 1.0, 1.0, False),  # w_norm0 = 10
+    (3.0, 20.0, 0.1, False),  # most of the batch at z = 0
+])
+def test_health_verdict_and_its_message(loss, w_norm, z_norm, healthy):
+    verdict = health.is_healthy(tf.constant(loss), tf.constant(w_norm), tf.constant(z_norm),
+                                tf.constant(10.0))
+    assert bool(verdict) == healthy
+    message = health.describe(7, loss, w_norm, z_norm, 10.0)
+    assert (message is None) == healthy
+    if not healthy:
+        assert message.startswith("training diverged at step 7: ")
+
+
+@pytest.mark.slow
+def test_divergence_stops_the_run_and_keeps_the_good_checkpoints(tmp_path):
+    cfg = tiny_config(tmp_path, optimizer="sgd", learning_rate=0.05, ckpt_every=1, max_steps=2,
+                      export=False, linear_epochs=1)
+    _run(cfg)
+    # The same workdir, resumed with a learning rate that overflows the weights at step 3.
+    bad = tiny_config(tmp_path, optimizer="sgd", learning_rate=1e35, ckpt_every=1, max_steps=5)
+    with pytest.raises(ClaeError, match=r"training diverged at step 3: .*ckpt-2"):
+        _run(bad)
+    state = checkpoints.State(bad, ONE_DEVICE)
+    assert state.restore() and state.step == 2
+    for v in state.model.variables:
+        assert np.all(np.isfinite(v.numpy())), v.path
+    assert not os.path.exists(os.path.join(cfg.run_dir, "saved_model"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "run.py", "--flagfile=flags/smoke.cfg", "--epochs=3",
+           "--linear_epochs=1", "--noexport", f"--workdir={workdir}", "--log_every=1",
+           "--steps_per_loop=1", "--ckpt_every=1000"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until a few steps have run
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: terminated (SIGTERM) at step ") and "resume" in last
+    saved = int(last.split("at step ")[1].split(";")[0])
+    assert saved >= 3
+    assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith(f"-{saved}")
+    # The same command resumes from there and finishes.
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Resuming from" in done.stdout and f"at step {saved}." in done.stdout
