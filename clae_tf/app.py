@@ -9,20 +9,22 @@ import keras
 import tensorflow as tf
 
 from clae_tf import ClaeError, checkpoints, data, distribute, evaluate, export, train
-from clae_tf.config import CHECKPOINT_FLAGS, Config
+from clae_tf.config import CHECKPOINT_FLAGS, RESUME_DATA_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
 
 
 def check_workdir(cfg: Config):
-    """A workdir that holds a checkpoint must be resumed with compatible flags."""
+    """A workdir that holds a checkpoint must be resumed with compatible flags: those that
+    shape the checkpoint, and for training also those that decide the data it continues on."""
     path = os.path.join(cfg.run_dir, FLAGFILE)
-    has_checkpoint = tf.train.latest_checkpoint(os.path.join(cfg.run_dir, "checkpoints"))
+    has_checkpoint = checkpoints.checkpoint_paths(os.path.join(cfg.run_dir, "checkpoints"))
     if not (has_checkpoint and os.path.exists(path)):
         return
     with open(path) as f:
         saved = Config.parse_flagfile(f.read())
-    diffs = [f"--{k}={saved[k]} (now {cfg.value_str(k)})" for k in CHECKPOINT_FLAGS
+    names = CHECKPOINT_FLAGS + (RESUME_DATA_FLAGS if cfg.mode == "train" else ())
+    diffs = [f"--{k}={saved[k]} (now {cfg.value_str(k)})" for k in names
              if k in saved and saved[k] != cfg.value_str(k)]
     if diffs:
         raise ClaeError(f"--workdir: {cfg.run_dir} holds a checkpoint made with "

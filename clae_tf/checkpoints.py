@@ -54,10 +54,14 @@ class State:
             self.checkpoint, distribute.worker_dir(strategy, self.directory), max_to_keep=3)
         self.saved_step = None  # the same on every worker (decides collective saves)
         self._restored_step = 0
+        self.restored_path = None
 
     @property
     def latest_checkpoint(self):
-        return tf.train.latest_checkpoint(self.directory)  # every worker restores the chief's
+        """The newest ckpt-<step> on disk (the files, not the `checkpoint` index file, which a
+        crash can leave damaged). Every worker reads the chief's directory."""
+        found = checkpoint_paths(self.directory)
+        return found[0] if found else None
 
     def save(self, step: int):
         self.manager.save(checkpoint_number=step)
@@ -65,26 +69,74 @@ class State:
         self.saved_step = step
 
     def restore(self, model_only=False):
-        """Restores the latest checkpoint; False when there is none. model_only: skip what
-        this state does not hold (eval, export)."""
-        path = self.latest_checkpoint
-        if path is None:
-            return False
-        try:
-            status = self.checkpoint.restore(path)
-            if model_only or self.optimizer is None:
-                status.expect_partial()
-            else:
-                status.assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as e:
-            raise ClaeError(f"--workdir: checkpoint {path} does not fit these flags "
-                            f"({str(e).splitlines()[0][:160]}); use another --workdir")
-        self._restored_step = int(path.rsplit("-", 1)[1])  # saved as ckpt-<step>
-        self.saved_step = self.step
-        return True
+        """Restores the newest checkpoint that can be read; False when there is none.
+
+        A damaged checkpoint (missing or truncated files) is moved to checkpoints/damaged/ and
+        the next older one is tried, with one line saying so. A readable checkpoint that does
+        not restore into this model is a flag mismatch: an error. model_only: skip what this
+        state does not hold (eval, export).
+        """
+        for path in checkpoint_paths(self.directory):
+            problem = unreadable(path)
+            if problem:
+                print(f"Checkpoint {path} is damaged ({problem}); trying the one before it.")
+                if distribute.is_chief(self.strategy):
+                    _set_aside(path)
+                continue
+            try:
+                status = self.checkpoint.restore(path)
+                if model_only or self.optimizer is None:
+                    status.expect_partial()
+                else:
+                    status.assert_existing_objects_matched()
+            except (AssertionError, ValueError, tf.errors.OpError) as e:
+                raise ClaeError(f"--workdir: checkpoint {path} does not fit these flags "
+                                f"({str(e).splitlines()[0][:160]}); use another --workdir")
+            self._restored_step = _step_of(path)
+            self.restored_path = path
+            self.saved_step = self.step
+            return True
+        return False
 
     @property
     def step(self) -> int:
         if self.optimizer is None:
             return self._restored_step
         return int(self.optimizer.iterations.numpy())
+
+
+def checkpoint_paths(directory):
+    """Every ckpt-<step> prefix in `directory` that has an index file, newest first."""
+    if not tf.io.gfile.isdir(directory):
+        return []
+    steps = []
+    for name in tf.io.gfile.listdir(directory):
+        if name.startswith("ckpt-") and name.endswith(".index") and name[5:-6].isdigit():
+            steps.append(int(name[5:-6]))
+    return [os.path.join(directory, f"ckpt-{step}") for step in sorted(steps, reverse=True)]
+
+
+def unreadable(path):
+    """Why the checkpoint at `path` cannot be read (None if every tensor in it reads)."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError, IndexError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return None
+
+
+def _set_aside(path):
+    """Moves the files of a damaged checkpoint to <dir>/damaged/ (kept for inspection)."""
+    directory, prefix = os.path.split(path)
+    aside = os.path.join(directory, "damaged")
+    tf.io.gfile.makedirs(aside)
+    for name in tf.io.gfile.listdir(directory):
+        if name == prefix + ".index" or name.startswith(prefix + ".data"):
+            tf.io.gfile.rename(os.path.join(directory, name), os.path.join(aside, name),
+                               overwrite=True)
+
+
+def _step_of(path):
+    return int(path.rsplit("-", 1)[1])  # saved as ckpt-<step>

@@ -23,6 +23,9 @@ ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50")
 # Flags that decide the shape of what a checkpoint holds: resuming with other values is an error.
 CHECKPOINT_FLAGS = ("method", "adversarial", "arch", "stem", "width", "head", "proj_hidden",
                     "proj_dim", "optimizer", "image_size", "sync_bn", "precision", "queue_size")
+# Flags that decide which batches a run trains on: resuming training with other values would
+# silently continue on other data (--mode=eval may evaluate on another dataset).
+RESUME_DATA_FLAGS = ("dataset", "train_examples", "examples_per_class", "batch_size", "seed")
 
 # Each method's paper settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale):
 # one row per method, one entry per auto flag. A flag left at its auto default (auto, 0, or -1

@@ -132,7 +132,7 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
         total_steps = min(total_steps, cfg.max_steps)
     state = checkpoints.State(cfg, strategy, steps_per_epoch, total_steps)
     if state.restore():
-        print(f"Resuming from {state.latest_checkpoint} at step {state.step}.")
+        print(f"Resuming from {state.restored_path} at step {state.step}.")
     model, optimizer = state.model, state.optimizer
 
     replica_step = make_train_step(model, optimizer, cfg, strategy.num_replicas_in_sync,

@@ -1,0 +1,109 @@
+"""Resume finds the newest checkpoint that can be read: a damaged index file, a deleted or
+truncated newest checkpoint each fall back (with one line) instead of restarting or crashing;
+a readable checkpoint that does not fit is still a flag error."""
+
+import contextlib
+import io
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_config
+
+from clae_tf import ClaeError, app, checkpoints
+
+ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A workdir with ckpt-1, ckpt-2, ckpt-3; the stem kernel holds the step number."""
+    cfg = tiny_config(tmp_path, adversarial=False)
+    state = checkpoints.State(cfg, ONE_DEVICE, 10, 10)
+    for step in (1, 2, 3):
+        state.model.stem_conv.kernel.assign(tf.fill(state.model.stem_conv.kernel.shape, float(step)))
+        state.optimizer.iterations.assign(step)
+        state.save(step)
+    return cfg
+
+
+def _restore(cfg):
+    state = checkpoints.State(cfg, ONE_DEVICE, 10, 10)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ok = state.restore()
+    return state, ok, out.getvalue()
+
+
+def _kernel_step(state):
+    values = np.unique(state.model.stem_conv.kernel.numpy())
+    assert len(values) == 1
+    return int(values[0])
+
+
+def _ckpt(cfg, name=""):
+    return os.path.join(cfg.run_dir, "checkpoints", name)
+
+
+def test_damaged_index_file_resumes_from_the_newest_checkpoint(saved):
+    with open(_ckpt(saved, "checkpoint"), "w") as f:
+        f.write("model_checkpoint_path: \x00garbage{{{\n")
+    state, ok, printed = _restore(saved)
+    assert ok and state.step == 3 and _kernel_step(state) == 3
+    assert printed == ""
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(saved, damage):
+    data = [n for n in os.listdir(_ckpt(saved)) if n.startswith("ckpt-3.data")]
+    assert data
+    for name in data:
+        path = _ckpt(saved, name)
+        if damage == "delete":
+            os.remove(path)
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+    state, ok, printed = _restore(saved)
+    assert ok and state.step == 2 and _kernel_step(state) == 2
+    assert printed.count("\n") == 1
+    assert printed.startswith(f"Checkpoint {_ckpt(saved, 'ckpt-3')} is damaged")
+    # Set aside for inspection, out of the way of the next resume.
+    assert os.path.exists(_ckpt(saved, "damaged/ckpt-3.index"))
+    assert checkpoints.checkpoint_paths(_ckpt(saved))[0].endswith("ckpt-2")
+
+
+def test_every_checkpoint_damaged_means_no_checkpoint(saved):
+    for name in os.listdir(_ckpt(saved)):
+        if ".data" in name:
+            os.remove(_ckpt(saved, name))
+    _, ok, printed = _restore(saved)
+    assert not ok and printed.count("is damaged") == 3
+
+
+def test_readable_checkpoint_of_other_flags_is_a_flag_error(saved, tmp_path):
+    other = tiny_config(tmp_path, adversarial=False, proj_dim=8)  # same workdir, other head
+    with pytest.raises(ClaeError, match="does not fit these flags"):
+        _restore(other)
+
+
+def test_eval_state_restores_without_an_optimizer(saved):
+    state = checkpoints.State(saved, ONE_DEVICE)
+    assert state.optimizer is None
+    assert state.restore(model_only=True) and state.step == 3 and _kernel_step(state) == 3
+
+
+@pytest.mark.parametrize("flag, value", [("dataset", "cifar10"), ("examples_per_class", 5),
+                                         ("seed", 1)])
+def test_resuming_training_on_other_data_is_refused(saved, flag, value):
+    app.write_flagfile(saved)
+    other = tiny_config(**{flag: value},
+                        workdir=saved.run_dir, adversarial=False)
+    with pytest.raises(ClaeError, match=f"--workdir: .* --{flag}="):
+        app.check_workdir(other)
+    # Evaluating the same encoder on another dataset is fine.
+    if flag == "dataset":
+        app.check_workdir(tiny_config(workdir=saved.run_dir, adversarial=False, mode="eval",
+                                      dataset="cifar10"))
