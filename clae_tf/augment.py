@@ -2,7 +2,8 @@
 torchvision's semantics.
 
 Images are float32 in [0, 1] here; `normalize` maps them to the model's input range
-((x - 0.5) / 0.5 for SimCLR, the CIFAR mean/std for Plain/UEL; eps is in those units).
+((x - 0.5) / 0.5 for SimCLR, the CIFAR mean/std for Plain/UEL, the ImageNet mean/std for
+ImageNet-size data; eps is in those units).
 
 Why not the keras-cv (or Keras 3) layers: (1) their colour jitter does not follow torchvision's
 ColorJitter (additive brightness, other factor ranges, fixed order), which the paper uses; (2) their
@@ -32,14 +33,24 @@ def _per_image(v):
     return tf.reshape(v, [-1, 1, 1, 1])
 
 
-def random_resized_crop(x, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
-    """torchvision RandomResizedCrop: up to 10 tries of (area, log-ratio), else the whole image."""
-    b = tf.shape(x)[0]
-    h = tf.cast(tf.shape(x)[1], tf.float32)
-    w = tf.cast(tf.shape(x)[2], tf.float32)
+def crop_boxes(h, w, seed, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    """torchvision RandomResizedCrop.get_params for n images of h x w pixels.
+
+    Up to 10 tries of (area, log-ratio); if none fits, torchvision's fallback: a centre crop of
+    the whole image at the nearest allowed aspect ratio (the whole image when it is square).
+
+    Args:
+      h, w: image height and width (scalars).
+      seed: shape-(2,) int seed.
+      n: number of boxes.
+    Returns:
+      (y0, x0, ch, cw): float32 (n,) top-left corner and size of each integer crop.
+    """
+    h = tf.cast(h, tf.float32)
+    w = tf.cast(w, tf.float32)
     s_area, s_ratio, s_y, s_x = _split(seed, 4)
-    area = tf.random.stateless_uniform([b, attempts], s_area, scale[0], scale[1]) * h * w
-    log_r = tf.random.stateless_uniform([b, attempts], s_ratio, math.log(ratio[0]),
+    area = tf.random.stateless_uniform([n, attempts], s_area, scale[0], scale[1]) * h * w
+    log_r = tf.random.stateless_uniform([n, attempts], s_ratio, math.log(ratio[0]),
                                         math.log(ratio[1]))
     r = tf.exp(log_r)
     cw = tf.round(tf.sqrt(area * r))
@@ -47,15 +58,49 @@ def random_resized_crop(x, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), 
     ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
     first = tf.argmax(tf.cast(ok, tf.int32), axis=1)  # first valid attempt (0 if none)
     any_ok = tf.reduce_any(ok, axis=1)
-    cw = tf.where(any_ok, tf.gather(cw, first, batch_dims=1), w)
-    ch = tf.where(any_ok, tf.gather(ch, first, batch_dims=1), h)
-    y0 = tf.floor(tf.random.stateless_uniform([b], s_y) * (h - ch + 1))
-    x0 = tf.floor(tf.random.stateless_uniform([b], s_x) * (w - cw + 1))
+    in_ratio = w / h
+    fallback_w = tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
+    fallback_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+    cw = tf.where(any_ok, tf.gather(cw, first, batch_dims=1), fallback_w)
+    ch = tf.where(any_ok, tf.gather(ch, first, batch_dims=1), fallback_h)
+    y0 = tf.floor(tf.random.stateless_uniform([n], s_y) * (h - ch + 1))
+    x0 = tf.floor(tf.random.stateless_uniform([n], s_x) * (w - cw + 1))
+    y0 = tf.where(any_ok, y0, tf.floor((h - ch) / 2))
+    x0 = tf.where(any_ok, x0, tf.floor((w - cw) / 2))
+    return y0, x0, ch, cw
+
+
+def random_resized_crop(x, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    """torchvision RandomResizedCrop on a batch of equal-size images (crop_boxes per image)."""
+    b = tf.shape(x)[0]
+    h = tf.cast(tf.shape(x)[1], tf.float32)
+    w = tf.cast(tf.shape(x)[2], tf.float32)
+    y0, x0, ch, cw = crop_boxes(h, w, seed, b, scale, ratio, attempts)
     # crop_and_resize boxes are in [0, 1] image coordinates of pixel corners/centres; this maps
     # the integer crop [y0, y0 + ch) onto the output grid.
     boxes = tf.stack([y0 / (h - 1), x0 / (w - 1), (y0 + ch - 1) / (h - 1),
                       (x0 + cw - 1) / (w - 1)], axis=1)
     return tf.image.crop_and_resize(x, boxes, tf.range(b), [size, size])
+
+
+def random_resized_crop_image(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop of one image of any size, taken from the image as it is.
+
+    As torchvision's resized_crop on a PIL image: the integer box is cut out, then resized to
+    size x size bilinearly (antialiased when shrinking, as PIL does).
+
+    Args:
+      image: (H, W, C) float32, any H and W.
+      seed: shape-(2,) int seed.
+    Returns:
+      (size, size, C) float32.
+    """
+    shape = tf.shape(image)
+    y0, x0, ch, cw = (tf.cast(v[0], tf.int32) for v in crop_boxes(
+        shape[0], shape[1], seed, 1, scale, ratio))
+    crop = image[y0:y0 + ch, x0:x0 + cw]
+    out = tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
+    return tf.reshape(out, [size, size, image.shape[-1] or shape[-1]])
 
 
 def _blend(a, b, factor):
@@ -106,17 +151,24 @@ def _apply_with_prob(x, y, p, seed):
 
 
 def simclr_view(x, seed, size, crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2),
-                jitter_prob=0.8, gray_prob=0.2):
+                jitter_prob=0.8, gray_prob=0.2, crop=None):
     """One SimCLR view of a batch: crop-resize, h-flip, colour jitter (p), grayscale (p).
 
     Args:
       x: (B, H, W, 3) float32 in [0, 1].
       seed: shape-(2,) int seed; the view is a pure function of (x, seed).
+      crop: optional (B,) bool: crop-resize only these images; the others are already cropped
+        (random_resized_crop_image) to size x size.
     Returns:
       (B, size, size, 3) float32 in [0, 1].
     """
     s_crop, s_flip, s_jit, s_jit_p, s_gray = _split(seed, 5)
-    x = random_resized_crop(x, s_crop, size, scale=crop_scale)
+    if crop is None:
+        x = random_resized_crop(x, s_crop, size, scale=crop_scale)
+    else:
+        x = tf.cond(tf.reduce_any(crop), lambda: tf.where(
+            _per_image(crop), random_resized_crop(x, s_crop, size, scale=crop_scale), x),
+            lambda: x)
     flip = tf.random.stateless_uniform([tf.shape(x)[0]], s_flip) < 0.5
     x = tf.where(_per_image(flip), tf.reverse(x, axis=[2]), x)
     x = _apply_with_prob(x, color_jitter(x, s_jit, *jitter), jitter_prob, s_jit_p)
@@ -142,6 +194,8 @@ AUGMENTATIONS = {
 NORMALIZATIONS = {
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # SimCLR reference: inputs in [-1, 1]
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # Plain/UEL reference
+    # Every method of the reference on Tiny-ImageNet (training and test transforms).
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 

@@ -36,18 +36,20 @@ METHOD_DEFAULTS = {
     # NT-Xent; MLP head 512-512-64 (x width); Adam 3e-4; inputs in [-1, 1].
     "simclr": dict(temperature=0.5, head="mlp", proj_dim=64, augment="simclr", normalize="half",
                    optimizer="adam", learning_rate=3e-4, weight_decay=0.0, lr_schedule="constant",
-                   probe="h"),
+                   probe="h", linear_batch_size=256),
     # Batch instance classification and UEL: a linear 128-d head, CIFAR mean/std, SGD with steps,
     # and both kNN and the linear probe on the 128-d embedding.
     "plain": dict(temperature=0.1, head="linear", proj_dim=128, augment="uel", normalize="cifar",
-                  optimizer="sgd", learning_rate=0.03, weight_decay=5e-4, probe="z", **_STEP),
+                  optimizer="sgd", learning_rate=0.03, weight_decay=5e-4, probe="z",
+                  linear_batch_size=128, **_STEP),
     "uel": dict(temperature=0.1, head="linear", proj_dim=128, augment="uel", normalize="cifar",
-                optimizer="sgd", learning_rate=0.03, weight_decay=5e-4, probe="z", **_STEP),
+                optimizer="sgd", learning_rate=0.03, weight_decay=5e-4, probe="z",
+                linear_batch_size=128, **_STEP),
     # MoCo v2 (Chen et al. 2020) at CIFAR scale: MLP head to 128, temperature 0.2, its
     # augmentations without the blur (32-pixel images), SGD 0.06 + cosine, wd 5e-4.
     "moco": dict(temperature=0.2, head="mlp", proj_dim=128, augment="moco", normalize="cifar",
                  optimizer="sgd", learning_rate=0.06, weight_decay=5e-4, lr_schedule="cosine",
-                 probe="h"),
+                 probe="h", linear_batch_size=256),
 }
 # The step schedule's boundaries and factors: taken from the method's row together, or not at all.
 _STEP_PAIR = ("lr_boundaries", "lr_factors")
@@ -153,7 +155,7 @@ class Config:
                        choices=("auto", "h", "z"), auto=True)
     linear_epochs: int = _flag(100, "Epochs of the linear probe on the frozen features (--probe).")
     linear_lr: float = _flag(3e-4, "Linear probe learning rate (Adam).")
-    linear_batch_size: int = _flag(256, "Linear probe batch size.")
+    linear_batch_size: int = _flag(0, "Linear probe batch size.", auto=True)
     eval_batch_size: int = _flag(500, "Batch size for feature extraction.")
     # Distribution.
     strategy: str = _flag("auto", "auto (mirrored when >1 GPU), mirrored, multiworker (TF_CONFIG; "

@@ -5,8 +5,12 @@ A `--dataset` is one of:
     works offline); every 5th image is the test split.
   - a folder `root/{train,test}/<label>/<image>` (any size; grayscale becomes RGB);
   - a TFDS name (cifar10, cifar100, ...), read from --data_dir or downloaded.
-Every source becomes uint8 (size, size, 3) images with int32 labels; the pretraining stream then
-makes two views per image on whole batches (augment.py, --augment), normalised for the model.
+Every source gives its images as decoded (uint8 (H, W, 3), any size) and resized to --image_size
+(for evaluation: the reference's test transform Resize((size, size))), with int32 labels. The
+pretraining stream makes two views per image (augment.py, --augment), normalised for the model;
+their random resized crop is taken from the decoded image as it is (the reference's
+RandomResizedCrop on the loaded image), so a 64 px Tiny-ImageNet image is cropped at 64 px and
+then upsampled, and a non-square image keeps its aspect ratio.
 """
 
 import dataclasses
@@ -32,6 +36,8 @@ class Split:
     labels: Optional[np.ndarray] = None  # when known without decoding (folders, digits).
     # indices -> the Split of just those examples, built without decoding the others.
     select: Optional[Callable[[np.ndarray], "Split"]] = None
+    # (uint8 (H, W, 3) as decoded, int32 label), same order; None: `images` are the decoded ones.
+    decoded: Optional[tf.data.Dataset] = None
 
 
 @dataclasses.dataclass
@@ -63,13 +69,26 @@ def _resize(image, size):
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def _finish(ds, n, size):
-    """Resize to (size, size, 3) uint8 and cache small splits in memory."""
-    ds = ds.map(lambda x, y: (_resize(x, size), tf.cast(y, tf.int32)),
-                num_parallel_calls=tf.data.AUTOTUNE)
-    if n * size * size * 3 <= _CACHE_BYTES:
-        ds = ds.cache()
-    return ds
+def _finish(ds, n, size, decoded_bytes=None):
+    """(images resized to (size, size, 3), images as decoded), uint8, small ones cached.
+
+    The decoded images are cached when `decoded_bytes` (an estimate) fits the cache; the resized
+    ones are then made from that cache, else cached themselves when they fit.
+    """
+    decoded = ds.map(lambda x, y: (x, tf.cast(y, tf.int32)))
+    cached = decoded_bytes is not None and decoded_bytes <= _CACHE_BYTES
+    if cached:
+        decoded = decoded.cache()
+    images = decoded.map(lambda x, y: (_resize(x, size), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if not cached and n * size * size * 3 <= _CACHE_BYTES:
+        images = images.cache()
+    return images, decoded
+
+
+def _static_bytes(ds, n):
+    """n x the bytes of one image when the dataset's images have a static shape, else None."""
+    shape = ds.element_spec[0].shape
+    return n * int(np.prod(shape.as_list())) if shape.is_fully_defined() else None
 
 
 def _digits(size):
@@ -85,8 +104,9 @@ def _digits(size):
 
     def split(index):
         ds = tf.data.Dataset.from_tensor_slices((images[index], labels[index]))
-        return Split(_finish(ds, len(index), size), len(index), labels=labels[index],
-                     select=lambda i: split(index[i]))
+        resized, decoded = _finish(ds, len(index), size, _static_bytes(ds, len(index)))
+        return Split(resized, len(index), labels=labels[index],
+                     select=lambda i: split(index[i]), decoded=decoded)
 
     return Source("digits", split(np.flatnonzero(~is_test)), split(np.flatnonzero(is_test)), 10)
 
@@ -125,8 +145,20 @@ def _file_split(files, labels, size):
     """Images decoded lazily from `files`; a subset only ever reads its own files."""
     ds = tf.data.Dataset.from_tensor_slices((files, labels))
     ds = ds.map(lambda f, y: (_decode(tf.io.read_file(f)), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return Split(_finish(ds, len(files), size), len(files), files, labels,
-                 select=lambda i: _file_split([files[j] for j in i], labels[i], size))
+    resized, decoded = _finish(ds, len(files), size, _folder_bytes(files))
+    return Split(resized, len(files), files, labels,
+                 select=lambda i: _file_split([files[j] for j in i], labels[i], size),
+                 decoded=decoded)
+
+
+def _folder_bytes(files):
+    """Decoded size of a folder's images, estimated from its first image (None if unreadable:
+    the error then names the file when the images are read)."""
+    try:
+        first = _decode(tf.io.read_file(files[0]))
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+        return None
+    return len(files) * int(np.prod(first.shape))
 
 
 def _decode(data):
@@ -164,7 +196,8 @@ def _tfds(name, data_dir, size):
         n = int(ds.cardinality())
         if n < 0:
             n = int(ds.reduce(0, lambda c, _: c + 1))
-        splits[split_name] = Split(_finish(ds, n, size), n)
+        resized, decoded = _finish(ds, n, size, _static_bytes(ds, n))
+        splits[split_name] = Split(resized, n, decoded=decoded)
     return Source(name, splits["train"], splits["test"], num_classes)
 
 
@@ -181,8 +214,9 @@ def _subset(split, num_classes, train_examples, examples_per_class):
         index = np.flatnonzero(keep)[:train_examples or None]
         return split if len(index) == split.num_examples else split.select(index)
     # TFDS: filter the decoded stream by running per-class counts.
-    ds, n = split.images, split.num_examples
-    if examples_per_class:
+    n = split.num_examples
+
+    def first_per_class(ds):
         # Running per-class counts; keep an image while its class has fewer than K.
         def count(counts, example):
             _, y = example
@@ -192,7 +226,12 @@ def _subset(split, num_classes, train_examples, examples_per_class):
         ds = ds.scan(tf.zeros([num_classes], tf.int32), count)
         # Distinct argument names: AutoGraph cannot tell two same-line lambdas with the same
         # signature apart, and warns.
-        ds = ds.filter(lambda _, keep: keep).map(lambda example, _keep: example)
+        return ds.filter(lambda _, keep: keep).map(lambda example, _keep: example)
+
+    ds, decoded = split.images, split.decoded
+    if examples_per_class:
+        ds = first_per_class(ds)
+        decoded = first_per_class(decoded) if decoded is not None else None
         # TFDS: labels come with the images, so counting them decodes every image once.
         try:
             labels = np.array([int(y) for y in split.images.map(lambda x, y: y)])
@@ -202,10 +241,11 @@ def _subset(split, num_classes, train_examples, examples_per_class):
                     np.bincount(labels, minlength=num_classes)))
     if train_examples:
         ds = ds.take(train_examples)
+        decoded = decoded.take(train_examples) if decoded is not None else None
         n = min(n, train_examples)
     if n == split.num_examples:
         return split
-    return Split(ds.cache(), n, split.files)
+    return Split(ds.cache(), n, split.files, decoded=decoded)
 
 
 def pretrain_dataset(split: Split, cfg: Config, epoch: int, start_batch: int = 0):
@@ -213,28 +253,89 @@ def pretrain_dataset(split: Split, cfg: Config, epoch: int, start_batch: int = 0
 
     The shuffle order depends on (seed, epoch) and each batch's views on (seed, epoch, batch
     index), so resuming at `start_batch` gives exactly the batches an uninterrupted run would.
-    """
-    buffer = min(split.num_examples, 50_000)
-    ds = split.images.shuffle(buffer, seed=cfg.seed * 100_003 + epoch,
-                              reshuffle_each_iteration=False)
-    ds = ds.batch(cfg.batch_size, drop_remainder=True).skip(start_batch).enumerate(start_batch)
 
-    @tf.autograph.experimental.do_not_convert  # no control flow; AutoGraph only warns here
-    def two_views(index, batch):
-        images, _ = batch
-        x = tf.cast(images, tf.float32) / 255.0
-        seed = tf.stack([tf.constant(cfg.seed, tf.int64), epoch * 1_000_000 + index])
-        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        views = augment.AUGMENTATIONS[cfg.augment]
-        x1 = augment.simclr_view(x, s1, cfg.image_size, **views)
-        x2 = augment.simclr_view(x, s2, cfg.image_size, **views)
+    Images already --image_size square (CIFAR at 32) are cropped on whole batches. Any other
+    image is cropped as it was decoded, one by one before batching (images of different sizes
+    cannot share a batch; padding them would make the crop op read each image's true size), with
+    a seed of (seed, epoch, batch index, position in the batch); the rest of its view (flip,
+    jitter, grayscale) is made on the batch with the batch's seeds.
+    """
+    size, b = cfg.image_size, cfg.batch_size
+    views = augment.AUGMENTATIONS[cfg.augment]
+    source = split.decoded if split.decoded is not None else split.images
+    buffer = min(split.num_examples, 50_000)
+    ds = source.shuffle(buffer, seed=cfg.seed * 100_003 + epoch, reshuffle_each_iteration=False)
+
+    def batch_seed(index):
+        return tf.stack([tf.constant(cfg.seed, tf.int64), epoch * 1_000_000 + index])
+
+    def finish(x1, x2):
         return augment.normalize(x1, cfg.normalize), augment.normalize(x2, cfg.normalize)
 
-    return ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    if source.element_spec[0].shape.as_list() == [size, size, 3]:
+        # Every image is image_size square: whole batches, exactly as before per-image crops.
+        ds = ds.batch(b, drop_remainder=True).skip(start_batch).enumerate(start_batch)
+
+        @tf.autograph.experimental.do_not_convert  # no control flow; AutoGraph only warns here
+        def two_views(index, batch):
+            images, _ = batch
+            x = tf.cast(images, tf.float32) / 255.0
+            s1, s2 = tf.unstack(tf.random.experimental.stateless_split(batch_seed(index), 2))
+            x1 = augment.simclr_view(x, s1, size, **views)
+            x2 = augment.simclr_view(x, s2, size, **views)
+            return finish(x1, x2)
+
+        return ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+    ds = ds.skip(start_batch * b).enumerate(start_batch * b)
+
+    @tf.autograph.experimental.do_not_convert
+    def crop_pair(position, example):
+        image, _ = example
+        # A third seed of the batch (the first two make its views), then the image's position.
+        crop_seed = tf.random.experimental.stateless_split(batch_seed(position // b), 3)[2]
+        c1, c2 = tf.unstack(tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(crop_seed, position % b), 2))
+        x = tf.cast(image, tf.float32) / 255.0
+        shape = tf.shape(image)
+        square = (shape[0] == size) & (shape[1] == size)
+        scale = views["crop_scale"]
+
+        def keep():  # cropped with the batch, as above
+            x_ = tf.reshape(x, [size, size, 3])
+            return x_, x_
+
+        def crop():
+            return (augment.random_resized_crop_image(x, c1, size, scale),
+                    augment.random_resized_crop_image(x, c2, size, scale))
+
+        if any(d is not None and d != size for d in image.shape[:2]):  # never square
+            return (*crop(), tf.constant(False))
+        x1, x2 = tf.cond(square, keep, crop)
+        return x1, x2, square
+
+    ds = ds.map(crop_pair, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(b, drop_remainder=True).enumerate(start_batch)
+
+    @tf.autograph.experimental.do_not_convert
+    def two_views_of_crops(index, batch):
+        x1, x2, square = batch
+        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(batch_seed(index), 2))
+        x1 = augment.simclr_view(x1, s1, size, crop=square, **views)
+        x2 = augment.simclr_view(x2, s2, size, crop=square, **views)
+        return finish(x1, x2)
+
+    return ds.map(two_views_of_crops, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+        tf.data.AUTOTUNE)
 
 
 def eval_dataset(split: Split, batch_size: int, normalize: str):
-    """Non-augmented images, normalised as --normalize, with labels, every image once, in order."""
+    """Non-augmented images, normalised as --normalize, with labels, every image once, in order.
+
+    The images are the decoded ones resized to --image_size square (bilinear, antialiased when
+    shrinking) and rounded to uint8: the reference's test transform, torchvision's
+    Resize((size, size)) on a PIL image, then ToTensor and Normalize.
+    """
     return split.images.batch(batch_size).map(
         lambda x, y: (augment.normalize(tf.cast(x, tf.float32) / 255.0, normalize), y),
         num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

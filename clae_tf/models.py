@@ -105,9 +105,61 @@ class _Block(keras.layers.Layer):
         return tf.nn.relu(out + shortcut)
 
 
+def _torch_pad(x, pad, value):
+    """Pads H and W by `pad` on every side, as PyTorch's `padding=pad` does."""
+    return tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], constant_values=value)
+
+
+def _padded_shape(input_shape, pad):
+    shape = list(input_shape)
+    for axis in (1, 2):
+        if shape[axis] is not None:
+            shape[axis] += 2 * pad
+    return tuple(shape)
+
+
+class _Conv2D(keras.layers.Conv2D):
+    """A bias-free conv with PyTorch's symmetric zero padding k // 2 on every side.
+
+    At stride 1 an odd kernel's "same" padding is already k // 2 on every side. At stride 2 TF's
+    "same" pads only the bottom/right of an even input, so every output sits one pixel later
+    than PyTorch's: a 3x3/2 conv would no longer line up with the 1x1/2 shortcut (pixels 0, 2,
+    4, ... in both frameworks), nor the ImageNet stem's 7x7/2 conv with the reference's. Those
+    convs pad explicitly and convolve "valid", which gives PyTorch's samples and output size
+    floor((n + 2p - k) / s) + 1.
+    """
+
+    def __init__(self, filters, kernel, stride, **kwargs):
+        self.torch_pad = kernel // 2 if stride > 1 else 0
+        super().__init__(filters, kernel, strides=stride,
+                         padding="valid" if self.torch_pad else "same", use_bias=False,
+                         kernel_initializer=_torch_init(), **kwargs)
+
+    def call(self, inputs):
+        if self.torch_pad:
+            inputs = _torch_pad(inputs, self.torch_pad, 0.0)
+        return super().call(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return super().compute_output_shape(_padded_shape(input_shape, self.torch_pad))
+
+
+class _MaxPool2D(keras.layers.MaxPooling2D):
+    """PyTorch's MaxPool2d(k, s, padding=k // 2): the border padded with -inf (never the max)."""
+
+    def __init__(self, pool, stride, **kwargs):
+        self.torch_pad = pool // 2
+        super().__init__(pool, stride, padding="valid", **kwargs)
+
+    def call(self, inputs):
+        return super().call(_torch_pad(inputs, self.torch_pad, float("-inf")))
+
+    def compute_output_shape(self, input_shape):
+        return super().compute_output_shape(_padded_shape(input_shape, self.torch_pad))
+
+
 def _conv(filters, kernel, stride, name):
-    return keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
-                               kernel_initializer=_torch_init(), name=name)
+    return _Conv2D(filters, kernel, stride, name=name)
 
 
 _LAYOUT = {"resnet10": ([1, 1, 1, 1], False), "resnet18": ([2, 2, 2, 2], False),
@@ -131,8 +183,8 @@ class ContrastiveModel(keras.Model):
             self.stem_conv = _conv(base, 3, 1, name="stem_conv")
             self.stem_pool = None
         else:
-            self.stem_conv = _conv(base, 7, 2, name="stem_conv")
-            self.stem_pool = keras.layers.MaxPooling2D(3, 2, padding="same")
+            self.stem_conv = _conv(base, 7, 2, name="stem_conv")  # PyTorch: padding=3
+            self.stem_pool = _MaxPool2D(3, 2)  # PyTorch: MaxPool2d(3, 2, padding=1)
         self.stem_bn = bn("stem_bn")
         self.blocks = []
         for stage, n in enumerate(blocks):

@@ -143,7 +143,7 @@ def test_apply_probabilities_roughly_as_asked():
     assert 0.16 < gray.mean() < 0.24
 
 
-@pytest.mark.parametrize("kind", ["half", "cifar"])
+@pytest.mark.parametrize("kind", ["half", "cifar", "imagenet"])
 def test_normalize_round_trip(kind):
     x = _images(4)
     mean, std = (np.array(v, np.float32) for v in augment.NORMALIZATIONS[kind])
@@ -164,3 +164,60 @@ def test_normalize_default_maps_to_minus_one_one():
     np.testing.assert_allclose(augment.normalize(ends).numpy()[:, 0], [-1.0, 0.0, 1.0])
     np.testing.assert_allclose(augment.denormalize(tf.constant([[-1.0] * 3, [1.0] * 3])).numpy(),
                                [[0.0] * 3, [1.0] * 3])
+
+
+def test_imagenet_normalisation_is_the_reference_mean_and_std():
+    # torchvision Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]).
+    x = np.random.default_rng(0).uniform(0, 1, (2, 3, 3, 3)).astype(np.float32)
+    y = augment.normalize(tf.constant(x), "imagenet").numpy()
+    want = (x - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(y, want, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The crop from an image of any size (ImageNet-size data): torchvision's get_params and
+# resized_crop, checked against its fallback rule and PIL's resize.
+
+
+def test_crop_boxes_stay_inside_and_keep_the_allowed_aspect_ratio():
+    h, w, n = 60, 120, 500
+    y0, x0, ch, cw = (v.numpy() for v in augment.crop_boxes(h, w, _seed(3), n, (0.2, 1.0)))
+    assert np.all((y0 >= 0) & (x0 >= 0) & (y0 + ch <= h) & (x0 + cw <= w) & (ch > 0) & (cw > 0))
+    assert np.all(y0 == np.floor(y0)) and np.all(cw == np.round(cw))  # integer boxes
+    # Aspect ratio and area in the original pixels (up to rounding to whole pixels).
+    assert np.all((cw / ch > 3 / 4 * 0.95) & (cw / ch < 4 / 3 * 1.05))
+    area = cw * ch / (h * w)
+    assert np.all((area > 0.2 * 0.9) & (area < 1.0 + 1e-6))
+    # Not always the centre or the whole image.
+    assert np.std(x0) > 5 and np.std(cw) > 5
+
+
+@pytest.mark.parametrize("h, w", [(10, 100), (100, 10)])
+def test_crop_boxes_fallback_is_torchvisions_centre_crop(h, w):
+    # scale >= 0.5 of a 10 x 100 image cannot fit at ratio 3/4..4/3: every try fails and
+    # torchvision takes the centre crop at the nearest allowed ratio.
+    y0, x0, ch, cw = (v.numpy() for v in augment.crop_boxes(h, w, _seed(4), 3, (0.5, 1.0)))
+    if w > h:
+        want_h, want_w = h, round(h * 4 / 3)
+    else:
+        want_w, want_h = w, round(w / (3 / 4))
+    np.testing.assert_array_equal(ch, want_h)
+    np.testing.assert_array_equal(cw, want_w)
+    np.testing.assert_array_equal(y0, (h - want_h) // 2)
+    np.testing.assert_array_equal(x0, (w - want_w) // 2)
+
+
+@pytest.mark.parametrize("h, w, size", [(20, 30, 40), (64, 64, 224), (90, 120, 16), (50, 37, 24)])
+def test_random_resized_crop_image_is_pil_crop_and_bilinear_resize(h, w, size):
+    """Crop of the image as it is, resized as torchvision's resized_crop does on a PIL image
+    (up- and downsampling; PIL rounds to uint8, hence the 1/255 tolerance)."""
+    from PIL import Image
+    image = np.random.default_rng(h).integers(0, 256, (h, w, 3)).astype(np.uint8)
+    for k in range(3):
+        y0, x0, ch, cw = (int(v[0]) for v in augment.crop_boxes(h, w, _seed(k, 7), 1, (0.08, 1.0)))
+        out = augment.random_resized_crop_image(tf.constant(image, tf.float32) / 255.0,
+                                                _seed(k, 7), size, (0.08, 1.0)).numpy()
+        pil = Image.fromarray(image).crop((x0, y0, x0 + cw, y0 + ch)).resize(
+            (size, size), Image.BILINEAR)
+        assert out.shape == (size, size, 3)
+        np.testing.assert_allclose(out, np.asarray(pil, np.float64) / 255.0, atol=1.01 / 255)

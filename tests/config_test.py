@@ -8,7 +8,7 @@ from absl import flags
 from clae_tf import ClaeError, config
 
 AUTO = {"temperature", "head", "proj_dim", "augment", "normalize", "optimizer", "learning_rate",
-        "weight_decay", "lr_schedule", "lr_boundaries", "lr_factors", "probe"}
+        "weight_decay", "lr_schedule", "lr_boundaries", "lr_factors", "probe", "linear_batch_size"}
 
 
 def _flags(*args):

@@ -224,3 +224,102 @@ def test_bn_training_forward_numerically(dual_model, adversarial, keras_momentum
     np.testing.assert_allclose(implied_mean, batch_mean, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(implied_var, batch_var, rtol=2e-4)
     assert not np.allclose(implied_var, batch_var * 1024 / 1023, rtol=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers as PyTorch computes them: an independent numpy ResNet with nn.Conv2d(padding=k // 2) and
+# nn.MaxPool2d(3, 2, padding=1), fed the Keras weights.
+
+
+def _np_conv2d(x, w, stride):
+    """PyTorch conv2d(padding=k // 2) in float64: x (N, H, W, C), w (k, k, C, F)."""
+    k, p = w.shape[0], w.shape[0] // 2
+    xp = np.pad(x, [(0, 0), (p, p), (p, p), (0, 0)])
+    ho = (x.shape[1] + 2 * p - k) // stride + 1
+    wo = (x.shape[2] + 2 * p - k) // stride + 1
+    out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
+    for i in range(k):
+        for j in range(k):
+            patch = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+            out += patch @ w[i, j]
+    return out
+
+
+def _np_maxpool(x, k=3, stride=2):
+    """PyTorch max_pool2d(k, stride, padding=k // 2): the border is -inf."""
+    p = k // 2
+    xp = np.pad(x, [(0, 0), (p, p), (p, p), (0, 0)], constant_values=-np.inf)
+    ho = (x.shape[1] + 2 * p - k) // stride + 1
+    wo = (x.shape[2] + 2 * p - k) // stride + 1
+    out = np.full((x.shape[0], ho, wo, x.shape[3]), -np.inf)
+    for i in range(k):
+        for j in range(k):
+            out = np.maximum(out, xp[:, i:i + stride * (ho - 1) + 1:stride,
+                                     j:j + stride * (wo - 1) + 1:stride])
+    return out
+
+
+def _np_bn(x, bn):
+    """Inference-mode BatchNorm with the layer's (randomised) statistics and affine."""
+    layer = bn.clean
+    mean, var, gamma, beta = (np.asarray(v, np.float64) for v in (
+        layer.moving_mean, layer.moving_variance, layer.gamma, layer.beta))
+    return (x - mean) / np.sqrt(var + layer.epsilon) * gamma + beta
+
+
+def _randomise_bns(layer, seed):
+    rng = np.random.default_rng(seed)
+    for bn in [l for l in layer._flatten_layers() if isinstance(l, models.DualBatchNorm)]:
+        n = bn.clean.gamma.shape[0]
+        bn.clean.moving_mean.assign(rng.normal(0, 0.5, n))
+        bn.clean.moving_variance.assign(rng.uniform(0.5, 2.0, n))
+        bn.clean.gamma.assign(rng.uniform(0.5, 1.5, n))
+        bn.clean.beta.assign(rng.normal(0, 0.5, n))
+
+
+def _bn_factory(name):
+    return models.DualBatchNorm(name=name)
+
+
+@pytest.mark.parametrize("bottleneck", [False, True])
+@pytest.mark.parametrize("size", [8, 9])
+def test_downsampling_block_computes_what_pytorch_computes(bottleneck, size):
+    """A stride-2 block with its 1x1/2 shortcut == the numpy block with PyTorch's padding."""
+    block = models._Block(4, 2, bottleneck, _bn_factory, name="block")
+    x = np.random.default_rng(1).normal(size=(2, size, size, 6))
+    out = block(tf.constant(x, tf.float32), training=False).numpy()
+    _randomise_bns(block, seed=2)
+    out = block(tf.constant(x, tf.float32), training=False).numpy()
+
+    ref = x
+    for i, (conv, bn) in enumerate(zip(block.convs, block.bns)):
+        ref = _np_bn(_np_conv2d(ref, conv.kernel.numpy(), conv.strides[0]), bn)
+        if i < len(block.convs) - 1:
+            ref = np.maximum(ref, 0)
+    shortcut = _np_bn(_np_conv2d(x, block.shortcut_conv.kernel.numpy(), 2), block.shortcut_bn)
+    ref = np.maximum(ref + shortcut, 0)
+    assert out.shape == ref.shape == (2, (size + 1) // 2, (size + 1) // 2, block.out_filters)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_imagenet_stem_computes_what_pytorch_computes(size):
+    """7x7/2 conv (padding 3), BN, ReLU, 3x3/2 max-pool (padding 1), and the first
+    downsampling block after it, as the numpy reference computes them."""
+    model = models.ContrastiveModel(arch="resnet10", stem="imagenet", width=0.0625, proj_dim=8)
+    x = np.random.default_rng(3).normal(size=(2, size, size, 3))
+    model(tf.constant(x, tf.float32))
+    _randomise_bns(model, seed=4)
+    out = tf.nn.relu(model.stem_bn(model.stem_conv(tf.constant(x, tf.float32))))
+    out = model.stem_pool(out).numpy()
+
+    ref = _np_bn(_np_conv2d(x, model.stem_conv.kernel.numpy(), 2), model.stem_bn)
+    ref = _np_maxpool(np.maximum(ref, 0))
+    n = (size + 2 * 3 - 7) // 2 + 1
+    n = (n + 2 - 3) // 2 + 1
+    assert out.shape == ref.shape == (2, n, n, model.stem_conv.filters)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    # A max-pool input that is negative at the border: -inf padding, not zeros.
+    neg = -1.0 - np.random.default_rng(5).uniform(size=(1, 6, 6, 2))
+    np.testing.assert_allclose(model.stem_pool(tf.constant(neg, tf.float32)).numpy(),
+                               _np_maxpool(neg), atol=1e-6)

@@ -25,19 +25,21 @@ DEFAULTS = dict(
     data_dir=None, image_size=32, train_examples=0, examples_per_class=0, batch_size=256,
     epochs=30, max_steps=0, momentum=0.9, ckpt_every=500, log_every=10, steps_per_loop=50,
     image_every=200, export=True, knn_k=200, knn_sigma=0.0, linear_epochs=100, linear_lr=3e-4,
-    linear_batch_size=256, eval_batch_size=500, strategy="auto", virtual_cpus=0)
+    eval_batch_size=500, strategy="auto", virtual_cpus=0)
 # The method settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
 SIMCLR = dict(method="simclr", temperature=0.5, head="mlp", proj_dim=64, augment="simclr",
               normalize="half", optimizer="adam", learning_rate=3e-4, weight_decay=0.0,
-              lr_schedule="constant", lr_boundaries=(), lr_factors=(), probe="h")
+              lr_schedule="constant", lr_boundaries=(), lr_factors=(), probe="h",
+              linear_batch_size=256)
 PLAIN = dict(method="plain", temperature=0.1, head="linear", proj_dim=128, augment="uel",
              normalize="cifar", optimizer="sgd", learning_rate=0.03, weight_decay=5e-4,
              lr_schedule="step", lr_boundaries=(120, 160, 200), lr_factors=(0.1, 0.05, 0.01),
-             probe="z")
+             probe="z", linear_batch_size=128)  # the probe batch of the reference's eval.py
 UEL = dict(PLAIN, method="uel")
 MOCO = dict(method="moco", temperature=0.2, head="mlp", proj_dim=128, augment="moco",
             normalize="cifar", optimizer="sgd", learning_rate=0.06, weight_decay=5e-4,
-            lr_schedule="cosine", lr_boundaries=(), lr_factors=(), probe="h")
+            lr_schedule="cosine", lr_boundaries=(), lr_factors=(), probe="h",
+            linear_batch_size=256)
 CLAE = dict(adversarial=True)
 
 # The paper-scale runs: full width, 1000-epoch probe, fewer logs.
