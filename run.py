@@ -22,6 +22,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # TF's SavedModel writer logs every step at INFO
+    cfg = None
     try:
         cfg = config.from_flags()
         if cfg.mode != "train":
@@ -30,6 +31,11 @@ def main(argv):
         clae_app.print_summary(clae_app.run(cfg))
     except ClaeError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # outside the train loop (which saves and says so itself)
+        where = (f"; checkpoints so far are kept in {cfg.run_dir}/checkpoints (the same command "
+                 f"resumes; --mode=eval --workdir={cfg.run_dir} re-evaluates)" if cfg else "")
+        print(f"error: interrupted{where}", file=sys.stderr)
         sys.exit(2)
 
 
