@@ -164,16 +164,18 @@ class Config:
                 bad("key_momentum", f"must be in [0, 1), got {self.key_momentum}")
         # Issue 12, item 8: every other numeric flag that can be nonsensical.
         for f in dataclasses.fields(self):  # nan passes every `<` check below, inf most of them
-            for v in (getattr(self, f.name) if f.name == "lr_factors" else (getattr(self, f.name),)):
-                if isinstance(v, float) and not abs(v) < float("inf"):
-                    bad(f.name, f"must be a finite number, got {v}")
+            v = getattr(self, f.name)
+            for x in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(x, float) and not abs(x) < float("inf"):
+                    bad(f.name, f"must be a finite number, got {x}")
         if not 0 <= self.seed < 2 ** 32:
             bad("seed", f"must be in [0, 2^32) (NumPy's seed range), got {self.seed}")
         # Logits are cosine similarities / temperature: below 1e-3 they and their gradients reach
         # 1000s (float32 training diverges; 1/t itself overflows float32 below ~3e-39).
         if self.temperature < 1e-3:
-            bad("temperature", f"must be >= 0.001 (logits are cosine similarity / temperature, "
-                               f"so 1/temperature is their scale), got {self.temperature}")
+            bad("temperature", f"must be >= 0.001, got {self.temperature}: logits are cosine "
+                               f"similarity / temperature, up to {1 / self.temperature:.2g} here "
+                               f"(float32 overflows at 3.4e+38; the methods use 0.1-0.5)")
         if self.knn_sigma != 0 and self.knn_sigma < 1e-3:
             bad("knn_sigma", f"must be 0 (use --temperature) or >= 0.001 (kNN weights are "
                              f"exp(similarity / sigma)), got {self.knn_sigma}")

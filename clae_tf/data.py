@@ -52,8 +52,8 @@ def load(cfg: Config) -> Source:
     else:
         source = _tfds(cfg.dataset, cfg.data_dir, cfg.image_size)
     if source.num_classes < 2:
-        raise ClaeError(f"--dataset: {cfg.dataset} has only {source.num_classes} class(es); kNN and "
-                        f"linear accuracy need at least 2 (with one, every prediction is right)")
+        raise ClaeError(f"--dataset: {cfg.dataset} has only {source.num_classes} class(es); kNN "
+                        f"and linear accuracy need at least 2 (with one, every prediction is right)")
     source.train = _subset(source.train, source.num_classes, cfg.train_examples,
                            cfg.examples_per_class)
     _check_train_classes(source, cfg)
@@ -69,13 +69,13 @@ def _check_train_classes(source: Source, cfg: Config):
     if source.train.labels is None:
         return  # TFDS: its label feature declared num_classes (checked above)
     present = np.unique(source.train.labels)
-    subset = cfg.train_examples or cfg.examples_per_class
+    # --examples_per_class keeps every class that has images; --train_examples may not.
     why = (" (--train_examples takes the first images, in class order for a folder; "
-           "--examples_per_class keeps every class)" if subset else "")
+           "--examples_per_class keeps every class)" if cfg.train_examples else "")
     if len(present) < 2:
-        raise ClaeError(f"--{'train_examples' if subset else 'dataset'}: the training images of "
-                        f"{cfg.dataset} hold only {len(present)} class(es); kNN and linear accuracy "
-                        f"need at least 2{why}")
+        raise ClaeError(f"--{'train_examples' if why else 'dataset'}: the training images of "
+                        f"{cfg.dataset} hold only {len(present)} class(es); kNN and linear "
+                        f"accuracy need at least 2{why}")
     if len(present) < source.num_classes:
         print(f"warning: the training images hold {len(present)} of the {source.num_classes} "
               f"classes of {cfg.dataset}{why}", file=sys.stderr)
