@@ -46,7 +46,12 @@ def _with_saved_flags(cfg):
         raise ClaeError(f"--workdir: {cfg.run_dir} has no flags.cfg; is it a clae-tf run?")
     argv = [sys.argv[0], f"--flagfile={path}"] + sys.argv[1:]
     FLAGS.unparse_flags()
-    FLAGS(argv)
+    try:
+        FLAGS(argv)
+    except flags.Error as e:  # e.g. a flags.cfg cut short by a kill (before writes were atomic)
+        FLAGS.mark_as_parsed()  # absl's own exit handling reads a flag
+        raise ClaeError(f"--workdir: cannot read {path} ({str(e).splitlines()[0][:160]}); "
+                        f"re-run the training command on this workdir to rewrite it")
     return config.from_flags()
 
 

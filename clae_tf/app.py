@@ -1,14 +1,12 @@
 """One run: prepare the workdir, then train (+ evaluate + export), evaluate or export."""
 
 import dataclasses
-import json
 import os
 import time
 
 import keras
-import tensorflow as tf
 
-from clae_tf import ClaeError, checkpoints, data, distribute, evaluate, export, train
+from clae_tf import ClaeError, checkpoints, data, distribute, evaluate, export, files, train
 from clae_tf.config import CHECKPOINT_FLAGS, RESUME_DATA_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
@@ -32,11 +30,12 @@ def check_workdir(cfg: Config):
 
 
 def write_flagfile(cfg: Config):
+    """Writes <workdir>/flags.cfg atomically (a kill never leaves half of it)."""
     os.makedirs(cfg.run_dir, exist_ok=True)
     resolved = dataclasses.replace(cfg, workdir=cfg.run_dir)
-    with open(os.path.join(cfg.run_dir, FLAGFILE), "w") as f:
-        f.write(f"# Reproduce this run: python run.py --flagfile={cfg.run_dir}/{FLAGFILE}\n")
-        f.write(resolved.to_flagfile())
+    files.write_atomic(os.path.join(cfg.run_dir, FLAGFILE),
+                       f"# Reproduce this run: python run.py --flagfile={cfg.run_dir}/{FLAGFILE}\n"
+                       + resolved.to_flagfile())
 
 
 def run(cfg: Config, strategy=None) -> dict:
@@ -45,6 +44,8 @@ def run(cfg: Config, strategy=None) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if cfg.precision == "bf16" else "float32")
+    if distribute.is_chief(strategy):  # only the chief writes into the workdir
+        files.check_writable(cfg.run_dir)
     check_workdir(cfg)
     source = data.load(cfg)
     export_dir = os.path.join(cfg.run_dir, "saved_model")

@@ -225,6 +225,65 @@ class Config:
                                   f"enqueues the whole batch of keys, got {self.queue_size}")
             if not 0 <= self.key_momentum < 1:
                 bad("key_momentum", f"must be in [0, 1), got {self.key_momentum}")
+        # Issue 12, item 8: every other numeric flag that can be nonsensical.
+        for f in dataclasses.fields(self):  # nan passes every `<` check below, inf most of them
+            v = getattr(self, f.name)
+            for x in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(x, float) and not abs(x) < float("inf"):
+                    bad(f.name, f"must be a finite number, got {x}")
+        if not 0 <= self.seed < 2 ** 32:
+            bad("seed", f"must be in [0, 2^32) (NumPy's seed range), got {self.seed}")
+        # Logits are cosine similarities / temperature: below 1e-3 they and their gradients reach
+        # 1000s (float32 training diverges; 1/t itself overflows float32 below ~3e-39).
+        if self.temperature < 1e-3:
+            bad("temperature", f"must be >= 0.001, got {self.temperature}: logits are cosine "
+                               f"similarity / temperature, up to {1 / self.temperature:.2g} here "
+                               f"(float32 overflows at 3.4e+38; the methods use 0.1-0.5)")
+        if self.knn_sigma != 0 and self.knn_sigma < 1e-3:
+            bad("knn_sigma", f"must be 0 (use --temperature) or >= 0.001 (kNN weights are "
+                             f"exp(similarity / sigma)), got {self.knn_sigma}")
+        # --eps is in normalised-input units: one pixel's whole [0, 1] range spans 1 / std of them
+        # (augment.NORMALIZATIONS: half 2.0, cifar 1 / 0.2023 for the red channel, the smallest).
+        input_range = {"half": 2.0, "cifar": 1 / 0.2023}.get(self.normalize, float("inf"))
+        if self.eps > input_range:
+            bad("eps", f"{self.eps} is larger than the whole input range ({input_range:.3g} with "
+                       f"--normalize={self.normalize}); eps is in normalised-input units "
+                       f"(0.03 ~ {0.03 / input_range * 255:.2g}/255 of a pixel's range)")
+        if self.proj_hidden < 0:
+            bad("proj_hidden", f"must be >= 1, or 0 for the representation's width, got "
+                               f"{self.proj_hidden}")
+        if self.max_steps < 0:
+            bad("max_steps", f"must be >= 1, or 0 for --epochs x steps per epoch, got {self.max_steps}")
+        if self.train_examples < 0:
+            bad("train_examples", f"must be >= 1, or 0 for all, got {self.train_examples}")
+        if self.examples_per_class < 0:
+            bad("examples_per_class", f"must be >= 1, or 0 for all, got {self.examples_per_class}")
+        if self.ckpt_every < 1:
+            bad("ckpt_every", f"must be >= 1 (steps between checkpoints), got {self.ckpt_every}")
+        if self.log_every < 1:
+            bad("log_every", f"must be >= 1 (steps between scalar logs), got {self.log_every}")
+        if self.image_every < 1:
+            bad("image_every", f"must be >= 1 (steps between image logs), got {self.image_every}")
+        if self.eval_batch_size < 1:
+            bad("eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        if self.linear_batch_size < 1:
+            bad("linear_batch_size", f"must be >= 1, got {self.linear_batch_size}")
+        if self.linear_epochs < 1:
+            bad("linear_epochs", f"must be >= 1 (an untrained probe's accuracy means nothing), "
+                                 f"got {self.linear_epochs}")
+        if self.linear_lr <= 0:
+            bad("linear_lr", f"must be > 0, got {self.linear_lr}")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", f"must be in [0, 1), got {self.momentum}")
+        if self.virtual_cpus < 0:
+            bad("virtual_cpus", f"must be >= 0, got {self.virtual_cpus}")
+        if any(b < 0 for b in self.lr_boundaries) or list(self.lr_boundaries) != sorted(
+                set(self.lr_boundaries)):
+            bad("lr_boundaries", f"must be increasing epochs >= 0, got "
+                                 f"{','.join(map(str, self.lr_boundaries))}")
+        if any(f <= 0 for f in self.lr_factors):
+            bad("lr_factors", f"must be > 0 (multipliers of --learning_rate), got "
+                              f"{','.join(map(str, self.lr_factors))}")
 
     @property
     def run_dir(self) -> str:

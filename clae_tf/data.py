@@ -15,6 +15,7 @@ then upsampled, and a non-square image keeps its aspect ratio.
 
 import dataclasses
 import os
+import sys
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -56,12 +57,48 @@ def load(cfg: Config) -> Source:
         source = _folder(cfg.dataset, cfg.image_size)
     else:
         source = _tfds(cfg.dataset, cfg.data_dir, cfg.image_size)
+    if source.num_classes < 2:
+        raise ClaeError(f"--dataset: {cfg.dataset} has only {source.num_classes} class(es); kNN "
+                        f"and linear accuracy need at least 2 (with one, every prediction is right)")
     source.train = _subset(source.train, source.num_classes, cfg.train_examples,
                            cfg.examples_per_class)
+    _check_train_classes(source, cfg)
     if source.train.num_examples < cfg.batch_size:
         raise ClaeError(f"--batch_size: {cfg.batch_size} is larger than the {source.train.num_examples} "
                         f"training images of {cfg.dataset}")
+    check_readable(source.test, f"the test split of {cfg.dataset}")
     return source
+
+
+def _check_train_classes(source: Source, cfg: Config):
+    """With labels known up front: refuse < 2 classes in the training images, warn on fewer."""
+    if source.train.labels is None:
+        return  # TFDS: its label feature declared num_classes (checked above)
+    present = np.unique(source.train.labels)
+    # --examples_per_class keeps every class that has images; --train_examples may not.
+    why = (" (--train_examples takes the first images, in class order for a folder; "
+           "--examples_per_class keeps every class)" if cfg.train_examples else "")
+    if len(present) < 2:
+        raise ClaeError(f"--{'train_examples' if why else 'dataset'}: the training images of "
+                        f"{cfg.dataset} hold only {len(present)} class(es); kNN and linear "
+                        f"accuracy need at least 2{why}")
+    if len(present) < source.num_classes:
+        print(f"warning: the training images hold {len(present)} of the {source.num_classes} "
+              f"classes of {cfg.dataset}{why}", file=sys.stderr)
+
+
+def check_readable(split: Split, what: str):
+    """Decodes every image of `split` once, so that a corrupt file stops the run before training
+    rather than after it. Small splits are cached as they decode, so evaluation reuses the work.
+    """
+    try:
+        split.images.batch(256).reduce(0, lambda count, _: count + 1)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+            tf.errors.DataLossError) as e:
+        path = find_unreadable(split)
+        raise ClaeError(f"--dataset: cannot read image {path}" if path is not None else
+                        f"--dataset: cannot read {what} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})")
 
 
 def _resize(image, size):
@@ -125,6 +162,7 @@ def _folder(root, size):
                      if os.path.isdir(os.path.join(splits["train"], d)))
     if not classes:
         raise ClaeError(f"--dataset: {splits['train']} has no class folders (<label>/<image>)")
+    _warn_test_only_classes(splits["test"], classes)
     out = {}
     for split_name, split_dir in splits.items():
         files, labels = [], []
@@ -132,13 +170,35 @@ def _folder(root, size):
             cls_dir = os.path.join(split_dir, cls)
             if not os.path.isdir(cls_dir):
                 continue
-            names = sorted(f for f in os.listdir(cls_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+            names = _images_in(cls_dir)
             files += [os.path.join(cls_dir, f) for f in names]
             labels += [label] * len(names)
         if not files:
             raise ClaeError(f"--dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) in {split_dir}")
         out[split_name] = _file_split(files, np.array(labels, np.int32), size)
     return Source(os.path.basename(os.path.normpath(root)), out["train"], out["test"], len(classes))
+
+
+def _images_in(directory):
+    return sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _warn_test_only_classes(test_dir, classes):
+    """A test class without a train/ folder cannot be predicted: its images are left out.
+
+    A warning rather than an error: the accuracy over the other classes is still a measurement
+    (and a held-out class may be deliberate), but the user must know the test set shrank.
+    """
+    extra = {}
+    for d in sorted(os.listdir(test_dir)):
+        path = os.path.join(test_dir, d)
+        if d not in classes and os.path.isdir(path) and _images_in(path):
+            extra[d] = len(_images_in(path))
+    if extra:
+        print(f"warning: test class{'es' if len(extra) > 1 else ''} "
+              f"{', '.join(f'{d!r} ({n} images)' for d, n in extra.items())} of {test_dir} "
+              f"{'have' if len(extra) > 1 else 'has'} no train/ folder and "
+              f"{'are' if len(extra) > 1 else 'is'} left out of the evaluation", file=sys.stderr)
 
 
 def _file_split(files, labels, size):
@@ -168,16 +228,26 @@ def _decode(data):
 
 
 def _tfds(name, data_dir, size):
-    import tensorflow_datasets as tfds
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ClaeError(f"--dataset: {name!r} is neither 'digits' nor an existing image folder, "
+                        f"and TFDS names need tensorflow-datasets ({_missing_module(e)})")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ClaeError(f"--dataset: {name!r} is neither 'digits', an existing image folder, "
                         f"nor a TFDS dataset name")
+    except ImportError as e:
+        raise ClaeError(f"--dataset: TFDS dataset {name!r} needs {_missing_module(e)}")
     if not builder.is_prepared():
         try:
             builder.download_and_prepare()
         except Exception as e:  # network errors come in many types
+            missing = _import_error(e)
+            if missing is not None:  # not a network problem: the builder's own code needs it
+                raise ClaeError(f"--dataset: preparing TFDS dataset {name!r} needs "
+                                f"{_missing_module(missing)}")
             raise ClaeError(
                 f"--dataset: TFDS dataset {name!r} is not in {builder.data_dir} and could not be "
                 f"downloaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}). Prepare it on a "
@@ -199,6 +269,24 @@ def _tfds(name, data_dir, size):
         resized, decoded = _finish(ds, n, size, _static_bytes(ds, n))
         splits[split_name] = Split(resized, n, decoded=decoded)
     return Source(name, splits["train"], splits["test"], num_classes)
+
+
+def _import_error(error: BaseException) -> Optional[ImportError]:
+    """The ImportError (ModuleNotFoundError) that `error` is or was raised from, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ImportError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _missing_module(error: ImportError) -> str:
+    if error.name:
+        top = error.name.split(".")[0]
+        return f"the Python module {top!r}, which is not installed (pip install {top})"
+    return f"a Python module that does not import ({str(error).splitlines()[0][:120]})"
 
 
 def _subset(split, num_classes, train_examples, examples_per_class):

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import data
+from clae_tf import data, files
 from clae_tf.config import Config
 
 
@@ -43,7 +43,10 @@ def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, ch
         sim = tf.matmul(tf.constant(test_z[i:i + chunk], tf.float32), bank, transpose_b=True)
         top_sim, top_idx = tf.math.top_k(sim, k=k)  # (b, k)
         votes = tf.one_hot(tf.gather(bank_y, top_idx), num_classes)  # (b, k, C)
-        scores = tf.reduce_sum(votes * tf.exp(top_sim / sigma)[..., None], axis=1)  # (b, C)
+        # exp((s - s_max) / sigma): the same vote ratios as exp(s / sigma), which overflows
+        # float32 (inf * 0 = nan votes) once 1 / sigma > 88, i.e. sigma < 0.0113.
+        weights = tf.exp((top_sim - top_sim[:, :1]) / sigma)  # top_k sorts: column 0 is the max
+        scores = tf.reduce_sum(votes * weights[..., None], axis=1)  # (b, C)
         pred = tf.argmax(scores, axis=-1, output_type=tf.int32).numpy()
         correct += int(np.sum(pred == test_y[i:i + chunk]))
     return correct / len(test_z)
@@ -98,9 +101,7 @@ def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> 
         tf.summary.scalar("eval/linear_top1", results["linear_top1"])
     writer.flush()
     path = os.path.join(cfg.run_dir, "results.json")
-    if os.path.exists(path):  # --mode=eval: keep what training wrote (wall time, epochs...)
-        with open(path) as f:
-            results = {**json.load(f), **results}
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    # --mode=eval: keep what training wrote (wall time, epochs...); a broken file counts as absent.
+    results = {**(files.read_json(path) or {}), **results}
+    files.write_atomic(path, json.dumps(results, indent=2, sort_keys=True))
     return results

@@ -8,13 +8,32 @@ from clae_tf import augment, builders
 from clae_tf.config import Config
 
 
+# Dtypes each endpoint is traced for. A SavedModel endpoint converts a NumPy argument to its
+# signature's dtype without a word (measured, TF 2.21: serve(uint8 array) ran on 0..255 as if
+# 0..1, serve_uint8(float array) truncated 0.5 to 0), so each endpoint is instead a function
+# traced once per dtype: the restored function picks the trace by the argument's own dtype, the
+# right ones embed, the usual wrong ones fail with a message, any other finds no trace (an error
+# that lists the accepted dtypes). The first dtype is the one of the `signatures` entries.
+_ACCEPTS = {"serve": (tf.float32, tf.float64, tf.float16), "serve_uint8": (tf.uint8,)}
+_REFUSES = {"serve": (tf.uint8, tf.int32, tf.int64),
+            "serve_uint8": (tf.float32, tf.float64, tf.float16, tf.int32, tf.int64)}
+_HOW = {"serve": "float images in [0, 1]; for uint8 images in [0, 255] use serve_uint8",
+        "serve_uint8": "uint8 images in [0, 255]; for float images in [0, 1] use serve"}
+# serve's inputs may stray a little outside [0, 1] (a user's own resampling overshoots); a
+# uint8 image read as floats goes far beyond.
+_RANGE_SLACK = 0.01
+
+
 def export(cfg: Config, model, path: str):
     """Writes a SavedModel at `path` with two endpoints, both returning {"h", "z"}:
 
-      serve(images):       float32 (N, H, W, 3) in [0, 1]
+      serve(images):       float32 (N, H, W, 3) in [0, 1] (float64 and float16 are cast)
       serve_uint8(images): uint8   (N, H, W, 3) in [0, 255]
 
     Images of any size are resized to --image_size and normalised (--normalize) as in training.
+    A wrong dtype fails (InvalidArgumentError naming the endpoint to use) instead of being cast;
+    serve also fails on values outside [0, 1] (by more than 0.01), which catches 0..255 images
+    that reach it as floats (e.g. through `signatures`, which do cast NumPy arguments).
     The exported model is a fresh
     single-device copy without the adversarial BN twins (evaluation uses the clean BNs only), so
     it loads anywhere, whatever strategy trained it.
@@ -31,13 +50,42 @@ def export(cfg: Config, model, path: str):
         h, z = serving(augment.normalize(x, cfg.normalize), training=False)
         return {"h": h, "z": z}
 
+    def serve(images):
+        images = tf.cast(images, tf.float32)
+        in_range = tf.logical_and(tf.reduce_min(images) >= -_RANGE_SLACK,
+                                  tf.reduce_max(images) <= 1 + _RANGE_SLACK)
+        check = tf.debugging.Assert(in_range, [
+            f"serve: takes {_HOW['serve']}; got values from", tf.reduce_min(images), "to",
+            tf.reduce_max(images)])
+        with tf.control_dependencies([check]):
+            return embed(tf.identity(images))
+
+    def serve_uint8(images):
+        return embed(tf.cast(images, tf.float32) / 255.0)
+
     archive = keras.export.ExportArchive()
     archive.track(serving)
-    archive.add_endpoint("serve", embed,
-                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-    archive.add_endpoint("serve_uint8", lambda images: embed(tf.cast(images, tf.float32) / 255.0),
-                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    for name, fn in (("serve", serve), ("serve_uint8", serve_uint8)):
+        archive.add_endpoint(name, _dtype_checked(name, fn))
     archive.write_out(path, verbose=False)
+
+
+def _dtype_checked(name, fn):
+    """`fn` as a tf.function traced for the dtypes `name` accepts and for the usual wrong ones."""
+
+    @tf.function(autograph=False)
+    def endpoint(images):
+        if images.dtype in _ACCEPTS[name]:
+            return fn(images)
+        # Traced for a wrong dtype: the model never runs, the call fails with this message.
+        refuse = tf.debugging.Assert(
+            False, [f"{name}: takes {_HOW[name]}; got {images.dtype.name} images"])
+        with tf.control_dependencies([refuse]):
+            return fn(tf.zeros([0, 1, 1, 3], _ACCEPTS[name][0]))
+
+    for dtype in _ACCEPTS[name] + _REFUSES[name]:  # the first trace becomes the signature
+        endpoint.get_concrete_function(tf.TensorSpec([None, None, None, 3], dtype))
+    return endpoint
 
 
 def check_export(path: str, model, images_uint8: np.ndarray, normalize: str = "half") -> float:

@@ -14,7 +14,6 @@ import os
 
 import keras
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from clae_tf import builders, checkpoints, losses, models, train

@@ -208,7 +208,11 @@ def test_truncated_image_is_named_too(tmp_path):
     encoded = tf.io.encode_png(tf.fill([20, 20, 3], tf.constant(7, tf.uint8))).numpy()
     with open(bad, "wb") as f:
         f.write(encoded[: len(encoded) // 2])
-    source = data.load(_cfg(root))
+    # A broken test image is found by load (issue 12, item 10), before any training...
+    with pytest.raises(ClaeError, match="zz.png"):
+        data.load(_cfg(root))
+    # ... and the evaluation stream would name it too.
+    source = data._folder(root, 16)
     with pytest.raises(tf.errors.InvalidArgumentError) as raw:
         list(data.eval_dataset(source.test, 2, "half"))
     with pytest.raises(ClaeError, match="zz.png"):
@@ -334,8 +338,10 @@ def test_tfds_dataset_not_prepared_offline(tmp_path):
     message = _error(tiny_config(dataset="mnist", data_dir=str(tmp_path / "tfds")))
     elapsed = time.time() - t
     assert "--dataset" in message and "mnist" in message
-    assert "could not be downloaded" in message
-    assert "image folder" in message
+    # Offline: the download fails, unless TFDS's download code lacks a module first (then that
+    # module is named instead: issue 12, item 11, tests/faults_test.py).
+    assert ("could not be downloaded" in message and "image folder" in message) or (
+        "pip install" in message and "could not be downloaded" not in message)
     assert elapsed < 60, f"the offline failure took {elapsed:.0f} s"
 
 

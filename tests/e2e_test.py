@@ -20,7 +20,7 @@ from absl import flags
 
 from conftest import tiny_config
 
-from clae_tf import ClaeError, app, augment, checkpoints, config, distribute, export, train
+from clae_tf import ClaeError, app, augment, checkpoints, config, distribute, export
 
 
 def _run(cfg):

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from conftest import REPO, tiny_config
 
-from clae_tf import ClaeError, app, checkpoints, data, distribute, health, train
+from clae_tf import ClaeError, app, checkpoints, data, health, train
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 
@@ -122,3 +122,20 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Resuming from" in done.stdout and f"at step {saved}." in done.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_evaluation_is_one_line(tmp_path):
+    cmd = [sys.executable, "run.py", "--flagfile=flags/smoke.cfg", "--epochs=1", "--max_steps=2",
+           "--linear_epochs=100000", "--noexport", f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/2"):  # training is over: the probe runs for a long time
+            break
+    time.sleep(5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted; checkpoints so far")

@@ -28,7 +28,7 @@ def _worker(cfg_path, out_path):
     """One worker process: TF_CONFIG is in the environment; cfg is a JSON of Config fields."""
     # Importing clae_tf must not initialise TF: MultiWorkerMirroredStrategy has to come first
     # (as in run.py, which imports clae_tf.app before make_strategy).
-    from clae_tf import app, checkpoints, config, distribute, train
+    from clae_tf import app, config, distribute, train
 
     with open(cfg_path) as f:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
