@@ -34,6 +34,7 @@ class State:
             self.model = builders.build_model(cfg)
             self.method = methods.build(cfg, self.model)
             self.optimizer = None
+            self._learning_rate = cfg.learning_rate
             if steps_per_epoch is not None:
                 self.optimizer = build_optimizer(cfg, steps_per_epoch, total_steps)
                 # Keras 3 optimizers must be built in the scope before a distributed step.
@@ -94,6 +95,11 @@ class State:
                                 f"({str(e).splitlines()[0][:160]}); use another --workdir")
             self._restored_step = _step_of(path)
             self.restored_path = path
+            if self.optimizer is not None and not isinstance(
+                    self.optimizer._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+                # A constant learning rate is a variable that the checkpoint restored: the
+                # flags' value wins (resuming with a lower --learning_rate must take effect).
+                self.optimizer.learning_rate = self._learning_rate
             self.saved_step = self.step
             return True
         return False

@@ -107,3 +107,13 @@ def test_resuming_training_on_other_data_is_refused(saved, flag, value):
     if flag == "dataset":
         app.check_workdir(tiny_config(workdir=saved.run_dir, adversarial=False, mode="eval",
                                       dataset="cifar10"))
+
+
+def test_resuming_with_another_constant_learning_rate_takes_it(saved, tmp_path):
+    # A constant learning rate is an optimizer variable, so the checkpoint holds it; the advice
+    # after a divergence ("try a lower --learning_rate") must not be undone by the restore.
+    lower = tiny_config(tmp_path, adversarial=False, learning_rate=saved.learning_rate / 10)
+    state, ok, _ = _restore(lower)
+    assert ok
+    np.testing.assert_allclose(float(state.optimizer.learning_rate), lower.learning_rate,
+                               rtol=1e-6)

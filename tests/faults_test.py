@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from conftest import tiny_config
 
-from clae_tf import ClaeError, app, augment, data, evaluate, export, files, models
+from clae_tf import ClaeError, app, augment, builders, data, evaluate, export, files
 from clae_tf.config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +141,7 @@ def test_evaluate_over_a_truncated_results_json(tmp_path, capsys):
     with open(path, "w") as f:
         f.write('{"knn_top1": 0.1, "train_seconds_this_pro')
     source = data.load(cfg)
-    model = models.build_model(cfg)
+    model = builders.build_model(cfg)
     results = evaluate.evaluate(cfg, model, source, step=7)
     assert "results.json is unreadable" in capsys.readouterr().err
     with open(path) as f:
@@ -502,7 +502,7 @@ def test_tfds_mnist_offline_for_real(tmp_path):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     cfg = tiny_config(adversarial=False)
-    model = models.build_model(cfg)
+    model = builders.build_model(cfg)
     path = str(tmp_path_factory.mktemp("export") / "saved_model")
     export.export(cfg, model, path)
     return model, tf.saved_model.load(path)
