@@ -33,7 +33,16 @@ def extract(model, split: data.Split, batch_size: int, normalize: str):
 def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, chunk=256):
     """Weighted kNN (Wu et al. 2018): each of the k most similar training embeddings votes for
     its class with weight exp(similarity / sigma). Embeddings must be L2-normalised.
-    Returns top-1 accuracy over every test example.
+    Ties (tests/evaluate_test.py): among equal similarities at the k-th place the training
+    example that comes first in the bank votes (tf.math.top_k); among equal class scores the
+    lowest class index wins (tf.argmax).
+
+    Args:
+      train_z, train_y: the bank (N, D) and its labels; test_z, test_y: the same for the queries.
+      num_classes: number of classes; k: neighbours (at most N); sigma: vote temperature;
+      chunk: test embeddings per similarity matrix.
+    Returns:
+      Top-1 accuracy over every test example.
     """
     k = min(k, len(train_z))
     bank = tf.constant(train_z, tf.float32)  # (N, D)
@@ -43,7 +52,10 @@ def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, ch
         sim = tf.matmul(tf.constant(test_z[i:i + chunk], tf.float32), bank, transpose_b=True)
         top_sim, top_idx = tf.math.top_k(sim, k=k)  # (b, k)
         votes = tf.one_hot(tf.gather(bank_y, top_idx), num_classes)  # (b, k, C)
-        scores = tf.reduce_sum(votes * tf.exp(top_sim / sigma)[..., None], axis=1)  # (b, C)
+        # exp((s - s_max) / sigma): the same argmax as exp(s / sigma) (one positive factor per
+        # row), but no float32 overflow for small sigma (e^(1 / 0.01) = inf, and inf * 0 = nan).
+        weights = tf.exp((top_sim - top_sim[:, :1]) / sigma)
+        scores = tf.reduce_sum(votes * weights[..., None], axis=1)  # (b, C)
         pred = tf.argmax(scores, axis=-1, output_type=tf.int32).numpy()
         correct += int(np.sum(pred == test_y[i:i + chunk]))
     return correct / len(test_z)
