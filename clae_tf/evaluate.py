@@ -33,7 +33,16 @@ def extract(model, split: data.Split, batch_size: int, normalize: str):
 def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, chunk=256):
     """Weighted kNN (Wu et al. 2018): each of the k most similar training embeddings votes for
     its class with weight exp(similarity / sigma). Embeddings must be L2-normalised.
-    Returns top-1 accuracy over every test example.
+    Ties (tests/evaluate_test.py): among equal similarities at the k-th place the training
+    example that comes first in the bank votes (tf.math.top_k); among equal class scores the
+    lowest class index wins (tf.argmax).
+
+    Args:
+      train_z, train_y: the bank (N, D) and its labels; test_z, test_y: the same for the queries.
+      num_classes: number of classes; k: neighbours (at most N); sigma: vote temperature;
+      chunk: test embeddings per similarity matrix.
+    Returns:
+      Top-1 accuracy over every test example.
     """
     k = min(k, len(train_z))
     bank = tf.constant(train_z, tf.float32)  # (N, D)

@@ -61,6 +61,7 @@ def test_unknown_method(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_missing_dataset_folder(tmp_path):
     proc = _run(["--dataset=/nonexistent", f"--workdir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 2, proc.stderr
@@ -69,6 +70,7 @@ def test_missing_dataset_folder(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint(tmp_path):
     # A workdir holding a real checkpoint of a width-1/16 model (no training needed).
     cfg = tiny_config(tmp_path)

@@ -31,6 +31,3 @@ def tiny_config(tmp_path=None, **overrides) -> Config:
 def tiny_cfg(tmp_path):
     return tiny_config(tmp_path)
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: slower than ~10 s (deselect with -m 'not slow')")

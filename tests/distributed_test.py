@@ -181,7 +181,7 @@ def _compare(cfg, replicas, initial, views, monkeypatch):
     return out
 
 
-@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_step_on_replicas_equals_one_device(replicas, initial, views, monkeypatch):
     d = _compare(tiny_config(**SGD), replicas, initial, views, monkeypatch)
     assert d["x_adv_differs_off_ties"] == 0, "x_adv must be bit-for-bit equal where sign(g) is defined"
@@ -242,6 +242,7 @@ def _variables(state):
     return out
 
 
+@pytest.mark.slow
 def test_checkpoint_cross_restore_and_export(tmp_path, source):
     """2 replicas -> 1 device -> 2 replicas in one workdir: each restore gives exactly the saved
     variables on every replica and continues at the saved step; the result matches an

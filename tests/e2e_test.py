@@ -75,6 +75,7 @@ def _scalar(value):
     return float(tf.make_ndarray(value.tensor))
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoints_results_flags_and_events(full):
     cfg, result, log = full
     run_dir = cfg.run_dir
@@ -114,6 +115,7 @@ def test_run_writes_checkpoints_results_flags_and_events(full):
     app.print_summary(result)  # does not fail on a real result
 
 
+@pytest.mark.slow
 def test_flagfile_reproduces_the_config(full):
     cfg, _, _ = full
     path = os.path.join(cfg.run_dir, "flags.cfg")
@@ -138,6 +140,7 @@ def _images(seed=0, n=6, size=16):
     return rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_saved_model_matches_the_model(full):
     cfg, result, _ = full
     path = result["saved_model"]
@@ -163,6 +166,7 @@ def test_saved_model_matches_the_model(full):
     assert out["h"].shape == (2, model.feature_dim) and out["z"].shape == (2, cfg.proj_dim)
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_every_model_variable(full):
     """A model restored in a fresh process state is the trained one: eval gives the same numbers."""
     cfg, result, _ = full
@@ -180,6 +184,7 @@ def test_checkpoint_holds_every_model_variable(full):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_and_export_modes_on_a_finished_workdir(full, tmp_path):
     cfg, result, _ = full
     # On a copy, so that the other tests see the training run's own results.json.
@@ -217,6 +222,7 @@ def test_eval_without_a_checkpoint(tmp_path):
         app.run(tiny_config(tmp_path, mode="eval"))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_at_the_right_step(resumed):
     cfg, first, first_log, second, second_log = resumed
     assert first["results"]["step"] == 2 and "Resuming" not in first_log
@@ -240,6 +246,7 @@ def test_interrupted_run_resumes_at_the_right_step(resumed):
     assert sorted(steps) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_the_uninterrupted_one(full, resumed):
     full_cfg, full_result, full_log = full
     cfg, _, _, second, second_log = resumed
@@ -262,6 +269,7 @@ def test_resumed_run_equals_the_uninterrupted_one(full, resumed):
         full_result["results"]["linear_top1"], abs=0.02)
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_flags(full, tmp_path):
     cfg, _, _ = full
     flagfile = os.path.join(cfg.run_dir, "flags.cfg")
@@ -300,6 +308,7 @@ def _image_folder(root, classes=3, per_class=6):
                 tf.io.write_file(os.path.join(root, split, f"c{c}", name), encoded)
 
 
+@pytest.mark.slow
 def test_run_on_an_image_folder(tmp_path):
     root = str(tmp_path / "shapes")
     _image_folder(root)
@@ -312,6 +321,7 @@ def test_run_on_an_image_folder(tmp_path):
     assert 0.0 <= r["knn_top1"] <= 1.0 and 0.0 <= r["linear_top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_run_on_mocked_tfds_cifar10(tmp_path):
     cfg = tiny_config(tmp_path, dataset="cifar10", batch_size=8, max_steps=2, linear_epochs=1,
                       export=False, adversarial=False)
@@ -327,6 +337,7 @@ def test_run_on_mocked_tfds_cifar10(tmp_path):
     assert "train/loss" in tags and "eval/knn_top1" in tags
 
 
+@pytest.mark.slow
 def test_run_mirrored_over_two_virtual_cpus(tmp_path):
     """The same loop under MirroredStrategy (as on several GPUs): logs, checkpoints and exports."""
     cfg = tiny_config(tmp_path, virtual_cpus=2, max_steps=1, linear_epochs=1, adversarial=False)

@@ -23,6 +23,7 @@ def _run(cfg):
         return app.run(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adversarial", [False, True])
 @pytest.mark.parametrize("method", ["plain", "uel", "moco"])
 def test_method_runs_end_to_end(tmp_path, method, adversarial):
@@ -56,6 +57,7 @@ def _moco_state(cfg):
     return state
 
 
+@pytest.mark.slow
 def test_moco_resume_equals_uninterrupted_run(tmp_path):
     full = _moco_cfg(tmp_path / "full", 4, export=True)
     out = _run(full)

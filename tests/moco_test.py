@@ -83,6 +83,7 @@ def test_steps_update_key_encoder_by_momentum_and_enqueue_the_keys(adversarial):
     assert max(np.abs(k.numpy() - q.numpy()).max() for k, q in moco.pairs) > 1e-6
 
 
+@pytest.mark.slow
 def test_two_replicas_hold_the_same_queue_and_key_encoder_as_one_device():
     cfg = tiny_config(adversarial=True, **MOCO)
     batches = _batches(cfg, 2)

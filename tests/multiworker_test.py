@@ -83,6 +83,7 @@ def _tail(path, n=3000):
         return f.read()[-n:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["simclr", "moco"])
 def test_two_workers_train_like_one_process(tmp_path, method):
     import tensorflow as tf

@@ -1,0 +1,152 @@
+"""Evaluation against references: weighted kNN against numpy, the linear probe against scikit-learn.
+
+kNN (PAPER.md, "Evaluation protocol"): each of the k training embeddings most similar (cosine) to
+a test embedding votes for its class with weight exp(similarity / sigma); the prediction is the
+class with the largest summed vote. The reference code leaves ties to torch.topk / torch.sort
+(unspecified order); clae-tf defines them, and these tests pin exactly that:
+  - equal similarities at the k-th place: the training example that comes FIRST in the bank
+    is among the k neighbours (tf.math.top_k keeps the lower index first);
+  - equal class scores: the LOWEST class index wins (tf.argmax returns the first maximum).
+knn_top1 returns only the accuracy, so the tests read its predictions through the labels: with
+test_y = the reference's predictions the accuracy is 1 exactly when every prediction agrees,
+and one changed label must cost exactly 1 / n.
+"""
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from clae_tf.evaluate import knn_top1, linear_top1
+
+
+def reference_knn_predict(train_z, train_y, test_z, num_classes, k, sigma):
+    """PAPER.md's weighted kNN in float64 numpy, with the tie rules of the module docstring."""
+    k = min(k, len(train_z))
+    sim = test_z.astype(np.float64) @ train_z.astype(np.float64).T  # (n_test, n_train)
+    pred = []
+    for s in sim:
+        nearest = np.argsort(-s, kind="stable")[:k]  # stable: equal similarities keep bank order
+        scores = np.zeros(num_classes)
+        np.add.at(scores, train_y[nearest], np.exp(s[nearest] / sigma))
+        pred.append(int(np.argmax(scores)))  # the first (lowest) class among equal scores
+    return np.array(pred)
+
+
+def _unit(rng, n, d):
+    z = rng.normal(size=(n, d)).astype(np.float32)
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("k", [1, 7, 60, 200])  # 200 > the bank of 60: every example votes
+@pytest.mark.parametrize("sigma", [0.07, 0.1, 0.5])
+@pytest.mark.parametrize("chunk", [8, 256])  # 37 test examples: 4 full chunks and a partial one
+def test_knn_matches_numpy_reference(k, sigma, chunk):
+    rng = np.random.default_rng(k * 100 + int(sigma * 100) + chunk)
+    num_classes = 5
+    train_z, test_z = _unit(rng, 60, 8), _unit(rng, 37, 8)
+    train_y = rng.integers(0, num_classes, 60)
+    want = reference_knn_predict(train_z, train_y, test_z, num_classes, k, sigma)
+    assert knn_top1(train_z, train_y, test_z, want, num_classes, k=k, sigma=sigma,
+                    chunk=chunk) == 1.0
+    # Every test example counts, the last partial chunk too: each changed label costs 1/37.
+    for i in (0, 36):
+        wrong = want.copy()
+        wrong[i] = (wrong[i] + 1) % num_classes
+        assert knn_top1(train_z, train_y, test_z, wrong, num_classes, k=k, sigma=sigma,
+                        chunk=chunk) == pytest.approx(36 / 37)
+    # And the accuracy against random labels is the reference's.
+    test_y = rng.integers(0, num_classes, 37)
+    assert knn_top1(train_z, train_y, test_z, test_y, num_classes, k=k, sigma=sigma,
+                    chunk=chunk) == pytest.approx(np.mean(want == test_y))
+
+
+def _on_circle(xs):
+    """Unit rows (x, sqrt(1 - x^2)): their dot product with e1 is exactly x in float32."""
+    xs = np.asarray(xs, np.float32)
+    return np.stack([xs, np.sqrt(1 - xs ** 2)], axis=1).astype(np.float32)
+
+
+E1 = np.array([[1.0, 0.0]], np.float32)
+
+
+def test_knn_votes_are_weighted_by_exp_similarity_over_sigma():
+    # Neighbours of e1 at similarity 1.0 (class 1) and 0.6, 0.6 (class 0), k = 3: class 0
+    # wins iff 2 exp(0.6 / sigma) > exp(1 / sigma), i.e. sigma > 0.4 / ln 2 = 0.577.
+    bank, bank_y = _on_circle([1.0, 0.6, 0.6]), np.array([1, 0, 0])
+    for sigma, winner in ((0.5, 1), (0.56, 1), (0.6, 0), (1.0, 0)):
+        assert reference_knn_predict(bank, bank_y, E1, 2, 3, sigma)[0] == winner
+        assert knn_top1(bank, bank_y, E1, np.array([winner]), 2, k=3, sigma=sigma) == 1.0
+    # k = 1: the nearest alone, whatever sigma.
+    assert knn_top1(bank, bank_y, E1, np.array([1]), 2, k=1, sigma=1.0) == 1.0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_knn_tie_at_kth_place_keeps_the_earlier_bank_example(k):
+    # k = 3: neighbours at 0.8 (class 0) and 0.7 (class 1), then two at exactly 0.6 (classes
+    # 0 and 1) competing for the 3rd place, then one at 0.5. With sigma large the votes are
+    # nearly counts, so the tied example that gets in decides the class. k = 1: two at 0.6 tie
+    # for the only place.
+    sims = [0.8, 0.7, 0.6, 0.6, 0.5] if k == 3 else [0.6, 0.6, 0.5]
+    tied = [2, 3] if k == 3 else [0, 1]
+    base_y = [0, 1, 0, 1, 0] if k == 3 else [0, 1, 0]
+    bank = _on_circle(sims)
+    for first in (0, 1):  # which of the two tied examples comes first in the bank
+        y = np.array(base_y)
+        y[tied[0]], y[tied[1]] = first, 1 - first
+        assert reference_knn_predict(bank, y, E1, 2, k, 10.0)[0] == first
+        assert knn_top1(bank, y, E1, np.array([first]), 2, k=k, sigma=10.0) == 1.0
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_knn_equal_class_scores_go_to_the_lowest_class(num_classes):
+    # Two neighbours at exactly the same similarity, one per class: the scores tie exactly.
+    bank = _on_circle([0.6, 0.6, 0.5])
+    for pair in ([1, 0], [0, 1], [num_classes - 1, 1]):
+        bank_y = np.array(pair + [0])  # a farther third example, outside k = 2
+        lowest = min(pair)
+        assert reference_knn_predict(bank, bank_y, E1, num_classes, 2, 0.1)[0] == lowest
+        assert knn_top1(bank, bank_y, E1, np.array([lowest]), num_classes, k=2,
+                        sigma=0.1) == 1.0
+
+
+def test_knn_small_sigma_does_not_overflow():
+    # exp(1 / 0.01) = e^100 overflows float32 (max ~e^88.7); the votes must stay comparable.
+    # Class 1 has the nearest neighbour (1.0) and the 4th (0.9); class 0 the 2nd and 3rd
+    # (0.99, 0.98): class 1 wins, e^100 + e^90 > e^99 + e^98.
+    bank, bank_y = _on_circle([1.0, 0.99, 0.98, 0.9]), np.array([1, 0, 0, 1])
+    assert reference_knn_predict(bank, bank_y, E1, 2, 4, 0.01)[0] == 1
+    assert knn_top1(bank, bank_y, E1, np.array([1]), 2, k=4, sigma=0.01) == 1.0
+
+
+# ------------------------------------------------------------------ linear probe
+
+
+def _blobs(rng, n_per_class, num_classes, d, spread):
+    """Gaussian blobs whose centres lie on ONE ray from the origin (at 2, 3, 4, ... along axis
+    0): only a classifier with a bias can separate them, so a probe without one would fail."""
+    x, y = [], []
+    for c in range(num_classes):
+        centre = np.zeros(d)
+        centre[0] = 2.0 + c
+        x.append(centre + spread * rng.normal(size=(n_per_class, d)))
+        y.append(np.full(n_per_class, c))
+    return np.concatenate(x).astype(np.float32), np.concatenate(y)
+
+
+# spread 0.15: separable, both must be at 100% within a point. spread 0.4: overlapping blobs
+# (~85%); Adam at a constant lr ends its last epoch a few points off the optimum that
+# scikit-learn's L-BFGS finds, hence 5 points (a probe without a bias is at ~60%).
+@pytest.mark.parametrize("spread,tolerance", [
+    (0.15, 0.01), pytest.param(0.4, 0.05, marks=pytest.mark.slow)])
+def test_linear_probe_matches_scikit_learn(spread, tolerance):
+    rng = np.random.default_rng(0)
+    train_x, train_y = _blobs(rng, 100, 3, 6, spread)
+    test_x, test_y = _blobs(rng, 100, 3, 6, spread)
+    # Multinomial logistic regression, (almost) unregularised like the probe.
+    want = LogisticRegression(C=1e4, max_iter=5000).fit(train_x, train_y).score(test_x, test_y)
+    if spread < 0.2:
+        assert want == 1.0
+    got = linear_top1(train_x, train_y, test_x, test_y, 3, epochs=40, lr=0.1, batch_size=20)
+    assert got == pytest.approx(want, abs=tolerance)
+    # The probe before training is far off: the comparison above is not vacuous.
+    assert linear_top1(train_x, train_y, test_x, test_y, 3, epochs=0) < want - 0.2
