@@ -39,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clae_tf import builders, checkpoints, data, train  # noqa: E402
+from clae_tf import builders, data, optim, train  # noqa: E402
 from clae_tf.config import Config  # noqa: E402
 
 POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16"}
@@ -109,7 +109,7 @@ def compiled_step(cfg: Config):
     """The seeded model's train step under tf.function (call under cfg.precision's policy)."""
     keras.utils.set_random_seed(cfg.seed)
     model = builders.build_model(cfg)
-    optimizer = checkpoints.build_optimizer(cfg, 1, 1)
+    optimizer = optim.build_optimizer(cfg, 1, 1)
     optimizer.build(model.trainable_variables)
     return tf.function(train.make_train_step(model, optimizer, cfg, num_replicas=1))
 
@@ -300,7 +300,7 @@ def memory_child(argv) -> None:
     cfg = make_config(arch, float(width), int(batch), int(size), True, precision)
     keras.mixed_precision.set_global_policy(POLICIES[precision])
     model = builders.build_model(cfg)
-    optimizer = checkpoints.build_optimizer(cfg, 1, 1)
+    optimizer = optim.build_optimizer(cfg, 1, 1)
     optimizer.build(model.trainable_variables)
     step = tf.function(train.make_train_step(model, optimizer, cfg, num_replicas=1))
     split = synthetic_split(cfg.batch_size * int(steps), cfg.image_size)

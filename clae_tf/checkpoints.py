@@ -6,20 +6,8 @@ import keras
 import tensorflow as tf
 
 from clae_tf import ClaeError, builders, distribute, methods
+from clae_tf.optim import build_optimizer
 from clae_tf.config import Config
-
-
-def build_optimizer(cfg: Config, steps_per_epoch: int, total_steps: int):
-    lr = cfg.learning_rate
-    if cfg.lr_schedule == "step":
-        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
-            [b * steps_per_epoch for b in cfg.lr_boundaries],
-            [cfg.learning_rate] + [cfg.learning_rate * f for f in cfg.lr_factors])
-    elif cfg.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, max(1, total_steps))
-    if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
-    return keras.optimizers.SGD(lr, momentum=cfg.momentum)
 
 
 class State:

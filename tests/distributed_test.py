@@ -23,7 +23,8 @@ import tensorflow as tf
 
 from conftest import tiny_config
 
-from clae_tf import attacks, builders, checkpoints, data, distribute, export, losses, train
+from clae_tf import (attacks, builders, checkpoints, data, distribute, export, losses, optim,
+                     train)
 
 # SGD (not Adam) so the weight update is proportional to the gradient: a wrong loss scale, a
 # missing negative or an unsynchronised statistic shows up in the weights, and coupled weight
@@ -71,7 +72,7 @@ def initial():
 def _build(strategy, cfg, initial):
     with strategy.scope():
         model = builders.build_model(cfg)
-        optimizer = checkpoints.build_optimizer(cfg, 1, 1)
+        optimizer = optim.build_optimizer(cfg, 1, 1)
         optimizer.build(model.trainable_variables)  # Keras 3: build in scope, before the step
     for v in model.variables:
         v.assign(initial[v.path])

@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import builders, checkpoints, losses, models, train
+from clae_tf import builders, losses, models, optim, train
 from conftest import tiny_config
 
 
 def code_under_test(cfg, model=None, steps_per_epoch=1, total_steps=1, compiled=False):
-    """The ONE place that calls checkpoints.build_optimizer / train.make_train_step.
+    """The ONE place that calls optim.build_optimizer / train.make_train_step.
 
     Returns (step, optimizer): step(x1, x2) -> (metrics, images, keys), or None without a model.
     """
-    optimizer = checkpoints.build_optimizer(cfg, steps_per_epoch, total_steps)
+    optimizer = optim.build_optimizer(cfg, steps_per_epoch, total_steps)
     if model is None:
         return None, optimizer
     optimizer.build(model.trainable_variables)
@@ -233,17 +233,12 @@ def _sgd_steps_match(cfg, steps, steps_per_epoch, schedule):
 @pytest.mark.parametrize("method", ["plain", "uel"])
 def test_sgd_step_matches_literal_pytorch_sgd(method):
     """Three CLAE steps in the first epochs: momentum buffer and coupled weight decay."""
-    cfg = tiny_config(method=method, batch_size=8)
+    cfg = tiny_config(method=method, batch_size=16)
     assert (cfg.optimizer, cfg.learning_rate, cfg.momentum, cfg.weight_decay) == (
         "sgd", 0.03, 0.9, 5e-4)
     _sgd_steps_match(cfg, steps=3, steps_per_epoch=1, schedule=PAPER_SCHEDULE)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.py: Keras' PiecewiseConstantDecay keeps the old lr for the first step of a boundary "
-    "epoch, and Keras' SGD keeps lr inside its momentum (v = m v - lr g; w += v), so after a "
-    "drop the old lr's momentum decays over ~1/(1-m) steps; PyTorch scales the whole buffer "
-    "by the new lr (w -= lr (m b + g))"))
 @pytest.mark.slow
 def test_sgd_steps_across_lr_boundaries_match_literal_pytorch_sgd():
     # One step per epoch, boundaries at epochs 1, 2, 3: every step runs at a new lr.
@@ -274,10 +269,6 @@ def test_step_schedule_within_epochs(method):
         assert _keras_lr(optimizer, i) == pytest.approx(reference_lr(i, spe), rel=1e-6), i
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.py: PiecewiseConstantDecay switches after iteration boundary * steps_per_epoch, so "
-    "the first step of epochs 120, 160 and 200 runs at the previous lr (the reference's "
-    "adjust_learning_rate switches at the start of the epoch)"))
 def test_step_schedule_first_step_of_boundary_epochs():
     spe = 3
     _, optimizer = code_under_test(tiny_config(method="plain"), steps_per_epoch=spe,
