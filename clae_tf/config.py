@@ -105,6 +105,16 @@ class Config:
     # Distribution.
     strategy: str = "auto"
     virtual_cpus: int = 0
+    # --- Robustness (issue 11) -------------------------------------------------------------
+    # Robust evaluation: PGD-20 and FGSM on the frozen encoder + linear probe, in pixel space.
+    robust_eps: str = "1,2,4,8"  # comma-separated, in units of 1/255; "" -> off.
+    robust_examples: int = 1000  # a fixed class-balanced subset of the test split; 0 -> all.
+    # The training attack (used by the train step once it takes PGD; FGSM is the paper's).
+    attack: str = "fgsm"  # fgsm or pgd.
+    attack_steps: int = 3  # pgd only.
+    attack_step_size: float = 0.0  # pgd only, normalised-input units; 0 -> 2.5 * eps / steps.
+    attack_random_start: bool = False  # pgd only: start uniformly in the eps-ball.
+    # --- end robustness ----------------------------------------------------------------------
 
     def __post_init__(self):
         self._resolve_method_defaults()
@@ -162,6 +172,25 @@ class Config:
                                   f"enqueues the whole batch of keys, got {self.queue_size}")
             if not 0 <= self.key_momentum < 1:
                 bad("key_momentum", f"must be in [0, 1), got {self.key_momentum}")
+        # --- Robustness (issue 11) ---------------------------------------------------------
+        for item in self.robust_eps.split(",") if self.robust_eps.strip() else []:
+            try:
+                value = float(item)
+            except ValueError:
+                bad("robust_eps", f"expected comma-separated numbers (in 1/255), got "
+                                  f"{self.robust_eps!r}")
+            if not value >= 0:  # also rejects nan
+                bad("robust_eps", f"must be >= 0 (in 1/255), got {item.strip()}")
+        if self.robust_examples < 0:
+            bad("robust_examples", f"must be >= 0 (0: all test images), got {self.robust_examples}")
+        if self.attack not in ("fgsm", "pgd"):
+            bad("attack", f"unknown attack {self.attack!r}; choose fgsm or pgd")
+        if self.attack_steps < 1:
+            bad("attack_steps", f"must be >= 1, got {self.attack_steps}")
+        if self.attack_step_size < 0:
+            bad("attack_step_size", f"must be > 0 (or 0: 2.5 * eps / steps), got "
+                                    f"{self.attack_step_size}")
+        # --- end robustness ------------------------------------------------------------------
 
     @property
     def run_dir(self) -> str:
@@ -271,6 +300,18 @@ _HELP = {
     "strategy": "auto (mirrored when >1 GPU), mirrored, multiworker (TF_CONFIG; "
                 "docs/distributed.md) or one_device.",
     "virtual_cpus": "Split the CPU into N virtual devices and mirror over them (testing).",
+    # --- Robustness (issue 11) -------------------------------------------------------------
+    "robust_eps": "Robust evaluation radii, comma-separated, in units of 1/255 of the [0, 1] pixel "
+                  "range: PGD-20 (step eps/4, random start) and FGSM on encoder + linear probe. "
+                  "Empty: no robust evaluation.",
+    "robust_examples": "Test images of the robust evaluation: a fixed class-balanced subset "
+                       "(0: all).",
+    "attack": "Training attack: fgsm (the paper's: one step of --eps) or pgd.",
+    "attack_steps": "--attack=pgd: number of steps.",
+    "attack_step_size": "--attack=pgd: step size in normalised-input units (as --eps); "
+                        "0: 2.5 * eps / steps (Madry et al.).",
+    "attack_random_start": "--attack=pgd: start from a uniform random point of the eps-ball.",
+    # --- end robustness ----------------------------------------------------------------------
 }
 _ENUMS = {"mode": ("train", "eval", "export"), "method": METHODS, "arch": ARCHS,
           "stem": ("cifar", "imagenet"), "precision": ("float32", "bf16"),
