@@ -160,6 +160,14 @@ def pgd(embed_adv, batch_loss, x1, eps, steps, step_size, random_start=False, se
                     x_start=x_start, clip_min=clip_min, clip_max=clip_max)
 
 
+def auto_step_size(eps, steps):
+    """--attack_step_size=0: 2.5 * eps / steps (the rule of thumb of Madry et al.'s robustness
+    library). k steps can then travel 2.5 radii: enough to cross the ball from a random start
+    and still slide along its surface, while one step (k = 1) overshoots and is projected back
+    onto the signed-gradient corner, i.e. is FGSM."""
+    return 2.5 * eps / steps
+
+
 def fgsm(embed_adv, batch_loss, x1, eps):
     """One FGSM step on view 1 against the batch-wide contrastive loss (the paper's attack).
 

@@ -28,3 +28,7 @@ def tiny_config(tmp_path=None, **overrides) -> Config:
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return tiny_config(tmp_path)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: slower than ~10 s (deselect with -m 'not slow')")
