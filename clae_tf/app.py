@@ -48,7 +48,6 @@ def run(cfg: Config, strategy=None) -> dict:
         files.check_writable(cfg.run_dir)
     check_workdir(cfg)
     source = data.load(cfg)
-    export_dir = os.path.join(cfg.run_dir, "saved_model")
     out = {"workdir": cfg.run_dir}
     if cfg.mode == "train":
         chief = distribute.is_chief(strategy)
@@ -62,8 +61,7 @@ def run(cfg: Config, strategy=None) -> dict:
         summary["wall_seconds_this_process"] = time.time() - t0
         out["results"] = evaluate.evaluate(cfg, model, source, summary["step"], extra=summary)
         if cfg.export:
-            export.export(cfg, model, export_dir)
-            out["saved_model"] = export_dir
+            _export(cfg, model, summary["step"], out)
         return out
     state = checkpoints.State(cfg, strategy)  # no optimizer: eval and export need the model only
     if not state.restore(model_only=True):
@@ -71,9 +69,29 @@ def run(cfg: Config, strategy=None) -> dict:
     if cfg.mode == "eval":
         out["results"] = evaluate.evaluate(cfg, state.model, source, state.step)
     else:
-        export.export(cfg, state.model, export_dir)
-        out["saved_model"] = export_dir
+        _export(cfg, state.model, state.step, out)
     return out
+
+
+def _export(cfg: Config, model, step: int, out: dict):
+    """The encoder SavedModel, and next to it encoder + probe if the probe is of this step."""
+    export_dir = os.path.join(cfg.run_dir, "saved_model")
+    export.export(cfg, model, export_dir)
+    out["saved_model"] = export_dir
+    probe_path = os.path.join(cfg.run_dir, evaluate.PROBE_FILE)
+    if not os.path.exists(probe_path):
+        out["probe_note"] = (f"no linear probe in {cfg.run_dir} yet (run --mode=eval first); "
+                             f"exported the encoder only")
+        return
+    probe = evaluate.load_probe(probe_path)
+    if probe["step"] != step:  # a probe of other weights would give meaningless logits
+        out["probe_note"] = (f"the linear probe in {probe_path} is of step {probe['step']}, the "
+                             f"checkpoint of step {step} (run --mode=eval first); exported the "
+                             f"encoder only")
+        return
+    probe_dir = os.path.join(cfg.run_dir, "probe_saved_model")
+    export.export_probe(cfg, model, probe, probe_dir)
+    out["probe_saved_model"] = probe_dir
 
 
 def print_summary(out: dict):
@@ -83,10 +101,25 @@ def print_summary(out: dict):
         r = out["results"]
         lines.append(f"kNN top-1:    {r['knn_top1']:.4f}   linear top-1: {r['linear_top1']:.4f}"
                      f"   (step {r['step']}, {r['test_examples']} test images)")
+        if "robust_top1" in r:
+            lines.append(f"Robust top-1: {robust_line(r)}")
         lines.append(f"Results:      {os.path.join(d, 'results.json')}")
     lines.append(f"Checkpoints:  {os.path.join(d, 'checkpoints')}")
     lines.append(f"TensorBoard:  tensorboard --logdir={os.path.join(d, 'tensorboard')}")
     if "saved_model" in out:
         lines.append(f"SavedModel:   {out['saved_model']}  (m = tf.saved_model.load(path); m.serve(images))")
+    if "probe_saved_model" in out:
+        lines.append(f"Probe:        {out['probe_saved_model']}  (logits = m.serve(images in [0, 1]))")
+    elif "probe_note" in out:
+        lines.append(f"Probe:        {out['probe_note']}")
     lines.append(f"Reproduce:    python run.py --flagfile={os.path.join(d, FLAGFILE)}")
     print("\n".join(lines))
+
+
+def robust_line(r: dict) -> str:
+    """One compact line: clean, then each attack at each eps (1/255), on the robust subset."""
+    parts = [f"clean {r['robust_clean_top1']:.4f}"]
+    for attack, by_eps in r["robust_top1"].items():
+        eps = sorted(by_eps, key=float)  # results.json sorts keys as strings ("16" < "2")
+        parts.append(f"{attack.upper()} " + " ".join(f"{e}:{by_eps[e]:.4f}" for e in eps))
+    return f"{'  '.join(parts)}  (eps/255, {r['robust_examples']} images, {r['robust_seconds']:.0f} s)"

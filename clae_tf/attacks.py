@@ -1,16 +1,182 @@
-"""Adversarial examples for contrastive learning (PAPER.md, "The CLAE step", step 3)."""
+"""Adversarial examples: FGSM and PGD in the L-infinity ball, as pure functions.
+
+One core, `linf_pgd(objective, x, ...)`, does k signed-gradient ascent steps on any scalar
+objective of the input. Two front ends build the objective:
+
+  - `pgd` / `fgsm` (the CLAE training attack, PAPER.md "The CLAE step", step 3): the batch-wide
+    contrastive loss batch_loss(sg z(x1), z(x_adv)) of an embedding function z;
+  - `pgd_classifier` / `fgsm_classifier` (robust evaluation): the summed cross-entropy of a
+    classifier's logits against the labels.
+
+Every gradient is taken w.r.t. the input only (a nested tape that watches just x_adv and no
+variable), kept in float32, and the result is stop_gradient-ed: an attack never forms parameter
+gradients and never becomes part of a training graph.
+"""
 
 import tensorflow as tf
 
 
+def _input_gradient(objective, x):
+    """(d objective / dx in float32, aux). `objective(x)` returns a scalar or (scalar, aux)."""
+    # Watches the INPUT only: no parameter gradient is ever formed, and an enclosing tape
+    # (the train step's, when not paused) does not see the variables through this one.
+    with tf.GradientTape(watch_accessed_variables=False) as input_tape:
+        input_tape.watch(x)
+        out = objective(x)
+    loss, aux = out if isinstance(out, tuple) else (out, None)
+    grad = input_tape.gradient(loss, x)
+    # Kept in float32 even under mixed precision: an underflowed gradient gives sign(0) = 0.
+    return tf.cast(grad, tf.float32), aux
+
+
+def _project(x_adv, x, eps, clip_min, clip_max):
+    """Back into the eps-ball around x, then into [clip_min, clip_max] (each bound optional).
+
+    clip_by_value against x -/+ eps (rather than x + clip(x_adv - x)) leaves a point already on
+    the ball's surface bit-for-bit unchanged, so one PGD step of size eps IS the FGSM expression.
+    """
+    x_adv = tf.clip_by_value(x_adv, x - eps, x + eps)
+    if clip_min is not None:
+        x_adv = tf.maximum(x_adv, tf.cast(clip_min, x_adv.dtype))
+    if clip_max is not None:
+        x_adv = tf.minimum(x_adv, tf.cast(clip_max, x_adv.dtype))
+    return x_adv
+
+
+def _seed(seed):
+    if seed is None:  # a fixed default would repeat the same noise at every call
+        raise ValueError("a random start needs a seed (shape-[2] integers)")
+    return seed
+
+
+def _ascent_step(x_adv, grad, x, eps, step_size, clip_min, clip_max):
+    return _project(x_adv + step_size * tf.sign(tf.cast(grad, x_adv.dtype)), x, eps, clip_min,
+                    clip_max)
+
+
+def uniform_start(x, eps, seed, clip_min=None, clip_max=None):
+    """x + U(-eps, eps) per entry (stateless: a pure function of `seed`), clipped to the range.
+
+    Args:
+      x: the clean input.
+      eps: radius of the L-infinity ball, in x's units.
+      seed: shape-[2] integer seed of tf.random.stateless_uniform.
+      clip_min, clip_max: optional valid range.
+
+    Returns:
+      A point of the ball (and of the range), same shape and dtype as x.
+    """
+    x = tf.convert_to_tensor(x)
+    eps = tf.cast(eps, x.dtype)
+    noise = tf.random.stateless_uniform(tf.shape(x), seed=seed, minval=-1.0, maxval=1.0,
+                                        dtype=x.dtype)
+    return _project(x + eps * noise, x, eps, clip_min, clip_max)
+
+
+def linf_pgd(objective, x, eps, steps, step_size, x_start=None, clip_min=None, clip_max=None,
+             unroll=True):
+    """The core: `steps` signed-gradient ascent steps on `objective` in the L-inf ball around x.
+
+    x_adv <- Proj(x_adv + step_size * sign(d objective / d x_adv)), Proj = the eps-ball around x
+    intersected with [clip_min, clip_max].
+
+    Args:
+      objective: x_adv -> scalar to maximise (or (scalar, aux); aux is ignored).
+      x: (N, ...) clean input, the centre of the ball.
+      eps: radius, in x's units. eps = 0 returns x.
+      steps: number of steps (Python int >= 0; 0 returns x_start projected).
+      step_size: size of each step, in x's units.
+      x_start: where to start (default x); see `uniform_start`.
+      clip_min, clip_max: optional valid range of the input.
+      unroll: True: a Python loop (traced `steps` times), which keeps batch-norm updates and
+        cross-replica reductions inside the objective (the training attack) out of a
+        tf.while_loop. False: a tf.while_loop, traced once: for many steps of a stateless
+        objective (PGD-20 on a classifier traces ~20x faster).
+
+    Returns:
+      x_adv, with its gradient stopped.
+    """
+    x = tf.convert_to_tensor(x)
+    eps = tf.cast(eps, x.dtype)
+    step_size = tf.cast(step_size, x.dtype)
+    x_adv = x if x_start is None else _project(tf.convert_to_tensor(x_start, x.dtype), x, eps,
+                                               clip_min, clip_max)
+    def step(x_adv):
+        grad, _ = _input_gradient(objective, x_adv)
+        return _ascent_step(x_adv, grad, x, eps, step_size, clip_min, clip_max)
+
+    if unroll:
+        for _ in range(steps):
+            x_adv = step(x_adv)
+    elif steps > 0:
+        _, x_adv = tf.while_loop(lambda i, _: i < steps, lambda i, x_adv: (i + 1, step(x_adv)),
+                                 [tf.constant(0), x_adv])
+    return tf.stop_gradient(x_adv)
+
+
+def pgd(embed_adv, batch_loss, x1, eps, steps, step_size, random_start=False, seed=None,
+        clip_min=None, clip_max=None):
+    """PGD on view 1 against the batch-wide contrastive loss: the objective is
+    batch_loss(sg z(x1), z(x_adv)), z = embed_adv, so x_adv is pushed away from its own clean
+    embedding and, through the batch, towards the others (PAPER.md, step 3, with k steps).
+
+    Without a random start the first step is the reference's FGSM step: at x_adv = x1 one
+    forward pass gives both the anchor z(x1) and the attacked embedding (the reference runs the
+    branch twice; same x_adv). With a random start the anchor is one extra forward pass at x1.
+    Each forward through training-mode BNs updates their running statistics once.
+
+    Args:
+      embed_adv: x -> z through the ADVERSARIAL BNs in training mode (clean BNs and weights are
+        untouched).
+      batch_loss: (z_anchor, z) -> scalar base loss over the whole (global) batch.
+      x1: (N, H, W, C) normalised view 1.
+      eps: radius of the L-infinity ball, in normalised-input units.
+      steps: number of steps (>= 1).
+      step_size: size of each step, in normalised-input units.
+      random_start: start from a uniform point of the ball (`uniform_start`) instead of x.
+      seed: shape-[2] integer seed of the random start (required with random_start).
+      clip_min, clip_max: optional valid range (None: no clipping, as the reference).
+
+    Returns:
+      x_adv, with its gradient stopped.
+    """
+    if steps < 1:
+        raise ValueError(f"pgd needs steps >= 1, got {steps}")
+    x1 = tf.convert_to_tensor(x1)
+    eps_t, step_t = tf.cast(eps, x1.dtype), tf.cast(step_size, x1.dtype)
+    if random_start:
+        z_anchor = tf.stop_gradient(embed_adv(x1))
+        x_start = uniform_start(x1, eps, _seed(seed), clip_min, clip_max)
+        steps_left = steps
+    else:
+        def self_anchored(x):
+            z = embed_adv(x)
+            return batch_loss(tf.stop_gradient(z), z), tf.stop_gradient(z)
+
+        grad, z_anchor = _input_gradient(self_anchored, x1)
+        x_start = _ascent_step(x1, grad, x1, eps_t, step_t, clip_min, clip_max)
+        steps_left = steps - 1
+    return linf_pgd(lambda x: batch_loss(z_anchor, embed_adv(x)), x1, eps, steps_left, step_size,
+                    x_start=x_start, clip_min=clip_min, clip_max=clip_max)
+
+
+def auto_step_size(eps, steps):
+    """--attack_step_size=0: 2.5 * eps / steps (the rule of thumb of Madry et al.'s robustness
+    library). k steps can then travel 2.5 radii: enough to cross the ball from a random start
+    and still slide along its surface, while one step (k = 1) overshoots and is projected back
+    onto the signed-gradient corner, i.e. is FGSM."""
+    return 2.5 * eps / steps
+
+
 def fgsm(embed_adv, batch_loss, x1, eps):
-    """One FGSM step on view 1 against the batch-wide contrastive loss.
+    """One FGSM step on view 1 against the batch-wide contrastive loss (the paper's attack).
 
     The reference computes L(model_adv(x1), model_adv(x_adv)) with x_adv = x1, i.e. runs the
     adversarial branch forward twice and back-propagates into every parameter. Both embeddings
     are the same forward pass at x_adv = x1, and the gradient w.r.t. x_adv only flows through the
     second argument, so here the branch runs once and the first argument is stop-gradient-ed;
     the tape watches only the input (no parameter gradients are ever formed). Same x_adv.
+    This is `pgd` with one step of size eps, no random start and no clipping.
 
     Args:
       embed_adv: x -> z through the ADVERSARIAL BNs in training mode (this updates their
@@ -22,18 +188,77 @@ def fgsm(embed_adv, batch_loss, x1, eps):
     Returns:
       x_adv = x1 + eps * sign(dL/dx_adv), with its gradient stopped.
     """
-    x1 = tf.convert_to_tensor(x1)
-    # Inner tape: differentiates w.r.t. the INPUT only.
-    with tf.GradientTape(watch_accessed_variables=False) as input_tape:
-        input_tape.watch(x1)
-        z = embed_adv(x1)
-        loss = batch_loss(tf.stop_gradient(z), z)
-    grad = input_tape.gradient(loss, x1)
-    # Kept in float32 even under mixed precision: an underflowed gradient gives sign(0) = 0.
-    grad = tf.cast(grad, tf.float32)
-    return tf.stop_gradient(x1 + tf.cast(eps, x1.dtype) * tf.sign(tf.cast(grad, x1.dtype)))
+    return pgd(embed_adv, batch_loss, x1, eps, steps=1, step_size=eps)
 
 
-def training_attack(cfg):
-    """The attack of the CLAE train step, (embed_adv, batch_loss, x1) -> x_adv: --eps FGSM."""
-    return lambda embed_adv, batch_loss, x1: fgsm(embed_adv, batch_loss, x1, cfg.eps)
+def classifier_objective(logits_fn, y):
+    """x -> the cross-entropy of logits_fn(x) against labels y, SUMMED over the batch.
+
+    Summed, not averaged: examples are independent (inference-mode BNs), so each one's input
+    gradient is that of its own loss, whatever the batch size (no 1/N that could underflow).
+    """
+    def objective(x):
+        logits = tf.cast(logits_fn(x), tf.float32)
+        return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y,
+                                                                            logits=logits))
+    return objective
+
+
+def pgd_classifier(logits_fn, x, y, eps, steps, step_size, random_start=False, seed=None,
+                   clip_min=None, clip_max=None):
+    """PGD (Madry et al. 2018) on a classifier's cross-entropy.
+
+    Args:
+      logits_fn: x -> (N, C) logits (inference mode: no state changes).
+      x: (N, ...) clean inputs; y: (N,) int labels.
+      eps, steps, step_size: radius, number and size of the steps, in x's units.
+      random_start: start from a uniform point of the ball (`uniform_start`) instead of x.
+      seed: shape-[2] integer seed of the random start (required with random_start).
+      clip_min, clip_max: optional valid range of x (e.g. 0 and 1 for pixels).
+
+    Returns:
+      x_adv, with its gradient stopped.
+    """
+    x = tf.convert_to_tensor(x)
+    x_start = None
+    if random_start:
+        x_start = uniform_start(x, eps, _seed(seed), clip_min, clip_max)
+    # A tf.while_loop: the objective is stateless (inference mode), and PGD-20 then traces once.
+    return linf_pgd(classifier_objective(logits_fn, y), x, eps, steps, step_size, x_start=x_start,
+                    clip_min=clip_min, clip_max=clip_max, unroll=False)
+
+
+def fgsm_classifier(logits_fn, x, y, eps, clip_min=None, clip_max=None):
+    """FGSM (Goodfellow et al. 2015): x + eps * sign(d CE / dx), clipped to the range if given."""
+    return pgd_classifier(logits_fn, x, y, eps, steps=1, step_size=eps, clip_min=clip_min,
+                          clip_max=clip_max)
+
+
+def training_attack(cfg, step_counter):
+    """The attack of the CLAE train step: (embed_adv, batch_loss, x1) -> x_adv.
+
+    --attack=fgsm (the paper): one step of --eps. --attack=pgd: --attack_steps steps of
+    --attack_step_size (0: auto_step_size) in the --eps ball, against the same batch-wide loss
+    through the adversarial BNs, optionally from a random start seeded by (--seed, the step
+    number, the replica), so a run is reproducible (the start noise of N replicas differs from
+    one device's: a different, equally distributed draw). No clipping (as the reference).
+
+    Args:
+      cfg: the run's Config.
+      step_counter: () -> the optimizer's step counter (seeds the random start).
+    """
+    if cfg.attack == "fgsm":
+        return lambda embed_adv, batch_loss, x1: fgsm(embed_adv, batch_loss, x1, cfg.eps)
+    step_size = cfg.attack_step_size or auto_step_size(cfg.eps, cfg.attack_steps)
+
+    def attack(embed_adv, batch_loss, x1):
+        seed = None
+        if cfg.attack_random_start:
+            ctx = tf.distribute.get_replica_context()
+            replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+            seed = tf.stack([tf.cast(cfg.seed, tf.int64) * 1024 + tf.cast(replica, tf.int64),
+                             tf.cast(step_counter(), tf.int64)])
+        return pgd(embed_adv, batch_loss, x1, cfg.eps, cfg.attack_steps, step_size,
+                   random_start=cfg.attack_random_start, seed=seed)
+
+    return attack

@@ -89,6 +89,15 @@ class Config:
     eps: float = _flag(0.03, "FGSM step size in normalised-input units (0.03 ~ 3.8/255 with "
                        "--normalize=half, ~1.5/255 with cifar).")
     alpha: float = _flag(1.0, "Weight of the adversarial loss: L = L_clean + alpha * L_adv.")
+    attack: str = _flag("fgsm", "Training attack: fgsm (the paper's: one step of --eps) or pgd "
+                        "(--attack_steps steps of --attack_step_size in the --eps ball, against the "
+                        "same batch-wide loss through the adversarial BNs).",
+                        choices=("fgsm", "pgd"))
+    attack_steps: int = _flag(3, "--attack=pgd: number of steps.")
+    attack_step_size: float = _flag(0.0, "--attack=pgd: step size in normalised-input units (as "
+                                    "--eps); 0: 2.5 * eps / steps (Madry et al.).")
+    attack_random_start: bool = _flag(False, "--attack=pgd: start from a uniform random point of "
+                                      "the eps-ball.")
     # Model.
     arch: str = _flag("resnet18", "Encoder (resnet10 is a small one for tests).", choices=ARCHS)
     stem: str = _flag("cifar", "cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv and 3x3/2 "
@@ -157,6 +166,11 @@ class Config:
     linear_lr: float = _flag(3e-4, "Linear probe learning rate (Adam).")
     linear_batch_size: int = _flag(0, "Linear probe batch size.", auto=True)
     eval_batch_size: int = _flag(500, "Batch size for feature extraction.")
+    robust_eps: str = _flag("1,2,4,8", "Robust evaluation radii, comma-separated, in units of "
+                            "1/255 of the [0, 1] pixel range: PGD-20 (step eps/4, random start) "
+                            "and FGSM on encoder + linear probe. Empty: no robust evaluation.")
+    robust_examples: int = _flag(1000, "Test images of the robust evaluation: a fixed "
+                                 "class-balanced subset (0: all).")
     # Distribution.
     strategy: str = _flag("auto", "auto (mirrored when >1 GPU), mirrored, multiworker (TF_CONFIG; "
                           "docs/distributed.md) or one_device.",
@@ -284,6 +298,21 @@ class Config:
         if any(f <= 0 for f in self.lr_factors):
             bad("lr_factors", f"must be > 0 (multipliers of --learning_rate), got "
                               f"{','.join(map(str, self.lr_factors))}")
+        for item in self.robust_eps.split(",") if self.robust_eps.strip() else []:
+            try:
+                value = float(item)
+            except ValueError:
+                bad("robust_eps", f"expected comma-separated numbers (in 1/255), got "
+                                  f"{self.robust_eps!r}")
+            if not value >= 0:  # also rejects nan
+                bad("robust_eps", f"must be >= 0 (in 1/255), got {item.strip()}")
+        if self.robust_examples < 0:
+            bad("robust_examples", f"must be >= 0 (0: all test images), got {self.robust_examples}")
+        if self.attack_steps < 1:
+            bad("attack_steps", f"must be >= 1, got {self.attack_steps}")
+        if self.attack_step_size < 0:
+            bad("attack_step_size", f"must be > 0 (or 0: 2.5 * eps / steps), got "
+                                    f"{self.attack_step_size}")
 
     @property
     def run_dir(self) -> str:

@@ -1,4 +1,5 @@
-"""Evaluation of a pretrained encoder: weighted kNN on z and a linear probe on frozen h (or z).
+"""Evaluation of a pretrained encoder: weighted kNN on z, a linear probe on frozen h (or z), and
+the robust accuracy of encoder + probe (robust.py, --robust_eps).
 
 Both report the FINAL number on the whole test split (no selection on test, unlike the
 reference, which keeps the best test accuracy over probe epochs and drops the last kNN batch).
@@ -11,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import data, files
+from clae_tf import data, files, robust
 from clae_tf.config import Config
 
 
@@ -64,6 +65,22 @@ def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, ch
 def linear_top1(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3e-4,
                 batch_size=256, seed=0):
     """Logistic regression on frozen features with Adam; the final epoch's test accuracy."""
+    return linear_probe(train_h, train_y, test_h, test_y, num_classes, epochs=epochs, lr=lr,
+                        batch_size=batch_size, seed=seed)[0]
+
+
+def linear_probe(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3e-4,
+                 batch_size=256, seed=0):
+    """Logistic regression on frozen features with Adam.
+
+    Args:
+      train_h, train_y, test_h, test_y: features (N, D) and int labels (N,).
+      num_classes: output classes.
+      epochs, lr, batch_size, seed: Adam on the mean cross-entropy, shuffled with `seed`.
+
+    Returns:
+      (the final epoch's test accuracy, the trained keras Dense layer: features -> logits).
+    """
     layer = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.VarianceScaling(
         1.0 / 3.0, mode="fan_in", distribution="uniform", seed=seed))
     layer.build((None, train_h.shape[1]))
@@ -84,33 +101,65 @@ def linear_top1(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3e
     for _ in range(epochs):
         run_epoch()
     pred = np.argmax(layer(tf.constant(test_h, tf.float32)).numpy(), axis=-1)
-    return float(np.mean(pred == test_y))
+    return float(np.mean(pred == test_y)), layer
+
+
+PROBE_FILE = "probe.npz"
+
+
+def save_probe(path: str, layer, feature: str, step: int):
+    """The probe's weights, what it reads (h or z) and the encoder step it was trained on."""
+    kernel, bias = (np.asarray(w, np.float32) for w in layer.get_weights())
+    with open(path, "wb") as f:  # np.savez would append .npz to a path without it
+        np.savez(f, kernel=kernel, bias=bias, feature=feature, step=step)
+
+
+def load_probe(path: str) -> dict:
+    """{"kernel" (D, C), "bias" (C,), "feature" ("h"/"z"), "step"} as save_probe wrote them."""
+    with np.load(path) as f:
+        return {"kernel": f["kernel"], "bias": f["bias"], "feature": str(f["feature"]),
+                "step": int(f["step"])}
 
 
 def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> dict:
-    """kNN and linear probe; writes <workdir>/results.json and eval/ scalars to TensorBoard."""
+    """kNN, linear probe and robust accuracy; writes <workdir>/results.json, the probe's weights
+    (<workdir>/probe.npz, for export) and eval/ scalars to TensorBoard."""
     train_h, train_z, train_y = extract(model, source.train, cfg.eval_batch_size, cfg.normalize)
     test_h, test_z, test_y = extract(model, source.test, cfg.eval_batch_size, cfg.normalize)
     # The probe's features: h for SimCLR and MoCo, the 128-d embedding z for Plain/UEL (PAPER.md).
     train_f, test_f = (train_h, test_h) if cfg.probe == "h" else (train_z, test_z)
+    linear, probe = linear_probe(train_f, train_y, test_f, test_y, source.num_classes,
+                                 epochs=cfg.linear_epochs, lr=cfg.linear_lr,
+                                 batch_size=cfg.linear_batch_size, seed=cfg.seed)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    save_probe(os.path.join(cfg.run_dir, PROBE_FILE), probe, cfg.probe, step)  # for export
     results = {
         "knn_top1": knn_top1(train_z, train_y, test_z, test_y, source.num_classes,
                              k=cfg.knn_k, sigma=cfg.sigma),
-        "linear_top1": linear_top1(train_f, train_y, test_f, test_y, source.num_classes,
-                                   epochs=cfg.linear_epochs, lr=cfg.linear_lr,
-                                   batch_size=cfg.linear_batch_size, seed=cfg.seed),
+        "linear_top1": linear,
         "step": step, "dataset": source.name, "train_examples": len(train_y),
         "test_examples": len(test_y), "num_classes": source.num_classes,
         "method": cfg.method, "adversarial": cfg.adversarial, "seed": cfg.seed,
     }
+    eps_list = robust.parse_eps(cfg.robust_eps)
+    if eps_list:  # the encoder + probe under PGD-20 and FGSM, in pixel space
+        results.update(robust.evaluate(model, probe, source.test, eps_list, cfg.robust_examples,
+                                       cfg.normalize, feature=cfg.probe,
+                                       batch_size=cfg.eval_batch_size, seed=cfg.seed))
     results.update(extra or {})
     writer = tf.summary.create_file_writer(os.path.join(cfg.run_dir, "tensorboard"))
     with writer.as_default(step=step):
         tf.summary.scalar("eval/knn_top1", results["knn_top1"])
         tf.summary.scalar("eval/linear_top1", results["linear_top1"])
+        for attack, by_eps in results.get("robust_top1", {}).items():
+            for eps, acc in by_eps.items():
+                tf.summary.scalar(f"eval/robust_top1/{attack}_{eps}", acc)
     writer.flush()
     path = os.path.join(cfg.run_dir, "results.json")
     # --mode=eval: keep what training wrote (wall time, epochs...); a broken file counts as absent.
-    results = {**(files.read_json(path) or {}), **results}
+    saved = files.read_json(path) or {}
+    if "robust_top1" not in results:  # robust numbers of an earlier evaluation would be stale
+        saved = {k: v for k, v in saved.items() if not k.startswith("robust_")}
+    results = {**saved, **results}
     files.write_atomic(path, json.dumps(results, indent=2, sort_keys=True))
     return results

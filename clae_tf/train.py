@@ -28,7 +28,7 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method=Non
     Returns (metrics, images, method outputs for method.after_step).
     """
     method = method or methods.build(cfg, model)
-    attack = attacks.training_attack(cfg)
+    attack = attacks.training_attack(cfg, lambda: optimizer.iterations)
 
     def embed_adv(x):  # through the ADVERSARIAL BNs, training mode
         return model(x, training=True, adversarial=True)[1]

@@ -199,3 +199,136 @@ def test_works_inside_tf_function(model, x1):
     _restore(stats, saved)
     decided = np.abs(grad) > 1e-4 * np.abs(grad).max()
     np.testing.assert_array_equal(eager[decided], graph.numpy()[decided])
+
+
+# --- PGD (attacks.pgd, attacks.linf_pgd, the classifier front end) -------------------------------
+
+def _classifier(model):
+    """A classifier on the tiny encoder: h -> fixed random linear map, clean BNs, inference mode."""
+    w = tf.constant(np.random.default_rng(3).normal(size=(model.feature_dim, 10)), tf.float32)
+    return lambda x: tf.matmul(model(x, training=False)[0], w)
+
+
+def _labels(n=8):
+    return tf.constant(np.arange(n) % 10, tf.int32)
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_pgd_stays_in_the_ball_and_the_range(model, x1, random_start):
+    eps, lo, hi = 0.1, -0.9, 0.9  # x1 is uniform in [-1, 1]: the range clips some entries
+    kw = dict(random_start=random_start, seed=tf.constant([1, 2]) if random_start else None,
+              clip_min=lo, clip_max=hi)
+    stats = _adv_bn_stats(model)
+    saved = _snapshot(stats)
+    x_con = attacks.pgd(_embed_adv(model), _batch_loss, x1, eps, steps=3, step_size=0.06, **kw)
+    _restore(stats, saved)
+    x_cls = attacks.pgd_classifier(_classifier(model), x1, _labels(), eps, steps=5,
+                                   step_size=0.04, **kw)
+    x = x1.numpy()
+    for x_adv in (x_con.numpy(), x_cls.numpy()):
+        assert np.all(np.abs(x_adv - x) <= eps + 1e-6)
+        assert np.all((x_adv >= lo) & (x_adv <= hi))
+        # It moved: most entries away from x (and many on the ball's surface).
+        assert np.mean(np.abs(x_adv - x) > 1e-3) > 0.5
+        interior = (x > lo + eps) & (x < hi - eps)
+        assert np.mean(np.isclose(np.abs(x_adv - x)[interior], eps, atol=1e-6)) > 0.3
+
+
+def test_pgd_eps_zero_is_identity(model, x1):
+    seed = tf.constant([5, 6])
+    stats = _adv_bn_stats(model)
+    saved = _snapshot(stats)
+    x_con = attacks.pgd(_embed_adv(model), _batch_loss, x1, 0.0, steps=3, step_size=0.01,
+                        random_start=True, seed=seed)
+    _restore(stats, saved)
+    x_cls = attacks.pgd_classifier(_classifier(model), x1, _labels(), 0.0, steps=4,
+                                   step_size=0.01, random_start=True, seed=seed)
+    np.testing.assert_array_equal(x_con.numpy(), x1.numpy())
+    np.testing.assert_array_equal(x_cls.numpy(), x1.numpy())
+
+
+def test_random_start_is_uniform_in_the_ball_and_stateless():
+    x = tf.zeros([20000])
+    a = attacks.uniform_start(x, 0.5, tf.constant([1, 2])).numpy()
+    b = attacks.uniform_start(x, 0.5, tf.constant([1, 2])).numpy()
+    c = attacks.uniform_start(x, 0.5, tf.constant([1, 3])).numpy()
+    np.testing.assert_array_equal(a, b)  # a pure function of the seed
+    assert not np.array_equal(a, c)
+    assert np.all(np.abs(a) <= 0.5)
+    # U(-0.5, 0.5): mean 0, variance 1/12, each quarter of the interval a quarter of the mass.
+    assert abs(a.mean()) < 0.01 and abs(a.var() - 1 / 12) < 0.003
+    np.testing.assert_allclose(np.histogram(a, bins=4, range=(-0.5, 0.5))[0] / a.size, 0.25,
+                               atol=0.015)
+
+
+def test_fgsm_is_one_pgd_step_of_size_eps(model, x1):
+    """fgsm (the anchor and the attacked embedding from ONE forward) vs the generic core with
+    the anchor from a separate forward at x1, one step of size eps, no start, no clipping; and a
+    PGD step of 2.5 eps projected back onto the ball is the same point."""
+    eps = 0.03
+    embed = _embed_adv(model)
+    stats = _adv_bn_stats(model)
+    saved = _snapshot(stats)
+    x_fgsm = attacks.fgsm(embed, _batch_loss, x1, eps).numpy()
+    _restore(stats, saved)
+    z_anchor = tf.stop_gradient(embed(x1))
+    x_core = attacks.linf_pgd(lambda x: _batch_loss(z_anchor, embed(x)), x1, eps, steps=1,
+                              step_size=eps).numpy()
+    _restore(stats, saved)
+    x_big = attacks.pgd(embed, _batch_loss, x1, eps, steps=1, step_size=2.5 * eps).numpy()
+    _restore(stats, saved)
+    grad = _input_grad(embed, x1).numpy()
+    _restore(stats, saved)
+    decided = np.abs(grad) > 1e-4 * np.abs(grad).max()  # off ties, where round-off flips signs
+    assert decided.mean() > 0.95
+    np.testing.assert_array_equal(x_fgsm[decided], x_core[decided])
+    np.testing.assert_array_equal(x_fgsm, x_big)  # the projection lands exactly on x1 +- eps
+
+
+def test_classifier_fgsm_is_the_signed_gradient_step(model, x1):
+    logits_fn, y, eps = _classifier(model), _labels(), 0.05
+    with tf.GradientTape() as tape:
+        tape.watch(x1)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=y, logits=logits_fn(x1)))
+    grad = tape.gradient(loss, x1).numpy()
+    literal = np.clip(x1.numpy() + eps * np.sign(grad), -0.95, 0.95)
+    x_fgsm = attacks.fgsm_classifier(logits_fn, x1, y, eps, clip_min=-0.95, clip_max=0.95).numpy()
+    x_pgd1 = attacks.pgd_classifier(logits_fn, x1, y, eps, steps=1, step_size=eps,
+                                    clip_min=-0.95, clip_max=0.95).numpy()
+    decided = np.abs(grad) > 1e-4 * np.abs(grad).max()
+    assert decided.mean() > 0.95
+    np.testing.assert_allclose(x_fgsm[decided], literal[decided], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(x_fgsm, x_pgd1)
+
+
+def _binary_linear(seed=0, n=64, d=12):
+    """A 2-class linear softmax classifier and inputs in [0.2, 0.8] (clipping to [0, 1] never
+    binds for eps <= 0.2): the worst L-inf perturbation of the margin is known exactly."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(d, 2)).astype(np.float32)
+    b = rng.normal(size=2).astype(np.float32) * 0.1
+    x = rng.uniform(0.2, 0.8, size=(n, d)).astype(np.float32)
+    y = rng.integers(0, 2, n).astype(np.int32)
+    return w, b, x, y
+
+
+def test_linear_binary_attacks_reach_the_closed_form():
+    """2 classes: CE's input gradient is -(1 - p_y)(w_y - w_j), so sign(grad) = -sign(w_y - w_j),
+    the exact minimiser of the margin (w_y - w_j).x + b_y - b_j over the ball: margin - eps *
+    ||w_y - w_j||_1. FGSM gets there in one step; PGD (step eps/4, random start) in at most 8."""
+    w, b, x, y = _binary_linear()
+    logits_fn = lambda v: tf.matmul(v, w) + b  # noqa: E731
+    d = (w[:, y] - w[:, 1 - y]).T  # (n, D): w_y - w_j per example
+    margin = np.sum(d * x, axis=1) + b[y] - b[1 - y]
+    eps = 0.05
+    worst_x = x - eps * np.sign(d)
+    worst_margin = margin - eps * np.abs(d).sum(axis=1)
+    for x_adv in (attacks.fgsm_classifier(logits_fn, x, y, eps, 0.0, 1.0),
+                  attacks.pgd_classifier(logits_fn, x, y, eps, steps=20, step_size=eps / 4,
+                                         random_start=True, seed=[0, 1], clip_min=0.0,
+                                         clip_max=1.0)):
+        x_adv = x_adv.numpy()
+        np.testing.assert_allclose(x_adv, worst_x, rtol=0, atol=1e-6)
+        adv_margin = np.sum(d * x_adv, axis=1) + b[y] - b[1 - y]
+        np.testing.assert_allclose(adv_margin, worst_margin, rtol=0, atol=1e-4)

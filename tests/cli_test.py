@@ -43,6 +43,12 @@ def _assert_one_line_error(proc, flag):
     (["--eps=-1"], "--eps"),
     (["--alpha=-1"], "--alpha"),
     (["--batch_size=1"], "--batch_size"),
+    (["--robust_eps=1,-2"], "--robust_eps"),
+    (["--robust_eps=1,x"], "--robust_eps"),
+    (["--robust_examples=-1"], "--robust_examples"),
+    (["--attack=nope"], "--attack"),
+    (["--attack_steps=0"], "--attack_steps"),
+    (["--attack_step_size=-0.01"], "--attack_step_size"),
 ])
 def test_bad_values_fail_before_tensorflow(tmp_path, args, flag):
     proc = _run(args + [f"--workdir={tmp_path / 'run'}"], tmp_path, tensorflow=False)
