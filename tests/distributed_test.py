@@ -94,12 +94,12 @@ class _CaptureXAdv:
     """Wraps attacks.fgsm to keep each replica's x_adv (replicas run in their own threads);
     `replace(x_adv) -> x_adv` may change what the step then trains on."""
 
-    def __init__(self, monkeypatch, replace=None):
-        self.out, self.replace, self._fgsm = {}, replace, attacks.fgsm
-        monkeypatch.setattr(attacks, "fgsm", self)
+    def __init__(self, monkeypatch, replace=None, attack="fgsm"):
+        self.out, self.replace, self._attack = {}, replace, getattr(attacks, attack)
+        monkeypatch.setattr(attacks, attack, self)
 
     def __call__(self, *args, **kwargs):
-        x_adv = self._fgsm(*args, **kwargs)
+        x_adv = self._attack(*args, **kwargs)
         self.out[threading.get_ident()] = x_adv
         return x_adv if self.replace is None else self.replace(x_adv)
 
@@ -107,13 +107,13 @@ class _CaptureXAdv:
         return self.out.pop(threading.get_ident())
 
 
-def _one_step(strategy, cfg, initial, x1, x2, monkeypatch, replace=None):
+def _one_step(strategy, cfg, initial, x1, x2, monkeypatch, replace=None, attack="fgsm"):
     """One eager CLAE step under `strategy`. Returns losses (one per replica), the global
     x_adv as computed by fgsm, the updated variables by path, and the largest difference
     between the replicas' copies of any variable."""
     model, optimizer = _build(strategy, cfg, initial)
     step = train.make_train_step(model, optimizer, cfg, strategy.num_replicas_in_sync)
-    capture = _CaptureXAdv(monkeypatch, replace)
+    capture = _CaptureXAdv(monkeypatch, replace, attack)
 
     def replica_fn(a, b):
         metrics, _, _ = step(a, b)
@@ -195,6 +195,22 @@ def test_step_on_replicas_equals_one_device(replicas, initial, views, monkeypatc
     assert max(d["weight_rel_diff"][k] for k in zero) < 1e-4
     assert max(d["update_rel_diff"].values()) < 1e-3
     assert d["replica_spread"] < 1e-6  # every replica holds the same weights
+
+
+def test_pgd_step_on_replicas_equals_one_device(initial, views, monkeypatch):
+    """--attack=pgd keeps what makes CLAE CLAE under replicas: the attack sees the global batch
+    through the gather and the synchronised adversarial BNs. After the first step a sign can
+    only flip where a later step's gradient is within rounding of 0 (a tie), so x_adv is
+    compared on (nearly) every pixel rather than off the ties of each step."""
+    cfg = tiny_config(attack="pgd", attack_steps=3, **SGD)
+    x1, x2 = views
+    many = _one_step(_mirrored(2), cfg, initial, x1, x2, monkeypatch, attack="pgd")
+    one = _one_step(ONE_DEVICE, cfg, initial, x1, x2, monkeypatch, attack="pgd")
+    assert np.mean(one["x_adv"] != many["x_adv"]) <= 1e-3
+    assert np.abs(one["x_adv"] - x1).max() <= cfg.eps + 1e-6  # inside the eps-ball (float32)
+    assert np.mean(np.abs(one["x_adv"] - x1) > 1e-3) > 0.9  # the attack moved (nearly) every pixel
+    assert np.abs(many["loss"] - one["loss"][0]).max() / one["loss"][0] < 1e-5
+    assert many["replica_spread"] < 1e-6
 
 
 def test_sync_bn_off_differs(initial, views, monkeypatch):
