@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from conftest import tiny_config
 
-from clae_tf import app, data, distribute, evaluate, export, models, robust, train
+from clae_tf import app, builders, checkpoints, data, distribute, evaluate, export, robust
 
 
 def _linear(w, b):
@@ -84,7 +84,7 @@ def test_multiclass_linear_robust_accuracy_is_bounded_by_the_closed_form():
 def tiny():
     cfg = tiny_config(adversarial=False)
     tf.keras.utils.set_random_seed(0)
-    model = models.build_model(cfg)
+    model = builders.build_model(cfg)
     probe = keras.layers.Dense(10)
     probe.build((None, model.feature_dim))
     return cfg, model, probe
@@ -169,7 +169,7 @@ def test_probe_saved_model_gives_the_in_memory_logits(tiny, tmp_path, feature):
 def test_export_mode_without_a_probe_says_so(tmp_path):
     cfg = tiny_config(tmp_path)
     app.write_flagfile(cfg)
-    train.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
+    checkpoints.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
     out = app.run(dataclasses.replace(cfg, mode="export"))
     assert os.path.exists(os.path.join(out["saved_model"], "saved_model.pb"))
     assert "probe_saved_model" not in out
@@ -193,7 +193,7 @@ def test_eval_mode_computes_it_and_export_writes_the_probe(tmp_path):
     the robust results, scalars and probe.npz; --mode=export then writes probe_saved_model."""
     cfg = tiny_config(tmp_path, robust_eps="0,8", robust_examples=20, linear_epochs=1)
     app.write_flagfile(cfg)
-    train.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
+    checkpoints.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
     out = app.run(dataclasses.replace(cfg, mode="eval"))
     r = out["results"]
     with open(os.path.join(cfg.run_dir, "results.json")) as f:
@@ -216,3 +216,19 @@ def test_eval_mode_computes_it_and_export_writes_the_probe(tmp_path):
     # Turned off: no robust results, and none left over from the previous evaluation.
     off = app.run(dataclasses.replace(cfg, mode="eval", robust_eps=""))
     assert not any(k.startswith("robust_") for k in off["results"])
+
+
+def test_an_example_fooled_at_a_smaller_radius_counts_as_fooled_at_larger_ones():
+    # A binary linear model: FGSM lands on the exact worst case. Attacked alone at 16/255 it
+    # finds the same fooled set as at 4/255 plus more; the curve is monotone and equals the
+    # single-radius results here (the worst case at 4/255 is inside the 16/255 ball).
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 2)).astype(np.float32)
+    b = (np.array([0.1, -0.1]) - 0.5 * w.sum(axis=0)).astype(np.float32)
+    x = rng.uniform(0.2, 0.8, size=(300, 8)).astype(np.float32).reshape(-1, 2, 4, 1)
+    y = np.argmax(x.reshape(-1, 8) @ w + b, axis=1).astype(np.int32)
+    both = robust.robust_accuracy(_linear(w, b), x, y, [16.0, 4.0], batch_size=64)
+    for e in ("4", "16"):
+        alone = robust.robust_accuracy(_linear(w, b), x, y, [float(e)], batch_size=64)
+        assert both["robust_top1"]["fgsm"][e] == pytest.approx(alone["robust_top1"]["fgsm"][e])
+    assert both["robust_top1"]["pgd20"]["16"] <= both["robust_top1"]["pgd20"]["4"] < 1.0
