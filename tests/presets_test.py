@@ -25,7 +25,9 @@ DEFAULTS = dict(
     data_dir=None, image_size=32, train_examples=0, examples_per_class=0, batch_size=256,
     epochs=30, max_steps=0, momentum=0.9, ckpt_every=500, log_every=10, steps_per_loop=50,
     image_every=200, export=True, knn_k=200, knn_sigma=0.0, linear_epochs=100, linear_lr=3e-4,
-    linear_batch_size=256, eval_batch_size=500, strategy="auto", virtual_cpus=0)
+    linear_batch_size=256, eval_batch_size=500, strategy="auto", virtual_cpus=0,
+    eval_every_epochs=0, online_eval_examples=1000, projector_examples=1000,
+    projector_features="z")
 # The method settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
 SIMCLR = dict(method="simclr", temperature=0.5, head="mlp", proj_dim=64, augment="simclr",
               normalize="half", optimizer="adam", learning_rate=3e-4, weight_decay=0.0,
