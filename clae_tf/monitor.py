@@ -13,6 +13,8 @@ called in cross-replica context: it reads the first replica's variables, which a
 share.
 """
 
+import time
+
 import numpy as np
 import tensorflow as tf
 
@@ -90,12 +92,19 @@ class Monitor:
         if self._train is not None:
             return
         self._train = load_images(self.source.train)
-        images, labels = load_images(self.source.test)
-        c = self.source.num_classes
+        test, c = self.source.test, self.source.num_classes
         n = max(self.cfg.online_eval_examples, self.cfg.projector_examples)
-        keep = balanced_subset(labels, c, n)  # holds both subsets (each the first per class)
-        self._test = images[keep], labels[keep], keep
-        # The two subsets, as positions in `keep`.
+        if test.labels is not None and test.select is not None:
+            # Labels known without decoding (image folders): decode only the subset.
+            labels = test.labels
+            keep = balanced_subset(labels, c, n)
+            images = load_images(test.select(keep))[0]
+        else:  # TFDS: decode the whole split once
+            images, labels = load_images(test)
+            keep = balanced_subset(labels, c, n)
+            images = images[keep]
+        self._test = images, np.asarray(labels)[keep].astype(np.int64), keep
+        # Both subsets (each the first of every class) are in `keep`: their positions there.
         self._online = np.searchsorted(keep, balanced_subset(labels, c,
                                                              self.cfg.online_eval_examples))
         self._projected = np.searchsorted(keep, balanced_subset(labels, c,
@@ -113,6 +122,7 @@ class Monitor:
     def online_eval(self, step: int) -> float:
         """Weighted kNN top-1 of the test subset (eval/knn_top1_online) and the neighbour
         picture, at `step`. Returns the accuracy."""
+        start = time.time()
         self._load()
         train_images, train_y = self._train
         _, train_z = self.features(train_images)
@@ -120,9 +130,11 @@ class Monitor:
         _, test_z = self.features(test_images)
         accuracy = evaluate.knn_top1(train_z, train_y, test_z, test_y, self.source.num_classes,
                                      k=self.cfg.knn_k, sigma=self.cfg.sigma)
+        self._picture(step, train_z, test_images, test_y, test_z)
         with self.writer.as_default(step=step):
             tf.summary.scalar("eval/knn_top1_online", accuracy)
-        self._picture(step, train_z, test_images, test_y, test_z)
+            # What monitoring costs (compare with the epoch's time).
+            tf.summary.scalar("eval/online_seconds", time.time() - start)
         return accuracy
 
     def _picture(self, step, train_z, test_images, test_y, test_z):
