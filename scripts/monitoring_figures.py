@@ -68,14 +68,14 @@ def neighbour_pictures(logdir):
     return out
 
 
-def online_knn(logdir):
-    """[(step, accuracy)] of eval/knn_top1_online."""
+def scalars(logdir, tag):
+    """[(step, value)] of a scalar tag of the run's events."""
     import tensorflow as tf
     points = []
     for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
-                if value.tag == "eval/knn_top1_online":
+                if value.tag == tag:
                     points.append((event.step, float(tf.make_ndarray(value.tensor))))
     return sorted(points)
 
@@ -150,16 +150,16 @@ def main(argv=None):
     projector_png(os.path.join(args.out, "projector.png"), features, labels, thumbs, names,
                   f"{len(features)} test embeddings ({name}), 2-D PCA, after step "
                   f"{results['step']}; kNN top-1 {100 * results['knn_top1']:.1f}%")
-    knn = online_knn(logdir)
+    knn = scalars(logdir, "eval/knn_top1_online")
     neighbours_png(os.path.join(args.out, "nearest_neighbours.png"), neighbour_pictures(logdir),
                    knn)
     print("online kNN top-1:", ", ".join(f"step {s}: {100 * a:.1f}%" for s, a in knn))
-    evals = results.get("online_evals_this_process", 0)
-    if evals:
-        per_eval = results["online_eval_seconds_this_process"] / evals
+    seconds = scalars(logdir, "eval/online_seconds")
+    if seconds:
+        # The train steps alone (no evaluation, logging or checkpoints), per epoch.
         per_epoch = results["train_seconds_this_process"] / results["epochs"]
-        print(f"online evaluation: {per_eval:.1f} s each, {100 * per_eval / per_epoch:.1f}% of "
-              f"an epoch's train time ({per_epoch:.1f} s)")
+        print(f"online evaluation vs an epoch's train steps ({per_epoch:.1f} s): " + ", ".join(
+            f"step {s}: {t:.1f} s = {100 * t / per_epoch:.1f}%" for s, t in seconds))
     print(f"wrote {args.out}/projector.png, {args.out}/nearest_neighbours.png")
 
 
