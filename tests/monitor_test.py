@@ -235,4 +235,5 @@ def test_neighbour_picture_frames_say_whether_the_label_matches():
             np.testing.assert_array_equal(tile[b:-b, b:-b], image)
     # Both colours occur (the check above is not vacuous), and the gaps are white.
     assert (picture == (0, 200, 0)).all(-1).any() and (picture == (220, 0, 0)).all(-1).any()
-    assert (picture[:gap] == 255).all() and (picture[:, gap + t:gap + t + gap + s // 2] == 255).all()
+    assert (picture[:gap] == 255).all()
+    assert (picture[:, gap + t:gap + t + gap + s // 2] == 255).all()  # query | neighbours
