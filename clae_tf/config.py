@@ -157,6 +157,17 @@ class Config:
     image_every: int = _flag(200, "Write x, x_adv and the perturbation to TensorBoard every N "
                              "steps.")
     export: bool = _flag(True, "Export a SavedModel at the end of training.")
+    # Monitoring (monitor.py): online kNN, nearest-neighbour picture, embedding projector.
+    eval_every_epochs: int = _flag(0, "Every N epochs: weighted kNN on z of a fixed "
+                                   "class-balanced test subset against the non-augmented "
+                                   "training set (eval/knn_top1_online) and the nearest-neighbour "
+                                   "picture (0: off; the picture is still written at the end).")
+    online_eval_examples: int = _flag(1000, "Test images of the online kNN (the first of each "
+                                      "class, class-balanced).")
+    projector_examples: int = _flag(1000, "Test embeddings written for TensorBoard's Projector "
+                                    "at the end of training, class-balanced (0: none).")
+    projector_features: str = _flag("z", "What the Projector shows: z (embedding) or h "
+                                    "(representation).", choices=("z", "h"))
     # Evaluation.
     knn_k: int = _flag(200, "Neighbours of the weighted kNN evaluation.")
     knn_sigma: float = _flag(0.0, "kNN weight temperature; 0 -> --temperature.")
@@ -225,6 +236,12 @@ class Config:
                 "must be in (0, 1] (PyTorch convention)")
         if self.lr_schedule == "step" and len(self.lr_boundaries) != len(self.lr_factors):
             bad("lr_factors", "needs one factor per --lr_boundaries entry")
+        if self.eval_every_epochs < 0:
+            bad("eval_every_epochs", f"must be >= 0 (0: off), got {self.eval_every_epochs}")
+        if self.online_eval_examples < 1:
+            bad("online_eval_examples", f"must be >= 1, got {self.online_eval_examples}")
+        if self.projector_examples < 0:
+            bad("projector_examples", f"must be >= 0 (0: none), got {self.projector_examples}")
         if self.knn_k < 1:
             bad("knn_k", f"must be >= 1, got {self.knn_k}")
         if self.learning_rate <= 0:

@@ -9,7 +9,7 @@ import time
 import tensorflow as tf
 
 from clae_tf import (ClaeError, attacks, augment, checkpoints, data, distribute, health, losses,
-                     methods)
+                     methods, monitor)
 from clae_tf.config import Config
 from clae_tf.progress import Progress
 
@@ -141,8 +141,13 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
         strategy, make_distributed_step(strategy, replica_step, state.method, compiled=False),
         model, cfg)
 
-    writer = (tf.summary.create_file_writer(os.path.join(cfg.run_dir, "tensorboard"))
+    logdir = os.path.join(cfg.run_dir, "tensorboard")
+    writer = (tf.summary.create_file_writer(logdir)
               if distribute.is_chief(strategy) else tf.summary.create_noop_writer())
+    # Online kNN and pictures: the chief only (no collectives in there, monitor.py).
+    watch = (monitor.Monitor(cfg, model, source, writer, logdir)
+             if distribute.is_chief(strategy) else None)
+    online, online_time, online_evals = {}, 0.0, 0
     step = start = state.step
     progress = Progress(start, total_steps, every=cfg.log_every)
     w_norm0 = health.weight_norm(model.trainable_variables)
@@ -172,7 +177,15 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
                         + f"; {_last_good(state)} (try a lower --learning_rate)")
                 metrics = {k: float(v) for k, v in out["metrics"].items()}
                 window_steps += int(out["steps"])
-                progress.update(step, {k: metrics[k] for k in ("loss", "contrast_acc")})
+                if (watch and cfg.eval_every_epochs and not left_in_epoch
+                        and (step // steps_per_epoch) % cfg.eval_every_epochs == 0):
+                    t = time.time()
+                    online["knn_online"] = watch.online_eval(step)
+                    online_evals += 1
+                    online_time += time.time() - t
+                    window_start += time.time() - t  # not part of train/images_per_sec
+                progress.update(step, {**{k: metrics[k] for k in ("loss", "contrast_acc")},
+                                       **online})
                 if step % cfg.log_every == 0 or step == total_steps:
                     elapsed = time.time() - window_start
                     # convert_to_tensor: float() of a Keras variable fails when it is mirrored.
@@ -195,9 +208,13 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
                         f"{state.directory}; run the same command to resume")
     if state.saved_step != step:
         state.save(step)
+    if watch:
+        watch.at_end(step)
     writer.flush()
     return {"model": model, "step": step, "steps_per_epoch": steps_per_epoch,
-            "epochs": step / steps_per_epoch, "train_seconds_this_process": train_time}
+            "epochs": step / steps_per_epoch, "train_seconds_this_process": train_time,
+            "online_evals_this_process": online_evals,
+            "online_eval_seconds_this_process": online_time}
 
 
 def _last_good(state):

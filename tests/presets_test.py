@@ -27,7 +27,8 @@ DEFAULTS = dict(
     image_every=200, export=True, knn_k=200, knn_sigma=0.0, linear_epochs=100, linear_lr=3e-4,
     eval_batch_size=500, attack="fgsm", attack_steps=3, attack_step_size=0.0,
     attack_random_start=False, robust_eps="1,2,4,8", robust_examples=1000, strategy="auto",
-    virtual_cpus=0)
+    virtual_cpus=0, eval_every_epochs=0, online_eval_examples=1000, projector_examples=1000,
+    projector_features="z")
 # The method settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
 SIMCLR = dict(method="simclr", temperature=0.5, head="mlp", proj_dim=64, augment="simclr",
               normalize="half", optimizer="adam", learning_rate=3e-4, weight_decay=0.0,
@@ -46,15 +47,17 @@ CLAE = dict(adversarial=True)
 
 # The paper-scale runs: full width, 1000-epoch probe, fewer logs.
 PAPER_SIMCLR = dict(SIMCLR, dataset="cifar10", width=1.0, proj_hidden=512, epochs=100,
-                    linear_epochs=1000, ckpt_every=1000, log_every=50, image_every=500)
+                    linear_epochs=1000, ckpt_every=1000, log_every=50, image_every=500,
+                    eval_every_epochs=10)
 PAPER_PLAIN = dict(PLAIN, dataset="cifar10", width=1.0, batch_size=128, epochs=301,
                    knn_sigma=0.1, linear_epochs=1000, ckpt_every=2000, log_every=50,
-                   image_every=1000)
+                   image_every=1000, eval_every_epochs=10)
 PAPER_UEL = dict(PAPER_PLAIN, method="uel")
 PAPER_MOCO = dict(MOCO, dataset="cifar10", width=1.0, proj_hidden=512, epochs=200,
                   knn_sigma=0.2, linear_epochs=1000, ckpt_every=2000, log_every=50,
-                  image_every=1000)
-SMALL = dict(dataset="/tmp/cifar10", examples_per_class=500, epochs=15, linear_epochs=500)
+                  image_every=1000, eval_every_epochs=10)
+SMALL = dict(dataset="/tmp/cifar10", examples_per_class=500, epochs=15, linear_epochs=500,
+             eval_every_epochs=3)
 
 # {preset: every field of its resolved Config}, as the presets resolved before they were cut
 # down to their differences from the method defaults.
@@ -79,7 +82,8 @@ EXPECTED = {
     "cifar10_small_simclr.cfg": dict(SIMCLR, knn_sigma=0.5, **SMALL),
     "cifar10_small_clae.cfg": dict(SIMCLR, knn_sigma=0.5, **SMALL, **CLAE),
     "smoke.cfg": dict(SIMCLR, adversarial=True, arch="resnet10", width=0.125, image_size=16,
-                      batch_size=64, epochs=2, linear_epochs=20, workdir="runs/smoke"),
+                      batch_size=64, epochs=2, linear_epochs=20, workdir="runs/smoke",
+                      eval_every_epochs=1),
 }
 # Edited elsewhere (Tiny-ImageNet's own settings); only the name check below covers them.
 NOT_PINNED = ("tinyimagenet_",)
