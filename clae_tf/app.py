@@ -45,7 +45,6 @@ def run(cfg: Config, strategy=None) -> dict:
         "mixed_bfloat16" if cfg.precision == "bf16" else "float32")
     check_workdir(cfg)
     source = data.load(cfg)
-    export_dir = os.path.join(cfg.run_dir, "saved_model")
     out = {"workdir": cfg.run_dir}
     if cfg.mode == "train":
         chief = distribute.is_chief(strategy)
@@ -59,8 +58,7 @@ def run(cfg: Config, strategy=None) -> dict:
         summary["wall_seconds_this_process"] = time.time() - t0
         out["results"] = evaluate.evaluate(cfg, model, source, summary["step"], extra=summary)
         if cfg.export:
-            export.export(cfg, model, export_dir)
-            out["saved_model"] = export_dir
+            out.update(_export(cfg, model))
         return out
     state = checkpoints.State(cfg, strategy)  # no optimizer: eval and export need the model only
     if not state.restore(model_only=True):
@@ -68,9 +66,17 @@ def run(cfg: Config, strategy=None) -> dict:
     if cfg.mode == "eval":
         out["results"] = evaluate.evaluate(cfg, state.model, source, state.step)
     else:
-        export.export(cfg, state.model, export_dir)
-        out["saved_model"] = export_dir
+        out.update(_export(cfg, state.model))
     return out
+
+
+def _export(cfg: Config, model) -> dict:
+    """<workdir>/saved_model (serving endpoints) and <workdir>/encoder.keras (to fine-tune)."""
+    paths = {"saved_model": os.path.join(cfg.run_dir, "saved_model"),
+             "encoder_keras": os.path.join(cfg.run_dir, "encoder.keras")}
+    export.export(cfg, model, paths["saved_model"])
+    export.export_keras(cfg, model, paths["encoder_keras"])
+    return paths
 
 
 def print_summary(out: dict):
@@ -85,5 +91,7 @@ def print_summary(out: dict):
     lines.append(f"TensorBoard:  tensorboard --logdir={os.path.join(d, 'tensorboard')}")
     if "saved_model" in out:
         lines.append(f"SavedModel:   {out['saved_model']}  (m = tf.saved_model.load(path); m.serve(images))")
+    if "encoder_keras" in out:
+        lines.append(f"Keras model:  {out['encoder_keras']}  (keras.models.load_model(path))")
     lines.append(f"Reproduce:    python run.py --flagfile={os.path.join(d, FLAGFILE)}")
     print("\n".join(lines))

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import augment, builders
+from clae_tf import augment, portable
 from clae_tf.config import Config
 
 
@@ -15,21 +15,17 @@ def export(cfg: Config, model, path: str):
       serve_uint8(images): uint8   (N, H, W, 3) in [0, 255]
 
     Images of any size are resized to --image_size and normalised (--normalize) as in training.
-    The exported model is a fresh
-    single-device copy without the adversarial BN twins (evaluation uses the clean BNs only), so
-    it loads anywhere, whatever strategy trained it.
+    The exported model is the functional copy of portable.build_encoder: single-device, without
+    the adversarial BN twins (evaluation uses the clean BNs only), float32, so it loads
+    anywhere, whatever strategy trained it; its variables have unique names
+    (stage2_block1_conv0/kernel, ...), which keras.layers.TFSMLayer turns into its weight names.
     """
-    serving = builders.build_model(cfg, adversarial=False, sync_bn=False)
-    source = {v.path: v for v in model.variables}
-    for v in serving.variables:
-        v.assign(source[v.path].numpy())
-
+    serving = portable.build_encoder(model, cfg.image_size, cfg.normalize)
     size = cfg.image_size
 
     def embed(images01):
         x = tf.image.resize(images01, [size, size], antialias=True)
-        h, z = serving(augment.normalize(x, cfg.normalize), training=False)
-        return {"h": h, "z": z}
+        return serving(x, training=False)  # {"h", "z"}; normalises inside
 
     archive = keras.export.ExportArchive()
     archive.track(serving)
@@ -38,6 +34,16 @@ def export(cfg: Config, model, path: str):
     archive.add_endpoint("serve_uint8", lambda images: embed(tf.cast(images, tf.float32) / 255.0),
                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
     archive.write_out(path, verbose=False)
+
+
+def export_keras(cfg: Config, model, path: str):
+    """Writes the clean encoder as a `.keras` file of standard Keras layers (portable.py).
+
+    keras.models.load_model(path) opens it without clae-tf; it takes float32 (N, --image_size,
+    --image_size, 3) images in [0, 1] (resize them first) and returns {"h", "z"}, and can be
+    fine-tuned or extended like any Keras model.
+    """
+    portable.build_encoder(model, cfg.image_size, cfg.normalize).save(path)
 
 
 def check_export(path: str, model, images_uint8: np.ndarray, normalize: str = "half") -> float:
