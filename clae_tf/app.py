@@ -74,10 +74,12 @@ def run(cfg: Config, strategy=None) -> dict:
 
 
 def _export(cfg: Config, model, step: int, out: dict):
-    """The encoder SavedModel, and next to it encoder + probe if the probe is of this step."""
-    export_dir = os.path.join(cfg.run_dir, "saved_model")
-    export.export(cfg, model, export_dir)
-    out["saved_model"] = export_dir
+    """<workdir>/saved_model (serving endpoints), <workdir>/encoder.keras (to fine-tune), and
+    encoder + probe (logits) if the probe is of this step."""
+    out["saved_model"] = os.path.join(cfg.run_dir, "saved_model")
+    out["encoder_keras"] = os.path.join(cfg.run_dir, "encoder.keras")
+    export.export(cfg, model, out["saved_model"])
+    export.export_keras(cfg, model, out["encoder_keras"])
     probe_path = os.path.join(cfg.run_dir, evaluate.PROBE_FILE)
     if not os.path.exists(probe_path):
         out["probe_note"] = (f"no linear probe in {cfg.run_dir} yet (run --mode=eval first); "
@@ -108,6 +110,8 @@ def print_summary(out: dict):
     lines.append(f"TensorBoard:  tensorboard --logdir={os.path.join(d, 'tensorboard')}")
     if "saved_model" in out:
         lines.append(f"SavedModel:   {out['saved_model']}  (m = tf.saved_model.load(path); m.serve(images))")
+    if "encoder_keras" in out:
+        lines.append(f"Keras model:  {out['encoder_keras']}  (keras.models.load_model(path))")
     if "probe_saved_model" in out:
         lines.append(f"Probe:        {out['probe_saved_model']}  (logits = m.serve(images in [0, 1]))")
     elif "probe_note" in out:

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import augment, builders
+from clae_tf import augment, builders, portable
 from clae_tf.config import Config
 
 
@@ -34,15 +34,17 @@ def export(cfg: Config, model, path: str):
     A wrong dtype fails (InvalidArgumentError naming the endpoint to use) instead of being cast;
     serve also fails on values outside [0, 1] (by more than 0.01), which catches 0..255 images
     that reach it as floats (e.g. through `signatures`, which do cast NumPy arguments).
-    The exported model is a fresh
-    single-device copy without the adversarial BN twins (evaluation uses the clean BNs only), so
-    it loads anywhere, whatever strategy trained it.
+    The exported model is the functional copy of portable.build_encoder: single-device, without
+    the adversarial BN twins (evaluation uses the clean BNs only), float32, so it loads
+    anywhere, whatever strategy trained it; its variables have unique names
+    (stage2_block1_conv0/kernel, ...), which keras.layers.TFSMLayer turns into its weight names.
     """
-    serving = _serving_copy(cfg, model)
+    serving = portable.build_encoder(model, cfg.image_size, cfg.normalize)
+    size = cfg.image_size
 
     def embed(images01):
-        h, z = serving(_preprocess(cfg, images01), training=False)
-        return {"h": h, "z": z}
+        x = tf.image.resize(images01, [size, size], antialias=True)
+        return serving(x, training=False)  # {"h", "z"}; normalises inside
 
     def serve(images):
         images = tf.cast(images, tf.float32)
@@ -128,6 +130,16 @@ def _preprocess(cfg: Config, images01):
     """[0, 1] images of any size -> the model's input: resized to --image_size, normalised."""
     x = tf.image.resize(images01, [cfg.image_size, cfg.image_size], antialias=True)
     return augment.normalize(x, cfg.normalize)
+
+
+def export_keras(cfg: Config, model, path: str):
+    """Writes the clean encoder as a `.keras` file of standard Keras layers (portable.py).
+
+    keras.models.load_model(path) opens it without clae-tf; it takes float32 (N, --image_size,
+    --image_size, 3) images in [0, 1] (resize them first) and returns {"h", "z"}, and can be
+    fine-tuned or extended like any Keras model.
+    """
+    portable.build_encoder(model, cfg.image_size, cfg.normalize).save(path)
 
 
 def check_export(path: str, model, images_uint8: np.ndarray, normalize: str = "half") -> float:

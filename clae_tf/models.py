@@ -106,8 +106,12 @@ class _Block(keras.layers.Layer):
 
 
 def _torch_pad(x, pad, value):
-    """Pads H and W by `pad` on every side, as PyTorch's `padding=pad` does."""
-    return tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], constant_values=value)
+    """Pads H and W by `pad` on every side, as PyTorch's `padding=pad` does.
+
+    keras.ops, not tf.pad: Keras may call a layer on symbolic KerasTensors to infer shapes, and
+    a tf op failing there left the enclosing model's name scope open (every variable created
+    afterwards in the process got a "clae_model/" prefix)."""
+    return keras.ops.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], constant_values=value)
 
 
 def _padded_shape(input_shape, pad):
@@ -144,18 +148,19 @@ class _Conv2D(keras.layers.Conv2D):
         return super().compute_output_shape(_padded_shape(input_shape, self.torch_pad))
 
 
-class _MaxPool2D(keras.layers.MaxPooling2D):
-    """PyTorch's MaxPool2d(k, s, padding=k // 2): the border padded with -inf (never the max)."""
+class _MaxPool2D:
+    """PyTorch's MaxPool2d(k, s, padding=k // 2): the border padded with -inf (never the max).
 
-    def __init__(self, pool, stride, **kwargs):
-        self.torch_pad = pool // 2
-        super().__init__(pool, stride, padding="valid", **kwargs)
+    A plain callable, not a Keras layer (it has no weights): as a MaxPooling2D subclass behind
+    the 7x7/2 stem conv, Keras left the model's name scope open after the first call (every
+    variable created later in the process got a "clae_model/" prefix; Keras 3.15)."""
 
-    def call(self, inputs):
-        return super().call(_torch_pad(inputs, self.torch_pad, float("-inf")))
+    def __init__(self, pool, stride):
+        self.pool, self.stride, self.torch_pad = pool, stride, pool // 2
 
-    def compute_output_shape(self, input_shape):
-        return super().compute_output_shape(_padded_shape(input_shape, self.torch_pad))
+    def __call__(self, x):
+        x = _torch_pad(x, self.torch_pad, float("-inf"))
+        return tf.nn.max_pool2d(x, self.pool, self.stride, "VALID")
 
 
 def _conv(filters, kernel, stride, name):

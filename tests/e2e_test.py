@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -165,6 +166,14 @@ def test_saved_model_matches_the_model(full):
     out = loaded.serve_uint8(tf.constant(_images(n=2, size=40)))
     assert out["h"].shape == (2, model.feature_dim) and out["z"].shape == (2, cfg.proj_dim)
 
+    # The run also wrote the encoder as a .keras file (tests/export_test.py loads it without
+    # clae_tf): [0, 1] images in, the same h and z out.
+    assert result["encoder_keras"] == os.path.join(cfg.run_dir, "encoder.keras")
+    encoder = keras.models.load_model(result["encoder_keras"])
+    out = encoder(images01, training=False)
+    np.testing.assert_allclose(out["h"].numpy(), h.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["z"].numpy(), z.numpy(), atol=1e-5)
+
 
 @pytest.mark.slow
 def test_checkpoint_holds_every_model_variable(full):
@@ -205,6 +214,7 @@ def test_eval_and_export_modes_on_a_finished_workdir(full, tmp_path):
     os.utime(pb, (0, 0))
     exported, _ = _run(dataclasses.replace(cfg, mode="export"))  # over the existing one
     assert exported["saved_model"] == export_dir
+    assert exported["encoder_keras"] == os.path.join(cfg.run_dir, "encoder.keras")
     assert os.path.getmtime(pb) > 0
     # Keep a reference to the loaded object: its functions need its variables alive.
     before = tf.saved_model.load(result["saved_model"])

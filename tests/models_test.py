@@ -1,5 +1,6 @@
 """Tests of clae_tf.models: ResNet shapes, stems, feature widths and the dual-BN routing."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -323,3 +324,12 @@ def test_imagenet_stem_computes_what_pytorch_computes(size):
     neg = -1.0 - np.random.default_rng(5).uniform(size=(1, 6, 6, 2))
     np.testing.assert_allclose(model.stem_pool(tf.constant(neg, tf.float32)).numpy(),
                                _np_maxpool(neg), atol=1e-6)
+
+
+def test_building_an_imagenet_stem_model_leaves_no_name_scope_open():
+    # A MaxPooling2D subclass behind the stem conv used to leave the model's name scope open:
+    # every layer made afterwards got a "clae_model/" path (the export's copies then missed).
+    builders.build_model(tiny_config(stem="imagenet", image_size=32))
+    layer = keras.layers.Dense(2, name="after")
+    layer.build((None, 3))
+    assert [v.path for v in layer.variables] == ["after/kernel", "after/bias"]

@@ -1,0 +1,218 @@
+"""The exports as a downstream user meets them: the functional copy of the clean encoder
+(portable.py), the `.keras` file and the SavedModel, loaded and fine-tuned without clae_tf."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from clae_tf import augment, builders, export, portable
+from clae_tf.models import bn_layers
+from conftest import tiny_config
+
+
+def _trained_like(cfg, seed=0):
+    """A model whose BNs are far from their initial values, the adversarial twins differently
+    from the clean ones (so that copying the wrong BN, or forgetting a statistic, shows)."""
+    model = builders.build_model(cfg)
+    rng = np.random.default_rng(seed)
+    for layer in bn_layers(model):
+        for bn in (layer.clean, layer.adv):
+            if bn is None:
+                continue
+            n = bn.gamma.shape
+            bn.gamma.assign(rng.uniform(0.5, 1.5, n).astype(np.float32))
+            bn.beta.assign(rng.normal(0.0, 0.3, n).astype(np.float32))
+            bn.moving_mean.assign(rng.normal(0.0, 0.3, n).astype(np.float32))
+            bn.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype(np.float32))
+    return model
+
+
+def _images01(n=5, size=16, seed=1):
+    return np.random.default_rng(seed).uniform(0, 1, (n, size, size, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # ResNet-10, CIFAR stem, MLP head, "half" normalisation
+    dict(arch="resnet50", stem="imagenet", head="linear", normalize="cifar", image_size=32),
+], ids=["resnet10_cifar_stem", "resnet50_imagenet_stem"])
+def test_portable_encoder_is_the_clean_path(overrides):
+    cfg = tiny_config(**overrides)
+    model = _trained_like(cfg)
+    encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)
+    x = _images01(size=cfg.image_size)
+
+    out = encoder(x, training=False)
+    h, z = model(augment.normalize(x, cfg.normalize), training=False)
+    np.testing.assert_allclose(out["h"].numpy(), h.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["z"].numpy(), z.numpy(), atol=1e-5)
+    # Not the adversarial path (whose BNs differ here).
+    h_adv, _ = model(augment.normalize(x, cfg.normalize), training=False, adversarial=True)
+    assert np.max(np.abs(out["h"].numpy() - h_adv.numpy())) > 1e-3
+
+    # Standard Keras layers only, float32, and unique variable names that say where they are.
+    assert all(type(layer).__module__.startswith("keras.") for layer in encoder.layers)
+    names = [v.path for v in encoder.variables]
+    assert len(set(names)) == len(names)
+    assert "stage2_block1_shortcut_bn/moving_variance" in names
+    assert "stage1_block1_conv0/kernel" in names
+    assert all(v.dtype == "float32" for v in encoder.variables)
+    # Clean BNs only: one BN per conv (the model holds two).
+    n_bn = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in encoder.layers)
+    n_conv = sum(isinstance(layer, keras.layers.Conv2D) for layer in encoder.layers)
+    assert n_bn == n_conv == len(bn_layers(model))
+
+
+def test_portable_encoder_under_mixed_precision():
+    """A bf16-trained model exports a float32 encoder (portable to CPUs, exact statistics)."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        cfg = tiny_config()
+        model = _trained_like(cfg)
+        encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert all(v.dtype == "float32" for v in encoder.variables)
+    out = encoder(_images01(), training=False)
+    assert out["h"].dtype == tf.float32
+    h, _ = model(augment.normalize(_images01()), training=False)
+    np.testing.assert_allclose(out["h"].numpy(), h.numpy(), atol=0.05, rtol=0.05)  # bf16 round-off
+
+
+# Runs in a fresh Python with clae_tf made unimportable: a meta-path finder placed first on
+# sys.meta_path refuses `clae_tf` before the editable install's finder (or any sys.path entry)
+# is asked, and the script checks that `import clae_tf` fails and nothing named clae_tf gets
+# loaded. It loads both exports, computes h and z, and takes one fit step of a classifier on h
+# with the encoder trainable, as in README "Export".
+_USER_SCRIPT = textwrap.dedent('''
+    import importlib.abc, json, sys
+
+    class _NoClaeTf(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "clae_tf" or name.startswith("clae_tf."):
+                raise ImportError(f"{name} is blocked in this process")
+            return None
+
+    sys.meta_path.insert(0, _NoClaeTf())
+    try:
+        import clae_tf
+        sys.exit("clae_tf is importable")
+    except ImportError:
+        pass
+
+    import numpy as np
+    import keras
+    import tensorflow as tf
+
+    saved_model, keras_file, data, out_path = sys.argv[1:]
+    x = np.load(data)["x"]
+    labels = np.arange(len(x)) % 3
+    out, report = {}, {}
+
+
+    # README "Export": keras.layers.TFSMLayer, with Keras 3's weight names repaired.
+    class TFSMLayer(keras.layers.TFSMLayer):
+        """keras.layers.TFSMLayer whose weights a Keras optimizer accepts.
+
+        Keras 3 keeps TF's ":0" in the weight names ("stem_conv_kernel:0"), and optimizers with
+        slots (SGD with momentum, Adam) then fail: "... is not a valid scope name".
+        """
+
+        def _add_existing_weight(self, weight):
+            self._track_variable(keras.Variable(
+                weight, trainable=weight.trainable, dtype=weight.dtype, shape=weight.shape,
+                name=weight.name.split(":")[0].replace("/", "_")))
+
+
+    def fine_tune(make_encoder, key):
+        """One fit step of encoder -> h -> Dense(3); returns the largest |change| per weight."""
+        images = keras.Input(x.shape[1:])
+        encoder = make_encoder()
+        logits = keras.layers.Dense(3)(encoder(images)["h"])
+        classifier = keras.Model(images, logits)
+        classifier.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                           keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        before = [w.numpy().copy() for w in encoder.trainable_weights]
+        classifier.fit(x, labels, batch_size=len(x), epochs=1, verbose=0)
+        after = [w.numpy() for w in encoder.trainable_weights]
+        report[key + "_unchanged"] = [w.path for w, a, b in zip(encoder.trainable_weights, after,
+                                                                before) if np.all(a == b)]
+        report[key + "_trainable"] = len(before)
+
+
+    # The .keras file: a plain functional Keras model.
+    encoder = keras.models.load_model(keras_file)
+    report["keras_layer_modules"] = sorted({type(layer).__module__.split(".")[0]
+                                            for layer in encoder.layers})
+    y = encoder(x, training=False)
+    out["keras_h"], out["keras_z"] = y["h"].numpy(), y["z"].numpy()
+    fine_tune(lambda: keras.models.load_model(keras_file), "keras")
+
+    # The SavedModel through TFSMLayer: the stock layer for inference and its weight names...
+    stock = keras.layers.TFSMLayer(saved_model, call_endpoint="serve", trainable=False)
+    report["tfsm_names"] = [w.name for w in stock.weights]
+    y = stock(x)
+    out["tfsm_h"], out["tfsm_z"] = y["h"].numpy(), y["z"].numpy()
+    # ... and fine-tuning it.
+    fine_tune(lambda: TFSMLayer(saved_model, call_endpoint="serve", trainable=True), "tfsm")
+
+    report["clae_tf_loaded"] = sorted(m for m in sys.modules if m.startswith("clae_tf"))
+    np.savez(out_path, **out)
+    print("REPORT " + json.dumps(report))
+''')
+
+
+@pytest.mark.slow
+def test_exports_load_and_fine_tune_without_clae_tf(tmp_path):
+    cfg = tiny_config(tmp_path)
+    model = _trained_like(cfg)
+    saved_model, keras_file = str(tmp_path / "saved_model"), str(tmp_path / "encoder.keras")
+    export.export(cfg, model, saved_model)
+    export.export_keras(cfg, model, keras_file)
+    # An even batch: TF 2.21's oneDNN CPU kernel for the filter gradient of a 1x1 stride-2
+    # conv (the shortcuts) corrupts the heap at odd batch sizes (1, 5, 7 at 16x16 crash).
+    x = _images01(n=6)
+    np.savez(tmp_path / "x.npz", x=x)
+    script = tmp_path / "user.py"
+    script.write_text(_USER_SCRIPT)
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, str(script), saved_model, keras_file, str(tmp_path / "x.npz"),
+         str(tmp_path / "out.npz")],
+        cwd="/tmp", env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.split("REPORT ", 1)[1])
+    assert report["clae_tf_loaded"] == []
+    assert report["keras_layer_modules"] == ["keras"]
+
+    # Both forms give the in-memory encoder's outputs.
+    h, z = model(augment.normalize(x, cfg.normalize), training=False)
+    got = np.load(tmp_path / "out.npz")
+    for form in ("keras", "tfsm"):
+        np.testing.assert_allclose(got[f"{form}_h"], h.numpy(), atol=1e-5, err_msg=form)
+        np.testing.assert_allclose(got[f"{form}_z"], z.numpy(), atol=1e-5, err_msg=form)
+
+    # Unique weight names that say where each weight is (stage, block, layer).
+    names = report["tfsm_names"]
+    assert len(set(names)) == len(names) == len(model.variables) - _n_adv_bn_variables(model)
+    assert "stage2_block1_shortcut_conv_kernel:0" in names
+    assert not any(n.startswith("clae_model") for n in names)
+
+    # One fit step changes every trainable weight that h depends on, in both forms (the
+    # projection head g, after h, gets no gradient from a classifier on h).
+    n_trainable = len(portable.build_encoder(model, cfg.image_size).trainable_weights)
+    for form in ("keras", "tfsm"):
+        assert report[f"{form}_trainable"] == n_trainable, form
+        unchanged = report[f"{form}_unchanged"]
+        assert len(unchanged) == 4 and all("proj_" in n for n in unchanged), unchanged
+
+
+def _n_adv_bn_variables(model):
+    return sum(len(layer.adv.variables) for layer in bn_layers(model) if layer.adv is not None)
