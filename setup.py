@@ -16,5 +16,10 @@ setup(
         "numpy>=1.26",
         "scikit-learn>=1.3",  # ships the offline default dataset (8x8 digits)
     ],
-    extras_require={"test": ["pytest>=7", "matplotlib>=3.7"], "plot": ["matplotlib>=3.7"]},
+    extras_require={
+        # keras-cv 0.9.0 checked with TF 2.21 / Keras 3.15 (it pulls keras-core and kagglehub).
+        "keras-cv": ["keras-cv==0.9.0"],
+        "test": ["pytest>=7", "matplotlib>=3.7", "keras-cv==0.9.0"],
+        "plot": ["matplotlib>=3.7"],
+    },
 )

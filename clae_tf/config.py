@@ -129,6 +129,10 @@ class Config:
                                     "(0: all).")
     augment: str = _flag("auto", "Augmentation set: simclr, uel (Plain/UEL's) or moco (MoCo v2's).",
                          choices=("auto", "simclr", "uel", "moco"), auto=True)
+    augment_impl: str = _flag("tf", "tf: augment.py, torchvision's semantics, stateless (exact "
+                              "resume); keras_cv: the same sets from keras-cv 0.9 layers "
+                              "(pip install -e \".[keras-cv]\"), stateful, mapped to keras-cv's "
+                              "conventions (README).", choices=("tf", "keras_cv"))
     normalize: str = _flag("auto", "Input normalisation: half (mean = std = 0.5, inputs in "
                            "[-1, 1]), cifar (CIFAR-10 mean/std) or imagenet (ImageNet mean/std). "
                            "--eps is in these units.",

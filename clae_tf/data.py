@@ -21,7 +21,7 @@ from typing import Callable, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import ClaeError, augment
+from clae_tf import ClaeError, augment, augment_kerascv
 from clae_tf.config import Config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -351,6 +351,9 @@ def pretrain_dataset(split: Split, cfg: Config, epoch: int, start_batch: int = 0
     size, b = cfg.image_size, cfg.batch_size
     views = augment.AUGMENTATIONS[cfg.augment]
     source = split.decoded if split.decoded is not None else split.images
+    view = augment.simclr_view
+    if cfg.augment_impl == "keras_cv":  # stateful keras-cv layers, on the resized images
+        view, source = augment_kerascv.view_fn(cfg.seed, size, views), split.images
     buffer = min(split.num_examples, 50_000)
     ds = source.shuffle(buffer, seed=cfg.seed * 100_003 + epoch, reshuffle_each_iteration=False)
 
@@ -369,8 +372,8 @@ def pretrain_dataset(split: Split, cfg: Config, epoch: int, start_batch: int = 0
             images, _ = batch
             x = tf.cast(images, tf.float32) / 255.0
             s1, s2 = tf.unstack(tf.random.experimental.stateless_split(batch_seed(index), 2))
-            x1 = augment.simclr_view(x, s1, size, **views)
-            x2 = augment.simclr_view(x, s2, size, **views)
+            x1 = view(x, s1, size, **views)
+            x2 = view(x, s2, size, **views)
             return finish(x1, x2)
 
         return ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -28,7 +28,7 @@ DEFAULTS = dict(
     eval_batch_size=500, attack="fgsm", attack_steps=3, attack_step_size=0.0,
     attack_random_start=False, robust_eps="1,2,4,8", robust_examples=1000, strategy="auto",
     virtual_cpus=0, eval_every_epochs=0, online_eval_examples=1000, projector_examples=1000,
-    projector_features="z")
+    projector_features="z", augment_impl="tf")
 # The method settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
 SIMCLR = dict(method="simclr", temperature=0.5, head="mlp", proj_dim=64, augment="simclr",
               normalize="half", optimizer="adam", learning_rate=3e-4, weight_decay=0.0,
