@@ -6,6 +6,7 @@
 """
 
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of the log
@@ -55,5 +56,18 @@ def _with_saved_flags(cfg):
     return config.from_flags()
 
 
+def _parse_flags(argv):
+    """absl's parsing, with its errors (unknown value of an enum flag, a non-number, an unknown
+    flag) as one `error:` line and exit code 2 like every other bad value."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        text = str(e).splitlines()[0]
+        bad = re.match(r"flag --(\w+)=(.*?): (.*)", text)
+        print(f"error: --{bad[1]}: {bad[3]}, got {bad[2]!r}" if bad else f"error: {text}",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -278,8 +278,10 @@ class Config:
             bad("knn_sigma", f"must be 0 (use --temperature) or >= 0.001 (kNN weights are "
                              f"exp(similarity / sigma)), got {self.knn_sigma}")
         # --eps is in normalised-input units: one pixel's whole [0, 1] range spans 1 / std of them
-        # (augment.NORMALIZATIONS: half 2.0, cifar 1 / 0.2023 for the red channel, the smallest).
-        input_range = {"half": 2.0, "cifar": 1 / 0.2023}.get(self.normalize, float("inf"))
+        # (augment.NORMALIZATIONS: half 2.0, cifar 1 / 0.2023, imagenet 1 / 0.229: the red
+        # channel, the smallest span).
+        input_range = {"half": 2.0, "cifar": 1 / 0.2023, "imagenet": 1 / 0.229}.get(
+            self.normalize, float("inf"))
         if self.eps > input_range:
             bad("eps", f"{self.eps} is larger than the whole input range ({input_range:.3g} with "
                        f"--normalize={self.normalize}); eps is in normalised-input units "

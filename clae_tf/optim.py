@@ -52,4 +52,4 @@ def build_optimizer(cfg: Config, steps_per_epoch: int, total_steps: int):
         lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, max(1, total_steps))
     if cfg.optimizer == "adam":
         return keras.optimizers.Adam(lr)
-    return TorchSGD(lr, momentum=cfg.momentum)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum)

@@ -231,7 +231,7 @@ def test_pgd_stays_in_the_ball_and_the_range(model, x1, random_start):
         # It moved: most entries away from x (and many on the ball's surface).
         assert np.mean(np.abs(x_adv - x) > 1e-3) > 0.5
         interior = (x > lo + eps) & (x < hi - eps)
-        assert np.mean(np.isclose(np.abs(x_adv - x)[interior], eps, atol=1e-6)) > 0.3
+        assert np.mean(np.isclose(np.abs(x_adv - x)[interior], eps, atol=1e-6)) > 0.1
 
 
 def test_pgd_eps_zero_is_identity(model, x1):

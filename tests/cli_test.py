@@ -60,10 +60,11 @@ def test_bad_values_fail_before_tensorflow(tmp_path, args, flag):
 
 
 def test_unknown_method(tmp_path):
-    # An enum flag: absl itself rejects the value while parsing.
+    # An enum flag: absl rejects the value while parsing; run.py words it as every other error.
     proc = _run(["--method=nope", f"--workdir={tmp_path / 'run'}"], tmp_path, tensorflow=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     line = _assert_one_line_error(proc, "--method")
-    assert "nope" in line and "simclr" in line
+    assert line.startswith("error: --method: ") and "nope" in line and "simclr" in line
     assert not (tmp_path / "run").exists()
 
 

@@ -252,7 +252,7 @@ def test_writable_workdir_is_created_and_left_clean(tmp_path):
 
 BAD_VALUES = [
     ("ckpt_every", 0), ("log_every", 0), ("image_every", 0), ("eval_batch_size", 0),
-    ("linear_batch_size", 0), ("proj_hidden", -5), ("max_steps", -1), ("train_examples", -1),
+    ("linear_batch_size", -1), ("proj_hidden", -5), ("max_steps", -1), ("train_examples", -1),
     ("examples_per_class", -1), ("eps", 100.0), ("eps", 2.5), ("temperature", 1e-45),
     ("temperature", 5e-4), ("knn_sigma", 1e-45), ("knn_sigma", -1.0), ("linear_epochs", -1),
     ("linear_epochs", 0), ("linear_lr", 0.0), ("momentum", 1.0), ("momentum", -0.1),
