@@ -3,7 +3,7 @@
 import tensorflow as tf
 
 
-def fgsm(embed_adv, batch_loss, x1, eps):
+def fgsm(embed_adv, batch_loss, x1, eps, loss_scale=None):
     """One FGSM step on view 1 against the batch-wide contrastive loss.
 
     The reference computes L(model_adv(x1), model_adv(x_adv)) with x_adv = x1, i.e. runs the
@@ -18,6 +18,10 @@ def fgsm(embed_adv, batch_loss, x1, eps):
       batch_loss: (z_anchor, z) -> scalar base loss over the whole (global) batch.
       x1: (N, H, W, C) normalised view 1.
       eps: step size in normalised-input units. No random start, no clipping (as the reference).
+      loss_scale: float16 training: the gradient is taken of loss * loss_scale (the optimizer's
+        dynamic scale), else the float16 back-propagation underflows to 0 and sign(0) = 0 leaves
+        x1 unperturbed. sign() is scale-invariant; a NaN entry (an overflowed scale) gives no
+        step on that pixel instead of a NaN image.
 
     Returns:
       x_adv = x1 + eps * sign(dL/dx_adv), with its gradient stopped.
@@ -28,12 +32,18 @@ def fgsm(embed_adv, batch_loss, x1, eps):
         input_tape.watch(x1)
         z = embed_adv(x1)
         loss = batch_loss(tf.stop_gradient(z), z)
+        if loss_scale is not None:
+            loss = loss * tf.cast(loss_scale, loss.dtype)
     grad = input_tape.gradient(loss, x1)
     # Kept in float32 even under mixed precision: an underflowed gradient gives sign(0) = 0.
     grad = tf.cast(grad, tf.float32)
+    if loss_scale is not None:
+        grad = tf.where(tf.math.is_nan(grad), tf.zeros_like(grad), grad)
     return tf.stop_gradient(x1 + tf.cast(eps, x1.dtype) * tf.sign(tf.cast(grad, x1.dtype)))
 
 
 def training_attack(cfg):
-    """The attack of the CLAE train step, (embed_adv, batch_loss, x1) -> x_adv: --eps FGSM."""
-    return lambda embed_adv, batch_loss, x1: fgsm(embed_adv, batch_loss, x1, cfg.eps)
+    """The attack of the CLAE train step, (embed_adv, batch_loss, x1, loss_scale=None) -> x_adv:
+    --eps FGSM."""
+    return lambda embed_adv, batch_loss, x1, loss_scale=None: fgsm(
+        embed_adv, batch_loss, x1, cfg.eps, loss_scale)
