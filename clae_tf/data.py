@@ -20,7 +20,7 @@ from typing import Callable, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import ClaeError, augment, memory
+from clae_tf import ClaeError, augment, memory, views as views_lib
 from clae_tf.config import Config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -305,7 +305,7 @@ def pretrain_stream(split: Split, cfg: Config, start_step: int, end_step: int):
         return None
     b, n = cfg.batch_size, split.num_examples
     steps_per_epoch = n // b
-    views = _Views(cfg)
+    views = views_lib.Views(cfg)
 
     if images.square is not None:
         @tf.autograph.experimental.do_not_convert
@@ -345,68 +345,11 @@ def _with_options(ds):
     return ds.with_options(options)
 
 
-class _Views:
-    """The two views of --augment, from a (seed, epoch, batch index) seed per batch."""
-
-    def __init__(self, cfg: Config):
-        self.cfg, self.size = cfg, cfg.image_size
-        self.views = augment.AUGMENTATIONS[cfg.augment]
-
-    def batch_seed(self, epoch, index):
-        return tf.stack([tf.constant(self.cfg.seed, tf.int64),
-                         tf.cast(epoch, tf.int64) * 1_000_000 + tf.cast(index, tf.int64)])
-
-    def _finish(self, x1, x2):
-        return (augment.normalize(x1, self.cfg.normalize),
-                augment.normalize(x2, self.cfg.normalize))
-
-    def of_batch(self, epoch, index, x):
-        """Both views of a batch x (B, S, S, 3) in [0, 1]."""
-        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(self.batch_seed(epoch, index), 2))
-        return self._finish(augment.simclr_view(x, s1, self.size, **self.views),
-                            augment.simclr_view(x, s2, self.size, **self.views))
-
-    def crop_pair(self, epoch, position, image):
-        """The two random resized crops of one decoded image (uint8 (H, W, 3)) at `position` of
-        its epoch, and whether it was image_size square already (then uncropped: its crops are
-        made with its batch's)."""
-        size, b = self.size, self.cfg.batch_size
-        # A third seed of the batch (the first two make its views), then the image's position.
-        crop_seed = tf.random.experimental.stateless_split(
-            self.batch_seed(epoch, position // b), 3)[2]
-        c1, c2 = tf.unstack(tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(crop_seed, position % b), 2))
-        x = tf.cast(image, tf.float32) / 255.0
-        shape = tf.shape(image)
-        square = (shape[0] == size) & (shape[1] == size)
-        scale = self.views["crop_scale"]
-
-        def keep():  # cropped with the batch, as above
-            x_ = tf.reshape(x, [size, size, 3])
-            return x_, x_
-
-        def crop():
-            return (augment.random_resized_crop_image(x, c1, size, scale),
-                    augment.random_resized_crop_image(x, c2, size, scale))
-
-        if any(d is not None and d != size for d in image.shape[:2]):  # never square
-            return (*crop(), tf.constant(False))
-        x1, x2 = tf.cond(square, keep, crop)
-        return x1, x2, square
-
-    def of_crops(self, epoch, index, x1, x2, square):
-        """Both views of a batch of crop pairs (the square ones still to be cropped)."""
-        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(self.batch_seed(epoch, index), 2))
-        return self._finish(
-            augment.simclr_view(x1, s1, self.size, crop=square, **self.views),
-            augment.simclr_view(x2, s2, self.size, crop=square, **self.views))
-
-
 def _shuffled_epoch(split: Split, cfg: Config, epoch: int, start_batch: int = 0):
     """pretrain_dataset of a split too large for memory: a shuffle buffer seeded by
     (seed, epoch) over the decoded stream, one pipeline per epoch."""
     b = cfg.batch_size
-    views = _Views(cfg)
+    views = views_lib.Views(cfg)
     source = split.decoded if split.decoded is not None else split.images
     buffer = min(split.num_examples, 50_000)
     ds = source.shuffle(buffer, seed=cfg.seed * 100_003 + epoch, reshuffle_each_iteration=False)
