@@ -245,16 +245,19 @@ def _steps_to_next_event(step, total_steps, cfg):
 
 
 def _epoch_batches(strategy, split, cfg, step, steps_per_epoch, total_steps):
-    """Iterators over the distributed (x1, x2) batches from global step `step` on: (iterator,
-    steps it serves). A split held in memory gives ONE iterator for the rest of the run
-    (data.pretrain_stream): building a pipeline and dropping the last one's iterator at each
-    epoch boundary stalled the loop for seconds (BENCHMARKS.md, "Whole run"). Otherwise one per
+    """Iterators over the distributed (x1, x2) batches of each epoch, from global step `step`
+    on: (iterator, steps left in its epoch). A split held in memory gives ONE iterator for the
+    rest of the run (data.pretrain_stream), handed out again at each epoch (calls still end at
+    epoch ends, for epoch-end work): building a pipeline and dropping the last one's iterator at
+    each boundary stalled the loop for seconds (BENCHMARKS.md, "Whole run"). Otherwise one per
     epoch, data.pretrain_dataset(epoch). Either way a resumed run sees the batches of a run that
     never stopped."""
     stream = data.pretrain_stream(split, cfg, step, total_steps)
     if stream is not None:
-        yield iter(distribute.distribute_batches(strategy, stream)), total_steps - step
-        return
+        iterator = iter(distribute.distribute_batches(strategy, stream))
+        while True:
+            yield iterator, steps_per_epoch - step % steps_per_epoch
+            step += steps_per_epoch - step % steps_per_epoch
     while True:
         epoch, offset = divmod(step, steps_per_epoch)
         yield iter(distribute.distribute_batches(

@@ -495,3 +495,27 @@ def test_eval_images_are_the_reference_test_transform(tmp_path):
         pil = Image.fromarray(originals[int(label)]).resize((40, 40), Image.BILINEAR)
         want = (np.asarray(pil, np.float64) / 255.0 - mean) / std
         np.testing.assert_allclose(image, want, atol=1.01 / 255 / 0.224)
+
+
+def test_each_epoch_is_a_permutation_of_its_own():
+    from clae_tf import memory
+    n = 1437
+    orders = [memory.permuted(seed, epoch, tf.range(n, dtype=tf.int64), n).numpy()
+              for seed, epoch in ((0, 0), (0, 1), (1, 0))]
+    for order in orders:
+        np.testing.assert_array_equal(np.sort(order), np.arange(n))  # every image once
+    assert np.mean(orders[0] == orders[1]) < 0.01 and np.mean(orders[0] == orders[2]) < 0.01
+
+
+def test_the_run_long_stream_is_the_epochs_one_after_another(digits):
+    """The train loop reads one stream across epochs; it must be the batches of each epoch's
+    pretrain_dataset in turn (what resuming and the tests above rely on)."""
+    cfg = tiny_config()
+    spe = digits.train.num_examples // cfg.batch_size
+    stream = [(a.numpy(), b.numpy()) for a, b in
+              data.pretrain_stream(digits.train, cfg, spe - 1, spe + 1)]
+    want = _batches(digits.train, cfg, 0, spe - 1, n=1) + _batches(digits.train, cfg, 1, n=1)
+    assert len(stream) == 2
+    for (a1, a2), (b1, b2) in zip(stream, want):
+        np.testing.assert_array_equal(a1, b1)
+        np.testing.assert_array_equal(a2, b2)
