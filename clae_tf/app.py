@@ -1,6 +1,7 @@
 """One run: prepare the workdir, then train (+ evaluate + export), evaluate or export."""
 
 import dataclasses
+import json
 import os
 import time
 
@@ -10,6 +11,8 @@ from clae_tf import ClaeError, checkpoints, data, distribute, evaluate, export, 
 from clae_tf.config import CHECKPOINT_FLAGS, RESUME_DATA_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
+# --precision -> the Keras policy: compute in bfloat16/float16, variables in float32.
+POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
 def check_workdir(cfg: Config):
@@ -38,16 +41,35 @@ def write_flagfile(cfg: Config):
                        + resolved.to_flagfile())
 
 
+def process_seconds() -> float:
+    """Seconds since this process started (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def run(cfg: Config, strategy=None) -> dict:
-    """Runs cfg.mode. Returns what was written (results, paths)."""
+    """Runs cfg.mode. Returns what was written (results, paths).
+
+    A training run records where its time went in results.json "timings" (seconds; bench/
+    whole_run.py prints them as a table): start-up (process start to here: imports, TF), data
+    load, the train loop's parts (train.train), evaluation and export.
+    """
+    timings = {"startup_seconds": process_seconds()}
     strategy = strategy or distribute.make_strategy(cfg)
     keras.utils.set_random_seed(cfg.seed)
-    keras.mixed_precision.set_global_policy(
-        "mixed_bfloat16" if cfg.precision == "bf16" else "float32")
+    keras.mixed_precision.set_global_policy(POLICIES[cfg.precision])
     if distribute.is_chief(strategy):  # only the chief writes into the workdir
         files.check_writable(cfg.run_dir)
     check_workdir(cfg)
+    t = time.time()
     source = data.load(cfg)
+    timings["data_load_seconds"] = time.time() - t
     out = {"workdir": cfg.run_dir}
     if cfg.mode == "train":
         chief = distribute.is_chief(strategy)
@@ -59,9 +81,17 @@ def run(cfg: Config, strategy=None) -> dict:
         if not chief:  # multi-worker: only the chief evaluates and writes results and the export
             return out
         summary["wall_seconds_this_process"] = time.time() - t0
+        timings.update(summary.pop("timings"))
+        t = time.time()
         out["results"] = evaluate.evaluate(cfg, model, source, summary["step"], extra=summary)
+        timings["eval_seconds"] = time.time() - t  # features, kNN and the linear probe
         if cfg.export:
+            t = time.time()
             _export(cfg, model, summary["step"], out)
+            timings["export_seconds"] = time.time() - t
+        timings["total_seconds"] = process_seconds()
+        out["results"]["timings"] = timings
+        _add_to_results(cfg, {"timings": timings})
         return out
     state = checkpoints.State(cfg, strategy)  # no optimizer: eval and export need the model only
     if not state.restore(model_only=True):
@@ -94,6 +124,13 @@ def _export(cfg: Config, model, step: int, out: dict):
     probe_dir = os.path.join(cfg.run_dir, "probe_saved_model")
     export.export_probe(cfg, model, probe, probe_dir)
     out["probe_saved_model"] = probe_dir
+
+
+def _add_to_results(cfg: Config, entries: dict):
+    path = os.path.join(cfg.run_dir, "results.json")
+    results = files.read_json(path) or {}
+    results.update(entries)
+    files.write_atomic(path, json.dumps(results, indent=2, sort_keys=True))
 
 
 def print_summary(out: dict):

@@ -26,7 +26,18 @@ def _input_gradient(objective, x):
     loss, aux = out if isinstance(out, tuple) else (out, None)
     grad = input_tape.gradient(loss, x)
     # Kept in float32 even under mixed precision: an underflowed gradient gives sign(0) = 0.
-    return tf.cast(grad, tf.float32), aux
+    grad = tf.cast(grad, tf.float32)
+    # A NaN entry (float16: an overflowed loss scale) gives no step on that pixel, not a NaN.
+    return tf.where(tf.math.is_nan(grad), tf.zeros_like(grad), grad), aux
+
+
+def _scaled(batch_loss, loss_scale):
+    """float16 training: the gradient is taken of loss * loss_scale (the optimizer's dynamic
+    scale), else the float16 back-propagation underflows to 0 and sign(0) = 0 leaves the pixel
+    unperturbed. sign() is scale-invariant, so the scale needs no undoing."""
+    if loss_scale is None:
+        return batch_loss
+    return lambda z_anchor, z: batch_loss(z_anchor, z) * tf.cast(loss_scale, tf.float32)
 
 
 def _project(x_adv, x, eps, clip_min, clip_max):
@@ -115,7 +126,7 @@ def linf_pgd(objective, x, eps, steps, step_size, x_start=None, clip_min=None, c
 
 
 def pgd(embed_adv, batch_loss, x1, eps, steps, step_size, random_start=False, seed=None,
-        clip_min=None, clip_max=None):
+        clip_min=None, clip_max=None, loss_scale=None):
     """PGD on view 1 against the batch-wide contrastive loss: the objective is
     batch_loss(sg z(x1), z(x_adv)), z = embed_adv, so x_adv is pushed away from its own clean
     embedding and, through the batch, towards the others (PAPER.md, step 3, with k steps).
@@ -136,10 +147,12 @@ def pgd(embed_adv, batch_loss, x1, eps, steps, step_size, random_start=False, se
       random_start: start from a uniform point of the ball (`uniform_start`) instead of x.
       seed: shape-[2] integer seed of the random start (required with random_start).
       clip_min, clip_max: optional valid range (None: no clipping, as the reference).
+      loss_scale: float16 training: the optimizer's dynamic loss scale (`_scaled`).
 
     Returns:
       x_adv, with its gradient stopped.
     """
+    batch_loss = _scaled(batch_loss, loss_scale)
     if steps < 1:
         raise ValueError(f"pgd needs steps >= 1, got {steps}")
     x1 = tf.convert_to_tensor(x1)
@@ -168,7 +181,7 @@ def auto_step_size(eps, steps):
     return 2.5 * eps / steps
 
 
-def fgsm(embed_adv, batch_loss, x1, eps):
+def fgsm(embed_adv, batch_loss, x1, eps, loss_scale=None):
     """One FGSM step on view 1 against the batch-wide contrastive loss (the paper's attack).
 
     The reference computes L(model_adv(x1), model_adv(x_adv)) with x_adv = x1, i.e. runs the
@@ -184,11 +197,15 @@ def fgsm(embed_adv, batch_loss, x1, eps):
       batch_loss: (z_anchor, z) -> scalar base loss over the whole (global) batch.
       x1: (N, H, W, C) normalised view 1.
       eps: step size in normalised-input units. No random start, no clipping (as the reference).
+      loss_scale: float16 training: the gradient is taken of loss * loss_scale (the optimizer's
+        dynamic scale), else the float16 back-propagation underflows to 0 and sign(0) = 0 leaves
+        x1 unperturbed. sign() is scale-invariant; a NaN entry (an overflowed scale) gives no
+        step on that pixel instead of a NaN image.
 
     Returns:
       x_adv = x1 + eps * sign(dL/dx_adv), with its gradient stopped.
     """
-    return pgd(embed_adv, batch_loss, x1, eps, steps=1, step_size=eps)
+    return pgd(embed_adv, batch_loss, x1, eps, steps=1, step_size=eps, loss_scale=loss_scale)
 
 
 def classifier_objective(logits_fn, y):
@@ -235,7 +252,7 @@ def fgsm_classifier(logits_fn, x, y, eps, clip_min=None, clip_max=None):
 
 
 def training_attack(cfg, step_counter):
-    """The attack of the CLAE train step: (embed_adv, batch_loss, x1) -> x_adv.
+    """The attack of the CLAE train step: (embed_adv, batch_loss, x1, loss_scale=None) -> x_adv.
 
     --attack=fgsm (the paper): one step of --eps. --attack=pgd: --attack_steps steps of
     --attack_step_size (0: auto_step_size) in the --eps ball, against the same batch-wide loss
@@ -248,10 +265,11 @@ def training_attack(cfg, step_counter):
       step_counter: () -> the optimizer's step counter (seeds the random start).
     """
     if cfg.attack == "fgsm":
-        return lambda embed_adv, batch_loss, x1: fgsm(embed_adv, batch_loss, x1, cfg.eps)
+        return lambda embed_adv, batch_loss, x1, loss_scale=None: fgsm(
+            embed_adv, batch_loss, x1, cfg.eps, loss_scale)
     step_size = cfg.attack_step_size or auto_step_size(cfg.eps, cfg.attack_steps)
 
-    def attack(embed_adv, batch_loss, x1):
+    def attack(embed_adv, batch_loss, x1, loss_scale=None):
         seed = None
         if cfg.attack_random_start:
             ctx = tf.distribute.get_replica_context()
@@ -259,6 +277,6 @@ def training_attack(cfg, step_counter):
             seed = tf.stack([tf.cast(cfg.seed, tf.int64) * 1024 + tf.cast(replica, tf.int64),
                              tf.cast(step_counter(), tf.int64)])
         return pgd(embed_adv, batch_loss, x1, cfg.eps, cfg.attack_steps, step_size,
-                   random_start=cfg.attack_random_start, seed=seed)
+                   random_start=cfg.attack_random_start, seed=seed, loss_scale=loss_scale)
 
     return attack

@@ -116,8 +116,13 @@ class Config:
     bn_adv_momentum: float = _flag(0.01, "Adversarial BN momentum, PyTorch convention.")
     sync_bn: bool = _flag(True, "Synchronise batch-norm statistics across replicas (only matters "
                           "with more than one).")
-    precision: str = _flag("float32", "float32, or bf16 (Keras mixed_bfloat16; losses and the "
-                           "attack gradient stay float32).", choices=("float32", "bf16"))
+    precision: str = _flag("float32", "float32, bf16 (Keras mixed_bfloat16) or fp16 (mixed_float16 "
+                           "with dynamic loss scaling, for GPUs without bfloat16); losses, BN "
+                           "statistics and the attack gradient stay float32.",
+                           choices=("float32", "bf16", "fp16"))
+    jit_compile: bool = _flag(False, "Compile the train step with XLA (the loop and its data "
+                              "iterator stay outside XLA). For accelerators; on a CPU it is "
+                              "checked for correctness, not speed (BENCHMARKS.md).")
     # Data.
     dataset: str = _flag("digits", "A TFDS name (cifar10, cifar100, ...), a folder "
                          "root/{train,test}/<label>/<image>, or 'digits' (scikit-learn's 8x8 "

@@ -21,7 +21,7 @@ from typing import Callable, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import ClaeError, augment, augment_kerascv
+from clae_tf import ClaeError, augment, memory, views as views_lib
 from clae_tf.config import Config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -39,6 +39,22 @@ class Split:
     select: Optional[Callable[[np.ndarray], "Split"]] = None
     # (uint8 (H, W, 3) as decoded, int32 label), same order; None: `images` are the decoded ones.
     decoded: Optional[tf.data.Dataset] = None
+    # Estimated bytes of the decoded images (None: unknown); small splits are held in memory.
+    decoded_bytes: Optional[int] = None
+    _memory: Optional[memory.Images] = dataclasses.field(default=None, repr=False)
+
+    def in_memory(self, size: int) -> Optional[memory.Images]:
+        """The decoded images in memory (read once, on first use), or None if too large."""
+        source = self.decoded if self.decoded is not None else self.images
+        nbytes = self.decoded_bytes
+        if nbytes is None:
+            nbytes = _static_bytes(source, self.num_examples)
+        if self._memory is None and nbytes is not None and nbytes <= memory.MAX_BYTES:
+            try:
+                self._memory = memory.load(source, self.num_examples, size)
+            except tf.errors.InvalidArgumentError as e:  # a decode error: name the file
+                raise_if_unreadable(self, e)
+        return self._memory
 
 
 @dataclasses.dataclass
@@ -141,9 +157,10 @@ def _digits(size):
 
     def split(index):
         ds = tf.data.Dataset.from_tensor_slices((images[index], labels[index]))
-        resized, decoded = _finish(ds, len(index), size, _static_bytes(ds, len(index)))
+        nbytes = _static_bytes(ds, len(index))
+        resized, decoded = _finish(ds, len(index), size, nbytes)
         return Split(resized, len(index), labels=labels[index],
-                     select=lambda i: split(index[i]), decoded=decoded)
+                     select=lambda i: split(index[i]), decoded=decoded, decoded_bytes=nbytes)
 
     return Source("digits", split(np.flatnonzero(~is_test)), split(np.flatnonzero(is_test)), 10)
 
@@ -205,10 +222,11 @@ def _file_split(files, labels, size):
     """Images decoded lazily from `files`; a subset only ever reads its own files."""
     ds = tf.data.Dataset.from_tensor_slices((files, labels))
     ds = ds.map(lambda f, y: (_decode(tf.io.read_file(f)), y), num_parallel_calls=tf.data.AUTOTUNE)
-    resized, decoded = _finish(ds, len(files), size, _folder_bytes(files))
+    nbytes = _folder_bytes(files)
+    resized, decoded = _finish(ds, len(files), size, nbytes)
     return Split(resized, len(files), files, labels,
                  select=lambda i: _file_split([files[j] for j in i], labels[i], size),
-                 decoded=decoded)
+                 decoded=decoded, decoded_bytes=nbytes)
 
 
 def _folder_bytes(files):
@@ -266,8 +284,9 @@ def _tfds(name, data_dir, size):
         n = int(ds.cardinality())
         if n < 0:
             n = int(ds.reduce(0, lambda c, _: c + 1))
-        resized, decoded = _finish(ds, n, size, _static_bytes(ds, n))
-        splits[split_name] = Split(resized, n, decoded=decoded)
+        nbytes = _static_bytes(ds, n)
+        resized, decoded = _finish(ds, n, size, nbytes)
+        splits[split_name] = Split(resized, n, decoded=decoded, decoded_bytes=nbytes)
     return Source(name, splits["train"], splits["test"], num_classes)
 
 
@@ -333,14 +352,35 @@ def _subset(split, num_classes, train_examples, examples_per_class):
         n = min(n, train_examples)
     if n == split.num_examples:
         return split
-    return Split(ds.cache(), n, split.files, decoded=decoded)
+    nbytes = (split.decoded_bytes * n // split.num_examples
+              if split.decoded_bytes is not None else None)
+    return Split(ds.cache(), n, split.files, decoded=decoded, decoded_bytes=nbytes)
 
 
 def pretrain_dataset(split: Split, cfg: Config, epoch: int, start_batch: int = 0):
     """Batches of two views (x1, x2) for one epoch, normalised, as a pure function of the seed.
 
-    The shuffle order depends on (seed, epoch) and each batch's views on (seed, epoch, batch
-    index), so resuming at `start_batch` gives exactly the batches an uninterrupted run would.
+    The order depends on (seed, epoch) and each batch's views on (seed, epoch, batch index), so
+    resuming at `start_batch` gives exactly the batches an uninterrupted run would. The epoch's
+    batches of pretrain_stream when the split fits in memory, else a shuffled pipeline.
+    """
+    steps_per_epoch = split.num_examples // cfg.batch_size
+    stream = pretrain_stream(split, cfg, epoch * steps_per_epoch + start_batch,
+                             (epoch + 1) * steps_per_epoch)
+    if stream is not None:
+        return stream
+    return _shuffled_epoch(split, cfg, epoch, start_batch)
+
+
+def pretrain_stream(split: Split, cfg: Config, start_step: int, end_step: int):
+    """ONE pipeline of the (x1, x2) batches of global steps [start_step, end_step), over every
+    epoch, or None when the split's decoded images do not fit in memory (memory.py).
+
+    Epoch e = step // steps_per_epoch takes its images in the order of a stateless permutation
+    seeded by (seed, e) (the last num_examples % batch_size of it are dropped, as
+    drop_remainder), and batch k of it its views from (seed, e, k): the stream from any step is
+    exactly the tail of the stream from 0, so a resumed run sees the batches of one that never
+    stopped.
 
     Images already --image_size square (CIFAR at 32) are cropped on whole batches. Any other
     image is cropped as it was decoded, one by one before batching (images of different sizes
@@ -348,33 +388,71 @@ def pretrain_dataset(split: Split, cfg: Config, epoch: int, start_batch: int = 0
     a seed of (seed, epoch, batch index, position in the batch); the rest of its view (flip,
     jitter, grayscale) is made on the batch with the batch's seeds.
     """
-    size, b = cfg.image_size, cfg.batch_size
-    views = augment.AUGMENTATIONS[cfg.augment]
+    if cfg.augment_impl == "keras_cv":  # stateful layers: the per-epoch pipeline (views.py)
+        return None
+    images = split.in_memory(cfg.image_size)
+    if images is None:
+        return None
+    b, n = cfg.batch_size, split.num_examples
+    steps_per_epoch = n // b
+    views = views_lib.Views(cfg)
+
+    if images.square is not None:
+        @tf.autograph.experimental.do_not_convert
+        def batch_of_views(step):
+            epoch, index = step // steps_per_epoch, step % steps_per_epoch
+            x = images.gather(memory.permuted(cfg.seed, epoch, index * b + tf.range(b, dtype=tf.int64), n))
+            return views.of_batch(epoch, index, tf.cast(x, tf.float32) / 255.0)
+
+        ds = tf.data.Dataset.range(start_step, end_step).map(
+            batch_of_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return _with_options(ds.prefetch(2))
+
+    @tf.autograph.experimental.do_not_convert
+    def crops(example):  # example: its global position in the stream, step * b + position
+        step = example // b
+        epoch, position = step // steps_per_epoch, example % (steps_per_epoch * b)
+        image = images.image(memory.permuted(cfg.seed, epoch, position, n))
+        return (epoch, position, *views.crop_pair(epoch, position, image))
+
+    @tf.autograph.experimental.do_not_convert
+    def batch_of_crops(epoch, position, x1, x2, square):
+        return views.of_crops(epoch[0], position[0] // b, x1, x2, square)
+
+    ds = tf.data.Dataset.range(start_step * b, end_step * b).map(
+        crops, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(b, drop_remainder=True).map(  # static batch size: whole batches anyway
+        batch_of_crops, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _with_options(ds.prefetch(2))
+
+
+def _with_options(ds):
+    """The pipeline shares the 2 cores of a small machine with the train step: it needs a
+    fraction of one core (BENCHMARKS.md), so its own threads are few and do not spread one op
+    over every core."""
+    options = tf.data.Options()
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options)
+
+
+def _shuffled_epoch(split: Split, cfg: Config, epoch: int, start_batch: int = 0):
+    """pretrain_dataset of a split too large for memory: a shuffle buffer seeded by
+    (seed, epoch) over the decoded stream, one pipeline per epoch."""
+    b = cfg.batch_size
+    views = views_lib.Views(cfg)
     source = split.decoded if split.decoded is not None else split.images
-    view = augment.simclr_view
-    if cfg.augment_impl == "keras_cv":  # stateful keras-cv layers, on the resized images
-        view, source = augment_kerascv.view_fn(cfg.seed, size, views), split.images
+    if cfg.augment_impl == "keras_cv":  # keras-cv crops whole batches of the resized images
+        source = split.images
     buffer = min(split.num_examples, 50_000)
     ds = source.shuffle(buffer, seed=cfg.seed * 100_003 + epoch, reshuffle_each_iteration=False)
 
-    def batch_seed(index):
-        return tf.stack([tf.constant(cfg.seed, tf.int64), epoch * 1_000_000 + index])
-
-    def finish(x1, x2):
-        return augment.normalize(x1, cfg.normalize), augment.normalize(x2, cfg.normalize)
-
-    if source.element_spec[0].shape.as_list() == [size, size, 3]:
-        # Every image is image_size square: whole batches, exactly as before per-image crops.
+    if source.element_spec[0].shape.as_list() == [cfg.image_size, cfg.image_size, 3]:
         ds = ds.batch(b, drop_remainder=True).skip(start_batch).enumerate(start_batch)
 
         @tf.autograph.experimental.do_not_convert  # no control flow; AutoGraph only warns here
         def two_views(index, batch):
             images, _ = batch
-            x = tf.cast(images, tf.float32) / 255.0
-            s1, s2 = tf.unstack(tf.random.experimental.stateless_split(batch_seed(index), 2))
-            x1 = view(x, s1, size, **views)
-            x2 = view(x, s2, size, **views)
-            return finish(x1, x2)
+            return views.of_batch(epoch, index, tf.cast(images, tf.float32) / 255.0)
 
         return ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
@@ -382,39 +460,14 @@ def pretrain_dataset(split: Split, cfg: Config, epoch: int, start_batch: int = 0
 
     @tf.autograph.experimental.do_not_convert
     def crop_pair(position, example):
-        image, _ = example
-        # A third seed of the batch (the first two make its views), then the image's position.
-        crop_seed = tf.random.experimental.stateless_split(batch_seed(position // b), 3)[2]
-        c1, c2 = tf.unstack(tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(crop_seed, position % b), 2))
-        x = tf.cast(image, tf.float32) / 255.0
-        shape = tf.shape(image)
-        square = (shape[0] == size) & (shape[1] == size)
-        scale = views["crop_scale"]
-
-        def keep():  # cropped with the batch, as above
-            x_ = tf.reshape(x, [size, size, 3])
-            return x_, x_
-
-        def crop():
-            return (augment.random_resized_crop_image(x, c1, size, scale),
-                    augment.random_resized_crop_image(x, c2, size, scale))
-
-        if any(d is not None and d != size for d in image.shape[:2]):  # never square
-            return (*crop(), tf.constant(False))
-        x1, x2 = tf.cond(square, keep, crop)
-        return x1, x2, square
+        return views.crop_pair(epoch, position, example[0])
 
     ds = ds.map(crop_pair, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(b, drop_remainder=True).enumerate(start_batch)
 
     @tf.autograph.experimental.do_not_convert
     def two_views_of_crops(index, batch):
-        x1, x2, square = batch
-        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(batch_seed(index), 2))
-        x1 = augment.simclr_view(x1, s1, size, crop=square, **views)
-        x2 = augment.simclr_view(x2, s2, size, crop=square, **views)
-        return finish(x1, x2)
+        return views.of_crops(epoch, index, *batch)
 
     return ds.map(two_views_of_crops, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
         tf.data.AUTOTUNE)

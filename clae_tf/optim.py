@@ -50,6 +50,11 @@ def build_optimizer(cfg: Config, steps_per_epoch: int, total_steps: int):
             [cfg.learning_rate] + [cfg.learning_rate * f for f in cfg.lr_factors])
     elif cfg.lr_schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, max(1, total_steps))
-    if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
-    return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+    optimizer = (keras.optimizers.Adam(lr) if cfg.optimizer == "adam" else
+                 keras.optimizers.SGD(lr, momentum=cfg.momentum))
+    if cfg.precision == "fp16":
+        # Dynamic loss scaling: float16 gradients underflow without it. A step whose scaled
+        # gradients overflow is skipped and the scale halved (--precision is a checkpoint flag:
+        # the scale and its counter are in the checkpoint).
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import keras
 import tensorflow as tf
 
 from clae_tf import (ClaeError, attacks, augment, checkpoints, data, distribute, health, losses,
@@ -29,6 +30,9 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method=Non
     """
     method = method or methods.build(cfg, model)
     attack = attacks.training_attack(cfg, lambda: optimizer.iterations)
+    # float16: the parameter gradients are taken of loss * scale (the dynamic scale of the
+    # LossScaleOptimizer, which divides them back), and so is the attack's input gradient.
+    loss_scale = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def embed_adv(x):  # through the ADVERSARIAL BNs, training mode
         return model(x, training=True, adversarial=True)[1]
@@ -43,7 +47,7 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method=Non
                 with tape.stop_recording():
                     x_adv = attack(embed_adv,
                                    lambda z_anchor, z: method.adversarial_loss(consts, z_anchor, z)[0],
-                                   x1)
+                                   x1, optimizer.dynamic_scale if loss_scale else None)
             (clean_loss, logits, labels), anchor = method.clean_loss(model, consts, x1, x2)
             loss, adv_loss = clean_loss, tf.constant(0.0)
             if cfg.adversarial:
@@ -51,12 +55,18 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method=Non
                 adv_loss, _, _ = method.adversarial_loss(consts, anchor, z_adv)
                 loss = clean_loss + cfg.alpha * adv_loss
             scaled_loss = loss / num_replicas
+            if loss_scale:
+                scaled_loss = optimizer.scale_loss(scaled_loss)
         variables = model.trainable_variables
         grads = tape.gradient(scaled_loss, variables)
         if cfg.weight_decay:
             # PyTorch-style (coupled) L2, as the reference's SGD/Adam weight_decay; divided by
-            # the replicas because the optimizer sums gradients across them.
-            grads = [g + (cfg.weight_decay / num_replicas) * v for g, v in zip(grads, variables)]
+            # the replicas because the optimizer sums gradients across them (and scaled as the
+            # loss under float16, because the optimizer unscales the sum).
+            decay = cfg.weight_decay / num_replicas
+            if loss_scale:
+                decay = decay * optimizer.dynamic_scale
+            grads = [g + decay * v for g, v in zip(grads, variables)]
         optimizer.apply_gradients(zip(grads, variables))
         metrics = {"loss": loss, "clean_loss": clean_loss, "adv_loss": adv_loss,
                    "contrast_acc": losses.contrast_accuracy(logits, labels),
@@ -64,6 +74,11 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method=Non
                    "z_norm": tf.reduce_mean(tf.norm(tf.cast(anchor, tf.float32), axis=-1))}
         return metrics, {"x": x1[:4], "x_adv": x_adv[:4]}, method.step_outputs(consts)
 
+    if cfg.jit_compile:
+        # XLA compiles this per-replica step; the loop around it (tf.range, the data
+        # iterator, the health check) stays a plain tf.function: an iterator cannot live
+        # inside an XLA cluster.
+        return tf.function(step, jit_compile=True)
     return step
 
 
@@ -152,13 +167,20 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
     progress = Progress(start, total_steps, every=cfg.log_every)
     w_norm0 = health.weight_norm(model.trainable_variables)
     window_start, window_steps, train_time = time.time(), 0, 0.0
-    epochs = _epoch_batches(strategy, source.train, cfg, start, steps_per_epoch)
+    # Where the time goes (results.json "timings"): pipeline set-up, the first call (tracing
+    # and compiling the loop), the calls, and the host's time between calls.
+    timings = {"data_setup": 0.0, "first_call": 0.0, "calls": 0.0, "loop": 0.0}
+    loop_start = time.time()
+    epochs = _epoch_batches(strategy, source.train, cfg, start, steps_per_epoch, total_steps)
     iterator, left_in_epoch = next(epochs)
+    timings["data_setup"] += time.time() - loop_start
     try:
         with _sigterm_as_interrupt():
             while step < total_steps:
                 if not left_in_epoch:
+                    t = time.time()
                     iterator, left_in_epoch = next(epochs)
+                    timings["data_setup"] += time.time() - t
                 n = min(left_in_epoch, _steps_to_next_event(step, total_steps, cfg))
                 t = time.time()
                 try:
@@ -167,6 +189,10 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
                     data.raise_if_unreadable(source.train, e)
                 out = tf.nest.map_structure(lambda v: v.numpy(), out)  # the one round trip
                 train_time += time.time() - t
+                if not timings["first_call"]:
+                    timings["first_call"], timings["first_call_steps"] = time.time() - t, n
+                else:
+                    timings["calls"] += time.time() - t
                 step += int(out["steps"])
                 left_in_epoch -= int(out["steps"])
                 last = out["last"]
@@ -206,6 +232,7 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
         state.save(state.step)
         raise ClaeError(f"{why} at step {state.step}; checkpoint saved in "
                         f"{state.directory}; run the same command to resume")
+    timings["loop"] = time.time() - loop_start
     if state.saved_step != step:
         state.save(step)
     if watch:
@@ -214,7 +241,9 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
     return {"model": model, "step": step, "steps_per_epoch": steps_per_epoch,
             "epochs": step / steps_per_epoch, "train_seconds_this_process": train_time,
             "online_evals_this_process": online_evals,
-            "online_eval_seconds_this_process": online_time}
+            "online_eval_seconds_this_process": online_time,
+            "timings": {f"train_{k}" + ("" if k.endswith("steps") else "_seconds"): v
+                        for k, v in timings.items()}}
 
 
 def _last_good(state):
@@ -232,10 +261,20 @@ def _steps_to_next_event(step, total_steps, cfg):
     return n
 
 
-def _epoch_batches(strategy, split, cfg, step, steps_per_epoch):
+def _epoch_batches(strategy, split, cfg, step, steps_per_epoch, total_steps):
     """Iterators over the distributed (x1, x2) batches of each epoch, from global step `step`
-    on: (iterator, steps left in its epoch). Each epoch is data.pretrain_dataset(epoch), so a
-    resumed run sees the batches of a run that never stopped."""
+    on: (iterator, steps left in its epoch). A split held in memory gives ONE iterator for the
+    rest of the run (data.pretrain_stream), handed out again at each epoch (calls still end at
+    epoch ends, for epoch-end work): building a pipeline and dropping the last one's iterator at
+    each boundary stalled the loop for seconds (BENCHMARKS.md, "Whole run"). Otherwise one per
+    epoch, data.pretrain_dataset(epoch). Either way a resumed run sees the batches of a run that
+    never stopped."""
+    stream = data.pretrain_stream(split, cfg, step, total_steps)
+    if stream is not None:
+        iterator = iter(distribute.distribute_batches(strategy, stream))
+        while True:
+            yield iterator, steps_per_epoch - step % steps_per_epoch
+            step += steps_per_epoch - step % steps_per_epoch
     while True:
         epoch, offset = divmod(step, steps_per_epoch)
         yield iter(distribute.distribute_batches(

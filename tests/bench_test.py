@@ -9,6 +9,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 
@@ -76,3 +77,28 @@ def test_benchmark_pieces_run(capsys):
     text = bench.report(args, fake)
     assert "| x0.0625 | float32 | 20.0 | 11.0 | **1.820**" in text
     assert "Peak RSS" in text and "Input pipeline alone" in text
+
+
+def _load_whole_run():
+    path = os.path.join(os.path.dirname(_BENCH), "whole_run.py")
+    spec = importlib.util.spec_from_file_location("whole_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_whole_run_breakdown_from_recorded_timings():
+    """57 steps, the first call 10 of them: 47 later steps in 94 s -> 2 s/step, so the first
+    call's 50 s are 20 s of steps and 30 s of compiling; the host's share is what the loop
+    spent outside set-up and calls: 160 - 4 - 50 - 94 = 12 s (7.5%)."""
+    whole_run = _load_whole_run()
+    t = dict(startup_seconds=9.0, data_load_seconds=1.0, train_data_setup_seconds=4.0,
+             train_first_call_seconds=50.0, train_first_call_steps=10, train_calls_seconds=94.0,
+             train_loop_seconds=160.0, eval_seconds=30.0, total_seconds=205.0)
+    rows = {name.strip(): (seconds, note) for name, seconds, note in whole_run.breakdown(t, 57)}
+    assert rows["compile (est.)"][0] == pytest.approx(30.0)
+    assert rows["host (outside calls)"][0] == pytest.approx(12.0)
+    assert rows["host (outside calls)"][1].startswith("7.5% of the loop")
+    assert rows["steps"][1] == "47 steps, 2.000 s/step"
+    assert rows["export"][0] is None  # --noexport
+    assert "| export | - |" in whole_run.table(whole_run.breakdown(t, 57))

@@ -21,7 +21,8 @@ PRESETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "flag
 DEFAULTS = dict(
     mode="train", workdir="", seed=0, adversarial=False, eps=0.03, alpha=1.0, arch="resnet18",
     stem="cifar", width=0.25, proj_hidden=0, queue_size=4096, key_momentum=0.999,
-    bn_momentum=0.1, bn_adv_momentum=0.01, sync_bn=True, precision="float32", dataset="digits",
+    bn_momentum=0.1, bn_adv_momentum=0.01, sync_bn=True, precision="float32", jit_compile=False,
+    dataset="digits",
     data_dir=None, image_size=32, train_examples=0, examples_per_class=0, batch_size=256,
     epochs=30, max_steps=0, momentum=0.9, ckpt_every=500, log_every=10, steps_per_loop=50,
     image_every=200, export=True, knn_k=200, knn_sigma=0.0, linear_epochs=100, linear_lr=3e-4,
