@@ -28,7 +28,7 @@ def _worker(cfg_path, out_path):
     """One worker process: TF_CONFIG is in the environment; cfg is a JSON of Config fields."""
     # Importing clae_tf must not initialise TF: MultiWorkerMirroredStrategy has to come first
     # (as in run.py, which imports clae_tf.app before make_strategy).
-    from clae_tf import app, config, distribute, train
+    from clae_tf import app, checkpoints, config, distribute, train
 
     with open(cfg_path) as f:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
@@ -43,14 +43,14 @@ def _worker(cfg_path, out_path):
         return summary
 
     states = []
-    real_state = train.State
+    real_state = checkpoints.State
 
     class KeepState(real_state):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             states.append(self)
 
-    train.train, train.State = keep_model, KeepState
+    train.train, checkpoints.State = keep_model, KeepState
     out = app.run(cfg, strategy)
     np.savez(out_path, **_state_values(states[-1]))
     with open(out_path + ".json", "w") as f:
