@@ -4,31 +4,13 @@ Each subprocess that imports TensorFlow costs seconds, so most cases are errors 
 raises before it imports TensorFlow; a fake `tensorflow` package on PYTHONPATH checks that.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from conftest import tiny_config
+from conftest import run_cli, tiny_config
 
 from clae_tf import app, checkpoints, distribute
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(args, tmp_path, tensorflow=True):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    if not tensorflow:
-        # Any import of TensorFlow fails loudly: these errors must come before it.
-        fake = tmp_path / "no_tensorflow"
-        (fake / "tensorflow").mkdir(parents=True, exist_ok=True)
-        (fake / "tensorflow" / "__init__.py").write_text(
-            "raise ImportError('run.py imported TensorFlow before checking its flags')\n")
-        env["PYTHONPATH"] = os.pathsep.join([str(fake), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    return proc
+_run = run_cli
 
 
 def _assert_one_line_error(proc, flag):

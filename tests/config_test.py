@@ -5,20 +5,15 @@ import dataclasses
 import pytest
 from absl import flags
 
+from conftest import parse_flags
+
 from clae_tf import ClaeError, config
 
 AUTO = {"temperature", "head", "proj_dim", "augment", "normalize", "optimizer", "learning_rate",
         "weight_decay", "lr_schedule", "lr_boundaries", "lr_factors", "probe", "linear_batch_size"}
 
 
-def _flags(*args):
-    config.define_flags()
-    flags.FLAGS.unparse_flags()
-    try:
-        flags.FLAGS(["run.py", *args])
-        return config.from_flags()
-    finally:
-        flags.FLAGS.unparse_flags()
+_flags = parse_flags
 
 
 def test_auto_flags_and_method_rows_agree():

@@ -1,6 +1,8 @@
 """Shared test setup: 4 virtual CPU devices (for the multi-replica tests) and a tiny config."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -14,6 +16,33 @@ tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfigu
 from clae_tf.config import Config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(args, tmp_path, tensorflow=True):
+    """`python run.py *args` from the repository root. tensorflow=False: any import of TF fails
+    loudly, so the errors under test must come before it."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if not tensorflow:
+        fake = tmp_path / "no_tensorflow"
+        (fake / "tensorflow").mkdir(parents=True, exist_ok=True)
+        (fake / "tensorflow" / "__init__.py").write_text(
+            "raise ImportError('run.py imported TensorFlow before checking its flags')\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(fake), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def parse_flags(*args):
+    """run.py's parsing of `args` into a Config (flagfile paths relative to the cwd)."""
+    from absl import flags
+    from clae_tf import config
+    config.define_flags()
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["run.py", *args])
+        return config.from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
 
 
 def tiny_config(tmp_path=None, **overrides) -> Config:

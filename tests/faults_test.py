@@ -17,24 +17,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import tiny_config
+from conftest import REPO, run_cli, tiny_config
 
 from clae_tf import ClaeError, app, augment, builders, data, evaluate, export, files
 from clae_tf.config import Config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(args, tmp_path, tensorflow=True):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    if not tensorflow:
-        fake = tmp_path / "no_tensorflow"
-        (fake / "tensorflow").mkdir(parents=True, exist_ok=True)
-        (fake / "tensorflow" / "__init__.py").write_text(
-            "raise ImportError('run.py imported TensorFlow before checking its flags')\n")
-        env["PYTHONPATH"] = os.pathsep.join([str(fake), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+_run = run_cli
 
 
 def _one_line_error(proc, flag, tensorflow=False):

@@ -10,11 +10,11 @@ import glob
 import os
 
 import pytest
-from absl import flags
+
+from conftest import REPO, parse_flags
 
 from clae_tf import config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "flags", "*.cfg")))
 
 # Every flag's default that is not a method setting (python run.py with no flags).
@@ -93,13 +93,7 @@ NOT_PINNED = ("tinyimagenet_",)
 def _parse(monkeypatch, *args):
     """run.py's parsing of `args` (flagfile paths are relative to the repository root)."""
     monkeypatch.chdir(REPO)
-    config.define_flags()
-    flags.FLAGS.unparse_flags()
-    try:
-        flags.FLAGS(["run.py", *args])
-        return config.from_flags()
-    finally:
-        flags.FLAGS.unparse_flags()
+    return parse_flags(*args)
 
 
 def _assert_config(cfg, expected):
