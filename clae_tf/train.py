@@ -125,6 +125,9 @@ def make_train_loop(strategy, distributed_step, model, cfg: Config):
         for _ in tf.range(num_steps):
             x1, x2 = next(iterator)
             metrics, images = distributed_step(x1, x2)
+            # A static shape for the loop variable (multi-worker datasets leave the batch
+            # dimension unknown; AutoGraph needs the same shape on every iteration).
+            images = {k: tf.ensure_shape(v, image_shape) for k, v in images.items()}
             steps += 1
             sums = {k: sums[k] + metrics[k] for k in METRICS}
             w_norm = health.weight_norm(variables)

@@ -224,7 +224,9 @@ def _sgd_steps_match(cfg, steps, steps_per_epoch, schedule):
         # weights by 1.5e-5 on the first step already (up to lr * 5e-4 * |w|), and the
         # momentum buffer's share grows from the second step on.
         for a, b in zip(fast_model.trainable_variables, ref_model.trainable_variables):
-            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7,
+            # atol 1e-6: Keras' SGD rounds differently (v = m v - lr g; w += v), 1.7e-7 seen;
+            # still 15x below the weight decay's share of the first step.
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6,
                                        err_msg=f"step {step}: {a.path}")
         for a, b in zip(_clean_bn_stats(fast_model), _clean_bn_stats(ref_model)):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
