@@ -82,6 +82,7 @@ EXPECTED = {
     "cifar10_small_common.cfg": dict(SIMCLR, **SMALL),
     "cifar10_small_simclr.cfg": dict(SIMCLR, knn_sigma=0.5, **SMALL),
     "cifar10_small_clae.cfg": dict(SIMCLR, knn_sigma=0.5, **SMALL, **CLAE),
+    "cifar10_small_clae_pgd.cfg": dict(SIMCLR, knn_sigma=0.5, **SMALL, **CLAE, attack="pgd"),
     "smoke.cfg": dict(SIMCLR, adversarial=True, arch="resnet10", width=0.125, image_size=16,
                       batch_size=64, epochs=2, linear_epochs=20, workdir="runs/smoke",
                       eval_every_epochs=1),
@@ -111,7 +112,8 @@ def test_preset_parses_to_what_its_name_says(monkeypatch, preset):
     method = next((m for m in config.METHODS if f"_{m}" in name), "simclr")
     assert cfg.method == method
     if name != "smoke":  # the smoke test is a CLAE run
-        assert cfg.adversarial == name.endswith("clae")
+        assert cfg.adversarial == ("clae" in name.split("_"))
+    assert (cfg.attack == "pgd") == name.endswith("_pgd")
     if cfg.adversarial:
         assert (cfg.eps, cfg.alpha, cfg.bn_adv_momentum) == (0.03, 1.0, 0.01)
 
