@@ -197,6 +197,7 @@ def test_step_on_replicas_equals_one_device(replicas, initial, views, monkeypatc
     assert d["replica_spread"] < 1e-6  # every replica holds the same weights
 
 
+@pytest.mark.slow  # > 10 s on the 2 shared cores
 def test_pgd_step_on_replicas_equals_one_device(initial, views, monkeypatch):
     """--attack=pgd keeps what makes CLAE CLAE under replicas: the attack sees the global batch
     through the gather and the synchronised adversarial BNs. After the first step a sign can

@@ -36,6 +36,7 @@ def _state_and_loop(cfg):
     return state, global_step, train.make_train_loop(ONE_DEVICE, global_step, state.model, cfg)
 
 
+@pytest.mark.slow  # > 10 s on the 2 shared cores
 def test_one_call_of_three_steps_equals_three_single_steps():
     cfg = tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=5e-4)
     batches = list(data.pretrain_dataset(data.load(cfg).train, cfg, epoch=0).take(3))

@@ -57,6 +57,7 @@ def float32_step(batch):
     return cfg, weights0, _one_step(cfg, batch)
 
 
+@pytest.mark.slow  # > 10 s on the 2 shared cores
 def test_jit_step_equals_the_default_step(batch, float32_step):
     """XLA reorders float32 arithmetic only: the same loss to 1e-5, the same update to 1e-3."""
     cfg, weights0, (loss, weights) = float32_step

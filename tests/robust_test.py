@@ -166,6 +166,7 @@ def test_probe_saved_model_gives_the_in_memory_logits(tiny, tmp_path, feature):
     assert loaded.serve(tf.zeros([2, 40, 40, 3])).shape == (2, 10)  # any size is resized
 
 
+@pytest.mark.slow  # > 10 s on the 2 shared cores
 def test_export_mode_without_a_probe_says_so(tmp_path):
     cfg = tiny_config(tmp_path)
     app.write_flagfile(cfg)
