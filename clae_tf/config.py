@@ -226,8 +226,6 @@ class Config:
                 bad(f.name, f"unknown value {value!r}; choose one of {', '.join(choices)}")
         if self.eps < 0:
             bad("eps", f"must be >= 0, got {self.eps}")
-        if self.steps_per_loop < 1:
-            bad("steps_per_loop", f"must be >= 1, got {self.steps_per_loop}")
         if self.alpha < 0:
             bad("alpha", f"must be >= 0, got {self.alpha}")
         if self.batch_size < 2:
@@ -238,27 +236,19 @@ class Config:
             bad("width", f"must be > 0, got {self.width}")
         if self.image_size < 8:
             bad("image_size", f"must be >= 8, got {self.image_size}")
-        if self.epochs < 1:
-            bad("epochs", f"must be >= 1, got {self.epochs}")
         if not 0 < self.bn_momentum <= 1 or not 0 < self.bn_adv_momentum <= 1:
             bad("bn_momentum" if not 0 < self.bn_momentum <= 1 else "bn_adv_momentum",
                 "must be in (0, 1] (PyTorch convention)")
+        for name, (minimum, why) in _AT_LEAST.items():
+            if getattr(self, name) < minimum:
+                bad(name, f"must be >= {minimum}{why}, got {getattr(self, name)}")
+        for name, zero in _ZERO_MEANS.items():
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 1, or 0 for {zero}, got {getattr(self, name)}")
         if self.lr_schedule == "step" and len(self.lr_boundaries) != len(self.lr_factors):
             bad("lr_factors", "needs one factor per --lr_boundaries entry")
-        if self.eval_every_epochs < 0:
-            bad("eval_every_epochs", f"must be >= 0 (0: off), got {self.eval_every_epochs}")
-        if self.online_eval_examples < 1:
-            bad("online_eval_examples", f"must be >= 1, got {self.online_eval_examples}")
-        if self.projector_examples < 0:
-            bad("projector_examples", f"must be >= 0 (0: none), got {self.projector_examples}")
-        if self.knn_k < 1:
-            bad("knn_k", f"must be >= 1, got {self.knn_k}")
         if self.learning_rate <= 0:
             bad("learning_rate", f"must be > 0, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
-        if self.proj_dim < 1:
-            bad("proj_dim", f"must be >= 1, got {self.proj_dim}")
         if self.method == "moco":
             if self.queue_size < self.batch_size:
                 bad("queue_size", f"must be >= --batch_size ({self.batch_size}): each step "
@@ -291,34 +281,10 @@ class Config:
             bad("eps", f"{self.eps} is larger than the whole input range ({input_range:.3g} with "
                        f"--normalize={self.normalize}); eps is in normalised-input units "
                        f"(0.03 ~ {0.03 / input_range * 255:.2g}/255 of a pixel's range)")
-        if self.proj_hidden < 0:
-            bad("proj_hidden", f"must be >= 1, or 0 for the representation's width, got "
-                               f"{self.proj_hidden}")
-        if self.max_steps < 0:
-            bad("max_steps", f"must be >= 1, or 0 for --epochs x steps per epoch, got {self.max_steps}")
-        if self.train_examples < 0:
-            bad("train_examples", f"must be >= 1, or 0 for all, got {self.train_examples}")
-        if self.examples_per_class < 0:
-            bad("examples_per_class", f"must be >= 1, or 0 for all, got {self.examples_per_class}")
-        if self.ckpt_every < 1:
-            bad("ckpt_every", f"must be >= 1 (steps between checkpoints), got {self.ckpt_every}")
-        if self.log_every < 1:
-            bad("log_every", f"must be >= 1 (steps between scalar logs), got {self.log_every}")
-        if self.image_every < 1:
-            bad("image_every", f"must be >= 1 (steps between image logs), got {self.image_every}")
-        if self.eval_batch_size < 1:
-            bad("eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        if self.linear_batch_size < 1:
-            bad("linear_batch_size", f"must be >= 1, got {self.linear_batch_size}")
-        if self.linear_epochs < 1:
-            bad("linear_epochs", f"must be >= 1 (an untrained probe's accuracy means nothing), "
-                                 f"got {self.linear_epochs}")
         if self.linear_lr <= 0:
             bad("linear_lr", f"must be > 0, got {self.linear_lr}")
         if not 0 <= self.momentum < 1:
             bad("momentum", f"must be in [0, 1), got {self.momentum}")
-        if self.virtual_cpus < 0:
-            bad("virtual_cpus", f"must be >= 0, got {self.virtual_cpus}")
         if any(b < 0 for b in self.lr_boundaries) or list(self.lr_boundaries) != sorted(
                 set(self.lr_boundaries)):
             bad("lr_boundaries", f"must be increasing epochs >= 0, got "
@@ -334,10 +300,6 @@ class Config:
                                   f"{self.robust_eps!r}")
             if not value >= 0:  # also rejects nan
                 bad("robust_eps", f"must be >= 0 (in 1/255), got {item.strip()}")
-        if self.robust_examples < 0:
-            bad("robust_examples", f"must be >= 0 (0: all test images), got {self.robust_examples}")
-        if self.attack_steps < 1:
-            bad("attack_steps", f"must be >= 1, got {self.attack_steps}")
         if self.attack_step_size < 0:
             bad("attack_step_size", f"must be > 0 (or 0: 2.5 * eps / steps), got "
                                     f"{self.attack_step_size}")
@@ -446,3 +408,21 @@ def _parse_numbers(name, items, kind):
         return [kind(x) for x in items]
     except ValueError:
         raise ClaeError(f"--{name}: expected a comma-separated list of numbers, got {items}")
+
+
+# Lower bounds of the count-like flags: {flag: (minimum, what the error adds)}.
+_AT_LEAST = {
+    "epochs": (1, ""), "proj_dim": (1, ""), "knn_k": (1, ""), "eval_batch_size": (1, ""),
+    "linear_batch_size": (1, ""), "online_eval_examples": (1, ""), "attack_steps": (1, ""),
+    "steps_per_loop": (1, ""), "weight_decay": (0, ""), "virtual_cpus": (0, ""),
+    "ckpt_every": (1, " (steps between checkpoints)"),
+    "log_every": (1, " (steps between scalar logs)"),
+    "image_every": (1, " (steps between image logs)"),
+    "linear_epochs": (1, " (an untrained probe's accuracy means nothing)"),
+    "eval_every_epochs": (0, " (0: off)"), "projector_examples": (0, " (0: none)"),
+    "robust_examples": (0, " (0: all test images)"),
+}
+# Flags whose 0 means "all" or "the default": {flag: what 0 stands for}.
+_ZERO_MEANS = {"proj_hidden": "the representation's width",
+               "max_steps": "--epochs x steps per epoch", "train_examples": "all",
+               "examples_per_class": "all"}
