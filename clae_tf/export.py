@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import augment, builders, portable
+from clae_tf import augment, portable
 from clae_tf.config import Config
 
 
@@ -98,15 +98,16 @@ def export_probe(cfg: Config, model, probe: dict, path: str):
       probe: evaluate.load_probe(<workdir>/probe.npz).
       path: output directory.
     """
-    serving = _serving_copy(cfg, model)
+    serving = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # as `export`
     kernel, bias = probe["kernel"], probe["bias"]
     layer = keras.layers.Dense(kernel.shape[1], dtype="float32", name="probe")
     layer.build((None, kernel.shape[0]))
     layer.set_weights([kernel, bias])
-    index = {"h": 0, "z": 1}[probe["feature"]]
+    size = cfg.image_size
 
     def logits(images01):
-        features = serving(_preprocess(cfg, images01), training=False)[index]
+        x = tf.image.resize(images01, [size, size], antialias=True)
+        features = serving(x, training=False)[probe["feature"]]  # normalises inside
         return layer(tf.cast(features, tf.float32))
 
     archive = keras.export.ExportArchive()
@@ -115,21 +116,6 @@ def export_probe(cfg: Config, model, probe: dict, path: str):
     archive.add_endpoint("serve", logits,
                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
     archive.write_out(path, verbose=False)
-
-
-def _serving_copy(cfg: Config, model):
-    """A fresh single-device copy of the clean path (no adversarial BNs) with model's weights."""
-    serving = builders.build_model(cfg, adversarial=False, sync_bn=False)
-    source = {v.path: v for v in model.variables}
-    for v in serving.variables:
-        v.assign(source[v.path].numpy())
-    return serving
-
-
-def _preprocess(cfg: Config, images01):
-    """[0, 1] images of any size -> the model's input: resized to --image_size, normalised."""
-    x = tf.image.resize(images01, [cfg.image_size, cfg.image_size], antialias=True)
-    return augment.normalize(x, cfg.normalize)
 
 
 def export_keras(cfg: Config, model, path: str):
