@@ -186,7 +186,8 @@ def test_workdir_regular_file_from_the_command_line(tmp_path):
 def test_workdir_where_root_cannot_create_anything(tmp_path):
     # /sys (sysfs) refuses mkdir even to root (EPERM): a real failure of the real makedirs.
     if not os.path.isdir("/sys/kernel"):
-        pytest.skip("no /sys")
+        pytest.skip("needs Linux sysfs (/sys/kernel), where even root cannot mkdir; "
+                    "test_workdir_on_a_read_only_filesystem covers the same refusal")
     with pytest.raises(ClaeError, match=r"^--workdir: cannot write in /sys/kernel/clae_run \("):
         files.check_writable("/sys/kernel/clae_run")
     assert not os.path.exists("/sys/kernel/clae_run")
@@ -203,11 +204,13 @@ def test_workdir_on_a_read_only_filesystem(tmp_path):
              "    print(e)\n")
     script = f"mount -t tmpfs -o ro tmpfs {ro} && {sys.executable} -c \"$CHECK\""
     if shutil.which("unshare") is None:
-        pytest.skip("no unshare")
+        pytest.skip("needs util-linux unshare (a private mount namespace for a read-only "
+                    "tmpfs); the regular-file and sysfs tests cover the refusal")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, CHECK=check))
     if proc.returncode != 0 and "mount" in proc.stderr:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {proc.stderr.strip()}")
+        pytest.skip(f"not root or no mount namespaces (containers without CAP_SYS_ADMIN), so no "
+                    f"read-only tmpfs to test on: {proc.stderr.strip()}")
     assert proc.stdout.strip() == (
         f"--workdir: cannot write in {ro / 'run'} (Read-only file system)"), proc.stderr
 
