@@ -66,21 +66,24 @@ class State:
         state does not hold (eval, export).
         """
         for path in checkpoint_paths(self.directory):
-            problem = unreadable(path)
-            if problem:
-                print(f"Checkpoint {path} is damaged ({problem}); trying the one before it.")
-                if distribute.is_chief(self.strategy):
-                    _set_aside(path)
-                continue
             try:
                 status = self.checkpoint.restore(path)
                 if model_only or self.optimizer is None:
                     status.expect_partial()
                 else:
                     status.assert_existing_objects_matched()
-            except (AssertionError, ValueError, tf.errors.OpError) as e:
-                raise ClaeError(f"--workdir: checkpoint {path} does not fit these flags "
-                                f"({str(e).splitlines()[0][:160]}); use another --workdir")
+            except (AssertionError, ValueError, IndexError, tf.errors.OpError) as e:
+                # Only a failed restore reads the whole file again, to tell a damaged checkpoint
+                # (fall back; an older one then overwrites whatever this one assigned) from one
+                # of another model (an error).
+                problem = unreadable(path)
+                if not problem:
+                    raise ClaeError(f"--workdir: checkpoint {path} does not fit these flags "
+                                    f"({str(e).splitlines()[0][:160]}); use another --workdir")
+                print(f"Checkpoint {path} is damaged ({problem}); trying the one before it.")
+                if distribute.is_chief(self.strategy):
+                    _set_aside(path)
+                continue
             self._restored_step = _step_of(path)
             self.restored_path = path
             if self.optimizer is not None and not isinstance(
