@@ -271,7 +271,7 @@ def _tfds(name, data_dir, size):
                 f"downloaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}). Prepare it on a "
                 f"machine with network (or pass --data_dir), or use an image folder: "
                 f"--dataset=/path/with/train/<label>/<image>")
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    _, label_key = builder.info.supervised_keys or ("image", "label")
     num_classes = builder.info.features[label_key].num_classes
     splits = {}
     for split_name, candidates in (("train", ("train",)), ("test", ("test", "validation"))):

@@ -111,5 +111,6 @@ def contrast_accuracy(logits, labels):
 
 
 # The losses of the methods whose two views both go through the trained encoder: loss(z1, z2, t).
-# MoCo's loss also needs keys and a queue; train.py passes them (see moco.py).
+# MoCo's loss also needs keys and a queue (methods/moco.py). methods.BUILDERS builds one
+# PairMethod per entry.
 PAIR_LOSSES = {"simclr": nt_xent, "plain": plain, "uel": uel}

@@ -19,7 +19,6 @@ import tensorflow as tf
 from clae_tf import attacks, augment, data
 
 PGD_STEPS = 20  # PGD-20, step eps/4, random start (Madry et al. 2018's CIFAR evaluation uses 20)
-ATTACKS = ("pgd20", "fgsm")
 
 
 def parse_eps(text: str):

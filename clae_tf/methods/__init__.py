@@ -8,9 +8,8 @@ from clae_tf.methods.pair import PairMethod
 
 # --method -> builder(cfg, model). Methods with state (MoCo) are built inside strategy.scope().
 BUILDERS = {
-    "simclr": lambda cfg, model: PairMethod(losses.nt_xent, cfg.temperature),
-    "plain": lambda cfg, model: PairMethod(losses.plain, cfg.temperature),
-    "uel": lambda cfg, model: PairMethod(losses.uel, cfg.temperature),
+    **{name: (lambda cfg, model, pair_loss=pair_loss: PairMethod(pair_loss, cfg.temperature))
+       for name, pair_loss in losses.PAIR_LOSSES.items()},  # SimCLR, Plain, UEL
     "moco": MoCo,
 }
 
