@@ -7,7 +7,8 @@ import time
 
 import keras
 
-from clae_tf import ClaeError, checkpoints, data, distribute, evaluate, export, files, train
+from clae_tf import (ClaeError, checkpoints, data, distribute, evaluate, export, files, portable,
+                     train)
 from clae_tf.config import CHECKPOINT_FLAGS, RESUME_DATA_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
@@ -108,8 +109,9 @@ def _export(cfg: Config, model, step: int, out: dict):
     encoder + probe (logits) if the probe is of this step."""
     out["saved_model"] = os.path.join(cfg.run_dir, "saved_model")
     out["encoder_keras"] = os.path.join(cfg.run_dir, "encoder.keras")
-    export.export(cfg, model, out["saved_model"])
-    export.export_keras(cfg, model, out["encoder_keras"])
+    encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # one copy for all
+    export.export(cfg, model, out["saved_model"], encoder)
+    export.export_keras(cfg, model, out["encoder_keras"], encoder)
     probe_path = os.path.join(cfg.run_dir, evaluate.PROBE_FILE)
     if not os.path.exists(probe_path):
         out["probe_note"] = (f"no linear probe in {cfg.run_dir} yet (run --mode=eval first); "
@@ -122,7 +124,7 @@ def _export(cfg: Config, model, step: int, out: dict):
                              f"encoder only")
         return
     probe_dir = os.path.join(cfg.run_dir, "probe_saved_model")
-    export.export_probe(cfg, model, probe, probe_dir)
+    export.export_probe(cfg, model, probe, probe_dir, encoder)
     out["probe_saved_model"] = probe_dir
 
 

@@ -24,7 +24,7 @@ _HOW = {"serve": "float images in [0, 1]; for uint8 images in [0, 255] use serve
 _RANGE_SLACK = 0.01
 
 
-def export(cfg: Config, model, path: str):
+def export(cfg: Config, model, path: str, encoder=None):
     """Writes a SavedModel at `path` with two endpoints, both returning {"h", "z"}:
 
       serve(images):       float32 (N, H, W, 3) in [0, 1] (float64 and float16 are cast)
@@ -39,7 +39,7 @@ def export(cfg: Config, model, path: str):
     anywhere, whatever strategy trained it; its variables have unique names
     (stage2_block1_conv0/kernel, ...), which keras.layers.TFSMLayer turns into its weight names.
     """
-    serving = portable.build_encoder(model, cfg.image_size, cfg.normalize)
+    serving = _encoder(cfg, model, encoder)
     size = cfg.image_size
 
     def embed(images01):
@@ -84,7 +84,7 @@ def _dtype_checked(name, fn):
     return endpoint
 
 
-def export_probe(cfg: Config, model, probe: dict, path: str):
+def export_probe(cfg: Config, model, probe: dict, path: str, encoder=None):
     """Writes the encoder + linear probe classifier as a SavedModel at `path`, one endpoint:
 
       serve(images): float32 (N, H, W, 3) in [0, 1] -> float32 logits (N, num_classes)
@@ -98,7 +98,7 @@ def export_probe(cfg: Config, model, probe: dict, path: str):
       probe: evaluate.load_probe(<workdir>/probe.npz).
       path: output directory.
     """
-    serving = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # as `export`
+    serving = _encoder(cfg, model, encoder)
     kernel, bias = probe["kernel"], probe["bias"]
     layer = keras.layers.Dense(kernel.shape[1], dtype="float32", name="probe")
     layer.build((None, kernel.shape[0]))
@@ -118,14 +118,14 @@ def export_probe(cfg: Config, model, probe: dict, path: str):
     archive.write_out(path, verbose=False)
 
 
-def export_keras(cfg: Config, model, path: str):
+def export_keras(cfg: Config, model, path: str, encoder=None):
     """Writes the clean encoder as a `.keras` file of standard Keras layers (portable.py).
 
     keras.models.load_model(path) opens it without clae-tf; it takes float32 (N, --image_size,
     --image_size, 3) images in [0, 1] (resize them first) and returns {"h", "z"}, and can be
     fine-tuned or extended like any Keras model.
     """
-    portable.build_encoder(model, cfg.image_size, cfg.normalize).save(path)
+    _encoder(cfg, model, encoder).save(path)
 
 
 def check_export(path: str, model, images_uint8: np.ndarray, normalize: str = "half") -> float:
@@ -136,3 +136,11 @@ def check_export(path: str, model, images_uint8: np.ndarray, normalize: str = "h
     h, z = model(x, training=False)
     return float(max(np.max(np.abs(out["h"].numpy() - h.numpy())),
                      np.max(np.abs(out["z"].numpy() - z.numpy()))))
+
+
+def _encoder(cfg: Config, model, encoder=None):
+    """`encoder` (a portable.build_encoder copy of `model`, shared by the exports of one run),
+    or a new one."""
+    if encoder is not None:
+        return encoder
+    return portable.build_encoder(model, cfg.image_size, cfg.normalize)
