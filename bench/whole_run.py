@@ -15,8 +15,8 @@ recorded in its results.json (clae_tf/app.py, train.train):
   compile (est) first call - its steps at the mean step time of the later calls
   steps         every later call (steps, and any wait for data inside them)
   host          the loop's time outside calls: progress, logs, checkpoints, new pipelines
-  eval          feature extraction, kNN and the linear probe (evaluate.evaluate)
-  export        the SavedModel export and its reload check
+  eval          evaluate.evaluate: features, linear probe, kNN, robust accuracy (each a row)
+  export        the SavedModel, .keras and probe exports and their reload checks
 """
 
 import argparse
@@ -30,12 +30,19 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def breakdown(t: dict, steps: int) -> list:
+EVAL_PARTS = [("features", "h, z of the train and test splits, once"),
+              ("probe", "linear probe, all epochs in one compiled call"),
+              ("knn", "weighted kNN on z"),
+              ("robust", "PGD-20 + FGSM at each --robust_eps")]
+
+
+def breakdown(t: dict, steps: int, eval_parts=None) -> list:
     """Rows (name, seconds, note) of a run's timings dict (results.json "timings").
 
     Args:
       t: the timings (seconds; train_first_call_steps a count).
       steps: the run's number of train steps in this process.
+      eval_parts: results.json "eval_seconds_by_part" (seconds by part of eval), if any.
     Returns:
       [(name, seconds or None, note)], in the order of the run.
     """
@@ -54,8 +61,10 @@ def breakdown(t: dict, steps: int) -> list:
         ("  compile (est.)", compile_est, f"first call - its steps at {step_time:.2f} s/step"),
         ("steps", t["train_calls_seconds"], f"{later_steps} steps, {step_time:.3f} s/step"),
         ("host (outside calls)", host, f"{100 * host / loop:.1f}% of the loop ({loop:.1f} s)"),
-        ("eval", t.get("eval_seconds"), "features + kNN + linear probe"),
-        ("export", t.get("export_seconds"), "SavedModel + reload check"),
+        ("eval", t.get("eval_seconds"), "features + probe + kNN + robust"),
+    ] + [(f"  {name}", (eval_parts or {}).get(name), note) for name, note in EVAL_PARTS
+         if name in (eval_parts or {})] + [
+        ("export", t.get("export_seconds"), "SavedModel, .keras, probe + reload checks"),
         ("total (process)", t.get("total_seconds"), "as the run measured itself"),
     ]
 
@@ -87,7 +96,8 @@ def main():
         path = os.path.join(workdir, "results.json")
     with open(path) as f:
         results = json.load(f)
-    rows = breakdown(results["timings"], results["step"])  # a fresh run: all its steps
+    rows = breakdown(results["timings"], results["step"],  # a fresh run: all its steps
+                     results.get("eval_seconds_by_part"))
     if wall is not None:
         rows.append(("wall (outside)", wall, "timed by this script"))
     print(table(rows))

@@ -7,6 +7,7 @@ reference, which keeps the best test accuracy over probe epochs and drops the la
 
 import json
 import os
+import time
 
 import keras
 import numpy as np
@@ -38,6 +39,10 @@ def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, ch
     example that comes first in the bank votes (tf.math.top_k); among equal class scores the
     lowest class index wins (tf.argmax).
 
+    Memory: the bank (N, D) and one (chunk, N) similarity block, never the (n_test, N) matrix;
+    votes are summed per class with a segment sum, not a (chunk, k, C) one-hot, so 1,000
+    classes cost no more than 10. For N = 50,000, D = 128, chunk 256: 26 MB + 51 MB.
+
     Args:
       train_z, train_y: the bank (N, D) and its labels; test_z, test_y: the same for the queries.
       num_classes: number of classes; k: neighbours (at most N); sigma: vote temperature;
@@ -48,16 +53,26 @@ def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, ch
     k = min(k, len(train_z))
     bank = tf.constant(train_z, tf.float32)  # (N, D)
     bank_y = tf.constant(train_y, tf.int32)
-    correct = 0
-    for i in range(0, len(test_z), chunk):
-        sim = tf.matmul(tf.constant(test_z[i:i + chunk], tf.float32), bank, transpose_b=True)
-        top_sim, top_idx = tf.math.top_k(sim, k=k)  # (b, k)
-        votes = tf.one_hot(tf.gather(bank_y, top_idx), num_classes)  # (b, k, C)
+
+    @tf.function(reduce_retracing=True)  # one trace for full chunks, one for the last
+    def predict(query):
+        sim = tf.matmul(query, bank, transpose_b=True)  # (b, N)
+        top_sim, top_idx = tf.math.top_k(sim, k=k)  # (b, k), sorted: column 0 is the max
         # exp((s - s_max) / sigma): the same vote ratios as exp(s / sigma), which overflows
         # float32 (inf * 0 = nan votes) once 1 / sigma > 88, i.e. sigma < 0.0113.
-        weights = tf.exp((top_sim - top_sim[:, :1]) / sigma)  # top_k sorts: column 0 is the max
-        scores = tf.reduce_sum(votes * weights[..., None], axis=1)  # (b, C)
-        pred = tf.argmax(scores, axis=-1, output_type=tf.int32).numpy()
+        weights = tf.exp((top_sim - top_sim[:, :1]) / sigma)
+        # scores[i, c] = sum of the weights of row i's neighbours of class c.
+        rows = tf.range(tf.shape(query)[0])[:, None]
+        segments = rows * num_classes + tf.gather(bank_y, top_idx)  # (b, k)
+        scores = tf.math.unsorted_segment_sum(tf.reshape(weights, [-1]),
+                                              tf.reshape(segments, [-1]),
+                                              tf.shape(query)[0] * num_classes)
+        scores = tf.reshape(scores, [-1, num_classes])
+        return tf.argmax(scores, axis=-1, output_type=tf.int32)
+
+    correct = 0
+    for i in range(0, len(test_z), chunk):
+        pred = predict(tf.constant(test_z[i:i + chunk], tf.float32)).numpy()
         correct += int(np.sum(pred == test_y[i:i + chunk]))
     return correct / len(test_z)
 
@@ -69,37 +84,53 @@ def linear_top1(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3e
                         batch_size=batch_size, seed=seed)[0]
 
 
+def epoch_order(n: int, seed: int, epoch):
+    """The order in which the probe visits its n training examples in `epoch` (0-based): a
+    stateless shuffle of (seed, epoch), the same in and out of tf.function (tests rebuild it)."""
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(n), seed=tf.stack([tf.cast(seed, tf.int32), tf.cast(epoch, tf.int32)]))
+
+
 def linear_probe(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3e-4,
                  batch_size=256, seed=0):
-    """Logistic regression on frozen features with Adam.
+    """Logistic regression on frozen features with Adam, float32 whatever the run's precision.
+
+    Every epoch runs in ONE compiled call (a tf.while_loop over epochs and batches, the
+    features on the device): there is no per-epoch or per-batch return to Python, which is
+    what made the probe cost seconds of overhead (100-1000 epochs) on top of its arithmetic.
 
     Args:
       train_h, train_y, test_h, test_y: features (N, D) and int labels (N,).
       num_classes: output classes.
-      epochs, lr, batch_size, seed: Adam on the mean cross-entropy, shuffled with `seed`.
+      epochs, lr, batch_size, seed: Adam on the mean cross-entropy of batches of
+        `batch_size` (the last one of an epoch smaller), visited in epoch_order(N, seed, epoch).
 
     Returns:
       (the final epoch's test accuracy, the trained keras Dense layer: features -> logits).
     """
-    layer = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.VarianceScaling(
-        1.0 / 3.0, mode="fan_in", distribution="uniform", seed=seed))
+    layer = keras.layers.Dense(num_classes, dtype="float32", kernel_initializer=(
+        keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_in", distribution="uniform",
+                                           seed=seed)))
     layer.build((None, train_h.shape[1]))
     optimizer = keras.optimizers.Adam(lr)
     optimizer.build(layer.trainable_variables)
-    ds = (tf.data.Dataset.from_tensor_slices((train_h.astype(np.float32), train_y.astype(np.int32)))
-          .shuffle(len(train_h), seed=seed).batch(batch_size))
+    n = len(train_h)
 
     @tf.function
-    def run_epoch():
-        for x, y in ds:
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    labels=y, logits=layer(x)))
-            grads = tape.gradient(loss, layer.trainable_variables)
-            optimizer.apply_gradients(zip(grads, layer.trainable_variables))
+    def train(features, labels):
+        for epoch in tf.range(epochs):
+            order = epoch_order(n, seed, epoch)
+            for start in tf.range(0, n, batch_size):
+                batch = order[start:start + batch_size]
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                        labels=tf.gather(labels, batch),
+                        logits=layer(tf.gather(features, batch))))
+                grads = tape.gradient(loss, layer.trainable_variables)
+                optimizer.apply_gradients(zip(grads, layer.trainable_variables))
 
-    for _ in range(epochs):
-        run_epoch()
+    if n and epochs:
+        train(tf.constant(train_h, tf.float32), tf.constant(train_y, tf.int32))
     pred = np.argmax(layer(tf.constant(test_h, tf.float32)).numpy(), axis=-1)
     return float(np.mean(pred == test_y)), layer
 
@@ -124,19 +155,25 @@ def load_probe(path: str) -> dict:
 def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> dict:
     """kNN, linear probe and robust accuracy; writes <workdir>/results.json, the probe's weights
     (<workdir>/probe.npz, for export) and eval/ scalars to TensorBoard."""
+    t = time.time()
     train_h, train_z, train_y = extract(model, source.train, cfg.eval_batch_size, cfg.normalize)
     test_h, test_z, test_y = extract(model, source.test, cfg.eval_batch_size, cfg.normalize)
+    seconds = {"features": time.time() - t}  # where evaluation's time goes (bench/whole_run.py)
     # The probe's features: h for SimCLR and MoCo, the 128-d embedding z for Plain/UEL (PAPER.md).
     train_f, test_f = (train_h, test_h) if cfg.probe == "h" else (train_z, test_z)
+    t = time.time()
     linear, probe = linear_probe(train_f, train_y, test_f, test_y, source.num_classes,
                                  epochs=cfg.linear_epochs, lr=cfg.linear_lr,
                                  batch_size=cfg.linear_batch_size, seed=cfg.seed)
+    seconds["probe"] = time.time() - t
     os.makedirs(cfg.run_dir, exist_ok=True)
     save_probe(os.path.join(cfg.run_dir, PROBE_FILE), probe, cfg.probe, step)  # for export
+    t = time.time()
+    knn = knn_top1(train_z, train_y, test_z, test_y, source.num_classes, k=cfg.knn_k,
+                   sigma=cfg.sigma)
+    seconds["knn"] = time.time() - t
     results = {
-        "knn_top1": knn_top1(train_z, train_y, test_z, test_y, source.num_classes,
-                             k=cfg.knn_k, sigma=cfg.sigma),
-        "linear_top1": linear,
+        "knn_top1": knn, "linear_top1": linear,
         "step": step, "dataset": source.name, "train_examples": len(train_y),
         "test_examples": len(test_y), "num_classes": source.num_classes,
         "method": cfg.method, "adversarial": cfg.adversarial, "seed": cfg.seed,
@@ -146,6 +183,8 @@ def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> 
         results.update(robust.evaluate(model, probe, source.test, eps_list, cfg.robust_examples,
                                        cfg.normalize, feature=cfg.probe,
                                        batch_size=cfg.eval_batch_size, seed=cfg.seed))
+        seconds["robust"] = results["robust_seconds"]
+    results["eval_seconds_by_part"] = seconds
     results.update(extra or {})
     writer = tf.summary.create_file_writer(os.path.join(cfg.run_dir, "tensorboard"))
     with writer.as_default(step=step):

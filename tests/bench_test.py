@@ -102,3 +102,18 @@ def test_whole_run_breakdown_from_recorded_timings():
     assert rows["steps"][1] == "47 steps, 2.000 s/step"
     assert rows["export"][0] is None  # --noexport
     assert "| export | - |" in whole_run.table(whole_run.breakdown(t, 57))
+
+
+def test_whole_run_breakdown_lists_the_parts_of_evaluation_under_it():
+    whole_run = _load_whole_run()
+    t = dict(startup_seconds=9.0, data_load_seconds=1.0, train_data_setup_seconds=4.0,
+             train_first_call_seconds=50.0, train_first_call_steps=10, train_calls_seconds=94.0,
+             train_loop_seconds=160.0, eval_seconds=30.0, total_seconds=205.0)
+    names = [name for name, _, _ in whole_run.breakdown(
+        t, 57, {"features": 5.0, "probe": 3.0, "knn": 1.0, "robust": 21.0})]
+    at = names.index("eval")
+    assert names[at + 1:at + 6] == ["  features", "  probe", "  knn", "  robust", "export"]
+    # A run without robust evaluation (--robust_eps=) has no robust row.
+    names = [name for name, _, _ in whole_run.breakdown(t, 57, {"features": 5.0, "probe": 3.0,
+                                                                 "knn": 1.0})]
+    assert "  robust" not in names and "  knn" in names

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from clae_tf import evaluate
 from clae_tf.evaluate import knn_top1, linear_top1
 
 
@@ -150,3 +151,57 @@ def test_linear_probe_matches_scikit_learn(spread, tolerance):
     assert got == pytest.approx(want, abs=tolerance)
     # The probe before training is far off: the comparison above is not vacuous.
     assert linear_top1(train_x, train_y, test_x, test_y, 3, epochs=0) < want - 0.2
+
+
+def reference_probe(w, b, x, y, num_classes, epochs, lr, batch_size, orders,
+                    beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    """Mini-batch softmax regression with Adam (Kingma & Ba, Keras' epsilon placement) in
+    float64 numpy: the gradient of the mean cross-entropy is x^T (softmax - onehot) / b."""
+    params = [w.astype(np.float64), b.astype(np.float64)]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    t = 0
+    for epoch in range(epochs):
+        order = orders[epoch]
+        for start in range(0, len(x), batch_size):
+            rows = order[start:start + batch_size]
+            xb, yb = x[rows].astype(np.float64), y[rows]
+            logits = xb @ params[0] + params[1]
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            p[np.arange(len(rows)), yb] -= 1.0
+            grads = [xb.T @ p / len(rows), p.sum(axis=0) / len(rows)]
+            t += 1
+            alpha = lr * np.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+            for i, g in enumerate(grads):
+                m[i] = beta_1 * m[i] + (1 - beta_1) * g
+                v[i] = beta_2 * v[i] + (1 - beta_2) * g * g
+                params[i] = params[i] - alpha * m[i] / (np.sqrt(v[i]) + epsilon)
+    return params
+
+
+@pytest.mark.parametrize("n,batch_size", [(50, 16), (48, 16), (7, 64)])  # partial, full, one batch
+def test_linear_probe_is_adam_softmax_regression_over_its_epoch_orders(n, batch_size):
+    """The compiled probe (all epochs in one call) takes exactly the steps of numpy Adam on the
+    same batches: the same weights after 3 epochs. Each epoch's order is epoch_order, and
+    the orders differ between epochs (the shuffle is not fixed once)."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 5)).astype(np.float32)
+    y = rng.integers(0, 4, n)
+    epochs, lr = 3, 0.05
+    _, untrained = evaluate.linear_probe(x, y, x, y, 4, epochs=0, seed=3)
+    w0, b0 = untrained.get_weights()
+    acc, layer = evaluate.linear_probe(x, y, x, y, 4, epochs=epochs, lr=lr,
+                                       batch_size=batch_size, seed=3)
+    orders = [evaluate.epoch_order(n, 3, e).numpy() for e in range(epochs)]
+    for order in orders:
+        assert sorted(order) == list(range(n))
+    if n > 10:
+        assert not np.array_equal(orders[0], orders[1])
+    want_w, want_b = reference_probe(w0, b0, x, y, 4, epochs, lr, batch_size, orders)
+    got_w, got_b = layer.get_weights()
+    assert np.abs(got_w - w0).max() > 0.05  # it trained
+    np.testing.assert_allclose(got_w, want_w, atol=1e-5)
+    np.testing.assert_allclose(got_b, want_b, atol=1e-5)
+    want_acc = np.mean(np.argmax(x @ want_w + want_b, axis=1) == y)
+    assert acc == pytest.approx(want_acc)
