@@ -1,6 +1,6 @@
 """What several train steps per compiled call (--steps_per_loop) gain where per-step overhead shows.
 
-    python bench/steps_per_loop.py                  # smoke model (ResNet-10 x0.125, 16 px, batch 64)
+    python bench/steps_per_loop.py               # smoke model: ResNet-10 x0.125, 16 px, batch 64
     python bench/steps_per_loop.py --rounds=3 --epochs=10
 
 Runs `run.py --flagfile=flags/smoke.cfg` (scikit-learn's digits, offline) for --epochs epochs with

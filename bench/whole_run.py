@@ -3,10 +3,12 @@
     python bench/whole_run.py                                  # the small CIFAR-10 CLAE run
     python bench/whole_run.py -- --epochs=3 --linear_epochs=10 --noexport
     python bench/whole_run.py --results=runs/x/results.json    # the table of a finished run
+    python bench/whole_run.py --seed=1 --workdir=runs/bf16_s1 -- --precision=bf16
 
-Runs `python run.py --flagfile=flags/cifar10_small_clae.cfg --seed=0` (plus the arguments after
-`--`) in a fresh process, timed from outside, then prints the table from the "timings" the run
-recorded in its results.json (clae_tf/app.py, train.train):
+Runs `python run.py --flagfile=flags/cifar10_small_clae.cfg --seed=0` (--flagfile, --seed, and
+the arguments after `--`) in a fresh process, timed from outside (written into its results.json as
+"wall_seconds_outside", with the 1-minute load average before and after), then prints the table
+from the "timings" the run recorded in its results.json (clae_tf/app.py, train.train):
 
   start-up      process start -> app.run (imports, TensorFlow, flags)
   data load     opening the dataset (file lists, subsets)
@@ -80,19 +82,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", help="print the table of this results.json; run nothing")
     parser.add_argument("--flagfile", default="flags/cifar10_small_clae.cfg")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", help="keep the run here (default: a new temporary dir)")
     parser.add_argument("run_args", nargs="*", help="more run.py flags (after --)")
     args = parser.parse_args()
     wall = None
     path = args.results
     if path is None:
-        workdir = tempfile.mkdtemp(prefix="whole_run_")
-        cmd = [sys.executable, "run.py", f"--flagfile={args.flagfile}", "--seed=0",
+        workdir = args.workdir or tempfile.mkdtemp(prefix="whole_run_")
+        cmd = [sys.executable, "run.py", f"--flagfile={args.flagfile}", f"--seed={args.seed}",
                f"--workdir={workdir}"] + args.run_args
         print(" ".join(cmd), flush=True)
         load0, t = os.getloadavg()[0], time.time()
         subprocess.run(cmd, cwd=REPO, check=True)
         wall = time.time() - t
-        print(f"1-min load before/after: {load0:.1f}/{os.getloadavg()[0]:.1f}")
+        load1 = os.getloadavg()[0]
+        print(f"1-min load before/after: {load0:.1f}/{load1:.1f}")
         path = os.path.join(workdir, "results.json")
     with open(path) as f:
         results = json.load(f)
@@ -100,7 +105,12 @@ def main():
                      results.get("eval_seconds_by_part"))
     if wall is not None:
         rows.append(("wall (outside)", wall, "timed by this script"))
+        results["wall_seconds_outside"] = wall  # for the tables of several runs
+        results["load_before_after"] = [load0, load1]
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
     print(table(rows))
+    print(f"kNN {100 * results['knn_top1']:.2f}  linear {100 * results['linear_top1']:.2f}")
 
 
 if __name__ == "__main__":

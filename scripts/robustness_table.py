@@ -72,10 +72,13 @@ def tables(rows) -> str:
             out.append(f"| {s} | " + " | ".join(f"{d:+.1f}" for d in diffs[-1]) + " |")
         out.append("| mean | " + " | ".join(f"{st.mean(d):+.1f}" for d in zip(*diffs)) + " |")
     out.append("\nWall times (s): robust evaluation / whole process, by seed:\n")
+
+    def total(r):  # older runs have no timings: their train loop's wall time
+        return r.get("timings", {}).get("total_seconds", r.get("wall_seconds_this_process", 0))
+
     for label, runs in rows:
         out.append(f"- {label}: " + "; ".join(
-            f"seed {s} {r.get('robust_seconds', float('nan')):.0f} / "
-            f"{r.get('timings', {}).get('total_seconds', r.get('wall_seconds_this_process', 0)):.0f}"
+            f"seed {s} {r.get('robust_seconds', float('nan')):.0f} / {total(r):.0f}"
             for s, r in sorted(runs.items())))
     return "\n".join(out)
 
