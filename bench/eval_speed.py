@@ -6,8 +6,8 @@
 Each case runs in a fresh process (so that its peak memory is its own) on random features of
 the sizes of a run: "small" is the small CIFAR-10 protocol (5,000 training, 10,000 test images,
 h 512-d, z 128-d, probe 100 epochs of batch 256), "full" is CIFAR-10 (50,000 x 10,000). Timed:
-  knn          evaluate.knn_top1 (compiled chunk, segment-sum votes)
-  knn_before   the one-hot version it replaced (eager ops per chunk, a (chunk, k, C) one-hot)
+  knn          evaluate.knn_top1 (segment-sum votes per chunk)
+  knn_before   the one-hot version it replaced (a (chunk, k, C) one-hot per chunk)
   probe        evaluate.linear_probe (all epochs in one compiled call)
   probe_before the per-epoch version it replaced (a tf.data epoch per tf.function call)
 Peak memory is the process's maximum resident set (ru_maxrss, cumulative: a part shows only if it
@@ -34,7 +34,7 @@ def _rss_mb():
 
 
 def knn_before(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, chunk=256):
-    """evaluate.knn_top1 as of 5f22ea2: eager ops per chunk and a (chunk, k, C) one-hot."""
+    """evaluate.knn_top1 as of 5f22ea2: a (chunk, k, C) one-hot of the votes per chunk."""
     import numpy as np
     import tensorflow as tf
     k = min(k, len(train_z))

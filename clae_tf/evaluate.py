@@ -41,7 +41,8 @@ def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, ch
 
     Memory: the bank (N, D) and one (chunk, N) similarity block, never the (n_test, N) matrix;
     votes are summed per class with a segment sum, not a (chunk, k, C) one-hot, so 1,000
-    classes cost no more than 10. For N = 50,000, D = 128, chunk 256: 26 MB + 51 MB.
+    classes cost no more than 10. For N = 50,000, D = 128, chunk 256: 26 MB + 51 MB
+    (bench/eval_speed.py).
 
     Args:
       train_z, train_y: the bank (N, D) and its labels; test_z, test_y: the same for the queries.
@@ -54,8 +55,7 @@ def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, ch
     bank = tf.constant(train_z, tf.float32)  # (N, D)
     bank_y = tf.constant(train_y, tf.int32)
 
-    @tf.function(reduce_retracing=True)  # one trace for full chunks, one for the last
-    def predict(query):
+    def predict(query):  # eager: a trace per call would cost more than it saves (online kNN)
         sim = tf.matmul(query, bank, transpose_b=True)  # (b, N)
         top_sim, top_idx = tf.math.top_k(sim, k=k)  # (b, k), sorted: column 0 is the max
         # exp((s - s_max) / sigma): the same vote ratios as exp(s / sigma), which overflows
