@@ -16,7 +16,8 @@ from the "timings" the run recorded in its results.json (clae_tf/app.py, train.t
   first call    the first compiled loop call: tracing + compiling the loop, and its steps
   compile (est) first call - its steps at the mean step time of the later calls
   steps         every later call (steps, and any wait for data inside them)
-  host          the loop's time outside calls: progress, logs, checkpoints, new pipelines
+  host          the loop's time outside calls: online eval (its own row), progress, logs,
+                checkpoints, new pipelines
   eval          evaluate.evaluate: features, linear probe, kNN, robust accuracy (each a row)
   export        the SavedModel, .keras and probe exports and their reload checks
 """
@@ -38,13 +39,15 @@ EVAL_PARTS = [("features", "h, z of the train and test splits, once"),
               ("robust", "PGD-20 + FGSM at each --robust_eps")]
 
 
-def breakdown(t: dict, steps: int, eval_parts=None) -> list:
+def breakdown(t: dict, steps: int, eval_parts=None, online_seconds=None) -> list:
     """Rows (name, seconds, note) of a run's timings dict (results.json "timings").
 
     Args:
       t: the timings (seconds; train_first_call_steps a count).
       steps: the run's number of train steps in this process.
       eval_parts: results.json "eval_seconds_by_part" (seconds by part of eval), if any.
+      online_seconds: results.json "online_eval_seconds_this_process" (the online kNN and
+        pictures of --eval_every_epochs, done by the host between calls), if any.
     Returns:
       [(name, seconds or None, note)], in the order of the run.
     """
@@ -63,6 +66,10 @@ def breakdown(t: dict, steps: int, eval_parts=None) -> list:
         ("  compile (est.)", compile_est, f"first call - its steps at {step_time:.2f} s/step"),
         ("steps", t["train_calls_seconds"], f"{later_steps} steps, {step_time:.3f} s/step"),
         ("host (outside calls)", host, f"{100 * host / loop:.1f}% of the loop ({loop:.1f} s)"),
+    ] + ([("  online eval", online_seconds, "kNN + pictures every --eval_every_epochs"),
+          ("  the rest", host - online_seconds,
+           f"{100 * (host - online_seconds) / loop:.1f}% of the loop: progress, logs, "
+           "checkpoints")] if online_seconds else []) + [
         ("eval", t.get("eval_seconds"), "features + probe + kNN + robust"),
     ] + [(f"  {name}", (eval_parts or {}).get(name), note) for name, note in EVAL_PARTS
          if name in (eval_parts or {})] + [
@@ -102,7 +109,8 @@ def main():
     with open(path) as f:
         results = json.load(f)
     rows = breakdown(results["timings"], results["step"],  # a fresh run: all its steps
-                     results.get("eval_seconds_by_part"))
+                     results.get("eval_seconds_by_part"),
+                     results.get("online_eval_seconds_this_process"))
     if wall is not None:
         rows.append(("wall (outside)", wall, "timed by this script"))
         results["wall_seconds_outside"] = wall  # for the tables of several runs

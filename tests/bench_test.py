@@ -117,3 +117,17 @@ def test_whole_run_breakdown_lists_the_parts_of_evaluation_under_it():
     names = [name for name, _, _ in whole_run.breakdown(t, 57, {"features": 5.0, "probe": 3.0,
                                                                  "knn": 1.0})]
     assert "  robust" not in names and "  knn" in names
+
+
+def test_whole_run_breakdown_splits_the_online_eval_out_of_the_host_time():
+    whole_run = _load_whole_run()
+    t = dict(startup_seconds=9.0, data_load_seconds=1.0, train_data_setup_seconds=4.0,
+             train_first_call_seconds=50.0, train_first_call_steps=10, train_calls_seconds=94.0,
+             train_loop_seconds=160.0, eval_seconds=30.0, total_seconds=205.0)
+    rows = {name.strip(): (seconds, note) for name, seconds, note in
+            whole_run.breakdown(t, 57, online_seconds=8.0)}
+    assert rows["host (outside calls)"][0] == pytest.approx(12.0)  # 160 - 4 - 50 - 94
+    assert rows["online eval"][0] == pytest.approx(8.0)
+    assert rows["the rest"][0] == pytest.approx(4.0)
+    assert rows["the rest"][1].startswith("2.5% of the loop")  # 4 / 160
+    assert "online eval" not in {n.strip() for n, _, _ in whole_run.breakdown(t, 57)}
