@@ -87,14 +87,19 @@ def _load_whole_run():
     return module
 
 
+# A 57-step run's timings (seconds) as results.json records them.
+TIMINGS = dict(startup_seconds=9.0, data_load_seconds=1.0, train_data_setup_seconds=4.0,
+               train_first_call_seconds=50.0, train_first_call_steps=10,
+               train_calls_seconds=94.0, train_loop_seconds=160.0, eval_seconds=30.0,
+               total_seconds=205.0)
+
+
 def test_whole_run_breakdown_from_recorded_timings():
     """57 steps, the first call 10 of them: 47 later steps in 94 s -> 2 s/step, so the first
     call's 50 s are 20 s of steps and 30 s of compiling; the host's share is what the loop
     spent outside set-up and calls: 160 - 4 - 50 - 94 = 12 s (7.5%)."""
     whole_run = _load_whole_run()
-    t = dict(startup_seconds=9.0, data_load_seconds=1.0, train_data_setup_seconds=4.0,
-             train_first_call_seconds=50.0, train_first_call_steps=10, train_calls_seconds=94.0,
-             train_loop_seconds=160.0, eval_seconds=30.0, total_seconds=205.0)
+    t = dict(TIMINGS)
     rows = {name.strip(): (seconds, note) for name, seconds, note in whole_run.breakdown(t, 57)}
     assert rows["compile (est.)"][0] == pytest.approx(30.0)
     assert rows["host (outside calls)"][0] == pytest.approx(12.0)
@@ -106,9 +111,7 @@ def test_whole_run_breakdown_from_recorded_timings():
 
 def test_whole_run_breakdown_lists_the_parts_of_evaluation_under_it():
     whole_run = _load_whole_run()
-    t = dict(startup_seconds=9.0, data_load_seconds=1.0, train_data_setup_seconds=4.0,
-             train_first_call_seconds=50.0, train_first_call_steps=10, train_calls_seconds=94.0,
-             train_loop_seconds=160.0, eval_seconds=30.0, total_seconds=205.0)
+    t = dict(TIMINGS)
     names = [name for name, _, _ in whole_run.breakdown(
         t, 57, {"features": 5.0, "probe": 3.0, "knn": 1.0, "robust": 21.0})]
     at = names.index("eval")
@@ -121,9 +124,7 @@ def test_whole_run_breakdown_lists_the_parts_of_evaluation_under_it():
 
 def test_whole_run_breakdown_splits_the_online_eval_out_of_the_host_time():
     whole_run = _load_whole_run()
-    t = dict(startup_seconds=9.0, data_load_seconds=1.0, train_data_setup_seconds=4.0,
-             train_first_call_seconds=50.0, train_first_call_steps=10, train_calls_seconds=94.0,
-             train_loop_seconds=160.0, eval_seconds=30.0, total_seconds=205.0)
+    t = dict(TIMINGS)
     rows = {name.strip(): (seconds, note) for name, seconds, note in
             whole_run.breakdown(t, 57, online_seconds=8.0)}
     assert rows["host (outside calls)"][0] == pytest.approx(12.0)  # 160 - 4 - 50 - 94
