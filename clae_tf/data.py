@@ -388,11 +388,11 @@ def pretrain_stream(split: Split, cfg: Config, start_step: int, end_step: int):
     a seed of (seed, epoch, batch index, position in the batch); the rest of its view (flip,
     jitter, grayscale) is made on the batch with the batch's seeds.
     """
-    if cfg.augment_impl == "keras_cv":  # stateful layers: the per-epoch pipeline (views.py)
-        return None
     images = split.in_memory(cfg.image_size)
     if images is None:
         return None
+    if cfg.augment_impl == "keras_cv" and images.square is None:
+        return None  # keras-cv crops whole batches of resized images: the per-epoch pipeline
     b, n = cfg.batch_size, split.num_examples
     steps_per_epoch = n // b
     views = views_lib.Views(cfg)

@@ -129,3 +129,26 @@ def test_missing_keras_cv_is_a_flag_error(monkeypatch):
     cfg = tiny_config(augment_impl="keras_cv", batch_size=8)
     with pytest.raises(ClaeError, match="--augment_impl"):
         data.pretrain_dataset(data.load(cfg).train, cfg, epoch=0)
+
+
+def test_keras_cv_square_images_use_the_one_stream():
+    """Images already --image_size square (digits at 8 px, CIFAR at 32) take the one pipeline of
+    the run (data.pretrain_stream), as the default does, instead of one pipeline per epoch
+    (which cost ~8 s per epoch to build on CIFAR); its batches cross epoch boundaries."""
+    cfg = tiny_config(augment_impl="keras_cv", batch_size=8, image_size=8, augment="simclr",
+                      normalize="half")
+    source = data.load(cfg)
+    spe = source.train.num_examples // cfg.batch_size
+    stream = data.pretrain_stream(source.train, cfg, spe - 1, spe + 1)
+    assert stream is not None
+    batches = list(stream)
+    assert len(batches) == 2  # the last batch of epoch 0 and the first of epoch 1
+    for x1, x2 in batches:
+        for v in (x1, x2):
+            assert v.shape == (8, 8, 8, 3) and v.dtype == tf.float32
+            v = augment.denormalize(v.numpy(), "half")
+            assert v.min() >= -1e-6 and v.max() <= 1 + 1e-6
+        assert np.abs(x1.numpy() - x2.numpy()).mean() > 0.01
+    # Images that need resizing (digits at 12 px) keep the per-epoch pipeline.
+    cfg12 = tiny_config(augment_impl="keras_cv", batch_size=8, image_size=12)
+    assert data.pretrain_stream(data.load(cfg12).train, cfg12, 0, 2) is None
