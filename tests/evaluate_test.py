@@ -181,10 +181,13 @@ def reference_probe(w, b, x, y, num_classes, epochs, lr, batch_size, orders,
 
 
 @pytest.mark.parametrize("n,batch_size", [(50, 16), (48, 16), (7, 64)])  # partial, full, one batch
-def test_linear_probe_is_adam_softmax_regression_over_its_epoch_orders(n, batch_size):
-    """The compiled probe (all epochs in one call) takes exactly the steps of numpy Adam on the
-    same batches: the same weights after 3 epochs. Each epoch's order is epoch_order, and
-    the orders differ between epochs (the shuffle is not fixed once)."""
+@pytest.mark.parametrize("per_call", [10, 2])  # 3 epochs in one call, or in calls of 2 + 1
+def test_linear_probe_is_adam_softmax_regression_over_its_epoch_orders(n, batch_size, per_call,
+                                                                       monkeypatch):
+    """The compiled probe takes exactly the steps of numpy Adam on the same batches: the same
+    weights after 3 epochs, whether they run in one call or several. Each epoch's order is
+    epoch_order, and the orders differ between epochs (the shuffle is not fixed once)."""
+    monkeypatch.setattr(evaluate, "PROBE_EPOCHS_PER_CALL", per_call)
     rng = np.random.default_rng(n)
     x = rng.normal(size=(n, 5)).astype(np.float32)
     y = rng.integers(0, 4, n)
