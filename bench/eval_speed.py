@@ -8,7 +8,7 @@ the sizes of a run: "small" is the small CIFAR-10 protocol (5,000 training, 10,0
 h 512-d, z 128-d, probe 100 epochs of batch 256), "full" is CIFAR-10 (50,000 x 10,000). Timed:
   knn          evaluate.knn_top1 (segment-sum votes per chunk)
   knn_before   the one-hot version it replaced (a (chunk, k, C) one-hot per chunk)
-  probe        evaluate.linear_probe (all epochs in one compiled call)
+  probe        evaluate.linear_probe (compiled calls of PROBE_EPOCHS_PER_CALL epochs)
   probe_before the per-epoch version it replaced (a tf.data epoch per tf.function call)
 Peak memory is the process's maximum resident set (ru_maxrss, cumulative: a part shows only if it
 rises above the parts before it) after each part, next to the

@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 EVAL_PARTS = [("features", "h, z of the train and test splits, once"),
-              ("probe", "linear probe, all epochs in one compiled call"),
+              ("probe", "linear probe, compiled calls of 10 epochs"),
               ("knn", "weighted kNN on z"),
               ("robust", "PGD-20 + FGSM at each --robust_eps")]
 
