@@ -31,6 +31,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from clae_tf import files  # noqa: E402  (no TensorFlow: the run is a subprocess)
 
 
 EVAL_PARTS = [("features", "h, z of the train and test splits, once"),
@@ -115,8 +117,7 @@ def main():
         rows.append(("wall (outside)", wall, "timed by this script"))
         results["wall_seconds_outside"] = wall  # for the tables of several runs
         results["load_before_after"] = [load0, load1]
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+        files.write_atomic(path, json.dumps(results, indent=2, sort_keys=True))
     print(table(rows))
     print(f"kNN {100 * results['knn_top1']:.2f}  linear {100 * results['linear_top1']:.2f}")
 

@@ -109,17 +109,23 @@ def test_grayscale_rate(name):
     assert abs(gray.mean() - views["gray_prob"]) < 0.08
 
 
+def _assert_two_views(x1, x2, shape):
+    """Both views float32 of `shape`, in [0, 1] once the "half" normalisation is undone, and
+    different from each other."""
+    for v in (x1, x2):
+        assert v.shape == shape and v.dtype == tf.float32
+        v = augment.denormalize(v.numpy(), "half")
+        assert v.min() >= -1e-6 and v.max() <= 1 + 1e-6
+    assert np.abs(x1.numpy() - x2.numpy()).mean() > 0.01
+
+
 def test_pretrain_dataset_keras_cv_views():
     cfg = tiny_config(augment_impl="keras_cv", batch_size=8, image_size=12, augment="uel",
                       normalize="half")
     source = data.load(cfg)
     ds = data.pretrain_dataset(source.train, cfg, epoch=0).take(2)
     for x1, x2 in ds:
-        for v in (x1, x2):
-            assert v.shape == (8, 12, 12, 3) and v.dtype == tf.float32
-            v = augment.denormalize(v.numpy(), "half")
-            assert v.min() >= -1e-6 and v.max() <= 1 + 1e-6
-        assert np.abs(x1.numpy() - x2.numpy()).mean() > 0.01
+        _assert_two_views(x1, x2, (8, 12, 12, 3))
 
 
 def test_missing_keras_cv_is_a_flag_error(monkeypatch):
@@ -134,7 +140,7 @@ def test_missing_keras_cv_is_a_flag_error(monkeypatch):
 def test_keras_cv_square_images_use_the_one_stream():
     """Images already --image_size square (digits at 8 px, CIFAR at 32) take the one pipeline of
     the run (data.pretrain_stream), as the default does, instead of one pipeline per epoch
-    (which cost ~8 s per epoch to build on CIFAR); its batches cross epoch boundaries."""
+    (which cost ~11 s per epoch to build on CIFAR); its batches cross epoch boundaries."""
     cfg = tiny_config(augment_impl="keras_cv", batch_size=8, image_size=8, augment="simclr",
                       normalize="half")
     source = data.load(cfg)
@@ -144,11 +150,7 @@ def test_keras_cv_square_images_use_the_one_stream():
     batches = list(stream)
     assert len(batches) == 2  # the last batch of epoch 0 and the first of epoch 1
     for x1, x2 in batches:
-        for v in (x1, x2):
-            assert v.shape == (8, 8, 8, 3) and v.dtype == tf.float32
-            v = augment.denormalize(v.numpy(), "half")
-            assert v.min() >= -1e-6 and v.max() <= 1 + 1e-6
-        assert np.abs(x1.numpy() - x2.numpy()).mean() > 0.01
+        _assert_two_views(x1, x2, (8, 8, 8, 3))
     # Images that need resizing (digits at 12 px) keep the per-epoch pipeline.
     cfg12 = tiny_config(augment_impl="keras_cv", batch_size=8, image_size=12)
     assert data.pretrain_stream(data.load(cfg12).train, cfg12, 0, 2) is None
