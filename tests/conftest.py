@@ -1,4 +1,5 @@
-"""Shared test setup: 4 virtual CPU devices (for the multi-replica tests) and a tiny config."""
+"""Shared test setup: 4 virtual CPU devices (for the multi-replica tests), a tiny config and a
+numpy reference of the weighted kNN."""
 
 import os
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pytest  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 # Must happen before anything initialises TF's devices. Single-device tests use /cpu:0.
@@ -57,7 +58,22 @@ def tiny_config(tmp_path=None, **overrides) -> Config:
     return Config(**values)
 
 
-@pytest.fixture
-def tiny_cfg(tmp_path):
-    return tiny_config(tmp_path)
+def numpy_knn_predict(train_z, train_y, test_z, num_classes, k, sigma):
+    """The weighted kNN of docs/method.md in float64 numpy, one test example at a time: the k
+    training embeddings most similar (dot product) to it vote for their class with weight
+    exp(similarity / sigma); the class with the largest sum wins. Ties: equal similarities keep
+    the bank's order (stable sort), equal sums go to the lowest class (np.argmax).
+
+    Returns:
+      int (n_test,) predicted classes.
+    """
+    k = min(k, len(train_z))
+    sim = np.asarray(test_z, np.float64) @ np.asarray(train_z, np.float64).T  # (n_test, n_train)
+    pred = []
+    for s in sim:
+        nearest = np.argsort(-s, kind="stable")[:k]
+        scores = np.zeros(num_classes)
+        np.add.at(scores, np.asarray(train_y)[nearest], np.exp(s[nearest] / sigma))
+        pred.append(int(np.argmax(scores)))
+    return np.array(pred)
 
