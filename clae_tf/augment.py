@@ -2,13 +2,14 @@
 torchvision's semantics.
 
 Images are float32 in [0, 1] here; `normalize` maps them to the model's input range
-((x - 0.5) / 0.5 for SimCLR, the CIFAR mean/std for Plain/UEL, the ImageNet mean/std for
-ImageNet-size data; eps is in those units).
+((x - 0.5) / 0.5 for SimCLR, the CIFAR mean/std for Plain, UEL and MoCo, the ImageNet mean/std
+for Tiny-ImageNet and other ImageNet-size images; eps is in those units).
 
-Why not the keras-cv (or Keras 3) layers: (1) their colour jitter does not follow torchvision's
-ColorJitter (additive brightness, other factor ranges, fixed order), which the paper uses; (2) their
-random generators are stateful, so a parallel tf.data map is not reproducible and a resumed run
-would not see the same views. Every op here is a stateless function of a per-batch seed, so a
+Why these ops by default rather than the keras-cv (or Keras 3) layers (which
+--augment_impl=keras_cv offers, augment_kerascv.py): (1) their colour jitter does not follow
+torchvision's ColorJitter (additive brightness, other factor ranges, fixed order), which the
+paper uses; (2) their random generators are stateful, so a parallel tf.data map is not
+reproducible and a resumed run would not see the same views. Every op here is a stateless function of a per-batch seed, so a
 given (seed, epoch, batch) always gives the same views, in any pipeline and after a resume.
 """
 
@@ -152,7 +153,8 @@ def _apply_with_prob(x, y, p, seed):
 
 def simclr_view(x, seed, size, crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2),
                 jitter_prob=0.8, gray_prob=0.2, crop=None):
-    """One SimCLR view of a batch: crop-resize, h-flip, colour jitter (p), grayscale (p).
+    """One view of a batch with an --augment set (SimCLR's by default): crop-resize, h-flip,
+    colour jitter (p), grayscale (p).
 
     Args:
       x: (B, H, W, 3) float32 in [0, 1].

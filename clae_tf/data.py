@@ -427,9 +427,9 @@ def pretrain_stream(split: Split, cfg: Config, start_step: int, end_step: int):
 
 
 def _with_options(ds):
-    """The pipeline shares the 2 cores of a small machine with the train step: it needs a
-    fraction of one core (BENCHMARKS.md), so its own threads are few and do not spread one op
-    over every core."""
+    """The pipeline shares the CPU cores with the train step and needs a fraction of one core
+    (BENCHMARKS.md), so each of its ops runs on one thread rather than spreading over every core
+    the step is using."""
     options = tf.data.Options()
     options.threading.max_intra_op_parallelism = 1
     return ds.with_options(options)

@@ -53,7 +53,8 @@ def write_atomic(path: str, text: str):
 def read_json(path: str) -> Optional[dict]:
     """The JSON object in `path`, or None when it is missing or unreadable (says so, one line).
 
-    A results.json cut short by a kill (before writes were atomic) must not stop later runs.
+    A results.json that is not valid JSON (cut short by a tool that does not write atomically,
+    or edited by hand) must not stop later runs.
     """
     if not os.path.exists(path):
         return None

@@ -1,8 +1,9 @@
 """Contrastive losses as pure functions: tensors in, (loss, logits, labels) out.
 
 Embeddings are L2-normalised already (the model returns unit-norm z). Under data parallelism the
-caller passes the *gathered* embeddings of the whole global batch, so every replica computes the
-same batch-wide loss; see train.py for how that is scaled.
+method (methods/) passes the *gathered* embeddings of the whole global batch, so every replica
+computes the same batch-wide loss; the train step (train.make_train_step) divides it by the
+number of replicas for the optimizer.
 """
 
 import tensorflow as tf
@@ -79,8 +80,8 @@ def uel(z1, z2, temperature):
 
 def moco(q, k, queue, temperature):
     """MoCo's InfoNCE (He et al. 2020; MoCo v2): each query's positive is its image's key from
-    the momentum encoder (train.py picks which view); the negatives are the queue of keys from
-    past batches.
+    the momentum encoder (methods/moco.py picks which view's key); the negatives are the queue
+    of keys from past batches.
 
     Args:
       q: (N, D) unit-norm queries (query encoder; gradients flow).

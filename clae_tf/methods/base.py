@@ -25,8 +25,11 @@ checkpoint_items() names the variables the method adds to a checkpoint (MoCo: ke
 queue). Losses see the whole global batch: a method gathers embeddings over replicas
 (distribute.gather) itself, so every replica computes the same loss.
 
-Adding a method: one module in this package implementing Method, one entry in
-methods.BUILDERS, one row of config.METHOD_DEFAULTS, one preset in flags/.
+Adding a method: one module in this package implementing Method and one entry in
+methods.BUILDERS (a loss of the two views alone needs neither: a function in losses.py and an
+entry in losses.PAIR_LOSSES, which BUILDERS turns into a PairMethod); then its name in
+config.METHODS (the --method choices), one row of config.METHOD_DEFAULTS, one preset in flags/,
+and its loss and where x_adv goes in docs/method.md.
 """
 
 
