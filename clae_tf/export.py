@@ -33,7 +33,8 @@ def export(cfg: Config, model, path: str, encoder=None):
     Images of any size are resized to --image_size and normalised (--normalize) as in training.
     A wrong dtype fails (InvalidArgumentError naming the endpoint to use) instead of being cast;
     serve also fails on values outside [0, 1] (by more than 0.01), which catches 0..255 images
-    that reach it as floats (e.g. through `signatures`, which do cast NumPy arguments).
+    that reach it as floats (e.g. through `signatures`, which do cast NumPy arguments), and on
+    NaN or infinite values. An empty batch (N = 0) gives empty outputs, (0, D).
     The exported model is the functional copy of portable.build_encoder: single-device, without
     the adversarial BN twins (evaluation uses the clean BNs only), float32, so it loads
     anywhere, whatever strategy trained it; its variables have unique names
@@ -46,38 +47,61 @@ def export(cfg: Config, model, path: str, encoder=None):
         x = tf.image.resize(images01, [size, size], antialias=True)
         return serving(x, training=False)  # {"h", "z"}; normalises inside
 
-    def serve(images):
-        images = tf.cast(images, tf.float32)
-        in_range = tf.logical_and(tf.reduce_min(images) >= -_RANGE_SLACK,
-                                  tf.reduce_max(images) <= 1 + _RANGE_SLACK)
-        check = tf.debugging.Assert(in_range, [
-            f"serve: takes {_HOW['serve']}; got values from", tf.reduce_min(images), "to",
-            tf.reduce_max(images)])
-        with tf.control_dependencies([check]):
-            return embed(tf.identity(images))
-
-    def serve_uint8(images):
-        return embed(tf.cast(images, tf.float32) / 255.0)
+    def empty():
+        return {k: tf.zeros([0, serving.output[k].shape[-1]]) for k in ("h", "z")}
 
     archive = keras.export.ExportArchive()
     archive.track(serving)
-    for name, fn in (("serve", serve), ("serve_uint8", serve_uint8)):
-        archive.add_endpoint(name, _dtype_checked(name, fn))
+    _add_endpoints(archive, embed, empty)
     archive.write_out(path, verbose=False)
 
 
-def _dtype_checked(name, fn):
-    """`fn` as a tf.function traced for the dtypes `name` accepts and for the usual wrong ones."""
+def _add_endpoints(archive, fn, empty):
+    """Adds serve (float images in [0, 1]) and serve_uint8 to `archive`, with their input checks.
+
+    Args:
+      archive: a keras.export.ExportArchive tracking what `fn` uses.
+      fn: float32 images (N, H, W, 3) in [0, 1] -> outputs (tensors with N rows).
+      empty: () -> the outputs of an empty batch (0 rows), without running the model.
+    """
+    def serve(images):
+        images = tf.cast(images, tf.float32)
+        # Checked before the range, and by name: a NaN would otherwise fail the range check
+        # with a message about the range ("from nan to ..."), or pass it where reductions skip it.
+        finite = tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(images)), [
+            f"serve: takes {_HOW['serve']}; got",
+            tf.reduce_sum(tf.cast(~tf.math.is_finite(images), tf.int32)),
+            "NaN or infinite values"])
+        with tf.control_dependencies([finite]):
+            in_range = tf.logical_and(tf.reduce_min(images) >= -_RANGE_SLACK,
+                                      tf.reduce_max(images) <= 1 + _RANGE_SLACK)
+            check = tf.debugging.Assert(in_range, [
+                f"serve: takes {_HOW['serve']}; got values from", tf.reduce_min(images), "to",
+                tf.reduce_max(images)])
+        with tf.control_dependencies([check]):
+            return fn(tf.identity(images))
+
+    def serve_uint8(images):
+        return fn(tf.cast(images, tf.float32) / 255.0)
+
+    for name, f in (("serve", serve), ("serve_uint8", serve_uint8)):
+        archive.add_endpoint(name, _dtype_checked(name, f, empty))
+
+
+def _dtype_checked(name, fn, empty):
+    """`fn` as a tf.function traced for the dtypes `name` accepts and for the usual wrong ones;
+    an empty batch returns empty() without running `fn` (TF 2.21's CPU convolution returns its
+    input unchanged on an empty batch, and the next layer then fails on its shape)."""
 
     @tf.function(autograph=False)
     def endpoint(images):
         if images.dtype in _ACCEPTS[name]:
-            return fn(images)
+            return tf.cond(tf.shape(images)[0] > 0, lambda: fn(images), empty)
         # Traced for a wrong dtype: the model never runs, the call fails with this message.
         refuse = tf.debugging.Assert(
             False, [f"{name}: takes {_HOW[name]}; got {images.dtype.name} images"])
         with tf.control_dependencies([refuse]):
-            return fn(tf.zeros([0, 1, 1, 3], _ACCEPTS[name][0]))
+            return tf.nest.map_structure(tf.identity, empty())
 
     for dtype in _ACCEPTS[name] + _REFUSES[name]:  # the first trace becomes the signature
         endpoint.get_concrete_function(tf.TensorSpec([None, None, None, 3], dtype))
@@ -85,13 +109,15 @@ def _dtype_checked(name, fn):
 
 
 def export_probe(cfg: Config, model, probe: dict, path: str, encoder=None):
-    """Writes the encoder + linear probe classifier as a SavedModel at `path`, one endpoint:
+    """Writes the encoder + linear probe classifier as a SavedModel at `path`, two endpoints:
 
-      serve(images): float32 (N, H, W, 3) in [0, 1] -> float32 logits (N, num_classes)
+      serve(images):       float32 (N, H, W, 3) in [0, 1] -> float32 logits (N, num_classes)
+      serve_uint8(images): uint8   (N, H, W, 3) in [0, 255] -> the same
 
     resized and normalised as `export`, clean BNs in inference mode, the probe on h or z (as it
-    was trained). Differentiable end to end, so an attack library can attack it in pixel space
-    (what clae_tf/robust.py does in-process).
+    was trained), with the same input checks as `export`'s endpoints (dtype, range, NaN) and
+    (0, num_classes) logits for an empty batch. Differentiable end to end, so an attack library
+    can attack it in pixel space (what clae_tf/robust.py does in-process).
 
     Args:
       cfg: the run's Config; model: the trained encoder.
@@ -113,8 +139,7 @@ def export_probe(cfg: Config, model, probe: dict, path: str, encoder=None):
     archive = keras.export.ExportArchive()
     archive.track(serving)
     archive.track(layer)
-    archive.add_endpoint("serve", logits,
-                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    _add_endpoints(archive, logits, lambda: tf.zeros([0, kernel.shape[1]]))
     archive.write_out(path, verbose=False)
 
 
