@@ -7,8 +7,7 @@ import time
 
 import keras
 
-from clae_tf import (ClaeError, checkpoints, data, distribute, evaluate, export, files, portable,
-                     train)
+from clae_tf import ClaeError, checkpoints, data, distribute, evaluate, export, files, train
 from clae_tf.config import CHECKPOINT_FLAGS, RESUME_DATA_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
@@ -106,26 +105,37 @@ def run(cfg: Config, strategy=None) -> dict:
 
 def _export(cfg: Config, model, step: int, out: dict):
     """<workdir>/saved_model (serving endpoints), <workdir>/encoder.keras (to fine-tune), and
-    encoder + probe (logits) if the probe is of this step."""
-    out["saved_model"] = os.path.join(cfg.run_dir, "saved_model")
-    out["encoder_keras"] = os.path.join(cfg.run_dir, "encoder.keras")
-    encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # one copy for all
-    export.export(cfg, model, out["saved_model"], encoder)
-    export.export_keras(cfg, model, out["encoder_keras"], encoder)
+    encoder + probe (logits) if the run's probe (probe.npz) is of this step; all of them whole
+    and of this step (export.write_exports)."""
+    print(f"Exporting the encoder of step {step} to {cfg.run_dir} ...", flush=True)
+    probe, note = _own_probe(cfg, step)
+    written = export.write_exports(cfg, model, step, cfg.run_dir, probe)
+    paths = written["paths"]
+    out["saved_model"] = paths[export.SAVED_MODEL]
+    out["encoder_keras"] = paths[export.ENCODER_KERAS]
+    if export.PROBE_SAVED_MODEL in paths:  # a new one, or the one of this step already there
+        out["probe_saved_model"] = paths[export.PROBE_SAVED_MODEL]
+        return
+    if export.PROBE_SAVED_MODEL in written["removed"]:
+        old = written["removed"][export.PROBE_SAVED_MODEL]
+        note += (f"; removed {export.PROBE_SAVED_MODEL} (of "
+                 f"{'step ' + str(old) if old is not None else 'an unknown step'})")
+    out["probe_note"] = note
+
+
+def _own_probe(cfg: Config, step: int):
+    """The run's own probe (probe.npz) if it was trained on the encoder of `step`, else None;
+    and why not (one line)."""
     probe_path = os.path.join(cfg.run_dir, evaluate.PROBE_FILE)
     if not os.path.exists(probe_path):
-        out["probe_note"] = (f"no linear probe in {cfg.run_dir} yet (run --mode=eval first); "
-                             f"exported the encoder only")
-        return
+        return None, (f"no linear probe in {cfg.run_dir} yet (run --mode=eval first); "
+                      f"exported the encoder only")
     probe = evaluate.load_probe(probe_path)
     if probe["step"] != step:  # a probe of other weights would give meaningless logits
-        out["probe_note"] = (f"the linear probe in {probe_path} is of step {probe['step']}, the "
-                             f"checkpoint of step {step} (run --mode=eval first); exported the "
-                             f"encoder only")
-        return
-    probe_dir = os.path.join(cfg.run_dir, "probe_saved_model")
-    export.export_probe(cfg, model, probe, probe_dir, encoder)
-    out["probe_saved_model"] = probe_dir
+        return None, (f"the linear probe in {probe_path} is of step {probe['step']}, the "
+                      f"checkpoint of step {step} (run --mode=eval first); exported the "
+                      f"encoder only")
+    return probe, None
 
 
 def _add_to_results(cfg: Config, entries: dict):

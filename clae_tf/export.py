@@ -1,10 +1,15 @@
 """SavedModel export of the encoder (clean BN path) and of encoder + linear probe (logits)."""
 
+import json
+import os
+import shutil
+from typing import Optional
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import augment, portable
+from clae_tf import augment, files, portable
 from clae_tf.config import Config
 
 
@@ -141,6 +146,78 @@ def export_probe(cfg: Config, model, probe: dict, path: str, encoder=None):
     archive.track(layer)
     _add_endpoints(archive, logits, lambda: tf.zeros([0, kernel.shape[1]]))
     archive.write_out(path, verbose=False)
+
+
+# What a run exports into its workdir, and the manifest that says of which step they are.
+SAVED_MODEL, ENCODER_KERAS = "saved_model", "encoder.keras"
+PROBE_SAVED_MODEL = "probe_saved_model"
+EXPORTS = (SAVED_MODEL, ENCODER_KERAS, PROBE_SAVED_MODEL)
+MANIFEST = "export.json"
+_STAGING = "export"  # the exports are written into export.<pid>.tmp/ first
+
+
+def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[dict] = None):
+    """Writes the exports of `model` (the checkpoint of `step`) into `run_dir`, each whole or not
+    at all, and all of the same step.
+
+    Everything is written into a staging directory beside them first (`export.<pid>.tmp`; a kill
+    meanwhile leaves the previous exports as they were, and the next export removes the
+    leftover), then renamed into place with Ctrl-C and SIGTERM held back (files.signals_deferred),
+    and the manifest (export.json: the step and the exports of it) is written last. Without a
+    probe, a probe export left by an earlier export is kept if the manifest says it is of this
+    step, else removed in the same go: it would classify with another encoder than
+    saved_model's.
+
+    Args:
+      cfg: the run's Config; model: the trained encoder; step: its checkpoint's step.
+      run_dir: the workdir.
+      probe: evaluate.load_probe of the probe trained on this step's encoder, or None.
+    Returns:
+      {"paths": {export name: its path} of the exports of `step` now in run_dir,
+       "removed": {export name: its step (None if unknown)} of the stale ones removed}.
+    """
+    for name in EXPORTS + (_STAGING, MANIFEST):
+        files.remove_leftovers(os.path.join(run_dir, name))
+    staging = files.temporary_sibling(os.path.join(run_dir, _STAGING))
+    os.makedirs(staging)
+    try:
+        encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # one for all
+        export(cfg, model, os.path.join(staging, SAVED_MODEL), encoder)
+        export_keras(cfg, model, os.path.join(staging, ENCODER_KERAS), encoder)
+        if probe is not None:
+            export_probe(cfg, model, probe, os.path.join(staging, PROBE_SAVED_MODEL), encoder)
+        written = [name for name in EXPORTS if os.path.lexists(os.path.join(staging, name))]
+        previous = read_manifest(run_dir) or {}
+        kept = [name for name in EXPORTS if name not in written and previous.get("step") == step
+                and name in previous["exports"]]  # of this very step: still right
+        removed = {name: previous.get("step") for name in EXPORTS
+                   if name not in written + kept and os.path.lexists(os.path.join(run_dir, name))}
+        manifest = os.path.join(run_dir, MANIFEST)
+        with files.signals_deferred():
+            # No manifest while the exports are being swapped: one that failed (or was killed
+            # -9) halfway leaves exports whose step nothing claims, never a wrong claim.
+            if os.path.lexists(manifest):
+                files.remove_path(manifest)
+            for name in written:
+                files.replace_path(os.path.join(staging, name), os.path.join(run_dir, name))
+            for name in removed:
+                files.remove_path(os.path.join(run_dir, name))
+            files.write_atomic(manifest, json.dumps({"step": step, "exports": written + kept},
+                                                    indent=2))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # empty unless something failed
+    return {"paths": {name: os.path.join(run_dir, name) for name in written + kept},
+            "removed": removed}
+
+
+def read_manifest(run_dir: str) -> Optional[dict]:
+    """The manifest of the exports in `run_dir` ({"step", "exports"}) if every export it lists
+    is there, else None (no export yet, or one from before manifests: nothing says its step)."""
+    manifest = files.read_json(os.path.join(run_dir, MANIFEST))
+    if manifest is None or not all(os.path.lexists(os.path.join(run_dir, name))
+                                   for name in manifest.get("exports", ())):
+        return None
+    return manifest
 
 
 def export_keras(cfg: Config, model, path: str, encoder=None):
