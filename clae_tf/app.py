@@ -4,15 +4,26 @@ import dataclasses
 import json
 import os
 import time
+from typing import Optional
 
 import keras
 
 from clae_tf import ClaeError, checkpoints, data, distribute, evaluate, export, files, train
-from clae_tf.config import CHECKPOINT_FLAGS, RESUME_DATA_FLAGS, Config
+from clae_tf.config import CHECKPOINT_FLAGS, DATA_FLAGS, RESUME_DATA_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
 # --precision -> the Keras policy: compute in bfloat16/float16, variables in float32.
 POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def saved_flags(run_dir: str) -> Optional[dict]:
+    """The flags in <run_dir>/flags.cfg ({name: string value}), or None when there is no
+    readable one (missing, not UTF-8 text, not a file)."""
+    try:
+        with open(os.path.join(run_dir, FLAGFILE), encoding="utf-8") as f:
+            return Config.parse_flagfile(f.read())
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def check_workdir(cfg: Config):
@@ -39,6 +50,22 @@ def write_flagfile(cfg: Config):
     files.write_atomic(os.path.join(cfg.run_dir, FLAGFILE),
                        f"# Reproduce this run: python run.py --flagfile={cfg.run_dir}/{FLAGFILE}\n"
                        + resolved.to_flagfile())
+
+
+def other_data(cfg: Config) -> Optional[str]:
+    """--mode=eval: None when cfg's data flags are the run's own (flags.cfg), else the
+    evaluate.data_name of cfg's data, whose results go to files of their own."""
+    saved = saved_flags(cfg.run_dir)
+    if saved is None:
+        return None
+    for name in DATA_FLAGS:
+        now, was = getattr(cfg, name), saved.get(name)
+        now = None if now is None else cfg.value_str(name)
+        same_folder = (name == "dataset" and was is not None and os.path.isdir(now)
+                       and os.path.isdir(was) and os.path.samefile(now, was))
+        if now != was and not same_folder:
+            return evaluate.data_name(cfg)
+    return None
 
 
 def process_seconds() -> float:
@@ -84,6 +111,7 @@ def run(cfg: Config, strategy=None) -> dict:
         timings.update(summary.pop("timings"))
         t = time.time()
         out["results"] = evaluate.evaluate(cfg, model, source, summary["step"], extra=summary)
+        out["results_path"] = evaluate.output_paths(cfg.run_dir)["results"]
         timings["eval_seconds"] = time.time() - t  # features, kNN and the linear probe
         if cfg.export:
             t = time.time()
@@ -97,7 +125,13 @@ def run(cfg: Config, strategy=None) -> dict:
     if not state.restore(model_only=True):
         raise ClaeError(f"--workdir: no checkpoint in {cfg.run_dir}/checkpoints to {cfg.mode}")
     if cfg.mode == "eval":
-        out["results"] = evaluate.evaluate(cfg, state.model, source, state.step)
+        other = other_data(cfg)
+        out["results"] = evaluate.evaluate(cfg, state.model, source, state.step, other_data=other)
+        out["results_path"] = evaluate.output_paths(cfg.run_dir, other)["results"]
+        if other:
+            out["results_note"] = (f"on other data than the run's own ({other}): its "
+                                   f"{evaluate.RESULTS_FILE} and {evaluate.PROBE_FILE} are left "
+                                   f"as they were")
     else:
         _export(cfg, state.model, state.step, out)
     return out
@@ -105,8 +139,8 @@ def run(cfg: Config, strategy=None) -> dict:
 
 def _export(cfg: Config, model, step: int, out: dict):
     """<workdir>/saved_model (serving endpoints), <workdir>/encoder.keras (to fine-tune), and
-    encoder + probe (logits) if the run's probe (probe.npz) is of this step; all of them whole
-    and of this step (export.write_exports)."""
+    encoder + probe (logits) if the run's own probe (probe.npz, never one of other data) is of
+    this step; all of them whole and of this step (export.write_exports)."""
     print(f"Exporting the encoder of step {step} to {cfg.run_dir} ...", flush=True)
     probe, note = _own_probe(cfg, step)
     written = export.write_exports(cfg, model, step, cfg.run_dir, probe)
@@ -154,7 +188,9 @@ def print_summary(out: dict):
                      f"   (step {r['step']}, {r['test_examples']} test images)")
         if "robust_top1" in r:
             lines.append(f"Robust top-1: {robust_line(r)}")
-        lines.append(f"Results:      {os.path.join(d, 'results.json')}")
+        path = out.get("results_path", os.path.join(d, evaluate.RESULTS_FILE))
+        note = f"  ({out['results_note']})" if "results_note" in out else ""
+        lines.append(f"Results:      {path}{note}")
     lines.append(f"Checkpoints:  {os.path.join(d, 'checkpoints')}")
     lines.append(f"TensorBoard:  tensorboard --logdir={os.path.join(d, 'tensorboard')}")
     if "saved_model" in out:

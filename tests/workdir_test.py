@@ -89,6 +89,75 @@ def _folder(root):
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation on other data than the run's own.
+
+
+def test_which_data_is_the_runs_own(tmp_path):
+    cfg = _config(tmp_path, mode="eval")
+    app.write_flagfile(cfg)
+    assert app.other_data(cfg) is None
+    folder = _folder(tmp_path / "my images")
+    cases = {"digits_per_class5": dict(examples_per_class=5),
+             "digits_train100": dict(train_examples=100),
+             "digits": dict(data_dir=str(tmp_path / "tfds")),
+             "cifar10": dict(dataset="cifar10"),
+             "my_images": dict(dataset=folder),
+             "imagenet2012_subset_1pct": dict(dataset="imagenet2012_subset/1pct")}
+    for name, change in cases.items():
+        assert app.other_data(dataclasses.replace(cfg, **change)) == name, change
+    # A run on a folder: the same folder spelt differently is the run's own data.
+    own = _config(tmp_path, mode="eval", dataset=folder, batch_size=2)
+    app.write_flagfile(own)
+    assert app.other_data(dataclasses.replace(own, dataset=folder + "/")) is None
+    relative = os.path.relpath(folder)
+    assert app.other_data(dataclasses.replace(own, dataset=relative)) is None
+
+
+@pytest.mark.slow  # two data loads, model builds and a tiny evaluation: ~5 s alone, 20 s loaded
+def test_eval_on_other_data_leaves_the_runs_results_and_probe_alone(tmp_path, monkeypatch):
+    cfg = _config(tmp_path)
+    model = _checkpoint(cfg, 4)
+    own_results = {"knn_top1": 0.5, "linear_top1": 0.25, "step": 4, "dataset": "digits"}
+    with open(os.path.join(cfg.run_dir, "results.json"), "w") as f:
+        json.dump(own_results, f)
+    own_probe = _probe(model, 4)
+    _save_probe(os.path.join(cfg.run_dir, "probe.npz"), own_probe)
+    before = {name: open(os.path.join(cfg.run_dir, name), "rb").read()
+              for name in ("results.json", "probe.npz", "flags.cfg")}
+
+    folder = _folder(tmp_path / "other")
+    other = dataclasses.replace(cfg, mode="eval", dataset=folder, batch_size=2)
+    out, _ = _quiet(app.run, other)
+    for name, content in before.items():
+        with open(os.path.join(cfg.run_dir, name), "rb") as f:
+            assert f.read() == content, name
+    results_path = os.path.join(cfg.run_dir, "results_other.json")
+    assert out["results_path"] == results_path
+    with open(results_path) as f:
+        results = json.load(f)
+    assert (results["dataset"], results["num_classes"], results["test_examples"],
+            results["step"]) == ("other", 2, 4, 4)
+    assert results["eval_flags"]["dataset"] == folder
+    assert evaluate.load_probe(os.path.join(cfg.run_dir, "probe_other.npz"))["kernel"].shape == (
+        model.feature_dim, 2)
+    _, printed = _quiet(app.print_summary, out)
+    line = next(x for x in printed.splitlines() if x.startswith("Results:"))
+    assert results_path in line and "left as they were" in line
+
+    # The export then takes the run's own probe (10 classes), not the one of the other data
+    # (the exports themselves are stand-ins here: export_test.py tests them).
+    exported = {}
+    monkeypatch.setattr(export, "export", lambda cfg, model, path, encoder: os.makedirs(path))
+    monkeypatch.setattr(export, "export_keras", lambda cfg, model, path, encoder: open(
+        path, "w").close())
+    monkeypatch.setattr(export, "export_probe", lambda cfg, model, probe, path, encoder: (
+        exported.update(probe), os.makedirs(path)))
+    out, _ = _quiet(app.run, dataclasses.replace(cfg, mode="export"))
+    np.testing.assert_array_equal(exported["kernel"], own_probe["kernel"])
+    assert out["probe_saved_model"] == os.path.join(cfg.run_dir, "probe_saved_model")
+
+
+# ---------------------------------------------------------------------------------------------
 # Exports: whole or not at all, and all of one step.
 
 
