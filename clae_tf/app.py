@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Optional
 
@@ -28,13 +29,22 @@ def saved_flags(run_dir: str) -> Optional[dict]:
 
 def check_workdir(cfg: Config):
     """A workdir that holds a checkpoint must be resumed with compatible flags: those that
-    shape the checkpoint, and for training also those that decide the data it continues on."""
+    shape the checkpoint, and for training also those that decide the data it continues on.
+
+    An unreadable flags.cfg is treated as a missing one: the checkpoint itself then decides
+    (checkpoints.State.restore refuses one that does not fit), and flags.cfg is rewritten once
+    a training run is accepted.
+    """
     path = os.path.join(cfg.run_dir, FLAGFILE)
-    has_checkpoint = checkpoints.checkpoint_paths(os.path.join(cfg.run_dir, "checkpoints"))
-    if not (has_checkpoint and os.path.exists(path)):
+    if not checkpoints.checkpoint_paths(os.path.join(cfg.run_dir, "checkpoints")):
         return
-    with open(path) as f:
-        saved = Config.parse_flagfile(f.read())
+    saved = saved_flags(cfg.run_dir)
+    if saved is None:
+        if os.path.lexists(path):
+            print(f"warning: {path} cannot be read (not a UTF-8 text file); the checkpoint "
+                  f"alone decides whether these flags fit, and a training run that it accepts "
+                  f"rewrites {FLAGFILE}", file=sys.stderr)
+        return
     names = CHECKPOINT_FLAGS + (RESUME_DATA_FLAGS if cfg.mode == "train" else ())
     diffs = [f"--{k}={saved[k]} (now {cfg.value_str(k)})" for k in names
              if k in saved and saved[k] != cfg.value_str(k)]
@@ -50,6 +60,17 @@ def write_flagfile(cfg: Config):
     files.write_atomic(os.path.join(cfg.run_dir, FLAGFILE),
                        f"# Reproduce this run: python run.py --flagfile={cfg.run_dir}/{FLAGFILE}\n"
                        + resolved.to_flagfile())
+
+
+def _record_flags(cfg: Config, trains: bool):
+    """Once the checkpoint accepted cfg: flags.cfg, if this process trains (its flags are then
+    the run's) or if the workdir has no complete flags.cfg (a run needs one to be evaluated). A
+    process that only evaluates and exports (a finished run, re-run with --epochs=1) leaves the
+    training's flags.cfg alone."""
+    saved = saved_flags(cfg.run_dir)
+    complete = saved is not None and set(Config.parse_flagfile(cfg.to_flagfile())) <= set(saved)
+    if trains or not complete:
+        write_flagfile(cfg)
 
 
 def other_data(cfg: Config) -> Optional[str]:
@@ -100,10 +121,9 @@ def run(cfg: Config, strategy=None) -> dict:
     out = {"workdir": cfg.run_dir}
     if cfg.mode == "train":
         chief = distribute.is_chief(strategy)
-        if chief:
-            write_flagfile(cfg)
         t0 = time.time()
-        summary = train.train(cfg, strategy, source)
+        summary = train.train(cfg, strategy, source, on_accepted=(
+            (lambda trains: _record_flags(cfg, trains)) if chief else None))
         model = summary.pop("model")
         if not chief:  # multi-worker: only the chief evaluates and writes results and the export
             return out

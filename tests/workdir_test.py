@@ -10,7 +10,6 @@ import dataclasses
 import io
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -315,3 +314,67 @@ def test_sigterm_during_export_leaves_the_previous_export_whole(tmp_path):
     assert not [n for n in os.listdir(cfg.run_dir) if n.endswith((".tmp", ".old"))]
 
 
+# ---------------------------------------------------------------------------------------------
+# flags.cfg: written once the run is accepted, by training only.
+
+
+@pytest.mark.slow  # the accepted run evaluates the tiny model on digits: ~5-15 s
+def test_refused_resume_leaves_flags_cfg_alone(tmp_path):
+    """Without flags.cfg, a run with other flags is refused by the checkpoint itself: it must
+    not write its flags there (the right command would then be refused by them)."""
+    cfg = _config(tmp_path, max_steps=3)
+    _checkpoint(cfg, 3, flagfile=False)
+    with pytest.raises(ClaeError, match="does not fit these flags"):
+        _quiet(app.run, dataclasses.replace(cfg, width=0.125))
+    assert not os.path.exists(os.path.join(cfg.run_dir, "flags.cfg"))
+    # The right command is accepted (nothing left to train: it evaluates) and writes it.
+    out, _ = _quiet(app.run, cfg)
+    assert out["results"]["step"] == 3
+    with open(os.path.join(cfg.run_dir, "flags.cfg")) as f:
+        assert Config.parse_flagfile(f.read())["width"] == "0.0625"
+
+
+def test_unreadable_flags_cfg_defers_to_the_checkpoint(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    os.makedirs(os.path.join(cfg.run_dir, "checkpoints"))
+    open(os.path.join(cfg.run_dir, "checkpoints", "ckpt-3.index"), "w").close()  # what it finds
+    path = os.path.join(cfg.run_dir, "flags.cfg")
+    with open(path, "wb") as f:
+        f.write(b"--arch=resnet10\n--wid\xff\xfeth=0.0625\n")
+    app.check_workdir(cfg)  # no UnicodeDecodeError; the checkpoint decides (restore)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {path} cannot be read")
+
+
+def test_eval_with_an_unreadable_flags_cfg_does_not_advise_reading_it_again(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    path = workdir / "flags.cfg"
+    path.write_bytes(b"--arch=resnet10\n--wid\xff\xfeth=0.0625\n")
+    proc = run_cli(["--mode=eval", f"--workdir={workdir}"], tmp_path, tensorflow=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: --workdir: cannot read {path}"), line
+    assert "with its flags on the command line (not --flagfile=" in line
+    # The command that reads it as a flagfile: one line too.
+    proc = run_cli([f"--flagfile={path}"], tmp_path, tensorflow=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: --flagfile: a flagfile of this command is not UTF-8 text")
+
+
+@pytest.mark.slow  # one evaluation of the tiny model on digits: ~5-15 s
+def test_reevaluating_a_finished_run_keeps_its_training_flags(tmp_path):
+    """A finished 2-epoch run re-run with --epochs=1 trains nothing: it only evaluates, and its
+    flags.cfg still says --epochs=2; the evaluation's own flags go with its results."""
+    cfg = _config(tmp_path, epochs=2)
+    _checkpoint(cfg, 2 * STEPS_PER_EPOCH)
+    path = os.path.join(cfg.run_dir, "flags.cfg")
+    with open(path) as f:
+        before = f.read()
+    out, _ = _quiet(app.run, dataclasses.replace(cfg, epochs=1, linear_epochs=2))
+    with open(path) as f:
+        assert f.read() == before
+    results = out["results"]
+    assert results["step"] == 2 * STEPS_PER_EPOCH and results["epochs"] == 2
+    assert results["eval_flags"]["linear_epochs"] == "2"
