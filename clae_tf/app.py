@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 from typing import Optional
@@ -58,8 +59,13 @@ def write_flagfile(cfg: Config):
     os.makedirs(cfg.run_dir, exist_ok=True)
     resolved = dataclasses.replace(cfg, workdir=cfg.run_dir)
     files.write_atomic(os.path.join(cfg.run_dir, FLAGFILE),
-                       f"# Reproduce this run: python run.py --flagfile={cfg.run_dir}/{FLAGFILE}\n"
+                       f"# Reproduce this run: {reproduce_command(cfg.run_dir)}\n"
                        + resolved.to_flagfile())
+
+
+def reproduce_command(run_dir: str) -> str:
+    """The shell command that reproduces (and resumes) the run in `run_dir`, quoted to paste."""
+    return f"python run.py {shlex.quote('--flagfile=' + os.path.join(run_dir, FLAGFILE))}"
 
 
 def _record_flags(cfg: Config, trains: bool):
@@ -212,7 +218,8 @@ def print_summary(out: dict):
         note = f"  ({out['results_note']})" if "results_note" in out else ""
         lines.append(f"Results:      {path}{note}")
     lines.append(f"Checkpoints:  {os.path.join(d, 'checkpoints')}")
-    lines.append(f"TensorBoard:  tensorboard --logdir={os.path.join(d, 'tensorboard')}")
+    logdir = shlex.quote("--logdir=" + os.path.join(d, "tensorboard"))
+    lines.append(f"TensorBoard:  tensorboard {logdir}")
     if "saved_model" in out:
         lines.append(f"SavedModel:   {out['saved_model']}  (m = tf.saved_model.load(path); m.serve(images))")
     if "encoder_keras" in out:
@@ -221,7 +228,7 @@ def print_summary(out: dict):
         lines.append(f"Probe:        {out['probe_saved_model']}  (logits = m.serve(images in [0, 1]))")
     elif "probe_note" in out:
         lines.append(f"Probe:        {out['probe_note']}")
-    lines.append(f"Reproduce:    python run.py --flagfile={os.path.join(d, FLAGFILE)}")
+    lines.append(f"Reproduce:    {reproduce_command(d)}")
     print("\n".join(lines))
 
 

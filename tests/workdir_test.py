@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -378,3 +379,24 @@ def test_reevaluating_a_finished_run_keeps_its_training_flags(tmp_path):
     results = out["results"]
     assert results["step"] == 2 * STEPS_PER_EPOCH and results["epochs"] == 2
     assert results["eval_flags"]["linear_epochs"] == "2"
+
+
+def test_reproduce_line_pastes_into_a_shell(tmp_path, capsys):
+    workdir = str(tmp_path / "runs" / "it's a run")
+    app.print_summary({"workdir": workdir})
+    lines = {x.split(":", 1)[0]: x.split(":", 1)[1].strip()
+             for x in capsys.readouterr().out.splitlines()}
+    cfg = _config(tmp_path, workdir=workdir)
+    app.write_flagfile(cfg)
+    with open(os.path.join(workdir, "flags.cfg")) as f:
+        header = f.readline()[len("# Reproduce this run: "):].strip()
+    flagfile = f"--flagfile={workdir}/flags.cfg"
+    tensorboard = ["tensorboard", f"--logdir={workdir}/tensorboard"]
+    for command, words in ((lines["Reproduce"], ["python", "run.py", flagfile]),
+                           (header, ["python", "run.py", flagfile]),
+                           (lines["TensorBoard"], tensorboard)):
+        # What bash makes of the pasted line: one argument per line.
+        proc = subprocess.run(["bash", "-c", f"set -- {command}; printf '%s\\n' \"$@\""],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.stdout.splitlines() == words, command
+        assert shlex.split(command) == words
