@@ -254,7 +254,7 @@ def _outputs(run_dir, images):
     classifier = tf.saved_model.load(os.path.join(run_dir, "probe_saved_model"))
     return (saved_model.serve_uint8(images)["h"].numpy(),
             encoder(images.astype(np.float32) / 255.0, training=False)["h"].numpy(),
-            classifier.serve_uint8(images).numpy())
+            classifier.serve(images.astype(np.float32) / 255.0).numpy())
 
 
 def _expected(model, probe, images, normalize):
