@@ -49,10 +49,13 @@ def _with_saved_flags(cfg):
     FLAGS.unparse_flags()
     try:
         FLAGS(argv)
-    except flags.Error as e:  # e.g. a flags.cfg cut short by a kill (before writes were atomic)
+    except (flags.Error, UnicodeDecodeError) as e:  # e.g. cut short by a kill, or not text
         FLAGS.mark_as_parsed()  # absl's own exit handling reads a flag
+        # Not `--flagfile=<this file>`: that command reads the same broken file.
         raise ClaeError(f"--workdir: cannot read {path} ({str(e).splitlines()[0][:160]}); "
-                        f"re-run the training command on this workdir to rewrite it")
+                        f"re-run the run's training command with its flags on the command line "
+                        f"(not --flagfile={path}): once its checkpoint accepts them, it "
+                        f"rewrites {os.path.basename(path)}")
     return config.from_flags()
 
 
@@ -61,6 +64,10 @@ def _parse_flags(argv):
     flag) as one `error:` line and exit code 2 like every other bad value."""
     try:
         return FLAGS(argv)
+    except UnicodeDecodeError as e:  # absl reads a --flagfile as UTF-8 text
+        print(f"error: --flagfile: a flagfile of this command is not UTF-8 text ({e})",
+              file=sys.stderr)
+        sys.exit(2)
     except flags.Error as e:
         text = str(e).splitlines()[0]
         bad = re.match(r"flag --(\w+)=(.*?): (.*)", text)

@@ -3,28 +3,49 @@
 import dataclasses
 import json
 import os
+import shlex
+import sys
 import time
+from typing import Optional
 
 import keras
 
-from clae_tf import (ClaeError, checkpoints, data, distribute, evaluate, export, files, portable,
-                     train)
-from clae_tf.config import CHECKPOINT_FLAGS, RESUME_DATA_FLAGS, Config
+from clae_tf import ClaeError, checkpoints, data, distribute, evaluate, export, files, train
+from clae_tf.config import CHECKPOINT_FLAGS, DATA_FLAGS, RESUME_DATA_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
 # --precision -> the Keras policy: compute in bfloat16/float16, variables in float32.
 POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
+def saved_flags(run_dir: str) -> Optional[dict]:
+    """The flags in <run_dir>/flags.cfg ({name: string value}), or None when there is no
+    readable one (missing, not UTF-8 text, not a file)."""
+    try:
+        with open(os.path.join(run_dir, FLAGFILE), encoding="utf-8") as f:
+            return Config.parse_flagfile(f.read())
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def check_workdir(cfg: Config):
     """A workdir that holds a checkpoint must be resumed with compatible flags: those that
-    shape the checkpoint, and for training also those that decide the data it continues on."""
+    shape the checkpoint, and for training also those that decide the data it continues on.
+
+    An unreadable flags.cfg is treated as a missing one: the checkpoint itself then decides
+    (checkpoints.State.restore refuses one that does not fit), and flags.cfg is rewritten once
+    a training run is accepted.
+    """
     path = os.path.join(cfg.run_dir, FLAGFILE)
-    has_checkpoint = checkpoints.checkpoint_paths(os.path.join(cfg.run_dir, "checkpoints"))
-    if not (has_checkpoint and os.path.exists(path)):
+    if not checkpoints.checkpoint_paths(os.path.join(cfg.run_dir, "checkpoints")):
         return
-    with open(path) as f:
-        saved = Config.parse_flagfile(f.read())
+    saved = saved_flags(cfg.run_dir)
+    if saved is None:
+        if os.path.lexists(path):
+            print(f"warning: {path} cannot be read (not a UTF-8 text file); the checkpoint "
+                  f"alone decides whether these flags fit, and a training run that it accepts "
+                  f"rewrites {FLAGFILE}", file=sys.stderr)
+        return
     names = CHECKPOINT_FLAGS + (RESUME_DATA_FLAGS if cfg.mode == "train" else ())
     diffs = [f"--{k}={saved[k]} (now {cfg.value_str(k)})" for k in names
              if k in saved and saved[k] != cfg.value_str(k)]
@@ -38,8 +59,40 @@ def write_flagfile(cfg: Config):
     os.makedirs(cfg.run_dir, exist_ok=True)
     resolved = dataclasses.replace(cfg, workdir=cfg.run_dir)
     files.write_atomic(os.path.join(cfg.run_dir, FLAGFILE),
-                       f"# Reproduce this run: python run.py --flagfile={cfg.run_dir}/{FLAGFILE}\n"
+                       f"# Reproduce this run: {reproduce_command(cfg.run_dir)}\n"
                        + resolved.to_flagfile())
+
+
+def reproduce_command(run_dir: str) -> str:
+    """The shell command that reproduces (and resumes) the run in `run_dir`, quoted to paste."""
+    return f"python run.py {shlex.quote('--flagfile=' + os.path.join(run_dir, FLAGFILE))}"
+
+
+def _record_flags(cfg: Config, trains: bool):
+    """Once the checkpoint accepted cfg: flags.cfg, if this process trains (its flags are then
+    the run's) or if the workdir has no complete flags.cfg (a run needs one to be evaluated). A
+    process that only evaluates and exports (a finished run, re-run with --epochs=1) leaves the
+    training's flags.cfg alone."""
+    saved = saved_flags(cfg.run_dir)
+    complete = saved is not None and set(Config.parse_flagfile(cfg.to_flagfile())) <= set(saved)
+    if trains or not complete:
+        write_flagfile(cfg)
+
+
+def other_data(cfg: Config) -> Optional[str]:
+    """--mode=eval: None when cfg's data flags are the run's own (flags.cfg), else the
+    evaluate.data_name of cfg's data, whose results go to files of their own."""
+    saved = saved_flags(cfg.run_dir)
+    if saved is None:
+        return None
+    for name in DATA_FLAGS:
+        now, was = getattr(cfg, name), saved.get(name)
+        now = None if now is None else cfg.value_str(name)
+        same_folder = (name == "dataset" and was is not None and os.path.isdir(now)
+                       and os.path.isdir(was) and os.path.samefile(now, was))
+        if now != was and not same_folder:
+            return evaluate.data_name(cfg)
+    return None
 
 
 def process_seconds() -> float:
@@ -74,10 +127,9 @@ def run(cfg: Config, strategy=None) -> dict:
     out = {"workdir": cfg.run_dir}
     if cfg.mode == "train":
         chief = distribute.is_chief(strategy)
-        if chief:
-            write_flagfile(cfg)
         t0 = time.time()
-        summary = train.train(cfg, strategy, source)
+        summary = train.train(cfg, strategy, source, on_accepted=(
+            (lambda trains: _record_flags(cfg, trains)) if chief else None))
         model = summary.pop("model")
         if not chief:  # multi-worker: only the chief evaluates and writes results and the export
             return out
@@ -85,6 +137,7 @@ def run(cfg: Config, strategy=None) -> dict:
         timings.update(summary.pop("timings"))
         t = time.time()
         out["results"] = evaluate.evaluate(cfg, model, source, summary["step"], extra=summary)
+        out["results_path"] = evaluate.output_paths(cfg.run_dir)["results"]
         timings["eval_seconds"] = time.time() - t  # features, kNN and the linear probe
         if cfg.export:
             t = time.time()
@@ -98,7 +151,13 @@ def run(cfg: Config, strategy=None) -> dict:
     if not state.restore(model_only=True):
         raise ClaeError(f"--workdir: no checkpoint in {cfg.run_dir}/checkpoints to {cfg.mode}")
     if cfg.mode == "eval":
-        out["results"] = evaluate.evaluate(cfg, state.model, source, state.step)
+        other = other_data(cfg)
+        out["results"] = evaluate.evaluate(cfg, state.model, source, state.step, other_data=other)
+        out["results_path"] = evaluate.output_paths(cfg.run_dir, other)["results"]
+        if other:
+            out["results_note"] = (f"on other data than the run's own ({other}): its "
+                                   f"{evaluate.RESULTS_FILE} and {evaluate.PROBE_FILE} are left "
+                                   f"as they were")
     else:
         _export(cfg, state.model, state.step, out)
     return out
@@ -106,26 +165,37 @@ def run(cfg: Config, strategy=None) -> dict:
 
 def _export(cfg: Config, model, step: int, out: dict):
     """<workdir>/saved_model (serving endpoints), <workdir>/encoder.keras (to fine-tune), and
-    encoder + probe (logits) if the probe is of this step."""
-    out["saved_model"] = os.path.join(cfg.run_dir, "saved_model")
-    out["encoder_keras"] = os.path.join(cfg.run_dir, "encoder.keras")
-    encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # one copy for all
-    export.export(cfg, model, out["saved_model"], encoder)
-    export.export_keras(cfg, model, out["encoder_keras"], encoder)
+    encoder + probe (logits) if the run's own probe (probe.npz, never one of other data) is of
+    this step; all of them whole and of this step (export.write_exports)."""
+    print(f"Exporting the encoder of step {step} to {cfg.run_dir} ...", flush=True)
+    probe, note = _own_probe(cfg, step)
+    written = export.write_exports(cfg, model, step, cfg.run_dir, probe)
+    paths = written["paths"]
+    out["saved_model"] = paths[export.SAVED_MODEL]
+    out["encoder_keras"] = paths[export.ENCODER_KERAS]
+    if export.PROBE_SAVED_MODEL in paths:  # a new one, or the one of this step already there
+        out["probe_saved_model"] = paths[export.PROBE_SAVED_MODEL]
+        return
+    if export.PROBE_SAVED_MODEL in written["removed"]:
+        old = written["removed"][export.PROBE_SAVED_MODEL]
+        note += (f"; removed {export.PROBE_SAVED_MODEL} (of "
+                 f"{'step ' + str(old) if old is not None else 'an unknown step'})")
+    out["probe_note"] = note
+
+
+def _own_probe(cfg: Config, step: int):
+    """The run's own probe (probe.npz) if it was trained on the encoder of `step`, else None;
+    and why not (one line)."""
     probe_path = os.path.join(cfg.run_dir, evaluate.PROBE_FILE)
     if not os.path.exists(probe_path):
-        out["probe_note"] = (f"no linear probe in {cfg.run_dir} yet (run --mode=eval first); "
-                             f"exported the encoder only")
-        return
+        return None, (f"no linear probe in {cfg.run_dir} yet (run --mode=eval first); "
+                      f"exported the encoder only")
     probe = evaluate.load_probe(probe_path)
     if probe["step"] != step:  # a probe of other weights would give meaningless logits
-        out["probe_note"] = (f"the linear probe in {probe_path} is of step {probe['step']}, the "
-                             f"checkpoint of step {step} (run --mode=eval first); exported the "
-                             f"encoder only")
-        return
-    probe_dir = os.path.join(cfg.run_dir, "probe_saved_model")
-    export.export_probe(cfg, model, probe, probe_dir, encoder)
-    out["probe_saved_model"] = probe_dir
+        return None, (f"the linear probe in {probe_path} is of step {probe['step']}, the "
+                      f"checkpoint of step {step} (run --mode=eval first); exported the "
+                      f"encoder only")
+    return probe, None
 
 
 def _add_to_results(cfg: Config, entries: dict):
@@ -144,9 +214,12 @@ def print_summary(out: dict):
                      f"   (step {r['step']}, {r['test_examples']} test images)")
         if "robust_top1" in r:
             lines.append(f"Robust top-1: {robust_line(r)}")
-        lines.append(f"Results:      {os.path.join(d, 'results.json')}")
+        path = out.get("results_path", os.path.join(d, evaluate.RESULTS_FILE))
+        note = f"  ({out['results_note']})" if "results_note" in out else ""
+        lines.append(f"Results:      {path}{note}")
     lines.append(f"Checkpoints:  {os.path.join(d, 'checkpoints')}")
-    lines.append(f"TensorBoard:  tensorboard --logdir={os.path.join(d, 'tensorboard')}")
+    logdir = shlex.quote("--logdir=" + os.path.join(d, "tensorboard"))
+    lines.append(f"TensorBoard:  tensorboard {logdir}")
     if "saved_model" in out:
         lines.append(f"SavedModel:   {out['saved_model']}  (m = tf.saved_model.load(path); m.serve(images))")
     if "encoder_keras" in out:
@@ -155,7 +228,7 @@ def print_summary(out: dict):
         lines.append(f"Probe:        {out['probe_saved_model']}  (logits = m.serve(images in [0, 1]))")
     elif "probe_note" in out:
         lines.append(f"Probe:        {out['probe_note']}")
-    lines.append(f"Reproduce:    python run.py --flagfile={os.path.join(d, FLAGFILE)}")
+    lines.append(f"Reproduce:    {reproduce_command(d)}")
     print("\n".join(lines))
 
 

@@ -39,8 +39,7 @@ class State:
         # Multi-worker: saving is collective, so every worker saves; only the chief's copy lands
         # in the workdir, the others go to a temporary directory that is removed after each save.
         self.strategy = strategy
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, distribute.worker_dir(strategy, self.directory), max_to_keep=3)
+        self.manager = _manager(self.checkpoint, distribute.worker_dir(strategy, self.directory))
         self.saved_step = None  # the same on every worker (decides collective saves)
         self._restored_step = 0
         self.restored_path = None
@@ -100,6 +99,30 @@ class State:
         if self.optimizer is None:
             return self._restored_step
         return int(self.optimizer.iterations.numpy())
+
+
+def _manager(checkpoint, directory):
+    """tf.train.CheckpointManager of `directory`, over a damaged `checkpoint` index file too.
+
+    The manager reads the index only to know which checkpoints it saved before (resume finds
+    them from their files, checkpoint_paths). TensorFlow ignores an index it cannot parse, but
+    raises on one that is not UTF-8 text (UnicodeDecodeError) or names no checkpoint
+    (ValueError): such an index is set aside in damaged/, with one line, as a damaged
+    checkpoint is, and the manager starts without it.
+    """
+    try:
+        return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
+    except (UnicodeDecodeError, ValueError) as e:
+        index = os.path.join(directory, "checkpoint")
+        if not tf.io.gfile.exists(index):
+            raise
+        print(f"Checkpoint index {index} is damaged ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:120]}); set aside in {directory}/damaged/, the "
+              f"checkpoints are found from their own files.")
+        tf.io.gfile.makedirs(os.path.join(directory, "damaged"))
+        tf.io.gfile.rename(index, os.path.join(directory, "damaged", "checkpoint"),
+                           overwrite=True)
+        return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
 
 
 def checkpoint_paths(directory):

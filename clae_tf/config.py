@@ -26,6 +26,14 @@ CHECKPOINT_FLAGS = ("method", "adversarial", "arch", "stem", "width", "head", "p
 # Flags that decide which batches a run trains on: resuming training with other values would
 # silently continue on other data (--mode=eval may evaluate on another dataset).
 RESUME_DATA_FLAGS = ("dataset", "train_examples", "examples_per_class", "batch_size", "seed")
+# Flags that say which data an evaluation runs on: --mode=eval with any of them other than in
+# the run's flags.cfg evaluates on other data, and its results and probe go to files named after
+# that data (evaluate.py), never over the run's own.
+DATA_FLAGS = ("dataset", "data_dir", "train_examples", "examples_per_class")
+# What an evaluation records with its results (results*.json "eval_flags"): its data and its own
+# settings. Evaluating (or exporting) never rewrites flags.cfg, the record of the training.
+EVAL_FLAGS = DATA_FLAGS + ("knn_k", "knn_sigma", "probe", "linear_epochs", "linear_lr",
+                           "linear_batch_size", "robust_eps", "robust_examples")
 
 # Each method's paper settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale):
 # one row per method, one entry per auto flag. A flag left at its auto default (auto, 0, or -1

@@ -7,6 +7,7 @@ reference, which keeps the best test accuracy over probe epochs and drops the la
 
 import json
 import os
+import re
 import time
 
 import keras
@@ -14,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from clae_tf import data, files, robust
-from clae_tf.config import Config
+from clae_tf.config import EVAL_FLAGS, Config
 
 
 def extract(model, split: data.Split, batch_size: int, normalize: str):
@@ -145,6 +146,34 @@ def linear_probe(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3
 
 
 PROBE_FILE = "probe.npz"
+RESULTS_FILE = "results.json"
+
+
+def data_name(cfg: Config) -> str:
+    """A file-name-safe name of cfg's data: the dataset (a folder's last part), then the subset
+    flags (`digits_per_class5`, `my_images_train1000`)."""
+    dataset = os.path.normpath(cfg.dataset)
+    name = os.path.basename(dataset) if os.path.isdir(dataset) else dataset
+    if cfg.train_examples:
+        name += f"_train{cfg.train_examples}"
+    if cfg.examples_per_class:
+        name += f"_per_class{cfg.examples_per_class}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "data"
+
+
+def output_paths(run_dir: str, other_data=None) -> dict:
+    """Where an evaluation writes: {"results", "probe"} paths and the TensorBoard "prefix".
+
+    other_data: None for the run's own data (results.json, probe.npz, eval/...); for an
+    evaluation on other data, its data_name: results_<name>.json, probe_<name>.npz and
+    eval_<name>/..., so that the run's own results, and the probe export reads, stay its own.
+    """
+    if other_data is None:
+        return {"results": os.path.join(run_dir, RESULTS_FILE),
+                "probe": os.path.join(run_dir, PROBE_FILE), "prefix": "eval"}
+    return {"results": os.path.join(run_dir, f"results_{other_data}.json"),
+            "probe": os.path.join(run_dir, f"probe_{other_data}.npz"),
+            "prefix": f"eval_{other_data}"}
 
 
 def save_probe(path: str, layer, feature: str, step: int):
@@ -161,9 +190,12 @@ def load_probe(path: str) -> dict:
                 "step": int(f["step"])}
 
 
-def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> dict:
-    """kNN, linear probe and robust accuracy; writes <workdir>/results.json, the probe's weights
-    (<workdir>/probe.npz, for export) and eval/ scalars to TensorBoard."""
+def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None,
+             other_data=None) -> dict:
+    """kNN, linear probe and robust accuracy; writes the results (<workdir>/results.json), the
+    probe's weights (<workdir>/probe.npz, for export) and eval/ scalars to TensorBoard, or with
+    `other_data` (data_name of data other than the run's own) the files of output_paths."""
+    paths = output_paths(cfg.run_dir, other_data)
     t = time.time()
     train_h, train_z, train_y = extract(model, source.train, cfg.eval_batch_size, cfg.normalize)
     test_h, test_z, test_y = extract(model, source.test, cfg.eval_batch_size, cfg.normalize)
@@ -176,7 +208,7 @@ def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> 
                                  batch_size=cfg.linear_batch_size, seed=cfg.seed)
     seconds["probe"] = time.time() - t
     os.makedirs(cfg.run_dir, exist_ok=True)
-    save_probe(os.path.join(cfg.run_dir, PROBE_FILE), probe, cfg.probe, step)  # for export
+    save_probe(paths["probe"], probe, cfg.probe, step)  # for export
     t = time.time()
     knn = knn_top1(train_z, train_y, test_z, test_y, source.num_classes, k=cfg.knn_k,
                    sigma=cfg.sigma)
@@ -186,6 +218,8 @@ def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> 
         "step": step, "dataset": source.name, "train_examples": len(train_y),
         "test_examples": len(test_y), "num_classes": source.num_classes,
         "method": cfg.method, "adversarial": cfg.adversarial, "seed": cfg.seed,
+        "eval_flags": {name: cfg.value_str(name) for name in EVAL_FLAGS
+                       if getattr(cfg, name) is not None},
     }
     eps_list = robust.parse_eps(cfg.robust_eps)
     if eps_list:  # the encoder + probe under PGD-20 and FGSM, in pixel space
@@ -195,19 +229,22 @@ def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> 
         seconds["robust"] = results["robust_seconds"]
     results["eval_seconds_by_part"] = seconds
     results.update(extra or {})
-    writer = tf.summary.create_file_writer(os.path.join(cfg.run_dir, "tensorboard"))
-    with writer.as_default(step=step):
-        tf.summary.scalar("eval/knn_top1", results["knn_top1"])
-        tf.summary.scalar("eval/linear_top1", results["linear_top1"])
-        for attack, by_eps in results.get("robust_top1", {}).items():
-            for eps, acc in by_eps.items():
-                tf.summary.scalar(f"eval/robust_top1/{attack}_{eps}", acc)
-    writer.flush()
-    path = os.path.join(cfg.run_dir, "results.json")
+    _write_scalars(cfg.run_dir, paths["prefix"], step, results)
     # --mode=eval: keep what training wrote (wall time, epochs...); a broken file counts as absent.
-    saved = files.read_json(path) or {}
+    saved = files.read_json(paths["results"]) or {}
     if "robust_top1" not in results:  # robust numbers of an earlier evaluation would be stale
         saved = {k: v for k, v in saved.items() if not k.startswith("robust_")}
     results = {**saved, **results}
-    files.write_atomic(path, json.dumps(results, indent=2, sort_keys=True))
+    files.write_atomic(paths["results"], json.dumps(results, indent=2, sort_keys=True))
     return results
+
+
+def _write_scalars(run_dir, prefix, step, results):
+    writer = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
+    with writer.as_default(step=step):
+        tf.summary.scalar(f"{prefix}/knn_top1", results["knn_top1"])
+        tf.summary.scalar(f"{prefix}/linear_top1", results["linear_top1"])
+        for attack, by_eps in results.get("robust_top1", {}).items():
+            for eps, acc in by_eps.items():
+                tf.summary.scalar(f"{prefix}/robust_top1/{attack}_{eps}", acc)
+    writer.flush()

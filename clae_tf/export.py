@@ -1,10 +1,15 @@
 """SavedModel export of the encoder (clean BN path) and of encoder + linear probe (logits)."""
 
+import json
+import os
+import shutil
+from typing import Optional
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import augment, portable
+from clae_tf import augment, files, portable
 from clae_tf.config import Config
 
 
@@ -33,7 +38,8 @@ def export(cfg: Config, model, path: str, encoder=None):
     Images of any size are resized to --image_size and normalised (--normalize) as in training.
     A wrong dtype fails (InvalidArgumentError naming the endpoint to use) instead of being cast;
     serve also fails on values outside [0, 1] (by more than 0.01), which catches 0..255 images
-    that reach it as floats (e.g. through `signatures`, which do cast NumPy arguments).
+    that reach it as floats (e.g. through `signatures`, which do cast NumPy arguments), and on
+    NaN or infinite values. An empty batch (N = 0) gives empty outputs, (0, D).
     The exported model is the functional copy of portable.build_encoder: single-device, without
     the adversarial BN twins (evaluation uses the clean BNs only), float32, so it loads
     anywhere, whatever strategy trained it; its variables have unique names
@@ -46,38 +52,61 @@ def export(cfg: Config, model, path: str, encoder=None):
         x = tf.image.resize(images01, [size, size], antialias=True)
         return serving(x, training=False)  # {"h", "z"}; normalises inside
 
-    def serve(images):
-        images = tf.cast(images, tf.float32)
-        in_range = tf.logical_and(tf.reduce_min(images) >= -_RANGE_SLACK,
-                                  tf.reduce_max(images) <= 1 + _RANGE_SLACK)
-        check = tf.debugging.Assert(in_range, [
-            f"serve: takes {_HOW['serve']}; got values from", tf.reduce_min(images), "to",
-            tf.reduce_max(images)])
-        with tf.control_dependencies([check]):
-            return embed(tf.identity(images))
-
-    def serve_uint8(images):
-        return embed(tf.cast(images, tf.float32) / 255.0)
+    def empty():
+        return {k: tf.zeros([0, serving.output[k].shape[-1]]) for k in ("h", "z")}
 
     archive = keras.export.ExportArchive()
     archive.track(serving)
-    for name, fn in (("serve", serve), ("serve_uint8", serve_uint8)):
-        archive.add_endpoint(name, _dtype_checked(name, fn))
+    _add_endpoints(archive, embed, empty)
     archive.write_out(path, verbose=False)
 
 
-def _dtype_checked(name, fn):
-    """`fn` as a tf.function traced for the dtypes `name` accepts and for the usual wrong ones."""
+def _add_endpoints(archive, fn, empty):
+    """Adds serve (float images in [0, 1]) and serve_uint8 to `archive`, with their input checks.
+
+    Args:
+      archive: a keras.export.ExportArchive tracking what `fn` uses.
+      fn: float32 images (N, H, W, 3) in [0, 1] -> outputs (tensors with N rows).
+      empty: () -> the outputs of an empty batch (0 rows), without running the model.
+    """
+    def serve(images):
+        images = tf.cast(images, tf.float32)
+        # Checked before the range, and by name: a NaN would otherwise fail the range check
+        # with a message about the range ("from nan to ..."), or pass it where reductions skip it.
+        finite = tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(images)), [
+            f"serve: takes {_HOW['serve']}; got",
+            tf.reduce_sum(tf.cast(~tf.math.is_finite(images), tf.int32)),
+            "NaN or infinite values"])
+        with tf.control_dependencies([finite]):
+            in_range = tf.logical_and(tf.reduce_min(images) >= -_RANGE_SLACK,
+                                      tf.reduce_max(images) <= 1 + _RANGE_SLACK)
+            check = tf.debugging.Assert(in_range, [
+                f"serve: takes {_HOW['serve']}; got values from", tf.reduce_min(images), "to",
+                tf.reduce_max(images)])
+        with tf.control_dependencies([check]):
+            return fn(tf.identity(images))
+
+    def serve_uint8(images):
+        return fn(tf.cast(images, tf.float32) / 255.0)
+
+    for name, f in (("serve", serve), ("serve_uint8", serve_uint8)):
+        archive.add_endpoint(name, _dtype_checked(name, f, empty))
+
+
+def _dtype_checked(name, fn, empty):
+    """`fn` as a tf.function traced for the dtypes `name` accepts and for the usual wrong ones;
+    an empty batch returns empty() without running `fn` (TF 2.21's CPU convolution returns its
+    input unchanged on an empty batch, and the next layer then fails on its shape)."""
 
     @tf.function(autograph=False)
     def endpoint(images):
         if images.dtype in _ACCEPTS[name]:
-            return fn(images)
+            return tf.cond(tf.shape(images)[0] > 0, lambda: fn(images), empty)
         # Traced for a wrong dtype: the model never runs, the call fails with this message.
         refuse = tf.debugging.Assert(
             False, [f"{name}: takes {_HOW[name]}; got {images.dtype.name} images"])
         with tf.control_dependencies([refuse]):
-            return fn(tf.zeros([0, 1, 1, 3], _ACCEPTS[name][0]))
+            return tf.nest.map_structure(tf.identity, empty())
 
     for dtype in _ACCEPTS[name] + _REFUSES[name]:  # the first trace becomes the signature
         endpoint.get_concrete_function(tf.TensorSpec([None, None, None, 3], dtype))
@@ -85,13 +114,15 @@ def _dtype_checked(name, fn):
 
 
 def export_probe(cfg: Config, model, probe: dict, path: str, encoder=None):
-    """Writes the encoder + linear probe classifier as a SavedModel at `path`, one endpoint:
+    """Writes the encoder + linear probe classifier as a SavedModel at `path`, two endpoints:
 
-      serve(images): float32 (N, H, W, 3) in [0, 1] -> float32 logits (N, num_classes)
+      serve(images):       float32 (N, H, W, 3) in [0, 1] -> float32 logits (N, num_classes)
+      serve_uint8(images): uint8   (N, H, W, 3) in [0, 255] -> the same
 
     resized and normalised as `export`, clean BNs in inference mode, the probe on h or z (as it
-    was trained). Differentiable end to end, so an attack library can attack it in pixel space
-    (what clae_tf/robust.py does in-process).
+    was trained), with the same input checks as `export`'s endpoints (dtype, range, NaN) and
+    (0, num_classes) logits for an empty batch. Differentiable end to end, so an attack library
+    can attack it in pixel space (what clae_tf/robust.py does in-process).
 
     Args:
       cfg: the run's Config; model: the trained encoder.
@@ -113,9 +144,80 @@ def export_probe(cfg: Config, model, probe: dict, path: str, encoder=None):
     archive = keras.export.ExportArchive()
     archive.track(serving)
     archive.track(layer)
-    archive.add_endpoint("serve", logits,
-                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    _add_endpoints(archive, logits, lambda: tf.zeros([0, kernel.shape[1]]))
     archive.write_out(path, verbose=False)
+
+
+# What a run exports into its workdir, and the manifest that says of which step they are.
+SAVED_MODEL, ENCODER_KERAS = "saved_model", "encoder.keras"
+PROBE_SAVED_MODEL = "probe_saved_model"
+EXPORTS = (SAVED_MODEL, ENCODER_KERAS, PROBE_SAVED_MODEL)
+MANIFEST = "export.json"
+_STAGING = "export"  # the exports are written into export.<pid>.tmp/ first
+
+
+def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[dict] = None):
+    """Writes the exports of `model` (the checkpoint of `step`) into `run_dir`, each whole or not
+    at all, and all of the same step.
+
+    Everything is written into a staging directory beside them first (`export.<pid>.tmp`; a kill
+    meanwhile leaves the previous exports as they were, and the next export removes the
+    leftover), then renamed into place with Ctrl-C and SIGTERM held back (files.signals_deferred),
+    and the manifest (export.json: the step and the exports of it) is written last. Without a
+    probe, a probe export left by an earlier export is kept if the manifest says it is of this
+    step, else removed in the same go: it would classify with another encoder than
+    saved_model's.
+
+    Args:
+      cfg: the run's Config; model: the trained encoder; step: its checkpoint's step.
+      run_dir: the workdir.
+      probe: evaluate.load_probe of the probe trained on this step's encoder, or None.
+    Returns:
+      {"paths": {export name: its path} of the exports of `step` now in run_dir,
+       "removed": {export name: its step (None if unknown)} of the stale ones removed}.
+    """
+    for name in EXPORTS + (_STAGING, MANIFEST):
+        files.remove_leftovers(os.path.join(run_dir, name))
+    staging = files.temporary_sibling(os.path.join(run_dir, _STAGING))
+    os.makedirs(staging)
+    try:
+        encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # one for all
+        export(cfg, model, os.path.join(staging, SAVED_MODEL), encoder)
+        export_keras(cfg, model, os.path.join(staging, ENCODER_KERAS), encoder)
+        if probe is not None:
+            export_probe(cfg, model, probe, os.path.join(staging, PROBE_SAVED_MODEL), encoder)
+        written = [name for name in EXPORTS if os.path.lexists(os.path.join(staging, name))]
+        previous = read_manifest(run_dir) or {}
+        kept = [name for name in EXPORTS if name not in written and previous.get("step") == step
+                and name in previous["exports"]]  # of this very step: still right
+        removed = {name: previous.get("step") for name in EXPORTS
+                   if name not in written + kept and os.path.lexists(os.path.join(run_dir, name))}
+        manifest = os.path.join(run_dir, MANIFEST)
+        with files.signals_deferred():
+            # No manifest while the exports are being swapped: one that failed (or was killed
+            # -9) halfway leaves exports whose step nothing claims, never a wrong claim.
+            if os.path.lexists(manifest):
+                files.remove_path(manifest)
+            for name in written:
+                files.replace_path(os.path.join(staging, name), os.path.join(run_dir, name))
+            for name in removed:
+                files.remove_path(os.path.join(run_dir, name))
+            files.write_atomic(manifest, json.dumps({"step": step, "exports": written + kept},
+                                                    indent=2))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # empty unless something failed
+    return {"paths": {name: os.path.join(run_dir, name) for name in written + kept},
+            "removed": removed}
+
+
+def read_manifest(run_dir: str) -> Optional[dict]:
+    """The manifest of the exports in `run_dir` ({"step", "exports"}) if every export it lists
+    is there, else None (no export yet, or one from before manifests: nothing says its step)."""
+    manifest = files.read_json(os.path.join(run_dir, MANIFEST))
+    if manifest is None or not all(os.path.lexists(os.path.join(run_dir, name))
+                                   for name in manifest.get("exports", ())):
+        return None
+    return manifest
 
 
 def export_keras(cfg: Config, model, path: str, encoder=None):

@@ -3,8 +3,12 @@
 No TensorFlow here: these run before (and without) it.
 """
 
+import contextlib
 import json
 import os
+import re
+import shutil
+import signal
 import sys
 from typing import Optional
 
@@ -68,3 +72,95 @@ def read_json(path: str) -> Optional[dict]:
         print(f"warning: {path} is unreadable ({str(e).splitlines()[0][:100]}); treating it as "
               f"absent", file=sys.stderr)
         return None
+
+
+def temporary_sibling(path: str) -> str:
+    """`<path>.<pid>.tmp`: where a new version of `path` is written before replace_path puts it
+    in place (beside it, so on the same filesystem, where a rename is atomic)."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
+def replace_path(new: str, path: str):
+    """Puts `new` (a file or a directory) at `path`, replacing what is there.
+
+    A file over a file is one os.replace (atomic). A directory cannot be renamed over a
+    non-empty one: the old one is renamed aside to `<path>.<pid>.old`, the new one renamed in,
+    the old one removed. Between the two renames `path` is missing for an instant; an exception
+    there (an interrupt) puts the old one back, and only a kill -9 can leave `path` missing with
+    the old version aside (remove_leftovers takes it away at the next replacement).
+    """
+    if not (os.path.isdir(new) or os.path.isdir(path)) or not os.path.lexists(path):
+        os.replace(new, path)
+        return
+    old = f"{path}.{os.getpid()}.old"
+    os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    _remove(old)
+
+
+def remove_path(path: str):
+    """Removes a file or a directory tree: renamed aside to `<path>.<pid>.old` first, so that
+    `path` goes at once (a kill -9 during the removal leaves the `.old` for remove_leftovers)."""
+    old = f"{path}.{os.getpid()}.old"
+    os.rename(path, old)
+    _remove(old)
+
+
+def remove_leftovers(path: str):
+    """Removes `<path>.<pid>.tmp` and `<path>.<pid>.old` left beside `path` by a process that was
+    killed while replacing it (one that is still running is left alone)."""
+    directory, name = os.path.split(path)
+    pattern = re.compile(re.escape(name) + r"\.(\d+)\.(tmp|old)")
+    for entry in os.listdir(directory or "."):
+        found = pattern.fullmatch(entry)
+        if found and not _running(int(found[1])):
+            _remove(os.path.join(directory, entry))
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process's own leftovers are from an earlier step of this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: str):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Holds back Ctrl-C and SIGTERM for the body: a signal that arrives meanwhile is delivered
+    (to whatever handler was installed before) when the body has finished.
+
+    For short sequences of renames that must happen together. The handlers are swapped at the
+    Python level (blocking the signal with pthread_sigmask would not do: TensorFlow's threads
+    would take it and Python would still run its handler in the main thread). Outside the main
+    thread, where handlers cannot be installed, the body runs unprotected.
+    """
+    pending = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                    for s in signums}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)

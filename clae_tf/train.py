@@ -142,8 +142,12 @@ def make_train_loop(strategy, distributed_step, model, cfg: Config):
     return train_loop
 
 
-def train(cfg: Config, strategy, source: data.Source) -> dict:
-    """Pretrains (or resumes) in cfg.run_dir. Returns a summary for results.json."""
+def train(cfg: Config, strategy, source: data.Source, on_accepted=None) -> dict:
+    """Pretrains (or resumes) in cfg.run_dir. Returns a summary for results.json.
+
+    on_accepted(trains): called once the workdir's checkpoint (if any) has accepted these
+    flags, before the first step; trains: whether any step is left to train.
+    """
     steps_per_epoch = source.train.num_examples // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
@@ -151,6 +155,8 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
     state = checkpoints.State(cfg, strategy, steps_per_epoch, total_steps)
     if state.restore():
         print(f"Resuming from {state.restored_path} at step {state.step}.")
+    if on_accepted is not None:
+        on_accepted(state.step < total_steps)
     model, optimizer = state.model, state.optimizer
 
     replica_step = make_train_step(model, optimizer, cfg, strategy.num_replicas_in_sync,

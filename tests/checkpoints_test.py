@@ -55,6 +55,34 @@ def test_damaged_index_file_resumes_from_the_newest_checkpoint(saved):
     assert printed == ""
 
 
+@pytest.mark.parametrize("index", [b"\xff\xfemodel_checkpoint_path: \"ckpt-3\"\n\xc3",
+                                   b'all_model_checkpoint_paths: "ckpt-1"\n'],
+                         ids=["not_utf8", "names_no_checkpoint"])
+@pytest.mark.parametrize("optimizer", [True, False], ids=["train", "eval"])
+def test_index_file_that_tensorflow_raises_on_is_damaged_too(saved, index, optimizer):
+    """TensorFlow's CheckpointManager skips an index it cannot parse, but raises on one that is
+    not UTF-8 text (UnicodeDecodeError) or names no checkpoint (ValueError): a traceback in
+    training (a state with an optimizer) and in eval (without)."""
+    with open(_ckpt(saved, "checkpoint"), "wb") as f:
+        f.write(index)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        state = (checkpoints.State(saved, ONE_DEVICE, 10, 10) if optimizer
+                 else checkpoints.State(saved, ONE_DEVICE))
+        ok = state.restore(model_only=not optimizer)
+    assert ok and state.step == 3 and _kernel_step(state) == 3
+    printed = out.getvalue().splitlines()
+    assert len(printed) == 1 and printed[0].startswith(
+        f"Checkpoint index {_ckpt(saved, 'checkpoint')} is damaged"), printed
+    # Kept for inspection, out of the way; the next save writes a readable index again.
+    with open(_ckpt(saved, "damaged/checkpoint"), "rb") as f:
+        assert f.read() == index
+    if optimizer:
+        state.save(4)
+        assert tf.train.get_checkpoint_state(_ckpt(saved)).model_checkpoint_path.endswith(
+            "ckpt-4")
+
+
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(saved, damage):
     data = [n for n in os.listdir(_ckpt(saved)) if n.startswith("ckpt-3.data")]

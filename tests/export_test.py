@@ -216,3 +216,81 @@ def test_exports_load_and_fine_tune_without_clae_tf(tmp_path):
 
 def _n_adv_bn_variables(model):
     return sum(len(layer.adv.variables) for layer in bn_layers(model) if layer.adv is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The endpoints' input checks: the encoder's (serve, serve_uint8) and the probe's, the same.
+
+
+@pytest.fixture(scope="module")
+def endpoints(tmp_path_factory):
+    """The encoder and encoder + probe SavedModels of one model, loaded as a user loads them;
+    and the model and probe to compare with."""
+    cfg = tiny_config(adversarial=False)
+    model = _trained_like(cfg)
+    rng = np.random.default_rng(2)
+    probe = {"kernel": rng.normal(size=(model.feature_dim, 5)).astype(np.float32),
+             "bias": rng.normal(size=5).astype(np.float32), "feature": "h", "step": 3}
+    base = tmp_path_factory.mktemp("endpoints")
+    encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)
+    export.export(cfg, model, str(base / "saved_model"), encoder)
+    export.export_probe(cfg, model, probe, str(base / "probe_saved_model"), encoder)
+    return (cfg, model, probe, tf.saved_model.load(str(base / "saved_model")),
+            tf.saved_model.load(str(base / "probe_saved_model")))
+
+
+@pytest.mark.slow  # two exports and loads of the tiny model: ~15-40 s on 2 shared cores
+def test_empty_batch_gives_empty_outputs(endpoints):
+    """(0, D), not "Incompatible shapes" (the CPU convolution returns an empty batch with its
+    input's channels, and the next layer refuses it)."""
+    cfg, model, probe, encoder, classifier = endpoints
+    for images in (np.zeros((0, 16, 16, 3), np.float32), np.zeros((0, 40, 24, 3), np.float64)):
+        out = encoder.serve(images)
+        assert out["h"].shape == (0, model.feature_dim) and out["z"].shape == (0, cfg.proj_dim)
+        assert classifier.serve(images).shape == (0, 5)
+    empty_uint8 = np.zeros((0, 16, 16, 3), np.uint8)
+    assert encoder.serve_uint8(empty_uint8)["z"].shape == (0, cfg.proj_dim)
+    assert classifier.serve_uint8(empty_uint8).shape == (0, 5)
+    assert classifier.signatures["serve"](images=tf.zeros([0, 16, 16, 3]))["output_0"].shape == (
+        0, 5)
+    # A wrong dtype is refused even when the batch is empty.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="got uint8 images"):
+        classifier.serve(empty_uint8)
+
+
+@pytest.mark.slow
+def test_probe_endpoints_compute_logits_of_h(endpoints):
+    """serve (float) and serve_uint8 give h @ kernel + bias, h of the clean encoder."""
+    cfg, model, probe, _, classifier = endpoints
+    images = np.random.default_rng(3).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    h, _ = model(augment.normalize(images.astype(np.float32) / 255.0, cfg.normalize),
+                 training=False)
+    expected = h.numpy() @ probe["kernel"] + probe["bias"]
+    np.testing.assert_allclose(classifier.serve_uint8(images).numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(classifier.serve(images / 255.0).numpy(), expected, atol=1e-4)
+
+
+def _nan_at_one_pixel(n=2):
+    images = np.full((n, 16, 16, 3), 0.5, np.float32)
+    images[-1, 3, 4, 1] = np.nan
+    return images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["encoder", "probe"])
+@pytest.mark.parametrize("endpoint, images, says", [
+    ("serve", np.full((2, 16, 16, 3), 200.0, np.float32), "serve: takes float images in [0, 1]; "
+     "for uint8 images in [0, 255] use serve_uint8; got values from"),
+    ("serve", np.full((2, 16, 16, 3), 200, np.uint8), "got uint8 images"),
+    ("serve", _nan_at_one_pixel(), "got] [1] [NaN or infinite values"),
+    ("serve", np.full((1, 16, 16, 3), np.inf, np.float32), "NaN or infinite values"),
+    ("serve_uint8", np.full((2, 16, 16, 3), 0.5, np.float32), "serve_uint8: takes uint8 images "
+     "in [0, 255]; for float images in [0, 1] use serve; got float32 images"),
+], ids=["0_255_floats", "uint8", "nan", "inf", "floats_to_uint8"])
+def test_probe_endpoint_checks_its_input_as_the_encoder_does(endpoints, form, endpoint, images,
+                                                             says):
+    _, _, _, encoder, classifier = endpoints
+    loaded = encoder if form == "encoder" else classifier
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        getattr(loaded, endpoint)(images)
+    assert says in str(e.value)
