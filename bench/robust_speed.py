@@ -21,11 +21,13 @@ passes) is part of what is compared. The library is adversarial-robustness-toolb
 `pip install -e ".[bench]"`); foolbox 3.3 has neither APGD nor Square.
 
 The two implementations run INTERLEAVED in one process (ours, ART, then ART, ours, ...: the
-order alternates every repetition), after one untimed warm-up call of each, so that the
-machine's load hits both alike; each row gives the median time and its range over the
+order alternates every repetition), after untimed warm-up calls of each on a few images
+(tracing), so that the machine's load hits both alike; each row gives the median time and its range over the
 repetitions, and the 1-minute load average is printed with every repetition. Robust accuracy
 of each (correct clean AND on its adversarial image, in %) is printed beside it, and every
-adversarial image is checked to lie in the eps-ball and in [0, 1].
+adversarial image is checked to lie in the eps-ball and in [0, 1]. "model passes / image" counts
+the images that went through the model in all of an implementation's calls of it (forward, or
+forward and backward: once), over the images attacked: where the time goes.
 """
 
 import argparse
@@ -127,19 +129,21 @@ def smoke_inputs(args, folder: str):
 
 # --------------------------------------------------------------------- the implementations
 
-def ours(serve, eps: float, args) -> dict:
-    """clae-tf's attacks of the loaded model: {name: fn(x, y) -> (x_adv, info)}."""
+def ours(serve, shape, eps: float, args) -> dict:
+    """clae-tf's attacks of `serve` (images of `shape` (H, W, C)): {name: fn(x, y) -> (x_adv,
+    info)}, compiled, the budget of `args`, seeded per batch."""
 
-    def logits_fn(images):
-        return serve(images)
+    # One trace for every batch size: the warm-up on a few images compiles the timed calls.
+    signature = [tf.TensorSpec([None, *shape], tf.float32), tf.TensorSpec([None], tf.int32),
+                 tf.TensorSpec([2], tf.int64)]
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=signature)
     def apgd(x, y, seed):
-        return attacks.apgd(logits_fn, x, y, eps, args.steps, seed, norm="linf", loss="ce")[0]
+        return attacks.apgd(serve, x, y, eps, args.steps, seed, norm="linf", loss="ce")[0]
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=signature)
     def square(x, y, seed):
-        x_adv, _, n_queries = attacks.square_linf(logits_fn, x, y, eps, args.queries, seed,
+        x_adv, _, n_queries = attacks.square_linf(serve, x, y, eps, args.queries, seed,
                                                   p_init=0.8, clip_min=0.0, clip_max=1.0)
         return x_adv, n_queries
 
@@ -160,6 +164,27 @@ def ours(serve, eps: float, args) -> dict:
         return run
 
     return {"apgd": batched(apgd), "square": batched(square)}
+
+
+class Counted:
+    """A logits function that counts the images it is called on: a tf.Variable, so that the
+    calls inside compiled functions and loops count too (a forward-backward pass counts once)."""
+
+    def __init__(self, serve):
+        self.serve = serve
+        self.images = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def __call__(self, images):
+        self.images.assign_add(tf.cast(tf.shape(images)[0], tf.int64))
+        return self.serve(images)
+
+    def counting(self, fn):
+        """fn(x, y) -> (x_adv, info) with info["model_images"]: the images of its model calls."""
+        def run(x, y):
+            self.images.assign(0)
+            x_adv, info = fn(x, y)
+            return x_adv, dict(info, model_images=int(self.images.numpy()))
+        return run
 
 
 class ServeModel(tf.Module):
@@ -207,7 +232,8 @@ def library(serve, num_classes: int, input_shape, eps: float, args) -> dict:
 
 def interleave(impls: dict, x, y, repeats: int) -> dict:
     """Times each of `impls` ({name: fn(x, y) -> (x_adv, info)}) on the same (x, y), after one
-    untimed warm-up call of each, in `repeats` rounds whose order alternates (A B, B A, ...).
+    untimed warm-up calls of each on 2 and 3 of the images, in `repeats` rounds whose order
+    alternates (A B, B A, ...).
 
     Returns {name: {"seconds": [...], "x_adv": ..., "info": ...}, "_load": [1-min load/round]}
     (x_adv and info of the last round).
@@ -215,8 +241,9 @@ def interleave(impls: dict, x, y, repeats: int) -> dict:
     names = list(impls)
     out = {name: {"seconds": []} for name in names}
     out["_load"] = []
-    for name in names:
-        impls[name](x, y)  # tracing, ART's first compiled forward pass
+    for name in names:  # tracing: one batch size, then another (relaxes ART's shapes)
+        impls[name](x[:2], y[:2])
+        impls[name](x[:3], y[:3])
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
             start = time.perf_counter()
@@ -243,16 +270,18 @@ def robust_top1(serve, x, y, x_adv, eps: float, batch_size: int) -> dict:
 
 # ----------------------------------------------------------------------------- the report
 
-def summarize(attack: str, timed: dict, checks: dict, work: int) -> list:
+def summarize(attack: str, timed: dict, checks: dict, images: int, budget: int) -> list:
     """Table rows of one attack: per implementation the median time and its range, the
-    throughput (`work` = images x budget per median second), ours / theirs, robust top-1."""
+    throughput (images x budget per median second), ours / theirs, robust top-1, and the
+    images its model calls took per image (info "model_images" / images, when counted)."""
     names = [n for n in timed if not n.startswith("_")]
     rows = []
     for name in names:
-        s = timed[name]["seconds"]
+        s, info = timed[name]["seconds"], timed[name]["info"]
         rows.append({"attack": attack, "implementation": name, "median_s": statistics.median(s),
                      "min_s": min(s), "max_s": max(s), "seconds": s,
-                     "throughput": work / statistics.median(s), **timed[name]["info"],
+                     "throughput": images * budget / statistics.median(s), **info,
+                     "passes": info.get("model_images", float("nan")) / images,
                      **checks[name]})
     if len(rows) == 2:  # ours first: the ratio of the medians and the median per-round ratio
         ours_s, theirs_s = rows[0]["seconds"], rows[1]["seconds"]
@@ -264,13 +293,14 @@ def summarize(attack: str, timed: dict, checks: dict, work: int) -> list:
 def table(rows: list) -> str:
     """The rows as a Markdown table."""
     lines = ["| attack | implementation | median s (min-max) | throughput | ours / library "
-             "(per-round median) | robust top-1 (%) |", "|---|---|---|---|---|---|"]
+             "(per-round median) | model passes / image | robust top-1 (%) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         unit = "images x iterations/s" if r["attack"].startswith("APGD") else "queries/s"
         ratio = (f"**{r['ratio']:.2f}x** ({r['round_ratio']:.2f}x)" if "ratio" in r else "")
         lines.append(f"| {r['attack']} | {r['implementation']} | {r['median_s']:.2f} "
                      f"({r['min_s']:.2f}-{r['max_s']:.2f}) | {r['throughput']:,.0f} {unit} | "
-                     f"{ratio} | {r['robust_top1']:.1f} |")
+                     f"{ratio} | {r['passes']:.1f} | {r['robust_top1']:.1f} |")
     return "\n".join(lines)
 
 
@@ -315,10 +345,14 @@ def run(args, serve, x, y) -> dict:
     """Warms up, times and checks every attack with a budget; returns the results."""
     eps = args.eps / 255.0
     clean = robust_top1(serve, x, y, x, eps, args.batch_size)["robust_top1"]
-    impls = {"clae-tf": ours(serve, eps, args)}
+    counted = {"clae-tf": Counted(serve)}  # one counter each
+    impls = {"clae-tf": ours(counted["clae-tf"], x.shape[1:], eps, args)}
     if args.library == "art":
+        counted["ART"] = Counted(serve)
         num_classes = int(serve(tf.constant(x[:1])).shape[-1])
-        impls["ART"] = library(serve, num_classes, x.shape[1:], eps, args)
+        impls["ART"] = library(counted["ART"], num_classes, x.shape[1:], eps, args)
+    impls = {name: {key: counted[name].counting(fn) for key, fn in fns.items()}
+             for name, fns in impls.items()}
     rows = []
     for attack, key, budget in ((f"APGD-CE, {args.steps} it.", "apgd", args.steps),
                                 (f"Square, {args.queries} q.", "square", args.queries)):
@@ -328,7 +362,7 @@ def run(args, serve, x, y) -> dict:
         timed = interleave({name: fns[key] for name, fns in impls.items()}, x, y, args.repeats)
         checks = {name: dict(robust_top1(serve, x, y, timed[name]["x_adv"], eps,
                                          args.batch_size), eps_255=args.eps) for name in impls}
-        for row in summarize(attack, timed, checks, len(x) * budget):
+        for row in summarize(attack, timed, checks, len(x), budget):
             rows.append(dict(row, load=timed["_load"]))
     return {"header": header(args, len(x), clean), "clean_top1": clean, "rows": rows,
             "load": [v for r in rows[::max(1, len(impls))] for v in r["load"]]}

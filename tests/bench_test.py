@@ -225,20 +225,23 @@ def test_robust_speed_interleaves_and_reports_medians():
         return lambda x, y: (calls.append(name), (x, {}))[1]
 
     t = rs.interleave({"a": impl("a"), "b": impl("b")}, np.zeros(1), np.zeros(1), repeats=3)
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then alternating
+    assert calls == ["a", "a", "b", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, alternating
     assert len(t["a"]["seconds"]) == len(t["_load"]) == 3
     # 100 images x 10 iterations; ours 2, 4, 3 s, theirs 10, 9, 12 s in the same rounds.
-    timed = {"ours": {"seconds": [2.0, 4.0, 3.0], "info": {}},
-             "lib": {"seconds": [10.0, 9.0, 12.0], "info": {}}, "_load": [1, 2, 3]}
+    timed = {"ours": {"seconds": [2.0, 4.0, 3.0], "info": {"model_images": 250}},
+             "lib": {"seconds": [10.0, 9.0, 12.0], "info": {"model_images": 2100}},
+             "_load": [1, 2, 3]}
     checks = {name: dict(robust_top1=50.0, linf_255=8.0, in_range=True, eps_255=8.0)
               for name in ("ours", "lib")}
-    ours, lib = rs.summarize("APGD-CE, 10 it.", timed, checks, 100 * 10)
+    ours, lib = rs.summarize("APGD-CE, 10 it.", timed, checks, 100, 10)
     assert ours["throughput"] == pytest.approx(1000 / 3) and lib["throughput"] == 100.0
     assert ours["ratio"] == pytest.approx(10 / 3)  # ratio of the medians
     assert ours["round_ratio"] == pytest.approx(4.0)  # median of 5, 2.25, 4
     text = rs.table([ours, lib])
     assert "| APGD-CE, 10 it. | ours | 3.00 (2.00-4.00) | 333 images x iterations/s | " \
-           "**3.33x** (4.00x) | 50.0 |" in text
+           "**3.33x** (4.00x) | 2.5 | 50.0 |" in text
+    assert "| APGD-CE, 10 it. | lib | 10.00 (9.00-12.00) | 100 images x iterations/s |  | " \
+           "21.0 | 50.0 |" in text
 
 
 def test_robust_speed_refuses_foolbox(capsys):
