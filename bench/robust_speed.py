@@ -22,12 +22,14 @@ passes) is part of what is compared. The library is adversarial-robustness-toolb
 
 The two implementations run INTERLEAVED in one process (ours, ART, then ART, ours, ...: the
 order alternates every repetition), after untimed warm-up calls of each on a few images
-(tracing), so that the machine's load hits both alike; each row gives the median time and its range over the
-repetitions, and the 1-minute load average is printed with every repetition. Robust accuracy
-of each (correct clean AND on its adversarial image, in %) is printed beside it, and every
-adversarial image is checked to lie in the eps-ball and in [0, 1]. "model passes / image" counts
-the images that went through the model in all of an implementation's calls of it (forward, or
-forward and backward: once), over the images attacked: where the time goes.
+(tracing), so that the machine's load hits both alike. Each row gives the median time and its
+range over the repetitions, ours / library as the ratio of the median throughputs and (in
+brackets) as the median of the per-repetition ratios; the 1-minute load average is printed
+with every repetition. Robust accuracy of each (correct clean AND on its adversarial image,
+in %) is printed beside it, and every adversarial image is checked to lie in the eps-ball and
+in [0, 1]. "model passes / image" counts the images that went through the model in all of an
+implementation's calls of it (forward, or forward and backward: once), over the images
+attacked: where the time goes.
 """
 
 import argparse
@@ -138,32 +140,29 @@ def ours(serve, shape, eps: float, args) -> dict:
                  tf.TensorSpec([2], tf.int64)]
 
     @tf.function(input_signature=signature)
-    def apgd(x, y, seed):
-        return attacks.apgd(serve, x, y, eps, args.steps, seed, norm="linf", loss="ce")[0]
+    def apgd(x, y, seed):  # -> (x_adv, fooled)
+        return attacks.apgd(serve, x, y, eps, args.steps, seed, norm="linf", loss="ce")
 
     @tf.function(input_signature=signature)
-    def square(x, y, seed):
+    def square(x, y, seed):  # -> (x_adv, queries spent on each image)
         x_adv, _, n_queries = attacks.square_linf(serve, x, y, eps, args.queries, seed,
                                                   p_init=0.8, clip_min=0.0, clip_max=1.0)
         return x_adv, n_queries
 
-    def batched(attack):
+    def batched(attack, info_of):
         def run(x, y):
-            out, queries = [], []
+            x_adv, extra = [], []
             for b, start in enumerate(range(0, len(x), args.batch_size)):
                 sl = slice(start, start + args.batch_size)
-                result = attack(tf.constant(x[sl]), tf.constant(y[sl]),
-                                tf.constant([args.seed, b], tf.int64))
-                x_adv, n = result if isinstance(result, tuple) else (result, None)
-                out.append(x_adv.numpy())
-                if n is not None:
-                    queries.append(np.asarray(n))
-            info = {"mean_queries": float(np.mean(np.concatenate(
-                [q.reshape(-1) for q in queries])))} if queries else {}
-            return np.concatenate(out), info
+                out, more = attack(tf.constant(x[sl]), tf.constant(y[sl]),
+                                   tf.constant([args.seed, b], tf.int64))
+                x_adv.append(out.numpy())
+                extra.append(more.numpy())
+            return np.concatenate(x_adv), info_of(np.concatenate(extra))
         return run
 
-    return {"apgd": batched(apgd), "square": batched(square)}
+    return {"apgd": batched(apgd, lambda fooled: {}),
+            "square": batched(square, lambda n: {"mean_queries": float(np.mean(n))})}
 
 
 class Counted:
@@ -323,6 +322,7 @@ def disagreements(rows: list) -> list:
 
 
 def header(args, n: int, clean: float) -> str:
+    """One line: the code, the libraries, the machine and the budgets of this run."""
     try:
         import subprocess
         commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
