@@ -230,8 +230,8 @@ def library(serve, num_classes: int, input_shape, eps: float, args) -> dict:
 # ------------------------------------------------------------------------------ the timing
 
 def interleave(impls: dict, x, y, repeats: int) -> dict:
-    """Times each of `impls` ({name: fn(x, y) -> (x_adv, info)}) on the same (x, y), after one
-    untimed warm-up calls of each on 2 and 3 of the images, in `repeats` rounds whose order
+    """Times each of `impls` ({name: fn(x, y) -> (x_adv, info)}) on the same (x, y), after two
+    untimed warm-up calls of each (on 2 and 3 of the images), in `repeats` rounds whose order
     alternates (A B, B A, ...).
 
     Returns {name: {"seconds": [...], "x_adv": ..., "info": ...}, "_load": [1-min load/round]}
@@ -257,12 +257,14 @@ def interleave(impls: dict, x, y, repeats: int) -> dict:
 
 
 def robust_top1(serve, x, y, x_adv, eps: float, batch_size: int) -> dict:
-    """Robust top-1 (%) of x_adv (correct clean AND on x_adv), and where x_adv lies:
-    its largest L-inf distance from x (in 1/255) and whether it is inside [0, 1]."""
+    """Robust top-1 (%) of x_adv (correct clean AND on x_adv), which images are robust ("robust",
+    (N,) bool), and where x_adv lies: its largest L-inf distance from x (in 1/255) and whether
+    it is inside [0, 1]."""
     def correct(images):
         return np.concatenate([np.argmax(serve(tf.constant(images[s:s + batch_size])).numpy(), 1)
                                for s in range(0, len(images), batch_size)]) == y
-    return {"robust_top1": 100.0 * float(np.mean(correct(x) & correct(x_adv))),
+    robust = correct(x) & correct(x_adv)
+    return {"robust_top1": 100.0 * float(np.mean(robust)), "robust": robust,
             "linf_255": float(np.max(np.abs(x_adv - x))) * 255.0,
             "in_range": bool(np.min(x_adv) >= 0.0 and np.max(x_adv) <= 1.0)}
 
@@ -303,6 +305,15 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def fooled_only(robust: dict) -> dict:
+    """{name: images fooled by that implementation that the other one left standing} of two
+    implementations' robust masks ({name: (N,) bool}); {} for one."""
+    if len(robust) != 2:
+        return {}
+    (a, robust_a), (b, robust_b) = robust.items()
+    return {a: int(np.sum(robust_b & ~robust_a)), b: int(np.sum(robust_a & ~robust_b))}
+
+
 def disagreements(rows: list) -> list:
     """Lines saying where an adversarial image left the eps-ball or [0, 1], and where the two
     implementations' robust accuracies differ by more than a point."""
@@ -313,11 +324,15 @@ def disagreements(rows: list) -> list:
                          f"lies {r['linf_255']:.4f}/255 from its image or outside [0, 1]")
     by_attack = {}
     for r in rows:
-        by_attack.setdefault(r["attack"], []).append(r["robust_top1"])
-    for attack, accs in by_attack.items():
-        if len(accs) == 2 and abs(accs[0] - accs[1]) > 1.0:
-            notes.append(f"note: {attack}: robust top-1 differs by {abs(accs[0] - accs[1]):.1f} "
-                         f"points between the implementations")
+        by_attack.setdefault(r["attack"], []).append(r)
+    for attack, pair in by_attack.items():
+        if len(pair) == 2 and abs(pair[0]["robust_top1"] - pair[1]["robust_top1"]) > 1.0:
+            split = ", ".join(f"{r['fooled_only']} only by {r['implementation']}"
+                              for r in pair if "fooled_only" in r)
+            notes.append(f"note: {attack}: robust top-1 differs by "
+                         f"{abs(pair[0]['robust_top1'] - pair[1]['robust_top1']):.1f} points "
+                         f"between the implementations" + (f" (images fooled: {split})"
+                                                           if split else ""))
     return notes
 
 
@@ -362,6 +377,9 @@ def run(args, serve, x, y) -> dict:
         timed = interleave({name: fns[key] for name, fns in impls.items()}, x, y, args.repeats)
         checks = {name: dict(robust_top1(serve, x, y, timed[name]["x_adv"], eps,
                                          args.batch_size), eps_255=args.eps) for name in impls}
+        only = fooled_only({name: checks[name].pop("robust") for name in impls})
+        for name, count in only.items():
+            checks[name]["fooled_only"] = count
         for row in summarize(attack, timed, checks, len(x), budget):
             rows.append(dict(row, load=timed["_load"]))
     return {"header": header(args, len(x), clean), "clean_top1": clean, "rows": rows,

@@ -202,6 +202,11 @@ def test_robust_speed_counts_robust_images_and_checks_the_ball(tmp_path):
     assert (clean & adv).any() and (clean & ~adv).any() and (~clean & adv).any()
     out = rs.robust_top1(model.serve, x, y, x_adv, 8 / 255, batch_size=3)
     assert out["robust_top1"] == pytest.approx(100 * np.mean(clean & adv))
+    np.testing.assert_array_equal(out["robust"], clean & adv)
+    # Robust under a: 0, 3, 4; under b: 0, 1. a fooled image 1 only, b images 3 and 4.
+    assert rs.fooled_only({"a": np.array([1, 0, 0, 1, 1], bool),
+                           "b": np.array([1, 1, 0, 0, 0], bool)}) == {"a": 1, "b": 2}
+    assert rs.fooled_only({"a": np.array([1, 0, 0, 1], bool)}) == {}
     x_adv = np.clip(x + rng.choice([-1, 1], x.shape) * 0.5 / 255, 0, 1).astype(np.float32)
     out = rs.robust_top1(model.serve, x, y, x_adv, 0.5 / 255, batch_size=3)
     assert out["linf_255"] == pytest.approx(0.5, rel=1e-4) and out["in_range"]
@@ -214,7 +219,9 @@ def test_robust_speed_counts_robust_images_and_checks_the_ball(tmp_path):
     rows[1].update(robust_top1=41.5, linf_255=0.51)
     notes = rs.disagreements(rows)
     assert len(notes) == 2 and notes[0].startswith("error: A (lib)")
-    assert "differs by 1.5 points" in notes[1]
+    assert notes[1] == "note: A: robust top-1 differs by 1.5 points between the implementations"
+    rows[0]["fooled_only"], rows[1]["fooled_only"] = 4, 1
+    assert rs.disagreements(rows)[1].endswith("(images fooled: 4 only by ours, 1 only by lib)")
 
 
 def test_robust_speed_interleaves_and_reports_medians():
@@ -275,3 +282,4 @@ def test_robust_speed_smoke_runs_our_attacks_and_the_library_if_installed(tmp_pa
         assert 1 <= r["passes"]  # every image goes through the model at least once
     if has_art:
         assert "ratio" in rows[0] and "ratio" in rows[2]
+        assert all(isinstance(r["fooled_only"], int) for r in rows)
