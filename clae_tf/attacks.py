@@ -523,7 +523,7 @@ def apgd_checkpoints(steps):
 
 
 def _apgd_windows(steps):
-    """(steps,) int32: at iteration k (which makes x_{k+1}), w_j - w_{j-1} if k + 1 = w_j, else 0."""
+    """(steps,) int32: at iteration k (it makes x_{k+1}) w_j - w_{j-1} if k + 1 = w_j, else 0."""
     windows, last = [0] * steps, 0
     for w_j in apgd_checkpoints(steps):
         windows[w_j - 1], last = w_j - last, w_j
