@@ -588,3 +588,124 @@ def test_bad_inputs_raise_clear_errors():
             attacks.square_linf(model, images, y, 0.1, queries, [0, 1])
     with pytest.raises(ValueError, match="images"):
         attacks.square_linf(model, x, y, 0.1, 10, [0, 1])
+
+
+def _image_linear_case(n=32, classes=4, size=6, eps=0.02, seed=0):
+    """A linear classifier on (size, size, 3) images in [0.25, 0.75] and n images labelled with
+    their clean class, whose every clean margin exceeds 0.8 (a random start cannot bring them
+    near the boundary) and none within 25% of the closed-form boundary at eps (L-inf).
+
+    Returns (logits_fn, x, y, robust (n,) bool by the closed form)."""
+    dim = size * size * 3
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(dim, classes)).astype(np.float32)
+    b = (-0.5 * w.sum(0)).astype(np.float32)
+    x = rng.uniform(0.25, 0.75, (40 * n, size, size, 3)).astype(np.float32)
+    z = x.reshape(len(x), dim).astype(np.float64) @ w + b
+    y = np.argmax(z, 1)
+    margin = z[np.arange(len(x)), y][:, None] - z
+    radius = eps * np.abs(w.T[y][:, None, :].astype(np.float64) - w.T[None]).sum(2)
+    other = np.arange(classes)[None] != y[:, None]
+    rel = np.where(other, np.abs(margin - radius) / np.maximum(radius, 1e-9), np.inf).min(1)
+    keep = np.flatnonzero((rel > 0.25) & (np.where(other, margin, np.inf).min(1) > 0.8))[:n]
+    assert len(keep) == n
+    robust = np.all(~other | (margin > radius), 1)[keep]
+    logits_fn = lambda v: tf.matmul(tf.reshape(v, [-1, dim]), w) + b  # noqa: E731
+    return logits_fn, x[keep], y[keep].astype(np.int32), robust
+
+
+def test_gradient_masking_fools_pgd_and_apgd_ce_but_not_dlr_and_square():
+    """Logits x 1e4: same decisions, but the float32 softmax of a correct example is exactly
+    one-hot, so the cross-entropy's input gradient is exactly 0. PGD-20 and APGD-CE then see
+    nothing and call the model fully robust; APGD-DLR (scale-invariant) finds the closed-form
+    robust accuracy exactly, and Square (no gradient) gets to within a few images of it.
+    The same APGD-CE on the unscaled logits gets there too: the model is masked, not robust."""
+    logits_fn, x, y, robust = _image_linear_case()
+    eps = 0.02
+    masked = lambda v: 1e4 * logits_fn(v)  # noqa: E731
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        ce = tf.reduce_sum(attacks.ce_loss(masked(xt), y))
+    assert np.all(tape.gradient(ce, xt).numpy() == 0)  # the premise: fully masked
+    assert 0.25 < robust.mean() < 0.6
+
+    seed = tf.constant([0, 1])
+    runs = (lambda: attacks.pgd_classifier(masked, xt, y, eps, 20, eps / 4, True, seed, 0.0, 1.0),
+            lambda: attacks.apgd(masked, xt, y, eps, 100, seed)[0],
+            lambda: attacks.apgd(logits_fn, xt, y, eps, 100, seed)[0],
+            lambda: attacks.apgd(masked, xt, y, eps, 100, seed, loss="dlr")[0],
+            lambda: attacks.square_linf(masked, xt, y, eps, 300, seed)[0])
+    accuracy = [np.mean(_predict(logits_fn, tf.function(run)().numpy()) == y) for run in runs]
+    pgd20, apgd_ce, apgd_ce_unmasked, apgd_dlr, square = accuracy
+    assert pgd20 == 1.0 and apgd_ce == 1.0
+    assert apgd_dlr == robust.mean()
+    assert apgd_ce_unmasked <= robust.mean() + 0.1
+    assert square <= robust.mean() + 0.15
+
+
+def _no_gradient(logits_fn):
+    """logits_fn whose input gradient raises: the gradient function of the identity in front of
+    it fails as soon as anything differentiates through it."""
+    @tf.custom_gradient
+    def guard(v):
+        def grad(upstream):
+            raise AssertionError("an input gradient was taken")
+        return tf.identity(v), grad
+    return lambda v: logits_fn(guard(v))
+
+
+def test_square_never_takes_a_gradient():
+    logits_fn, x, y, robust = _image_linear_case()
+    eps = 0.02
+    guarded = _no_gradient(logits_fn)
+    with pytest.raises(AssertionError, match="input gradient was taken"):  # the trap works
+        attacks.apgd(guarded, x, y, eps, 2, [0, 1])
+    x_adv, fooled, n_queries = tf.function(
+        lambda: attacks.square_linf(guarded, x, y, eps, 300, tf.constant([0, 1])))()
+    fooled = fooled.numpy()
+    assert fooled.mean() >= (~robust).mean() - 0.15 and not np.any(fooled & robust)
+    np.testing.assert_array_equal(_predict(logits_fn, x_adv.numpy()) != y, fooled)
+    assert np.all(n_queries.numpy()[~fooled] == 300) and np.all(n_queries.numpy()[fooled] < 300)
+
+
+def test_square_counts_queries_and_stays_in_the_ball_and_the_range():
+    """A model that ignores the image: labelled with its class, nothing can fool it and every
+    example spends the whole budget; labelled with another class, the start already fools it
+    (one query). Images fill [0, 1], so the range binds: every entry of x_adv is x +- eps,
+    clipped to [0, 1] (the L-inf Square attack only ever writes corners of the ball)."""
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0, 1, (6, 5, 5, 3)).astype(np.float32)
+    constant = lambda v: tf.tile(tf.constant([[2.0, 0.0, 1.0]]), [tf.shape(v)[0], 1])  # noqa
+    eps = 0.1
+    run = tf.function(lambda y: attacks.square_linf(constant, x, y, eps, 37, tf.constant([3, 4])))
+    never = run(tf.zeros([6], tf.int32))
+    always = run(tf.ones([6], tf.int32))
+    np.testing.assert_array_equal(never[2].numpy(), 37)
+    assert not np.any(never[1].numpy())
+    np.testing.assert_array_equal(always[2].numpy(), 1)
+    assert np.all(always[1].numpy())
+    for x_adv in (never[0].numpy(), always[0].numpy()):
+        _in_ball(x_adv, x, eps, "linf")
+        corners = np.isclose(x_adv, np.clip(x + eps, 0, 1)) | np.isclose(x_adv,
+                                                                          np.clip(x - eps, 0, 1))
+        assert np.all(corners)
+    assert np.mean(np.isclose(x_adv, 0) | np.isclose(x_adv, 1)) > 0.05  # the range did bind
+
+
+def test_square_schedule_is_the_official_one():
+    """p halves after 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of 10,000 iterations (the
+    official code's table), scaled to the budget: it = int(i / queries * 10000)."""
+    def literal(i, queries, p_init=0.8):
+        it = int(i / queries * 10000)
+        for k, (lo, hi) in enumerate([(10, 50), (50, 200), (200, 500), (500, 1000), (1000, 2000),
+                                      (2000, 4000), (4000, 6000), (6000, 8000), (8000, 10000)]):
+            if lo < it <= hi:
+                return p_init / 2 ** (k + 1)
+        return p_init
+    for queries in (10000, 5000, 1000, 100):
+        i = tf.range(queries)
+        got = attacks.square_p(i, queries).numpy()
+        want = [literal(j, queries) for j in range(queries)]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert float(attacks.square_p(0, 5000)) == pytest.approx(0.8)
