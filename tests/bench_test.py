@@ -259,7 +259,7 @@ def test_robust_speed_refuses_foolbox(capsys):
     assert "--library: foolbox 3.3 has neither APGD nor Square" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # ~12 s: tracing APGD's and Square's compiled loops
+@pytest.mark.slow  # 5-13 s on 2 busy cores: tracing the compiled APGD and Square loops
 def test_robust_speed_smoke_runs_our_attacks_and_the_library_if_installed(tmp_path):
     """`--smoke` end to end: clae-tf's half always, ART's beside it only where ART is installed
     (the "bench" extra; CI installs "test" only)."""
