@@ -209,14 +209,10 @@ def art_classifier(serve, num_classes: int, input_shape):
 
 
 def library(serve, num_classes: int, input_shape, eps: float, args) -> dict:
-    """ART's APGD-CE and Square with the budgets of `ours`: {name: fn(x, y) -> (x_adv, info)}."""
+    """ART's APGD-CE and Square with the budgets of `ours`: {name: fn(x, y) -> (x_adv, info)},
+    only those with a budget (ART refuses max_iter=0, and --steps=0 / --queries=0 skip one)."""
     from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
     clf = art_classifier(serve, num_classes, input_shape)
-    apgd = AutoProjectedGradientDescent(
-        clf, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=args.steps, targeted=False,
-        nb_random_init=1, batch_size=args.batch_size, loss_type="cross_entropy", verbose=False)
-    square = SquareAttack(clf, norm=np.inf, eps=eps, max_iter=args.queries, p_init=0.8,
-                          nb_restarts=1, batch_size=args.batch_size, verbose=False)
 
     def run(attack):
         def fn(x, y):
@@ -224,7 +220,17 @@ def library(serve, num_classes: int, input_shape, eps: float, args) -> dict:
             return attack.generate(x, y=y), {}
         return fn
 
-    return {"apgd": run(apgd), "square": run(square)}
+    impls = {}
+    if args.steps > 0:
+        impls["apgd"] = run(AutoProjectedGradientDescent(
+            clf, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=args.steps, targeted=False,
+            nb_random_init=1, batch_size=args.batch_size, loss_type="cross_entropy",
+            verbose=False))
+    if args.queries > 0:
+        impls["square"] = run(SquareAttack(
+            clf, norm=np.inf, eps=eps, max_iter=args.queries, p_init=0.8, nb_restarts=1,
+            batch_size=args.batch_size, verbose=False))
+    return impls
 
 
 # ------------------------------------------------------------------------------ the timing

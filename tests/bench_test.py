@@ -251,6 +251,17 @@ def test_robust_speed_interleaves_and_reports_medians():
            "21.0 | 50.0 |" in text
 
 
+def test_robust_speed_library_builds_only_the_attacks_with_a_budget(tmp_path):
+    """--steps=0 or --queries=0 skips that attack: ART's constructors refuse max_iter=0."""
+    pytest.importorskip("art")
+    rs = _robust_speed()
+    model, _, _ = _linear_saved_model(rs, tmp_path)
+    for steps, queries, names in ((0, 7, {"square"}), (5, 0, {"apgd"}), (5, 7, {"apgd", "square"})):
+        args = rs.parse_args(["--smoke", "--library=art"])
+        args.steps, args.queries = steps, queries
+        assert set(rs.library(model.serve, 10, (8, 8, 3), 8 / 255, args)) == names
+
+
 def test_robust_speed_refuses_foolbox(capsys):
     rs = _robust_speed()
     with pytest.raises(SystemExit) as exit_info:
