@@ -21,5 +21,7 @@ setup(
         "keras-cv": ["keras-cv==0.9.0"],
         "test": ["pytest>=7", "matplotlib>=3.7", "keras-cv==0.9.0"],
         "plot": ["matplotlib>=3.7"],
+        # bench/robust_speed.py's reference attack library (APGD, Square); never needed by tests.
+        "bench": ["adversarial-robustness-toolbox>=1.20,<1.21"],
     },
 )

@@ -332,3 +332,539 @@ def test_linear_binary_attacks_reach_the_closed_form():
         np.testing.assert_allclose(x_adv, worst_x, rtol=0, atol=1e-6)
         adv_margin = np.sum(d * x_adv, axis=1) + b[y] - b[1 - y]
         np.testing.assert_allclose(adv_margin, worst_margin, rtol=0, atol=1e-4)
+
+
+# --- Robust-evaluation attacks: APGD, APGD-T, Square, L2 PGD (attacks.apgd, square_linf) --------
+#
+# Linear classifiers f(x) = W x + b give the closed form: example (x, y) survives every
+# perturbation of the ball iff for every other class j, (w_y - w_j).x + b_y - b_j >
+# eps * ||w_y - w_j||_dual (dual of L-inf: L1; of L2: L2), the worst point for j being
+# x - eps * sign(w_y - w_j) (L-inf) or x - eps * (w_y - w_j) / ||w_y - w_j||_2 (L2).
+
+DUAL = {"linf": 1, "l2": 2}
+LINEAR_EPS = {"linf": 0.04, "l2": 0.15}  # <= 0.2: from [0.2, 0.8] the range [0, 1] never binds
+
+
+def _linear_case(classes, norm, n=48, dim=10, seed=0, gap=0.25):
+    """A linear classifier and n inputs in [0.2, 0.8] labelled with their clean class, none
+    within `gap` (relative) of the closed-form boundary eps * ||w_y - w_j||_dual.
+
+    Returns (logits_fn, w (C, D), b, x (n, D), y (n,), reachable (n, C) bool: class j can be
+    made to beat y inside the ball)."""
+    eps = LINEAR_EPS[norm]
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(classes, dim)).astype(np.float32)
+    b = (0.1 * rng.normal(size=classes) - 0.5 * w.sum(1)).astype(np.float32)  # centred at 0.5
+    x = rng.uniform(0.2, 0.8, (30 * n, dim)).astype(np.float32)
+    z = x.astype(np.float64) @ w.T + b
+    y = np.argmax(z, 1)
+    margin = z[np.arange(len(x)), y][:, None] - z  # (n, C): (w_y - w_j).x + b_y - b_j
+    radius = eps * np.linalg.norm(w[y][:, None, :].astype(np.float64) - w[None], ord=DUAL[norm],
+                                  axis=2)
+    other = np.arange(classes)[None, :] != y[:, None]
+    rel = np.where(other, np.abs(margin - radius) / np.maximum(radius, 1e-9), np.inf).min(1)
+    keep = np.flatnonzero(rel > gap)[:n]
+    assert len(keep) == n
+    reachable = (other & (margin < radius))[keep]
+    logits_fn = lambda v: tf.matmul(v, w.T) + b  # noqa: E731
+    return logits_fn, w, b, x[keep], y[keep].astype(np.int32), reachable
+
+
+def _in_ball(x_adv, x, eps, norm, lo=0.0, hi=1.0):
+    delta = (x_adv - x).reshape(len(x), -1)
+    size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+    assert np.all(size <= eps * (1 + 1e-5) + 1e-7), size.max()
+    assert np.all((x_adv >= lo) & (x_adv <= hi))
+
+
+def _predict(logits_fn, x):
+    return np.argmax(np.asarray(logits_fn(tf.constant(x))), axis=1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_ce_reaches_the_closed_form_on_two_classes(norm):
+    """2 classes: the cross-entropy rises exactly as the margin falls, so its ascent finds every
+    example the closed form says can be fooled, and no other (none can be)."""
+    logits_fn, _, _, x, y, reachable = _linear_case(2, norm)
+    robust = ~reachable.any(1)
+    assert 0.2 < robust.mean() < 0.8
+    eps = LINEAR_EPS[norm]
+    x_adv, fooled = tf.function(lambda: attacks.apgd(logits_fn, x, y, eps, 100, [0, 1],
+                                                     norm=norm))()
+    x_adv, fooled = x_adv.numpy(), fooled.numpy()
+    np.testing.assert_array_equal(fooled, ~robust)
+    np.testing.assert_array_equal(_predict(logits_fn, x_adv) != y, fooled)  # x_adv fools them
+    _in_ball(x_adv, x, eps, norm)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_dlr_and_targeted_reach_the_closed_form_on_five_classes(norm):
+    """5 classes: APGD-DLR, and APGD-T over all 4 targets of top_targets (union, as AutoAttack
+    counts it), fool exactly the examples the closed form says can be fooled. APGD-CE fools a
+    subset: on more than 2 classes the point of highest cross-entropy need not be misclassified
+    (it may raise several wrong logits at once), which is why AutoAttack adds the DLR attacks."""
+    logits_fn, _, _, x, y, reachable = _linear_case(5, norm)
+    robust = ~reachable.any(1)
+    assert 0.15 < robust.mean() < 0.85
+    eps = LINEAR_EPS[norm]
+    run = tf.function(lambda loss, target: attacks.apgd(logits_fn, x, y, eps, 100, [0, 1],
+                                                         norm=norm, loss=loss, target=target))
+    x_dlr, fooled_dlr = run("dlr", None)
+    np.testing.assert_array_equal(fooled_dlr.numpy(), ~robust)
+    np.testing.assert_array_equal(_predict(logits_fn, x_dlr.numpy()) != y, fooled_dlr.numpy())
+    targets = attacks.top_targets(logits_fn(x), y, 4).numpy()
+    fooled_t = np.zeros(len(y), bool)
+    for k in range(4):
+        x_t, fooled = run("dlr_targeted", tf.constant(targets[:, k]))
+        _in_ball(x_t.numpy(), x, eps, norm)
+        fooled_t |= fooled.numpy()
+    np.testing.assert_array_equal(fooled_t, ~robust)
+    _, fooled_ce = run("ce", None)
+    assert not np.any(fooled_ce.numpy() & robust)
+    assert fooled_ce.numpy().sum() >= 0.9 * (~robust).sum()
+
+
+def test_apgd_targeted_reaches_its_target():
+    """Examples whose only reachable class is j: APGD-T aimed at j fools them INTO j (any
+    misclassified point of the ball is classified j), and every fooled point is a class the
+    closed form allows."""
+    logits_fn, _, _, x, y, reachable = _linear_case(5, "linf", n=96, seed=1)
+    eps = LINEAR_EPS["linf"]
+    one = reachable.sum(1) == 1
+    assert one.sum() >= 8
+    j = np.argmax(reachable, 1).astype(np.int32)
+    x_adv, fooled = attacks.apgd(logits_fn, x[one], y[one], eps, 100, [0, 2],
+                                 loss="dlr_targeted", target=j[one])
+    assert np.all(fooled.numpy())
+    np.testing.assert_array_equal(_predict(logits_fn, x_adv.numpy()), j[one])
+
+
+def _literal_checkpoints(steps):
+    """The paper's W = {w_j = ceil(p_j * steps)}, p_0 = 0, p_1 = 0.22, p_{j+1} = p_j +
+    max(p_j - p_{j-1} - 0.03, 0.06), in exact rational arithmetic."""
+    from fractions import Fraction
+    p = [Fraction(0), Fraction(22, 100)]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100)))
+    return sorted({-(-q.numerator * steps // q.denominator) for q in p[1:-1]} - {0})
+
+
+def test_apgd_checkpoints_are_the_papers():
+    assert attacks.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # the paper's W
+    for steps in range(1, 260):
+        assert attacks.apgd_checkpoints(steps) == _literal_checkpoints(steps), steps
+
+
+def _apgd_literal(w, b, x, y, x0, eps, steps, norm, rho=0.75, alpha=0.75):
+    """Algorithm 1 of Croce & Hein (2020) for ONE example of a linear classifier under CE,
+    transcribed line by line in float32 numpy (the gradient in closed form: (p - e_y) W),
+    stopping at its first misclassified iterate. Returns (x_adv, fooled)."""
+    def f(v):
+        z = w @ v + b
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        return -np.log(p[y]), (p - np.eye(len(b), dtype=np.float32)[y]) @ w, np.argmax(z) != y
+
+    def proj(v):
+        if norm == "linf":
+            return np.clip(np.clip(v, x - eps, x + eps), 0.0, 1.0)
+        d = v - x
+        return np.clip(x + d * min(1.0, eps / (np.linalg.norm(d) + 1e-12)), 0.0, 1.0)
+
+    def direction(g):
+        return np.sign(g) if norm == "linf" else g / (np.linalg.norm(g) + 1e-12)
+
+    checks = set(_literal_checkpoints(steps))
+    x0 = proj(x0)  # x^(0) is a point of S
+    eta, x_k, x_prev = 2 * eps, x0, x0
+    f_k, g_k, fooled = f(x0)
+    if fooled:
+        return x0, True
+    x_max, f_max, g_max = x_k, f_k, g_k
+    history, w_prev, eta_prev, f_max_prev = [f_k], 0, eta, f_k  # history[i] = f(x^(i))
+    for k in range(steps):  # makes x^(k+1)
+        a = 1.0 if k == 0 else alpha
+        z = proj(x_k + eta * direction(g_k))
+        x_next = proj(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
+        f_next, g_next, fooled = f(x_next)
+        if fooled:
+            return x_next, True
+        if f_next > f_max:
+            x_max, f_max, g_max = x_next, f_next, g_next
+        history.append(f_next)
+        if k + 1 in checks:
+            ups = sum(history[i + 1] > history[i] for i in range(w_prev, k + 1))
+            condition1 = ups < rho * (k + 1 - w_prev)
+            condition2 = eta == eta_prev and f_max == f_max_prev
+            eta_prev, f_max_prev, w_prev = eta, f_max, k + 1
+            if condition1 or condition2:
+                eta /= 2
+                x_next, f_next, g_next = x_max, f_max, g_max
+                history[-1] = f_max
+        x_prev, x_k, g_k = x_k, x_next, g_next
+    return x_max, False
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_matches_a_literal_transcription_of_algorithm_1(norm):
+    """Same start, same 60 steps: the TF loop (batched, per-example schedules, early exit)
+    ends where the one-example numpy transcription does: fooled flags, and x_adv (the first
+    fooling iterate, or the best one), on a 5-class linear CE problem whose schedule halves
+    eta (oscillating losses) and restarts."""
+    logits_fn, w, b, x, y, reachable = _linear_case(5, norm, n=24, seed=3)
+    eps = LINEAR_EPS[norm]
+    x0 = attacks.uniform_start(x, eps, tf.constant([4, 5]), 0.0, 1.0).numpy()
+    x_adv, fooled = attacks.apgd(logits_fn, x, y, eps, 60, None, norm=norm, x_start=x0)
+    want = [_apgd_literal(w, b, x[i], y[i], x0[i], np.float32(eps), 60, norm)
+            for i in range(len(y))]
+    np.testing.assert_array_equal(fooled.numpy(), [fooled_i for _, fooled_i in want])
+    assert 0 < fooled.numpy().sum() < len(y)
+    # float32 round-off of two orders of summation; a different schedule would differ by ~eta.
+    np.testing.assert_allclose(x_adv.numpy(), np.stack([x_i for x_i, _ in want]), atol=1e-4)
+
+
+def test_losses_match_numpy():
+    """ce, DLR, targeted DLR, margin and top_targets against numpy's sort of the logits (given
+    in float16: every loss is float32)."""
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(32, 7)) * 3
+    z[0, :] = z[0, 2]  # a tie: every class equal
+    z = z.astype(np.float16).astype(np.float64)
+    y = rng.integers(0, 7, 32).astype(np.int32)
+    t = (y + rng.integers(1, 7, 32)) % 7
+    rows = np.arange(32)
+    srt = -np.sort(-z, axis=1)  # decreasing: pi1, pi2, ...
+    other = np.where(np.arange(7)[None] == y[:, None], -np.inf, z).max(1)
+    logits = tf.constant(z, tf.float16)
+    want_ce = -(z[rows, y] - np.log(np.exp(z).sum(1)))
+    want_dlr = -(z[rows, y] - other) / (srt[:, 0] - srt[:, 2] + 1e-12)
+    want_t = -(z[rows, y] - z[rows, t]) / (srt[:, 0] - (srt[:, 2] + srt[:, 3]) / 2 + 1e-12)
+    for got, want in ((attacks.ce_loss(logits, y), want_ce),
+                      (attacks.dlr_loss(logits, y), want_dlr),
+                      (attacks.dlr_targeted_loss(logits, y, t), want_t),
+                      (attacks.margin(logits, y), z[rows, y] - other)):
+        assert got.dtype == tf.float32 and got.shape == (32,)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    targets = attacks.top_targets(logits, y, 6).numpy()
+    assert targets.dtype == np.int32 and targets.shape == (32, 6)
+    for i in range(1, 32):  # row 0 is all ties
+        order = [j for j in np.argsort(-z[i], kind="stable") if j != y[i]]
+        np.testing.assert_array_equal(targets[i], order)
+    assert not np.any(targets == y[:, None])
+
+
+def test_dlr_is_invariant_to_scaling_the_logits():
+    rng = np.random.default_rng(6)
+    z = tf.constant(rng.normal(size=(8, 5)), tf.float32)
+    y = rng.integers(0, 5, 8)
+    for loss in (lambda z: attacks.dlr_loss(z, y),
+                 lambda z: attacks.dlr_targeted_loss(z, y, (y + 1) % 5)):
+        np.testing.assert_allclose(loss(1e4 * z + 3.0).numpy(), loss(z).numpy(), rtol=1e-4)
+
+
+def test_bad_inputs_raise_clear_errors():
+    two, three = tf.zeros([4, 2]), tf.zeros([4, 3])
+    y = tf.zeros([4], tf.int32)
+    with pytest.raises(ValueError, match="DLR loss.*at least 3 classes, got 2"):
+        attacks.dlr_loss(two, y)
+    with pytest.raises(ValueError, match="targeted DLR.*at least 4 classes, got 3"):
+        attacks.dlr_targeted_loss(three, y, y + 1)
+    x = tf.fill([4, 5], 0.5)
+    w2 = tf.ones([5, 2])
+    with pytest.raises(ValueError, match="at least 3 classes, got 2"):
+        attacks.apgd(lambda v: tf.matmul(v, w2), x, y, 0.1, 10, [0, 1], loss="dlr")
+    with pytest.raises(ValueError, match="needs target"):
+        attacks.apgd(lambda v: tf.matmul(v, w2), x, y, 0.1, 10, [0, 1], loss="dlr_targeted")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        attacks.apgd(lambda v: tf.matmul(v, w2), x, y, 0.1, 10, [0, 1], loss="cw")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        attacks.apgd(lambda v: tf.matmul(v, w2), x, y, 0.1, 10, [0, 1], norm="l1")
+    with pytest.raises(ValueError, match="k <= classes - 1 = 2"):
+        attacks.top_targets(three, y, 3)
+    images = tf.fill([4, 4, 4, 3], 0.5)
+    model = lambda v: tf.reshape(v, [-1, 48])[:, :3]  # noqa: E731
+    for queries in (0, -5):
+        with pytest.raises(ValueError, match=f"queries must be an integer >= 1, got {queries}"):
+            attacks.square_linf(model, images, y, 0.1, queries, [0, 1])
+    with pytest.raises(ValueError, match="images"):
+        attacks.square_linf(model, x, y, 0.1, 10, [0, 1])
+
+
+def _image_linear_case(n=32, classes=4, size=6, eps=0.02, seed=0):
+    """A linear classifier on (size, size, 3) images in [0.25, 0.75] and n images labelled with
+    their clean class, whose every clean margin exceeds 0.8 (a random start cannot bring them
+    near the boundary) and none within 25% of the closed-form boundary at eps (L-inf).
+
+    Returns (logits_fn, x, y, robust (n,) bool by the closed form)."""
+    dim = size * size * 3
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(dim, classes)).astype(np.float32)
+    b = (-0.5 * w.sum(0)).astype(np.float32)
+    x = rng.uniform(0.25, 0.75, (40 * n, size, size, 3)).astype(np.float32)
+    z = x.reshape(len(x), dim).astype(np.float64) @ w + b
+    y = np.argmax(z, 1)
+    margin = z[np.arange(len(x)), y][:, None] - z
+    radius = eps * np.abs(w.T[y][:, None, :].astype(np.float64) - w.T[None]).sum(2)
+    other = np.arange(classes)[None] != y[:, None]
+    rel = np.where(other, np.abs(margin - radius) / np.maximum(radius, 1e-9), np.inf).min(1)
+    keep = np.flatnonzero((rel > 0.25) & (np.where(other, margin, np.inf).min(1) > 0.8))[:n]
+    assert len(keep) == n
+    robust = np.all(~other | (margin > radius), 1)[keep]
+    logits_fn = lambda v: tf.matmul(tf.reshape(v, [-1, dim]), w) + b  # noqa: E731
+    return logits_fn, x[keep], y[keep].astype(np.int32), robust
+
+
+def test_gradient_masking_fools_pgd_and_apgd_ce_but_not_dlr_and_square():
+    """Logits x 1e4: same decisions, but the float32 softmax of a correct example is exactly
+    one-hot, so the cross-entropy's input gradient is exactly 0. PGD-20 and APGD-CE then see
+    nothing and call the model fully robust; APGD-DLR (scale-invariant) finds the closed-form
+    robust accuracy exactly, and Square (no gradient) gets to within a few images of it.
+    The same APGD-CE on the unscaled logits gets there too: the model is masked, not robust."""
+    logits_fn, x, y, robust = _image_linear_case()
+    eps = 0.02
+    masked = lambda v: 1e4 * logits_fn(v)  # noqa: E731
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        ce = tf.reduce_sum(attacks.ce_loss(masked(xt), y))
+    assert np.all(tape.gradient(ce, xt).numpy() == 0)  # the premise: fully masked
+    assert 0.25 < robust.mean() < 0.6
+
+    seed = tf.constant([0, 1])
+    runs = (lambda: attacks.pgd_classifier(masked, xt, y, eps, 20, eps / 4, True, seed, 0.0, 1.0),
+            lambda: attacks.apgd(masked, xt, y, eps, 100, seed)[0],
+            lambda: attacks.apgd(logits_fn, xt, y, eps, 100, seed)[0],
+            lambda: attacks.apgd(masked, xt, y, eps, 100, seed, loss="dlr")[0],
+            lambda: attacks.square_linf(masked, xt, y, eps, 300, seed)[0])
+    accuracy = [np.mean(_predict(logits_fn, tf.function(run)().numpy()) == y) for run in runs]
+    pgd20, apgd_ce, apgd_ce_unmasked, apgd_dlr, square = accuracy
+    assert pgd20 == 1.0 and apgd_ce == 1.0
+    assert apgd_dlr == robust.mean()
+    assert apgd_ce_unmasked <= robust.mean() + 0.1
+    assert square <= robust.mean() + 0.15
+
+
+def _no_gradient(logits_fn):
+    """logits_fn whose input gradient raises: the gradient function of the identity in front of
+    it fails as soon as anything differentiates through it."""
+    @tf.custom_gradient
+    def guard(v):
+        def grad(upstream):
+            raise AssertionError("an input gradient was taken")
+        return tf.identity(v), grad
+    return lambda v: logits_fn(guard(v))
+
+
+def test_square_never_takes_a_gradient():
+    logits_fn, x, y, robust = _image_linear_case()
+    eps = 0.02
+    guarded = _no_gradient(logits_fn)
+    with pytest.raises(AssertionError, match="input gradient was taken"):  # the trap works
+        attacks.apgd(guarded, x, y, eps, 2, [0, 1])
+    x_adv, fooled, n_queries = tf.function(
+        lambda: attacks.square_linf(guarded, x, y, eps, 300, tf.constant([0, 1])))()
+    fooled = fooled.numpy()
+    assert fooled.mean() >= (~robust).mean() - 0.15 and not np.any(fooled & robust)
+    np.testing.assert_array_equal(_predict(logits_fn, x_adv.numpy()) != y, fooled)
+    assert np.all(n_queries.numpy()[~fooled] == 300) and np.all(n_queries.numpy()[fooled] < 300)
+
+
+def test_square_counts_queries_and_stays_in_the_ball_and_the_range():
+    """A model that ignores the image: labelled with its class, nothing can fool it and every
+    example spends the whole budget; labelled with another class, the start already fools it
+    (one query). Images fill [0, 1], so the range binds: every entry of x_adv is x +- eps,
+    clipped to [0, 1] (the L-inf Square attack only ever writes corners of the ball)."""
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0, 1, (6, 5, 5, 3)).astype(np.float32)
+    constant = lambda v: tf.tile(tf.constant([[2.0, 0.0, 1.0]]), [tf.shape(v)[0], 1])  # noqa
+    eps = 0.1
+    run = tf.function(lambda y: attacks.square_linf(constant, x, y, eps, 37, tf.constant([3, 4])))
+    never = run(tf.zeros([6], tf.int32))
+    always = run(tf.ones([6], tf.int32))
+    np.testing.assert_array_equal(never[2].numpy(), 37)
+    assert not np.any(never[1].numpy())
+    np.testing.assert_array_equal(always[2].numpy(), 1)
+    assert np.all(always[1].numpy())
+    for x_adv in (never[0].numpy(), always[0].numpy()):
+        _in_ball(x_adv, x, eps, "linf")
+        corners = np.isclose(x_adv, np.clip(x + eps, 0, 1)) | np.isclose(x_adv,
+                                                                          np.clip(x - eps, 0, 1))
+        assert np.all(corners)
+    assert np.mean(np.isclose(x_adv, 0) | np.isclose(x_adv, 1)) > 0.05  # the range did bind
+
+
+def test_square_schedule_is_the_official_one():
+    """p halves after 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of 10,000 iterations (the
+    official code's table), scaled to the budget: it = int(i / queries * 10000)."""
+    def literal(i, queries, p_init=0.8):
+        it = int(i / queries * 10000)
+        for k, (lo, hi) in enumerate([(10, 50), (50, 200), (200, 500), (500, 1000), (1000, 2000),
+                                      (2000, 4000), (4000, 6000), (6000, 8000), (8000, 10000)]):
+            if lo < it <= hi:
+                return p_init / 2 ** (k + 1)
+        return p_init
+    for queries in (10000, 5000, 1000, 100):
+        i = tf.range(queries)
+        got = attacks.square_p(i, queries).numpy()
+        want = [literal(j, queries) for j in range(queries)]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert float(attacks.square_p(0, 5000)) == pytest.approx(0.8)
+
+
+def _small_net(seed=0, size=6, classes=4, hidden=16):
+    """A fixed random 2-layer ReLU network on (size, size, 3) images."""
+    rng = np.random.default_rng(seed)
+    w1 = tf.constant(rng.normal(size=(size * size * 3, hidden)) / 4, tf.float32)
+    w2 = tf.constant(rng.normal(size=(hidden, classes)), tf.float32)
+    return lambda v: tf.matmul(tf.nn.relu(tf.matmul(tf.reshape(v, [tf.shape(v)[0], -1]), w1)
+                                          - 1.0), w2)
+
+
+def test_l2_pgd_and_apgd_stay_in_the_l2_ball_and_the_range():
+    rng = np.random.default_rng(8)
+    x = rng.uniform(0, 1, (16, 6, 6, 3)).astype(np.float32)  # the range binds often
+    net = _small_net()
+    y = tf.constant(_predict(net, x).astype(np.int32))
+    eps = 0.5
+    seed = tf.constant([1, 2])
+    outs = tf.function(lambda: (
+        attacks.pgd_classifier(net, x, y, eps, 10, eps / 4, True, seed, 0.0, 1.0, norm="l2"),
+        attacks.pgd_classifier(net, x, y, eps, 10, eps / 4, False, None, 0.0, 1.0, norm="l2"),
+        attacks.apgd(net, x, y, eps, 20, seed, norm="l2")[0],
+        attacks.apgd(net, x, y, eps, 0, seed, norm="l2")[0]))()  # the random start alone
+    for x_adv in outs:
+        x_adv = x_adv.numpy()
+        _in_ball(x_adv, x, eps, "l2")
+        assert np.median(np.linalg.norm((x_adv - x).reshape(16, -1), axis=1)) > 0.3 * eps
+    assert np.mean(outs[3].numpy() == 0) + np.mean(outs[3].numpy() == 1) > 0.01  # clipped
+
+
+def test_l2_pgd_reaches_the_closed_form_on_two_classes():
+    """2 classes, no random start: every normalised-gradient step goes along -(w_y - w_j), so
+    after steps totalling more than eps the projection leaves x - eps (w_y - w_j) / ||.||_2."""
+    logits_fn, w, b, x, y, reachable = _linear_case(2, "l2")
+    eps = LINEAR_EPS["l2"]
+    d = w[y] - w[1 - y]
+    x_adv = attacks.pgd_classifier(logits_fn, x, y, eps, 5, eps / 2, clip_min=0.0, clip_max=1.0,
+                                   norm="l2").numpy()
+    np.testing.assert_allclose(x_adv, x - eps * d / np.linalg.norm(d, axis=1, keepdims=True),
+                               atol=1e-5)
+    np.testing.assert_array_equal(_predict(logits_fn, x_adv) != y, reachable.any(1))
+    # the L-inf path is the one it always was: FGSM's corner
+    x_inf = attacks.pgd_classifier(logits_fn, x, y, 0.04, 1, 0.04, norm="linf").numpy()
+    np.testing.assert_allclose(x_inf, x - 0.04 * np.sign(d), atol=1e-6)
+
+
+def test_every_attack_is_a_function_of_its_seed():
+    net = _small_net()
+    rng = np.random.default_rng(9)
+    x = rng.uniform(0.2, 0.8, (8, 6, 6, 3)).astype(np.float32)
+    y = tf.constant(_predict(net, x).astype(np.int32))
+    eps = 0.03
+    run = tf.function(lambda seed: (
+        attacks.apgd(net, x, y, eps, 5, seed)[0],
+        attacks.apgd(net, x, y, 10 * eps, 5, seed, norm="l2", loss="dlr")[0],
+        attacks.pgd_classifier(net, x, y, 10 * eps, 3, eps, True, seed, 0.0, 1.0, norm="l2"),
+        attacks.square_linf(net, x, y, eps, 20, seed)[0]))
+    first, again, other = (run(tf.constant(s)) for s in ([1, 2], [1, 2], [1, 3]))
+    for a, b, c in zip(first, again, other):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        assert not np.array_equal(a.numpy(), c.numpy())
+    eager = attacks.apgd(net, x, y, eps, 5, tf.constant([1, 2]))[0]  # eager: the same points
+    np.testing.assert_allclose(eager.numpy(), first[0].numpy(), atol=1e-6)
+
+
+def test_fooled_examples_leave_the_batch_and_the_loop_stops_when_all_are():
+    """Counting the model's calls and rows: examples fooled at the start are never evaluated
+    again (APGD: 1 + steps calls on the others; Square: 1 + (queries - 1)), and a batch fooled
+    at the start costs one call. Unfoolable examples end at their highest-loss iterate (APGD)
+    or after the whole budget (Square)."""
+    calls, rows = tf.Variable(0), tf.Variable(0)
+
+    def model(v):  # class 0 iff entry 0 > 0.5: eps = 0.1 cannot change it from 0.1 or 0.9
+        calls.assign_add(1)
+        rows.assign_add(tf.shape(v)[0])
+        s = 10.0 * (tf.reshape(v, [tf.shape(v)[0], -1])[:, :1] - 0.5)
+        return tf.concat([s, -s, tf.zeros_like(s)], axis=1)
+
+    x = np.full((8, 3, 3, 1), 0.1, np.float32)
+    x[:3, 0, 0, 0] = 0.9  # classified 0; the labels say 1: fooled from the start
+    y = tf.ones([8], tf.int32)
+    apgd_run = tf.function(lambda x: attacks.apgd(model, x, y, 0.1, 10, tf.constant([0, 1])))
+    square_run = tf.function(lambda x: attacks.square_linf(model, x, y, 0.1, 10,
+                                                           tf.constant([0, 1])))
+    for run, n_calls in ((apgd_run, 11), (square_run, 10)):
+        calls.assign(0), rows.assign(0)
+        out = run(x)
+        np.testing.assert_array_equal(out[1].numpy(), [True] * 3 + [False] * 5)
+        assert int(calls.numpy()) == n_calls and int(rows.numpy()) == 8 + (n_calls - 1) * 5
+        calls.assign(0), rows.assign(0)
+        run(np.full_like(x, 0.9))  # everything fooled at the start
+        assert int(calls.numpy()) == 1 and int(rows.numpy()) == 8
+    np.testing.assert_array_equal(out[2].numpy(), [1] * 3 + [10] * 5)  # Square's queries
+
+
+def test_examples_are_independent_and_eps_does_not_retrace():
+    """The same starts give the same result for the whole batch and for its halves (each
+    example has its own step size, checkpoints and early exit); one trace serves every eps
+    (per example or scalar)."""
+    logits_fn, _, _, x, y, _ = _linear_case(5, "linf", n=24, seed=4)
+    eps = LINEAR_EPS["linf"]
+    x0 = attacks.uniform_start(x, eps, tf.constant([7, 7]), 0.0, 1.0)
+    run = tf.function(lambda x, y, x0, eps: attacks.apgd(logits_fn, x, y, eps, 40, None,
+                                                          loss="dlr", x_start=x0))
+    whole, fooled = run(x, y, x0, tf.fill([24], eps))
+    halves = [run(x[s], y[s], x0[s], tf.fill([12], eps)) for s in (slice(0, 12), slice(12, 24))]
+    np.testing.assert_allclose(whole.numpy(), np.concatenate([h[0].numpy() for h in halves]),
+                               atol=1e-6)
+    np.testing.assert_array_equal(fooled.numpy(), np.concatenate([h[1].numpy() for h in halves]))
+    assert 0 < fooled.numpy().sum() < 24
+    run(x, y, x0, tf.fill([24], eps / 2))
+    assert run.experimental_get_tracing_count() == 2  # two batch sizes, not three eps values
+
+
+def _trained_toy_classifier(steps=150, dim=20, classes=3, hidden=32, seed=0):
+    """A ReLU MLP trained by full-batch gradient descent on three separable Gaussian blobs in
+    [0, 1]^dim. Returns (logits_fn, x_test (64, dim), y_test)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0.3, 0.7, (classes, dim))
+    y = rng.integers(0, classes, 364)
+    x = np.clip(centres[y] + 0.08 * rng.normal(size=(364, dim)), 0, 1).astype(np.float32)
+    params = [tf.Variable(rng.normal(size=(dim, hidden)) / np.sqrt(dim), dtype=tf.float32),
+              tf.Variable(np.zeros(hidden), dtype=tf.float32),
+              tf.Variable(rng.normal(size=(hidden, classes)) / np.sqrt(hidden), dtype=tf.float32)]
+
+    def logits_fn(v):
+        return tf.matmul(tf.nn.relu(tf.matmul(v, params[0]) + params[1]), params[2])
+
+    @tf.function
+    def train(x, y):
+        for _ in tf.range(steps):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(attacks.ce_loss(logits_fn(x), y))
+            for p, g in zip(params, tape.gradient(loss, params)):
+                p.assign_sub(0.5 * g)
+
+    train(x[:300], y[:300].astype(np.int32))
+    return logits_fn, x[300:], y[300:].astype(np.int32)
+
+
+def test_apgd_ce_is_at_least_as_strong_as_pgd20_on_a_trained_model():
+    """Same images, same radii, L-inf and L2: APGD-CE (100 steps) never leaves more images
+    standing than PGD-20 (step eps/4, random start), and the radii span robust to broken."""
+    logits_fn, x, y = _trained_toy_classifier()
+    assert np.mean(_predict(logits_fn, x) == y) == 1.0
+    pgd = tf.function(lambda eps, norm: attacks.pgd_classifier(
+        logits_fn, x, y, eps, 20, eps / 4, True, tf.constant([0, 1]), 0.0, 1.0, norm=norm))
+    apgd = tf.function(lambda eps, norm: attacks.apgd(logits_fn, x, y, eps, 100,
+                                                      tf.constant([0, 1]), norm=norm)[0])
+    counts = []
+    for norm, radii in (("linf", (0.02, 0.05, 0.1)), ("l2", (0.1, 0.25, 0.5))):
+        for eps in radii:
+            eps = tf.constant(eps)
+            standing = [np.sum(_predict(logits_fn, attack(eps, norm).numpy()) == y)
+                        for attack in (pgd, apgd)]
+            assert standing[1] <= standing[0], (norm, float(eps), standing)
+            counts.append(standing)
+    counts = np.array(counts)
+    assert counts.max() > 48 and counts.min() < 16  # the radii span robust to broken

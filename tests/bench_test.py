@@ -132,3 +132,165 @@ def test_whole_run_breakdown_splits_the_online_eval_out_of_the_host_time():
     assert rows["the rest"][0] == pytest.approx(4.0)
     assert rows["the rest"][1].startswith("2.5% of the loop")  # 4 / 160
     assert "online eval" not in {n.strip() for n, _, _ in whole_run.breakdown(t, 57)}
+
+
+# -------------------------------------------------------- bench/robust_speed.py (issue 18)
+
+def _robust_speed():
+    path = os.path.join(os.path.dirname(_BENCH), "robust_speed.py")
+    spec = importlib.util.spec_from_file_location("robust_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _linear_saved_model(rs, tmp_path):
+    """The --smoke SavedModel and its weights (w: (8*8*3, 10), b: (10,)) read back as numpy."""
+    import tensorflow as tf
+    path = str(tmp_path / "linear")
+    rs.smoke_model(path, seed=3)
+    model = tf.saved_model.load(path)
+    return model, model.w.numpy(), model.b.numpy()
+
+
+def test_robust_speed_loads_the_class_balanced_subset_of_a_folder(tmp_path):
+    import tensorflow as tf
+    rs = _robust_speed()
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for cls in ("cat", "ant"):  # sorted: ant = 0, cat = 1
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            image = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+            pixels[cls, i] = image
+            (tmp_path / cls / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    x, y = rs.load_images(str(tmp_path), 4)
+    # Classes take turns: ant's first, cat's first, ant's second, cat's second; in file order.
+    np.testing.assert_array_equal(y, [0, 0, 1, 1])
+    expected = [pixels["ant", 0], pixels["ant", 1], pixels["cat", 0], pixels["cat", 1]]
+    np.testing.assert_allclose(x, np.stack(expected) / 255.0, atol=1e-7)
+    assert x.dtype == np.float32
+
+
+def test_robust_speed_art_wrapper_gives_the_closed_form_gradient(tmp_path):
+    """ART's classifier around the loaded SavedModel: logits x W + b, and the input gradient of
+    the mean cross-entropy (softmax(logits) - onehot(y)) W^T / N."""
+    pytest.importorskip("art")
+    rs = _robust_speed()
+    model, w, b = _linear_saved_model(rs, tmp_path)
+    x = np.random.default_rng(1).uniform(0, 1, (6, 8, 8, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 3, 4, 9])
+    clf = rs.art_classifier(model.serve, 10, (8, 8, 3))
+    logits = x.reshape(6, -1) @ w + b
+    np.testing.assert_allclose(clf.predict(x), logits, rtol=1e-5, atol=1e-4)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    expected = ((p - np.eye(10)[y]) @ w.T / len(x)).reshape(x.shape)
+    np.testing.assert_allclose(clf.loss_gradient(x, np.eye(10)[y]), expected, rtol=1e-4,
+                               atol=1e-7)
+
+
+def test_robust_speed_counts_robust_images_and_checks_the_ball(tmp_path):
+    rs = _robust_speed()
+    model, w, b = _linear_saved_model(rs, tmp_path)
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0.1, 0.9, (8, 8, 8, 3)).astype(np.float32)
+    pred = np.argmax(x.reshape(8, -1) @ w + b, 1)
+    x_adv = x[::-1].copy()  # the images reversed: pred[::-1] on them
+    y = np.where(np.arange(8) < 6, pred, pred[::-1])  # the last two: wrong clean, right "adv"
+    clean, adv = pred == y, pred[::-1] == y  # every case is there: right/wrong clean and adv
+    assert (clean & adv).any() and (clean & ~adv).any() and (~clean & adv).any()
+    out = rs.robust_top1(model.serve, x, y, x_adv, 8 / 255, batch_size=3)
+    assert out["robust_top1"] == pytest.approx(100 * np.mean(clean & adv))
+    np.testing.assert_array_equal(out["robust"], clean & adv)
+    # Robust under a: 0, 3, 4; under b: 0, 1. a fooled image 1 only, b images 3 and 4.
+    assert rs.fooled_only({"a": np.array([1, 0, 0, 1, 1], bool),
+                           "b": np.array([1, 1, 0, 0, 0], bool)}) == {"a": 1, "b": 2}
+    assert rs.fooled_only({"a": np.array([1, 0, 0, 1], bool)}) == {}
+    x_adv = np.clip(x + rng.choice([-1, 1], x.shape) * 0.5 / 255, 0, 1).astype(np.float32)
+    out = rs.robust_top1(model.serve, x, y, x_adv, 0.5 / 255, batch_size=3)
+    assert out["linf_255"] == pytest.approx(0.5, rel=1e-4) and out["in_range"]
+    assert not rs.robust_top1(model.serve, x, y, x_adv + 0.2, 0.5 / 255, 3)["in_range"]
+    rows = [dict(attack="A", implementation="ours", robust_top1=40.0, eps_255=0.5,
+                 linf_255=out["linf_255"], in_range=True),
+            dict(attack="A", implementation="lib", robust_top1=41.0, eps_255=0.5,
+                 linf_255=0.5, in_range=True)]
+    assert rs.disagreements(rows) == []  # within a point, inside the ball
+    rows[1].update(robust_top1=41.5, linf_255=0.51)
+    notes = rs.disagreements(rows)
+    assert len(notes) == 2 and notes[0].startswith("error: A (lib)")
+    assert notes[1] == "note: A: robust top-1 differs by 1.5 points between the implementations"
+    rows[0]["fooled_only"], rows[1]["fooled_only"] = 4, 1
+    assert rs.disagreements(rows)[1].endswith("(images fooled: 4 only by ours, 1 only by lib)")
+
+
+def test_robust_speed_interleaves_and_reports_medians():
+    rs = _robust_speed()
+    calls = []
+
+    def impl(name):
+        return lambda x, y: (calls.append(name), (x, {}))[1]
+
+    t = rs.interleave({"a": impl("a"), "b": impl("b")}, np.zeros(1), np.zeros(1), repeats=3)
+    assert calls == ["a", "a", "b", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, alternating
+    assert len(t["a"]["seconds"]) == len(t["_load"]) == 3
+    # 100 images x 10 iterations; ours 2, 4, 3 s, theirs 10, 9, 12 s in the same rounds.
+    timed = {"ours": {"seconds": [2.0, 4.0, 3.0], "info": {"model_images": 250}},
+             "lib": {"seconds": [10.0, 9.0, 12.0], "info": {"model_images": 2100}},
+             "_load": [1, 2, 3]}
+    checks = {name: dict(robust_top1=50.0, linf_255=8.0, in_range=True, eps_255=8.0)
+              for name in ("ours", "lib")}
+    ours, lib = rs.summarize("APGD-CE, 10 it.", timed, checks, 100, 10)
+    assert ours["throughput"] == pytest.approx(1000 / 3) and lib["throughput"] == 100.0
+    assert ours["ratio"] == pytest.approx(10 / 3)  # ratio of the medians
+    assert ours["round_ratio"] == pytest.approx(4.0)  # median of 5, 2.25, 4
+    text = rs.table([ours, lib])
+    assert "| APGD-CE, 10 it. | ours | 3.00 (2.00-4.00) | 333 images x iterations/s | " \
+           "**3.33x** (4.00x) | 2.5 | 50.0 |" in text
+    assert "| APGD-CE, 10 it. | lib | 10.00 (9.00-12.00) | 100 images x iterations/s |  | " \
+           "21.0 | 50.0 |" in text
+
+
+def test_robust_speed_library_builds_only_the_attacks_with_a_budget(tmp_path):
+    """--steps=0 or --queries=0 skips that attack: ART's constructors refuse max_iter=0."""
+    pytest.importorskip("art")
+    rs = _robust_speed()
+    model, _, _ = _linear_saved_model(rs, tmp_path)
+    for steps, queries, names in ((0, 7, {"square"}), (5, 0, {"apgd"}), (5, 7, {"apgd", "square"})):
+        args = rs.parse_args(["--smoke", "--library=art"])
+        args.steps, args.queries = steps, queries
+        assert set(rs.library(model.serve, 10, (8, 8, 3), 8 / 255, args)) == names
+
+
+def test_robust_speed_refuses_foolbox(capsys):
+    rs = _robust_speed()
+    with pytest.raises(SystemExit) as exit_info:
+        rs.parse_args(["--smoke", "--library=foolbox"])
+    assert exit_info.value.code == 2
+    assert "--library: foolbox 3.3 has neither APGD nor Square" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # 5-13 s on 2 busy cores: tracing the compiled APGD and Square loops
+def test_robust_speed_smoke_runs_our_attacks_and_the_library_if_installed(tmp_path):
+    """`--smoke` end to end: clae-tf's half always, ART's beside it only where ART is installed
+    (the "bench" extra; CI installs "test" only)."""
+    import json
+    has_art = importlib.util.find_spec("art") is not None
+    rs = _robust_speed()
+    path = tmp_path / "out.json"
+    assert rs.main(["--smoke", f"--library={'art' if has_art else 'none'}",
+                    f"--json={path}"]) == 0
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    names = ["clae-tf", "ART"] if has_art else ["clae-tf"]
+    assert [(r["attack"], r["implementation"]) for r in rows] == [
+        (attack, name) for attack in ("APGD-CE, 5 it.", "Square, 20 q.") for name in names]
+    for r in rows:  # 16 images, 5 iterations or 20 queries, the budget over the median time
+        budget = 5 if r["attack"].startswith("APGD") else 20
+        assert r["throughput"] == pytest.approx(16 * budget / np.median(r["seconds"]))
+        assert len(r["seconds"]) == 2 and r["linf_255"] <= 8.0 + 1e-3 and r["in_range"]
+        assert r["robust_top1"] <= result["clean_top1"]
+        assert 1 <= r["passes"]  # every image goes through the model at least once
+    if has_art:
+        assert "ratio" in rows[0] and "ratio" in rows[2]
+        assert all(isinstance(r["fooled_only"], int) for r in rows)
