@@ -1,16 +1,32 @@
-"""Adversarial examples: FGSM and PGD in the L-infinity ball, as pure functions.
+"""Adversarial examples as pure functions: the CLAE training attack and robust evaluation.
+
+Map of the attacks and their sources:
+
+  - `fgsm` / `pgd`: the CLAE training attack (docs/method.md, "The CLAE step", step 3): signed
+    gradient steps on view 1 against the batch-wide contrastive loss of an embedding function.
+  - `fgsm_classifier` (Goodfellow et al., ICLR 2015) and `pgd_classifier` (Madry et al., ICLR
+    2018), L-inf or L2, on a classifier's cross-entropy.
+  - `apgd`: Auto-PGD, Algorithm 1 of Croce & Hein, "Reliable evaluation of adversarial robustness
+    with an ensemble of diverse parameter-free attacks" (ICML 2020), L-inf or L2, on `ce_loss`,
+    `dlr_loss` or `dlr_targeted_loss` (the same paper, Sec. 4); `top_targets` picks APGD-T's
+    target classes. AutoAttack = APGD-CE, APGD-T, (FAB-T,) Square, each on the survivors.
+  - `square_linf`: the L-inf Square attack, Andriushchenko et al., "Square Attack: a
+    query-efficient black-box adversarial attack via random search" (ECCV 2020), Algorithm 1
+    and its L-inf proposal; score-based, never a gradient.
 
 One core, `linf_pgd(objective, x, ...)`, does k signed-gradient ascent steps on any scalar
 objective of the input. Two front ends build the objective:
 
-  - `pgd` / `fgsm` (the CLAE training attack, PAPER.md "The CLAE step", step 3): the batch-wide
-    contrastive loss batch_loss(sg z(x1), z(x_adv)) of an embedding function z;
+  - `pgd` / `fgsm`: the batch-wide contrastive loss batch_loss(sg z(x1), z(x_adv)) of an
+    embedding function z;
   - `pgd_classifier` / `fgsm_classifier` (robust evaluation): the summed cross-entropy of a
     classifier's logits against the labels.
 
 Every gradient is taken w.r.t. the input only (a nested tape that watches just x_adv and no
 variable), kept in float32, and the result is stop_gradient-ed: an attack never forms parameter
-gradients and never becomes part of a training graph.
+gradients and never becomes part of a training graph. The evaluation attacks (`apgd`,
+`square_linf`, `pgd_classifier`) loop with tf.while_loop: one trace per call site, whatever the
+number of iterations, and no host round trip inside the loop.
 """
 
 import tensorflow as tf
@@ -24,7 +40,8 @@ def _input_gradient(objective, x):
         input_tape.watch(x)
         out = objective(x)
     loss, aux = out if isinstance(out, tuple) else (out, None)
-    grad = input_tape.gradient(loss, x)
+    # ZERO: an input the objective does not depend on (a constant model) gets no step, not None.
+    grad = input_tape.gradient(loss, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     # Kept in float32 even under mixed precision: an underflowed gradient gives sign(0) = 0.
     grad = tf.cast(grad, tf.float32)
     # A NaN entry (float16: an overflowed loss scale) gives no step on that pixel, not a NaN.
@@ -222,27 +239,40 @@ def classifier_objective(logits_fn, y):
 
 
 def pgd_classifier(logits_fn, x, y, eps, steps, step_size, random_start=False, seed=None,
-                   clip_min=None, clip_max=None):
-    """PGD (Madry et al. 2018) on a classifier's cross-entropy.
+                   clip_min=None, clip_max=None, norm="linf"):
+    """PGD (Madry et al. 2018) on a classifier's cross-entropy, in the L-inf or the L2 ball.
+
+    L-inf: x_adv <- Proj(x_adv + step_size * sign(g)); L2: x_adv <- Proj(x_adv + step_size *
+    g / ||g||_2), g the input gradient of the example's own cross-entropy and Proj the ball
+    then the range (`_project_l2` says why that is a point of both).
 
     Args:
       logits_fn: x -> (N, C) logits (inference mode: no state changes).
       x: (N, ...) clean inputs; y: (N,) int labels.
       eps, steps, step_size: radius, number and size of the steps, in x's units.
-      random_start: start from a uniform point of the ball (`uniform_start`) instead of x.
+      random_start: start from a uniform point of the ball (`uniform_start`; L2: `_random_start`)
+        instead of x.
       seed: shape-[2] integer seed of the random start (required with random_start).
       clip_min, clip_max: optional valid range of x (e.g. 0 and 1 for pixels).
+      norm: "linf" or "l2".
 
     Returns:
       x_adv, with its gradient stopped.
     """
+    _check_norm(norm)
     x = tf.convert_to_tensor(x)
+    objective = classifier_objective(logits_fn, y)
+    if norm == "l2":
+        eps = _rows(eps, x)
+        x_start = (_random_start(x, eps, norm, _seed(seed), clip_min, clip_max) if random_start
+                   else x)
+        return _l2_pgd(objective, x, eps, steps, step_size, x_start, clip_min, clip_max)
     x_start = None
     if random_start:
         x_start = uniform_start(x, eps, _seed(seed), clip_min, clip_max)
     # A tf.while_loop: the objective is stateless (inference mode), and PGD-20 then traces once.
-    return linf_pgd(classifier_objective(logits_fn, y), x, eps, steps, step_size, x_start=x_start,
-                    clip_min=clip_min, clip_max=clip_max, unroll=False)
+    return linf_pgd(objective, x, eps, steps, step_size, x_start=x_start, clip_min=clip_min,
+                    clip_max=clip_max, unroll=False)
 
 
 def fgsm_classifier(logits_fn, x, y, eps, clip_min=None, clip_max=None):
@@ -280,3 +310,485 @@ def training_attack(cfg, step_counter):
                    random_start=cfg.attack_random_start, seed=seed, loss_scale=loss_scale)
 
     return attack
+
+
+# --- Geometry shared by the evaluation attacks: per-example radii, the L2 ball ------------------
+
+NORMS = ("linf", "l2")
+
+
+def _check_norm(norm):
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def _rows(value, x):
+    """A scalar or (N,) value as (N, 1, ..., 1) in x's dtype, to broadcast against x (N, ...)."""
+    value = tf.broadcast_to(tf.cast(value, x.dtype), tf.shape(x)[:1])
+    return tf.reshape(value, [-1] + [1] * (x.shape.rank - 1))
+
+
+def _row_mask(mask, x):
+    """(N,) bool -> (N, 1, ..., 1), to select whole examples of x (N, ...) with tf.where."""
+    return tf.reshape(mask, [-1] + [1] * (x.shape.rank - 1))
+
+
+def _l2_norm(v):
+    """(N, ...) -> (N, 1, ..., 1): the L2 norm of each example."""
+    return tf.sqrt(tf.reduce_sum(tf.square(v), axis=list(range(1, v.shape.rank)), keepdims=True))
+
+
+def _clip_range(x_adv, clip_min, clip_max):
+    if clip_min is not None:
+        x_adv = tf.maximum(x_adv, tf.cast(clip_min, x_adv.dtype))
+    if clip_max is not None:
+        x_adv = tf.minimum(x_adv, tf.cast(clip_max, x_adv.dtype))
+    return x_adv
+
+
+def _project_l2(x_adv, x, eps, clip_min, clip_max):
+    """Onto the L2 ball of radius eps around x (radial scaling), THEN into [clip_min, clip_max],
+    as AutoAttack does. That is not the exact Euclidean projection onto the intersection (which
+    needs a search over a multiplier), but it is always a point of it: x lies in the range, so
+    clipping moves every entry towards x and the distance to x can only shrink."""
+    delta = x_adv - x
+    delta = delta * tf.minimum(1.0, eps / (_l2_norm(delta) + 1e-12))
+    return _clip_range(x + delta, clip_min, clip_max)
+
+
+def _project_ball(x_adv, x, eps, norm, clip_min, clip_max):
+    if norm == "linf":
+        return _project(x_adv, x, eps, clip_min, clip_max)
+    return _project_l2(x_adv, x, eps, clip_min, clip_max)
+
+
+def _direction(grad, norm):
+    """The steepest-ascent direction of unit norm: sign(g) (L-inf), g / ||g||_2 (L2); 0 at g = 0."""
+    if norm == "linf":
+        return tf.sign(grad)
+    return grad / (_l2_norm(grad) + 1e-12)
+
+
+def _random_start(x, eps, norm, seed, clip_min, clip_max):
+    """A random point of the ball around each example, then clipped to the range.
+
+    L-inf: x + U(-eps, eps) per entry (`uniform_start`). L2: uniform in the ball: a Gaussian
+    direction at radius eps * U^(1/d), d the entries per example (in high dimension nearly the
+    sphere, where AutoAttack starts). The noise is drawn for the whole (N, ...) batch from `seed`,
+    so example i's start depends on the seed, i and the batch shape.
+    """
+    if norm == "linf":
+        return uniform_start(x, eps, seed, clip_min, clip_max)
+    d = 1
+    for size in x.shape[1:]:
+        d *= size
+    direction = tf.random.stateless_normal(tf.shape(x), seed=seed, dtype=x.dtype)
+    u = tf.random.stateless_uniform(tf.shape(eps), seed=tf.random.experimental.stateless_fold_in(
+        seed, 1), dtype=x.dtype)
+    delta = eps * u ** (1.0 / d) * direction / (_l2_norm(direction) + 1e-12)
+    return _project_l2(x + delta, x, eps, clip_min, clip_max)
+
+
+def _l2_pgd(objective, x, eps, steps, step_size, x_start, clip_min, clip_max):
+    """`steps` normalised-gradient ascent steps on `objective` in the L2 ball (tf.while_loop)."""
+    step_size = tf.cast(step_size, x.dtype)
+    x_adv = _project_l2(tf.convert_to_tensor(x_start, x.dtype), x, eps, clip_min, clip_max)
+
+    def step(i, x_adv):
+        grad, _ = _input_gradient(objective, x_adv)
+        x_adv = x_adv + step_size * _direction(tf.cast(grad, x.dtype), "l2")
+        return i + 1, _project_l2(x_adv, x, eps, clip_min, clip_max)
+
+    if steps > 0:
+        _, x_adv = tf.while_loop(lambda i, _: i < steps, step, [tf.constant(0), x_adv])
+    return tf.stop_gradient(x_adv)
+
+
+def _count(value, name, minimum):
+    """A Python int >= minimum from an int or a constant tensor (loop bounds are static)."""
+    static = tf.get_static_value(value)
+    if static is None:
+        raise ValueError(f"{name} must be a Python int or a constant, got {value!r}")
+    if int(static) != static or static < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {static}")
+    return int(static)
+
+
+# --- Losses on logits (Croce & Hein 2020): per example, float32 ---------------------------------
+
+def _need_classes(logits, needed, what):
+    classes = logits.shape[-1]
+    if classes is not None and classes < needed:
+        raise ValueError(f"{what} needs at least {needed} classes, got {classes}")
+
+
+def _is_label(logits, y):
+    """(N, C) bool: column == y."""
+    return tf.equal(tf.range(tf.shape(logits)[-1])[None, :], tf.cast(y, tf.int32)[:, None])
+
+
+def _true_and_other(logits, y):
+    """(z_y, max_{i != y} z_i), each (N,)."""
+    z_y = tf.gather(logits, tf.cast(y, tf.int32), batch_dims=1)
+    other = tf.reduce_max(tf.where(_is_label(logits, y), -float("inf"), logits), axis=-1)
+    return z_y, other
+
+
+def margin(logits, y):
+    """(N,) z_y - max_{i != y} z_i in float32: > 0 iff the example is classified correctly."""
+    z_y, other = _true_and_other(tf.cast(logits, tf.float32), y)
+    return z_y - other
+
+
+def ce_loss(logits, y):
+    """(N,) cross-entropy of each example, on float32 logits."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32),
+                                                          logits=tf.cast(logits, tf.float32))
+
+
+def dlr_loss(logits, y):
+    """(N,) the untargeted DLR loss: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12).
+
+    pi sorts the logits decreasingly. Invariant to shifting and (positive) scaling the logits, so
+    a saturated softmax cannot hide its gradient. Needs >= 3 classes (ValueError otherwise).
+    """
+    logits = tf.cast(logits, tf.float32)
+    _need_classes(logits, 3, "the DLR loss (z_pi1 - z_pi3)")
+    z_y, other = _true_and_other(logits, y)
+    top = tf.math.top_k(logits, k=3).values
+    return -(z_y - other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def dlr_targeted_loss(logits, y, target):
+    """(N,) the targeted DLR loss: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12).
+
+    Needs >= 4 classes (z_pi4, as AutoAttack's APGD-T, which indexes the 4th largest logit):
+    ValueError otherwise. On 3 classes use `dlr_loss`, whose one other class is the target.
+    """
+    logits = tf.cast(logits, tf.float32)
+    _need_classes(logits, 4, "the targeted DLR loss (z_pi1 - (z_pi3 + z_pi4) / 2)")
+    z_y = tf.gather(logits, tf.cast(y, tf.int32), batch_dims=1)
+    z_t = tf.gather(logits, tf.cast(target, tf.int32), batch_dims=1)
+    top = tf.math.top_k(logits, k=4).values
+    return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
+def top_targets(logits, y, k):
+    """(N, k) int32: the k highest-scoring classes other than y, best first (APGD-T's targets,
+    from the clean logits; AutoAttack takes k = 9, or classes - 1 when fewer).
+
+    Args:
+      logits: (N, C) clean logits; y: (N,) labels; k: 1 <= k <= C - 1.
+    """
+    logits = tf.cast(logits, tf.float32)
+    classes = logits.shape[-1]
+    if classes is not None and not 1 <= k <= classes - 1:
+        raise ValueError(f"top_targets needs 1 <= k <= classes - 1 = {classes - 1}, got k={k}")
+    masked = tf.where(_is_label(logits, y), -float("inf"), logits)
+    return tf.math.top_k(masked, k=k).indices
+
+
+# --- APGD (Croce & Hein, ICML 2020, Algorithm 1) -------------------------------------------------
+
+APGD_LOSSES = ("ce", "dlr", "dlr_targeted")
+
+
+def _apgd_loss(loss, target):
+    """loss name -> (logits, y, target) -> (N,) loss, checking that `target` fits it."""
+    if loss not in APGD_LOSSES:
+        raise ValueError(f"loss must be one of {APGD_LOSSES}, got {loss!r}")
+    if (loss == "dlr_targeted") != (target is not None):
+        raise ValueError(f"loss={loss!r} {'needs' if target is None else 'takes no'} target")
+    if loss == "ce":
+        return lambda logits, y, target: ce_loss(logits, y)
+    if loss == "dlr":
+        return lambda logits, y, target: dlr_loss(logits, y)
+    return dlr_targeted_loss
+
+
+def apgd_checkpoints(steps):
+    """The iterations w_j = ceil(p_j * steps) at which APGD may halve its step size.
+
+    p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), all p_j < 1; counted in
+    hundredths so that no float round-off turns 0.41 * 100 into 42. Coinciding w_j (few steps)
+    count once. steps = 100: [22, 41, 57, 70, 80, 87, 93, 99].
+    """
+    p_prev, p, w = 0, 22, []
+    while p < 100:
+        w_j = -(-p * steps // 100)
+        if w_j > (w[-1] if w else 0):
+            w.append(w_j)
+        p_prev, p = p, p + max(p - p_prev - 3, 6)
+    return w
+
+
+def _apgd_windows(steps):
+    """(steps,) int32: at iteration k (it makes x_{k+1}) w_j - w_{j-1} if k + 1 = w_j, else 0."""
+    windows, last = [0] * steps, 0
+    for w_j in apgd_checkpoints(steps):
+        windows[w_j - 1], last = w_j - last, w_j
+    return tf.constant(windows, tf.int32, shape=[steps])
+
+
+def _misclassified(logits, y):
+    return tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
+
+
+def _on_alive(alive, fn, *rows):
+    """fn(*rows) on the examples where alive (N,) holds, its outputs scattered back to N rows
+    (zeros, False elsewhere): the fooled examples of an attack cost no more model calls."""
+    index = tf.where(alive)  # (M, 1)
+    outs = fn(*[None if r is None else tf.gather_nd(r, index) for r in rows])
+    n = tf.shape(alive, out_type=tf.int64)
+    scattered = []
+    for out in outs:
+        shape = tf.concat([n, tf.shape(out, out_type=tf.int64)[1:]], 0)
+        if out.dtype == tf.bool:
+            scattered.append(tf.scatter_nd(index, tf.cast(out, tf.int32), shape) > 0)
+        else:
+            scattered.append(tf.scatter_nd(index, out, shape))
+    return tuple(scattered)
+
+
+def _loss_grad_fn(logits_fn, loss_fn):
+    """(x, y, target) -> (loss (M,), input gradient float32 (M, ...), misclassified (M,))."""
+    def loss_grad(x, y, target):
+        def objective(x):
+            logits = tf.cast(logits_fn(x), tf.float32)
+            loss = loss_fn(logits, y, target)
+            # Summed: each example's gradient is that of its own loss (examples independent).
+            return tf.reduce_sum(loss), (loss, logits)
+        grad, (loss, logits) = _input_gradient(objective, x)
+        return tf.stop_gradient(loss), grad, _misclassified(tf.stop_gradient(logits), y)
+    return loss_grad
+
+
+def _apgd_step(s, x, eps, norm, momentum, clip_min, clip_max):
+    """Algorithm 1, lines 7-8: z = P(x_k + eta dir(g)), x_{k+1} = P(x_k + a (z - x_k) +
+    (1 - a)(x_k - x_{k-1})), a = 1 at the first step (no momentum yet), else `momentum`."""
+    a = tf.where(s["k"] == 0, 1.0, momentum)
+    z = _project_ball(s["x"] + s["eta"] * _direction(s["grad"], norm), x, eps, norm, clip_min,
+                      clip_max)
+    x_next = s["x"] + a * (z - s["x"]) + (1.0 - a) * (s["x"] - s["x_prev"])
+    return _project_ball(x_next, x, eps, norm, clip_min, clip_max)
+
+
+def _apgd_checkpoint(s, window, rho):
+    """At a checkpoint w_j (window = w_j - w_{j-1} > 0), which examples halve eta: condition 1,
+    fewer than rho * window of the steps since w_{j-1} raised the loss; condition 2, eta was not
+    halved at w_{j-1} and the best loss has not risen since. The paper's reading: at w_1 the
+    reference point is the start, and condition 1 is a strict "<" (AutoAttack's code: "<=",
+    condition 2 off at w_1). Returns (N,) bool, all False off the checkpoints."""
+    at_check = window > 0
+    oscillating = tf.cast(s["n_up"], tf.float32) < rho * tf.cast(window, tf.float32)
+    stalled = ~s["halved_check"] & (s["loss_max"] <= s["loss_max_check"])
+    return at_check & (oscillating | stalled)
+
+
+def _apgd_body(s, x, y, target, eps, norm, evaluate, windows, rho, momentum, clip_min, clip_max):
+    """One iteration k of Algorithm 1 on the examples not fooled yet: x_{k+1}, its loss and
+    gradient, the best point, the first fooling point, and the checkpoint rule."""
+    x_next = _apgd_step(s, x, eps, norm, momentum, clip_min, clip_max)
+    alive = ~s["fooled"]
+    loss, grad, fooled_now = _on_alive(alive, evaluate, x_next, y, target)
+    first = _row_mask(fooled_now & alive, x)
+    n_up = s["n_up"] + tf.cast(loss > s["loss"], tf.int32)
+    better = loss > s["loss_max"]
+    rows = _row_mask(better, x)
+    s = dict(s, x_fool=tf.where(first, x_next, s["x_fool"]), fooled=s["fooled"] | fooled_now,
+             n_up=n_up, x_max=tf.where(rows, x_next, s["x_max"]),
+             loss_max=tf.where(better, loss, s["loss_max"]),
+             grad_max=tf.where(rows, grad, s["grad_max"]))
+    window = windows[s["k"]]
+    halve = _apgd_checkpoint(s, window, rho)
+    restart = _row_mask(halve, x)  # line 14: eta / 2 and x_{k+1} <- x_max (with its gradient)
+    at_check = window > 0
+    return dict(
+        s, k=s["k"] + 1, x_prev=s["x"], x=tf.where(restart, s["x_max"], x_next),
+        grad=tf.where(restart, s["grad_max"], grad), loss=tf.where(halve, s["loss_max"], loss),
+        eta=tf.where(restart, s["eta"] / 2.0, s["eta"]),
+        n_up=tf.where(at_check, 0, n_up),
+        halved_check=tf.where(at_check, halve, s["halved_check"]),
+        loss_max_check=tf.where(at_check, s["loss_max"], s["loss_max_check"]))
+
+
+def apgd(logits_fn, x, y, eps, steps, seed, norm="linf", loss="ce", target=None, clip_min=0.0,
+         clip_max=1.0, rho=0.75, momentum=0.75, x_start=None):
+    """APGD, Algorithm 1 of Croce & Hein (ICML 2020), batched, one tf.while_loop.
+
+    Per example: a random start x_0 in the ball, step size eta = 2 eps, `steps` iterations of a
+    projected step with momentum (`_apgd_step`); at the checkpoints of `apgd_checkpoints` eta is
+    halved and the iterate restarts from the best point x_max when the loss stopped improving
+    (`_apgd_checkpoint`). Nothing couples the examples (each has its own eta, checkpoint
+    decisions and early exit), so a batch split in two gives the same result from the same
+    starts, up to round-off of the model's batched kernels.
+
+    Projection: L-inf, clipping to x +- eps then to the range (exact); L2, radial scaling onto
+    the ball then clipping to the range (`_project_l2`: a point of both, as AutoAttack, not the
+    exact projection onto the intersection). Start: `_random_start` (noise drawn for the whole
+    batch from `seed`) unless `x_start` is given. The loop stops when every example is fooled;
+    fooled examples leave the model's batch (`_on_alive`).
+
+    Args:
+      logits_fn: images (N, ...) -> (N, C) logits; stateless, examples independent.
+      x: (N, ...) float32 clean inputs in [clip_min, clip_max]; y: (N,) int labels.
+      eps: radius (scalar or (N,)) in x's units; steps: iterations (Python int >= 0).
+      seed: shape-[2] int seed of the random start (ignored with x_start).
+      norm: "linf" or "l2"; loss: "ce", "dlr" or "dlr_targeted" (needs target (N,) int).
+      clip_min, clip_max: the valid range (None: unbounded).
+      rho: condition 1's threshold; momentum: alpha of the momentum step.
+      x_start: optional (N, ...) start point instead of the random one (projected first).
+
+    Returns:
+      (x_adv, fooled): fooled (N,) bool, True if any iterate (the start included) was
+      misclassified; x_adv the first such iterate for fooled examples, else the iterate of
+      highest loss. Gradients stopped.
+    """
+    _check_norm(norm)
+    loss_fn = _apgd_loss(loss, target)
+    steps = _count(steps, "steps", 0)
+    x = tf.convert_to_tensor(x, tf.float32)
+    y = tf.cast(y, tf.int32)
+    target = None if target is None else tf.cast(target, tf.int32)
+    eps = _rows(eps, x)
+    if x_start is None:
+        x0 = _random_start(x, eps, norm, _seed(seed), clip_min, clip_max)
+    else:
+        x0 = _project_ball(tf.cast(x_start, x.dtype), x, eps, norm, clip_min, clip_max)
+    evaluate = _loss_grad_fn(logits_fn, loss_fn)
+    loss0, grad0, fooled0 = evaluate(x0, y, target)
+    s = dict(k=tf.constant(0), x=x0, x_prev=x0, grad=grad0, loss=loss0, eta=2.0 * eps,
+             x_max=x0, loss_max=loss0, grad_max=grad0, x_fool=x0, fooled=fooled0,
+             n_up=tf.zeros_like(y), loss_max_check=loss0,
+             halved_check=tf.zeros_like(fooled0))
+    if steps > 0:
+        windows = _apgd_windows(steps)
+        s = tf.while_loop(
+            lambda s: (s["k"] < steps) & ~tf.reduce_all(s["fooled"]),
+            lambda s: (_apgd_body(s, x, y, target, eps, norm, evaluate, windows, rho,
+                                  momentum, clip_min, clip_max),),
+            (s,))[0]
+    x_adv = tf.where(_row_mask(s["fooled"], x), s["x_fool"], s["x_max"])
+    return tf.stop_gradient(x_adv), tf.stop_gradient(s["fooled"])
+
+
+# --- Square attack, L-inf (Andriushchenko et al., ECCV 2020) ------------------------------------
+
+# The official code's schedule of the square's share p: halved after each of these iteration
+# counts, given on a 10,000-query budget and scaled to the actual one.
+SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square_p(i, queries, p_init=0.8):
+    """The share p of the image a square covers at iteration i (0-based, after the start) of a
+    `queries` budget: p_init halved once per count of SQUARE_HALVINGS below i * 10000 / queries."""
+    scaled = tf.cast(i, tf.int64) * 10000 // queries
+    halvings = tf.reduce_sum(tf.cast(scaled > tf.constant(SQUARE_HALVINGS, tf.int64), tf.int32))
+    return p_init / tf.pow(2.0, tf.cast(halvings, tf.float32))
+
+
+def _random_signs(shape, seed):
+    return tf.cast(2 * tf.random.stateless_uniform(shape, seed, 0, 2, tf.int32) - 1, tf.float32)
+
+
+def _square_candidate(x, x_best, eps, p, seed, alive, clip_min, clip_max):
+    """x_best with one random s x s square set to x +- eps (one sign per example and channel),
+    s = round(sqrt(p H W)) in [1, min(H, W) - 1], at a position drawn per example. Signs that
+    would leave an example unchanged (the square already holds them) are redrawn, up to 10 times,
+    as the official code does, so that a query is not spent on the same image."""
+    shape = tf.shape(x)
+    n, (h, w, c) = shape[0], x.shape[1:]
+    side = tf.cast(tf.round(tf.sqrt(p * h * w)), tf.int32)
+    side = tf.clip_by_value(side, 1, max(min(h, w) - 1, 1))
+    # The top-left corner, uniform over every position that keeps the square inside the image.
+    u = tf.random.stateless_uniform([2, n], tf.random.experimental.stateless_fold_in(seed, 0))
+    room = tf.cast(tf.stack([h - side + 1, w - side + 1])[:, None], tf.float32)
+    corner = tf.cast(tf.floor(u * room), tf.int32)  # (2, N)
+    rows = tf.range(h)[None, :] - corner[0][:, None]  # (N, H)
+    cols = tf.range(w)[None, :] - corner[1][:, None]  # (N, W)
+    inside = ((rows >= 0) & (rows < side))[:, :, None, None] & (
+        (cols >= 0) & (cols < side))[:, None, :, None]  # (N, H, W, 1)
+
+    def candidate(t):
+        signs = _random_signs([n, 1, 1, c], tf.random.experimental.stateless_fold_in(seed, 1 + t))
+        return tf.where(inside, _clip_range(x + eps * signs, clip_min, clip_max), x_best)
+
+    def unchanged(x_new):
+        return alive & tf.reduce_all(tf.abs(x_new - x_best) < 1e-7, axis=[1, 2, 3])
+
+    def redraw(t, x_new):
+        return t + 1, tf.where(_row_mask(unchanged(x_new), x), candidate(t), x_new)
+
+    _, x_new = tf.while_loop(lambda t, x_new: (t < 11) & tf.reduce_any(unchanged(x_new)), redraw,
+                             [tf.constant(1), candidate(0)])
+    return x_new
+
+
+def _margin_fn(logits_fn):
+    """(x, y) -> (margin (M,), misclassified (M,)) from one forward pass, no gradient."""
+    def margin_at(x, y):
+        logits = tf.stop_gradient(tf.cast(logits_fn(x), tf.float32))
+        return margin(logits, y), _misclassified(logits, y)
+    return margin_at
+
+
+def _square_body(i, x_best, best, fooled, n_queries, x, y, eps, queries, p_init, seed, margin_at,
+                 clip_min, clip_max):
+    """One iteration of Algorithm 1 of the paper on the examples not fooled yet: a candidate,
+    one query each, kept where it lowers the example's margin (or fools it)."""
+    alive = ~fooled
+    p = square_p(i, queries, p_init)
+    x_new = _square_candidate(x, x_best, eps, p,
+                              tf.random.experimental.stateless_fold_in(seed, 1 + i), alive,
+                              clip_min, clip_max)
+    new, fooled_new = _on_alive(alive, margin_at, x_new, y)
+    accept = alive & ((new < best) | fooled_new)
+    return (i + 1, tf.where(_row_mask(accept, x), x_new, x_best), tf.where(accept, new, best),
+            fooled | (accept & fooled_new), n_queries + tf.cast(alive, tf.int32))
+
+
+def square_linf(logits_fn, x, y, eps, queries, seed, p_init=0.8, clip_min=0.0, clip_max=1.0):
+    """The L-inf Square attack (Andriushchenko et al., ECCV 2020), score-based: logits only, no
+    gradient is ever taken (a model without one is attacked all the same).
+
+    Start: vertical stripes, x + eps * (one random sign per example, column and channel), one
+    query. Then, while the budget lasts and the example stands, a random square of side
+    round(sqrt(p H W)) is set to x +- eps (one sign per channel) and kept if it lowers the
+    margin loss z_y - max_{i != y} z_i; p follows `square_p` (p_init halved at the official
+    code's query counts, scaled to `queries`). Per example: its own squares (position uniform
+    over all positions inside the image), acceptance and early exit; fooled examples are no
+    longer queried. The noise of each iteration is drawn for the whole batch from `seed`.
+
+    Args:
+      logits_fn: images (N, H, W, C) -> (N, classes) logits; stateless, examples independent.
+      x: (N, H, W, C) float32 clean images in [clip_min, clip_max]; y: (N,) int labels.
+      eps: L-inf radius (scalar or (N,)); queries: the budget per example (int >= 1).
+      seed: shape-[2] int seed; p_init: the square's first share of the image.
+      clip_min, clip_max: the valid range (None: unbounded).
+
+    Returns:
+      (x_adv, fooled, n_queries): x_adv (N, H, W, C) the best point found (in the eps-ball and
+      the range), fooled (N,) bool, n_queries (N,) int32 model evaluations spent on each example
+      (the start counts as one).
+    """
+    queries = _count(queries, "queries", 1)
+    x = tf.convert_to_tensor(x, tf.float32)
+    if x.shape.rank != 4 or None in x.shape[1:]:
+        raise ValueError(f"square_linf attacks images (N, H, W, C) of known size, got {x.shape}")
+    y = tf.cast(y, tf.int32)
+    eps = _rows(eps, x)
+    seed = _seed(seed)
+    margin_at = _margin_fn(logits_fn)
+    stripes = _random_signs(tf.stack([tf.shape(x)[0], 1, x.shape[2], x.shape[3]]),
+                            tf.random.experimental.stateless_fold_in(seed, 0))
+    x_best = _clip_range(x + eps * stripes, clip_min, clip_max)
+    best, fooled = margin_at(x_best, y)
+    state = (tf.constant(0), x_best, best, fooled, tf.ones_like(y))
+    if queries > 1:
+        state = tf.while_loop(
+            lambda i, _, __, fooled, ___: (i < queries - 1) & ~tf.reduce_all(fooled),
+            lambda *s: _square_body(*s, x, y, eps, queries, p_init, seed, margin_at, clip_min,
+                                    clip_max),
+            state)
+    _, x_best, _, fooled, n_queries = state
+    return tf.stop_gradient(x_best), fooled, n_queries

@@ -332,3 +332,259 @@ def test_linear_binary_attacks_reach_the_closed_form():
         np.testing.assert_allclose(x_adv, worst_x, rtol=0, atol=1e-6)
         adv_margin = np.sum(d * x_adv, axis=1) + b[y] - b[1 - y]
         np.testing.assert_allclose(adv_margin, worst_margin, rtol=0, atol=1e-4)
+
+
+# --- Robust-evaluation attacks: APGD, APGD-T, Square, L2 PGD (attacks.apgd, square_linf) --------
+#
+# Linear classifiers f(x) = W x + b give the closed form: example (x, y) survives every
+# perturbation of the ball iff for every other class j, (w_y - w_j).x + b_y - b_j >
+# eps * ||w_y - w_j||_dual (dual of L-inf: L1; of L2: L2), the worst point for j being
+# x - eps * sign(w_y - w_j) (L-inf) or x - eps * (w_y - w_j) / ||w_y - w_j||_2 (L2).
+
+DUAL = {"linf": 1, "l2": 2}
+LINEAR_EPS = {"linf": 0.04, "l2": 0.15}  # <= 0.2: from [0.2, 0.8] the range [0, 1] never binds
+
+
+def _linear_case(classes, norm, n=48, dim=10, seed=0, gap=0.25):
+    """A linear classifier and n inputs in [0.2, 0.8] labelled with their clean class, none
+    within `gap` (relative) of the closed-form boundary eps * ||w_y - w_j||_dual.
+
+    Returns (logits_fn, w (C, D), b, x (n, D), y (n,), reachable (n, C) bool: class j can be
+    made to beat y inside the ball)."""
+    eps = LINEAR_EPS[norm]
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(classes, dim)).astype(np.float32)
+    b = (0.1 * rng.normal(size=classes) - 0.5 * w.sum(1)).astype(np.float32)  # centred at 0.5
+    x = rng.uniform(0.2, 0.8, (30 * n, dim)).astype(np.float32)
+    z = x.astype(np.float64) @ w.T + b
+    y = np.argmax(z, 1)
+    margin = z[np.arange(len(x)), y][:, None] - z  # (n, C): (w_y - w_j).x + b_y - b_j
+    radius = eps * np.linalg.norm(w[y][:, None, :].astype(np.float64) - w[None], ord=DUAL[norm],
+                                  axis=2)
+    other = np.arange(classes)[None, :] != y[:, None]
+    rel = np.where(other, np.abs(margin - radius) / np.maximum(radius, 1e-9), np.inf).min(1)
+    keep = np.flatnonzero(rel > gap)[:n]
+    assert len(keep) == n
+    reachable = (other & (margin < radius))[keep]
+    logits_fn = lambda v: tf.matmul(v, w.T) + b  # noqa: E731
+    return logits_fn, w, b, x[keep], y[keep].astype(np.int32), reachable
+
+
+def _in_ball(x_adv, x, eps, norm, lo=0.0, hi=1.0):
+    delta = (x_adv - x).reshape(len(x), -1)
+    size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+    assert np.all(size <= eps * (1 + 1e-5) + 1e-7), size.max()
+    assert np.all((x_adv >= lo) & (x_adv <= hi))
+
+
+def _predict(logits_fn, x):
+    return np.argmax(np.asarray(logits_fn(tf.constant(x))), axis=1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_ce_reaches_the_closed_form_on_two_classes(norm):
+    """2 classes: the cross-entropy rises exactly as the margin falls, so its ascent finds every
+    example the closed form says can be fooled, and no other (none can be)."""
+    logits_fn, _, _, x, y, reachable = _linear_case(2, norm)
+    robust = ~reachable.any(1)
+    assert 0.2 < robust.mean() < 0.8
+    eps = LINEAR_EPS[norm]
+    x_adv, fooled = tf.function(lambda: attacks.apgd(logits_fn, x, y, eps, 100, [0, 1],
+                                                     norm=norm))()
+    x_adv, fooled = x_adv.numpy(), fooled.numpy()
+    np.testing.assert_array_equal(fooled, ~robust)
+    np.testing.assert_array_equal(_predict(logits_fn, x_adv) != y, fooled)  # x_adv fools them
+    _in_ball(x_adv, x, eps, norm)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_dlr_and_targeted_reach_the_closed_form_on_five_classes(norm):
+    """5 classes: APGD-DLR, and APGD-T over all 4 targets of top_targets (union, as AutoAttack
+    counts it), fool exactly the examples the closed form says can be fooled. APGD-CE fools a
+    subset: on more than 2 classes the point of highest cross-entropy need not be misclassified
+    (it may raise several wrong logits at once), which is why AutoAttack adds the DLR attacks."""
+    logits_fn, _, _, x, y, reachable = _linear_case(5, norm)
+    robust = ~reachable.any(1)
+    assert 0.15 < robust.mean() < 0.85
+    eps = LINEAR_EPS[norm]
+    run = tf.function(lambda loss, target: attacks.apgd(logits_fn, x, y, eps, 100, [0, 1],
+                                                         norm=norm, loss=loss, target=target))
+    x_dlr, fooled_dlr = run("dlr", None)
+    np.testing.assert_array_equal(fooled_dlr.numpy(), ~robust)
+    np.testing.assert_array_equal(_predict(logits_fn, x_dlr.numpy()) != y, fooled_dlr.numpy())
+    targets = attacks.top_targets(logits_fn(x), y, 4).numpy()
+    fooled_t = np.zeros(len(y), bool)
+    for k in range(4):
+        x_t, fooled = run("dlr_targeted", tf.constant(targets[:, k]))
+        _in_ball(x_t.numpy(), x, eps, norm)
+        fooled_t |= fooled.numpy()
+    np.testing.assert_array_equal(fooled_t, ~robust)
+    _, fooled_ce = run("ce", None)
+    assert not np.any(fooled_ce.numpy() & robust)
+    assert fooled_ce.numpy().sum() >= 0.9 * (~robust).sum()
+
+
+def test_apgd_targeted_reaches_its_target():
+    """Examples whose only reachable class is j: APGD-T aimed at j fools them INTO j (any
+    misclassified point of the ball is classified j), and every fooled point is a class the
+    closed form allows."""
+    logits_fn, _, _, x, y, reachable = _linear_case(5, "linf", n=96, seed=1)
+    eps = LINEAR_EPS["linf"]
+    one = reachable.sum(1) == 1
+    assert one.sum() >= 8
+    j = np.argmax(reachable, 1).astype(np.int32)
+    x_adv, fooled = attacks.apgd(logits_fn, x[one], y[one], eps, 100, [0, 2],
+                                 loss="dlr_targeted", target=j[one])
+    assert np.all(fooled.numpy())
+    np.testing.assert_array_equal(_predict(logits_fn, x_adv.numpy()), j[one])
+
+
+def _literal_checkpoints(steps):
+    """The paper's W = {w_j = ceil(p_j * steps)}, p_0 = 0, p_1 = 0.22, p_{j+1} = p_j +
+    max(p_j - p_{j-1} - 0.03, 0.06), in exact rational arithmetic."""
+    from fractions import Fraction
+    p = [Fraction(0), Fraction(22, 100)]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100)))
+    return sorted({-(-q.numerator * steps // q.denominator) for q in p[1:-1]} - {0})
+
+
+def test_apgd_checkpoints_are_the_papers():
+    assert attacks.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # the paper's W
+    for steps in range(1, 260):
+        assert attacks.apgd_checkpoints(steps) == _literal_checkpoints(steps), steps
+
+
+def _apgd_literal(w, b, x, y, x0, eps, steps, norm, rho=0.75, alpha=0.75):
+    """Algorithm 1 of Croce & Hein (2020) for ONE example of a linear classifier under CE,
+    transcribed line by line in float32 numpy (the gradient in closed form: (p - e_y) W),
+    stopping at its first misclassified iterate. Returns (x_adv, fooled)."""
+    def f(v):
+        z = w @ v + b
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        return -np.log(p[y]), (p - np.eye(len(b), dtype=np.float32)[y]) @ w, np.argmax(z) != y
+
+    def proj(v):
+        if norm == "linf":
+            return np.clip(np.clip(v, x - eps, x + eps), 0.0, 1.0)
+        d = v - x
+        return np.clip(x + d * min(1.0, eps / (np.linalg.norm(d) + 1e-12)), 0.0, 1.0)
+
+    def direction(g):
+        return np.sign(g) if norm == "linf" else g / (np.linalg.norm(g) + 1e-12)
+
+    checks = set(_literal_checkpoints(steps))
+    x0 = proj(x0)  # x^(0) is a point of S
+    eta, x_k, x_prev = 2 * eps, x0, x0
+    f_k, g_k, fooled = f(x0)
+    if fooled:
+        return x0, True
+    x_max, f_max, g_max = x_k, f_k, g_k
+    history, w_prev, eta_prev, f_max_prev = [f_k], 0, eta, f_k  # history[i] = f(x^(i))
+    for k in range(steps):  # makes x^(k+1)
+        a = 1.0 if k == 0 else alpha
+        z = proj(x_k + eta * direction(g_k))
+        x_next = proj(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
+        f_next, g_next, fooled = f(x_next)
+        if fooled:
+            return x_next, True
+        if f_next > f_max:
+            x_max, f_max, g_max = x_next, f_next, g_next
+        history.append(f_next)
+        if k + 1 in checks:
+            ups = sum(history[i + 1] > history[i] for i in range(w_prev, k + 1))
+            condition1 = ups < rho * (k + 1 - w_prev)
+            condition2 = eta == eta_prev and f_max == f_max_prev
+            eta_prev, f_max_prev, w_prev = eta, f_max, k + 1
+            if condition1 or condition2:
+                eta /= 2
+                x_next, f_next, g_next = x_max, f_max, g_max
+                history[-1] = f_max
+        x_prev, x_k, g_k = x_k, x_next, g_next
+    return x_max, False
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_matches_a_literal_transcription_of_algorithm_1(norm):
+    """Same start, same 60 steps: the TF loop (batched, per-example schedules, early exit)
+    ends where the one-example numpy transcription does: fooled flags, and x_adv (the first
+    fooling iterate, or the best one), on a 5-class linear CE problem whose schedule halves
+    eta (oscillating losses) and restarts."""
+    logits_fn, w, b, x, y, reachable = _linear_case(5, norm, n=24, seed=3)
+    eps = LINEAR_EPS[norm]
+    x0 = attacks.uniform_start(x, eps, tf.constant([4, 5]), 0.0, 1.0).numpy()
+    x_adv, fooled = attacks.apgd(logits_fn, x, y, eps, 60, None, norm=norm, x_start=x0)
+    want = [_apgd_literal(w, b, x[i], y[i], x0[i], np.float32(eps), 60, norm)
+            for i in range(len(y))]
+    np.testing.assert_array_equal(fooled.numpy(), [fooled_i for _, fooled_i in want])
+    assert 0 < fooled.numpy().sum() < len(y)
+    # float32 round-off of two orders of summation; a different schedule would differ by ~eta.
+    np.testing.assert_allclose(x_adv.numpy(), np.stack([x_i for x_i, _ in want]), atol=1e-4)
+
+
+def test_losses_match_numpy():
+    """ce, DLR, targeted DLR, margin and top_targets against numpy's sort of the logits (given
+    in float16: every loss is float32)."""
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(32, 7)) * 3
+    z[0, :] = z[0, 2]  # a tie: every class equal
+    z = z.astype(np.float16).astype(np.float64)
+    y = rng.integers(0, 7, 32).astype(np.int32)
+    t = (y + rng.integers(1, 7, 32)) % 7
+    rows = np.arange(32)
+    srt = -np.sort(-z, axis=1)  # decreasing: pi1, pi2, ...
+    other = np.where(np.arange(7)[None] == y[:, None], -np.inf, z).max(1)
+    logits = tf.constant(z, tf.float16)
+    want_ce = -(z[rows, y] - np.log(np.exp(z).sum(1)))
+    want_dlr = -(z[rows, y] - other) / (srt[:, 0] - srt[:, 2] + 1e-12)
+    want_t = -(z[rows, y] - z[rows, t]) / (srt[:, 0] - (srt[:, 2] + srt[:, 3]) / 2 + 1e-12)
+    for got, want in ((attacks.ce_loss(logits, y), want_ce),
+                      (attacks.dlr_loss(logits, y), want_dlr),
+                      (attacks.dlr_targeted_loss(logits, y, t), want_t),
+                      (attacks.margin(logits, y), z[rows, y] - other)):
+        assert got.dtype == tf.float32 and got.shape == (32,)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    targets = attacks.top_targets(logits, y, 6).numpy()
+    assert targets.dtype == np.int32 and targets.shape == (32, 6)
+    for i in range(1, 32):  # row 0 is all ties
+        order = [j for j in np.argsort(-z[i], kind="stable") if j != y[i]]
+        np.testing.assert_array_equal(targets[i], order)
+    assert not np.any(targets == y[:, None])
+
+
+def test_dlr_is_invariant_to_scaling_the_logits():
+    rng = np.random.default_rng(6)
+    z = tf.constant(rng.normal(size=(8, 5)), tf.float32)
+    y = rng.integers(0, 5, 8)
+    for loss in (lambda z: attacks.dlr_loss(z, y),
+                 lambda z: attacks.dlr_targeted_loss(z, y, (y + 1) % 5)):
+        np.testing.assert_allclose(loss(1e4 * z + 3.0).numpy(), loss(z).numpy(), rtol=1e-4)
+
+
+def test_bad_inputs_raise_clear_errors():
+    two, three = tf.zeros([4, 2]), tf.zeros([4, 3])
+    y = tf.zeros([4], tf.int32)
+    with pytest.raises(ValueError, match="DLR loss.*at least 3 classes, got 2"):
+        attacks.dlr_loss(two, y)
+    with pytest.raises(ValueError, match="targeted DLR.*at least 4 classes, got 3"):
+        attacks.dlr_targeted_loss(three, y, y + 1)
+    x = tf.fill([4, 5], 0.5)
+    w2 = tf.ones([5, 2])
+    with pytest.raises(ValueError, match="at least 3 classes, got 2"):
+        attacks.apgd(lambda v: tf.matmul(v, w2), x, y, 0.1, 10, [0, 1], loss="dlr")
+    with pytest.raises(ValueError, match="needs target"):
+        attacks.apgd(lambda v: tf.matmul(v, w2), x, y, 0.1, 10, [0, 1], loss="dlr_targeted")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        attacks.apgd(lambda v: tf.matmul(v, w2), x, y, 0.1, 10, [0, 1], loss="cw")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        attacks.apgd(lambda v: tf.matmul(v, w2), x, y, 0.1, 10, [0, 1], norm="l1")
+    with pytest.raises(ValueError, match="k <= classes - 1 = 2"):
+        attacks.top_targets(three, y, 3)
+    images = tf.fill([4, 4, 4, 3], 0.5)
+    model = lambda v: tf.reshape(v, [-1, 48])[:, :3]  # noqa: E731
+    for queries in (0, -5):
+        with pytest.raises(ValueError, match=f"queries must be an integer >= 1, got {queries}"):
+            attacks.square_linf(model, images, y, 0.1, queries, [0, 1])
+    with pytest.raises(ValueError, match="images"):
+        attacks.square_linf(model, x, y, 0.1, 10, [0, 1])
