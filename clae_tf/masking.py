@@ -121,8 +121,9 @@ def more_steps(attacker, chain, clean, batch_size, seed) -> dict:
     The radius: the smallest whose worst-case accuracy is below half the clean accuracy, else
     the largest. Below it most images are robust to any attack and above it most fall to any,
     so it is where a stronger attack makes the most difference; and with at most half of the
-    clean-correct images still standing there, the 2x run costs at most one APGD-CE pass over
-    the clean-correct images. The images: those the chain left standing after its APGD-CE at
+    clean-correct images still standing there, the 2x run costs at most what one APGD-CE run
+    over all of them does (the largest radius, the fallback, leaves fewer standing than any
+    other). The images: those the chain left standing after its APGD-CE at
     that radius (when it has one: no extra run at the suite's steps; otherwise the chain's
     survivors after a fresh APGD-CE). The 2x run draws its own random start, so it also
     counts what a restart finds: either way, the reported accuracy is not converged.
