@@ -31,6 +31,11 @@ number of iterations, and no host round trip inside the loop.
 
 import tensorflow as tf
 
+# The evaluation attacks are tf.while_loops with no Python control flow on tensors: autograph
+# (a caller's tf.function) has nothing to convert in them, and converting them the first time
+# costs seconds of tracing.
+_NOT_CONVERTED = tf.autograph.experimental.do_not_convert
+
 
 def _input_gradient(objective, x):
     """(d objective / dx in float32, aux). `objective(x)` returns a scalar or (scalar, aux)."""
@@ -238,6 +243,7 @@ def classifier_objective(logits_fn, y):
     return objective
 
 
+@_NOT_CONVERTED
 def pgd_classifier(logits_fn, x, y, eps, steps, step_size, random_start=False, seed=None,
                    clip_min=None, clip_max=None, norm="linf"):
     """PGD (Madry et al. 2018) on a classifier's cross-entropy, in the L-inf or the L2 ball.
@@ -612,6 +618,7 @@ def _apgd_body(s, x, y, target, eps, norm, evaluate, windows, rho, momentum, cli
         loss_max_check=tf.where(at_check, s["loss_max"], s["loss_max_check"]))
 
 
+@_NOT_CONVERTED
 def apgd(logits_fn, x, y, eps, steps, seed, norm="linf", loss="ce", target=None, clip_min=0.0,
          clip_max=1.0, rho=0.75, momentum=0.75, x_start=None):
     """APGD, Algorithm 1 of Croce & Hein (ICML 2020), batched, one tf.while_loop.
@@ -680,10 +687,13 @@ SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
 def square_p(i, queries, p_init=0.8):
-    """The share p of the image a square covers at iteration i (0-based, after the start) of a
-    `queries` budget: p_init halved once per count of SQUARE_HALVINGS below i * 10000 / queries."""
-    scaled = tf.cast(i, tf.int64) * 10000 // queries
-    halvings = tf.reduce_sum(tf.cast(scaled > tf.constant(SQUARE_HALVINGS, tf.int64), tf.int32))
+    """The share p of the image a square covers at iteration i (0-based, after the start; a
+    scalar or any int tensor) of a `queries` budget: p_init halved once per count of
+    SQUARE_HALVINGS below i * 10000 / queries (the official code's int(i / queries * 10000),
+    here in exact integer arithmetic)."""
+    scaled = tf.cast(i, tf.int64)[..., None] * 10000 // queries
+    halvings = tf.reduce_sum(tf.cast(scaled > tf.constant(SQUARE_HALVINGS, tf.int64), tf.int32),
+                             axis=-1)
     return p_init / tf.pow(2.0, tf.cast(halvings, tf.float32))
 
 
@@ -747,6 +757,7 @@ def _square_body(i, x_best, best, fooled, n_queries, x, y, eps, queries, p_init,
             fooled | (accept & fooled_new), n_queries + tf.cast(alive, tf.int32))
 
 
+@_NOT_CONVERTED
 def square_linf(logits_fn, x, y, eps, queries, seed, p_init=0.8, clip_min=0.0, clip_max=1.0):
     """The L-inf Square attack (Andriushchenko et al., ECCV 2020), score-based: logits only, no
     gradient is ever taken (a model without one is attacked all the same).

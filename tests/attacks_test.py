@@ -588,3 +588,283 @@ def test_bad_inputs_raise_clear_errors():
             attacks.square_linf(model, images, y, 0.1, queries, [0, 1])
     with pytest.raises(ValueError, match="images"):
         attacks.square_linf(model, x, y, 0.1, 10, [0, 1])
+
+
+def _image_linear_case(n=32, classes=4, size=6, eps=0.02, seed=0):
+    """A linear classifier on (size, size, 3) images in [0.25, 0.75] and n images labelled with
+    their clean class, whose every clean margin exceeds 0.8 (a random start cannot bring them
+    near the boundary) and none within 25% of the closed-form boundary at eps (L-inf).
+
+    Returns (logits_fn, x, y, robust (n,) bool by the closed form)."""
+    dim = size * size * 3
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(dim, classes)).astype(np.float32)
+    b = (-0.5 * w.sum(0)).astype(np.float32)
+    x = rng.uniform(0.25, 0.75, (40 * n, size, size, 3)).astype(np.float32)
+    z = x.reshape(len(x), dim).astype(np.float64) @ w + b
+    y = np.argmax(z, 1)
+    margin = z[np.arange(len(x)), y][:, None] - z
+    radius = eps * np.abs(w.T[y][:, None, :].astype(np.float64) - w.T[None]).sum(2)
+    other = np.arange(classes)[None] != y[:, None]
+    rel = np.where(other, np.abs(margin - radius) / np.maximum(radius, 1e-9), np.inf).min(1)
+    keep = np.flatnonzero((rel > 0.25) & (np.where(other, margin, np.inf).min(1) > 0.8))[:n]
+    assert len(keep) == n
+    robust = np.all(~other | (margin > radius), 1)[keep]
+    logits_fn = lambda v: tf.matmul(tf.reshape(v, [-1, dim]), w) + b  # noqa: E731
+    return logits_fn, x[keep], y[keep].astype(np.int32), robust
+
+
+def test_gradient_masking_fools_pgd_and_apgd_ce_but_not_dlr_and_square():
+    """Logits x 1e4: same decisions, but the float32 softmax of a correct example is exactly
+    one-hot, so the cross-entropy's input gradient is exactly 0. PGD-20 and APGD-CE then see
+    nothing and call the model fully robust; APGD-DLR (scale-invariant) finds the closed-form
+    robust accuracy exactly, and Square (no gradient) gets to within a few images of it.
+    The same APGD-CE on the unscaled logits gets there too: the model is masked, not robust."""
+    logits_fn, x, y, robust = _image_linear_case()
+    eps = 0.02
+    masked = lambda v: 1e4 * logits_fn(v)  # noqa: E731
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        ce = tf.reduce_sum(attacks.ce_loss(masked(xt), y))
+    assert np.all(tape.gradient(ce, xt).numpy() == 0)  # the premise: fully masked
+    assert 0.25 < robust.mean() < 0.6
+
+    seed = tf.constant([0, 1])
+    runs = (lambda: attacks.pgd_classifier(masked, xt, y, eps, 20, eps / 4, True, seed, 0.0, 1.0),
+            lambda: attacks.apgd(masked, xt, y, eps, 100, seed)[0],
+            lambda: attacks.apgd(logits_fn, xt, y, eps, 100, seed)[0],
+            lambda: attacks.apgd(masked, xt, y, eps, 100, seed, loss="dlr")[0],
+            lambda: attacks.square_linf(masked, xt, y, eps, 300, seed)[0])
+    accuracy = [np.mean(_predict(logits_fn, tf.function(run)().numpy()) == y) for run in runs]
+    pgd20, apgd_ce, apgd_ce_unmasked, apgd_dlr, square = accuracy
+    assert pgd20 == 1.0 and apgd_ce == 1.0
+    assert apgd_dlr == robust.mean()
+    assert apgd_ce_unmasked <= robust.mean() + 0.1
+    assert square <= robust.mean() + 0.15
+
+
+def _no_gradient(logits_fn):
+    """logits_fn whose input gradient raises: the gradient function of the identity in front of
+    it fails as soon as anything differentiates through it."""
+    @tf.custom_gradient
+    def guard(v):
+        def grad(upstream):
+            raise AssertionError("an input gradient was taken")
+        return tf.identity(v), grad
+    return lambda v: logits_fn(guard(v))
+
+
+def test_square_never_takes_a_gradient():
+    logits_fn, x, y, robust = _image_linear_case()
+    eps = 0.02
+    guarded = _no_gradient(logits_fn)
+    with pytest.raises(AssertionError, match="input gradient was taken"):  # the trap works
+        attacks.apgd(guarded, x, y, eps, 2, [0, 1])
+    x_adv, fooled, n_queries = tf.function(
+        lambda: attacks.square_linf(guarded, x, y, eps, 300, tf.constant([0, 1])))()
+    fooled = fooled.numpy()
+    assert fooled.mean() >= (~robust).mean() - 0.15 and not np.any(fooled & robust)
+    np.testing.assert_array_equal(_predict(logits_fn, x_adv.numpy()) != y, fooled)
+    assert np.all(n_queries.numpy()[~fooled] == 300) and np.all(n_queries.numpy()[fooled] < 300)
+
+
+def test_square_counts_queries_and_stays_in_the_ball_and_the_range():
+    """A model that ignores the image: labelled with its class, nothing can fool it and every
+    example spends the whole budget; labelled with another class, the start already fools it
+    (one query). Images fill [0, 1], so the range binds: every entry of x_adv is x +- eps,
+    clipped to [0, 1] (the L-inf Square attack only ever writes corners of the ball)."""
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0, 1, (6, 5, 5, 3)).astype(np.float32)
+    constant = lambda v: tf.tile(tf.constant([[2.0, 0.0, 1.0]]), [tf.shape(v)[0], 1])  # noqa
+    eps = 0.1
+    run = tf.function(lambda y: attacks.square_linf(constant, x, y, eps, 37, tf.constant([3, 4])))
+    never = run(tf.zeros([6], tf.int32))
+    always = run(tf.ones([6], tf.int32))
+    np.testing.assert_array_equal(never[2].numpy(), 37)
+    assert not np.any(never[1].numpy())
+    np.testing.assert_array_equal(always[2].numpy(), 1)
+    assert np.all(always[1].numpy())
+    for x_adv in (never[0].numpy(), always[0].numpy()):
+        _in_ball(x_adv, x, eps, "linf")
+        corners = np.isclose(x_adv, np.clip(x + eps, 0, 1)) | np.isclose(x_adv,
+                                                                          np.clip(x - eps, 0, 1))
+        assert np.all(corners)
+    assert np.mean(np.isclose(x_adv, 0) | np.isclose(x_adv, 1)) > 0.05  # the range did bind
+
+
+def test_square_schedule_is_the_official_one():
+    """p halves after 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of 10,000 iterations (the
+    official code's table), scaled to the budget: it = int(i / queries * 10000)."""
+    def literal(i, queries, p_init=0.8):
+        it = int(i / queries * 10000)
+        for k, (lo, hi) in enumerate([(10, 50), (50, 200), (200, 500), (500, 1000), (1000, 2000),
+                                      (2000, 4000), (4000, 6000), (6000, 8000), (8000, 10000)]):
+            if lo < it <= hi:
+                return p_init / 2 ** (k + 1)
+        return p_init
+    for queries in (10000, 5000, 1000, 100):
+        i = tf.range(queries)
+        got = attacks.square_p(i, queries).numpy()
+        want = [literal(j, queries) for j in range(queries)]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert float(attacks.square_p(0, 5000)) == pytest.approx(0.8)
+
+
+def _small_net(seed=0, size=6, classes=4, hidden=16):
+    """A fixed random 2-layer ReLU network on (size, size, 3) images."""
+    rng = np.random.default_rng(seed)
+    w1 = tf.constant(rng.normal(size=(size * size * 3, hidden)) / 4, tf.float32)
+    w2 = tf.constant(rng.normal(size=(hidden, classes)), tf.float32)
+    return lambda v: tf.matmul(tf.nn.relu(tf.matmul(tf.reshape(v, [tf.shape(v)[0], -1]), w1)
+                                          - 1.0), w2)
+
+
+def test_l2_pgd_and_apgd_stay_in_the_l2_ball_and_the_range():
+    rng = np.random.default_rng(8)
+    x = rng.uniform(0, 1, (16, 6, 6, 3)).astype(np.float32)  # the range binds often
+    net = _small_net()
+    y = tf.constant(_predict(net, x).astype(np.int32))
+    eps = 0.5
+    seed = tf.constant([1, 2])
+    outs = tf.function(lambda: (
+        attacks.pgd_classifier(net, x, y, eps, 10, eps / 4, True, seed, 0.0, 1.0, norm="l2"),
+        attacks.pgd_classifier(net, x, y, eps, 10, eps / 4, False, None, 0.0, 1.0, norm="l2"),
+        attacks.apgd(net, x, y, eps, 20, seed, norm="l2")[0],
+        attacks.apgd(net, x, y, eps, 0, seed, norm="l2")[0]))()  # the random start alone
+    for x_adv in outs:
+        x_adv = x_adv.numpy()
+        _in_ball(x_adv, x, eps, "l2")
+        assert np.median(np.linalg.norm((x_adv - x).reshape(16, -1), axis=1)) > 0.3 * eps
+    assert np.mean(outs[3].numpy() == 0) + np.mean(outs[3].numpy() == 1) > 0.01  # clipped
+
+
+def test_l2_pgd_reaches_the_closed_form_on_two_classes():
+    """2 classes, no random start: every normalised-gradient step goes along -(w_y - w_j), so
+    after steps totalling more than eps the projection leaves x - eps (w_y - w_j) / ||.||_2."""
+    logits_fn, w, b, x, y, reachable = _linear_case(2, "l2")
+    eps = LINEAR_EPS["l2"]
+    d = w[y] - w[1 - y]
+    x_adv = attacks.pgd_classifier(logits_fn, x, y, eps, 5, eps / 2, clip_min=0.0, clip_max=1.0,
+                                   norm="l2").numpy()
+    np.testing.assert_allclose(x_adv, x - eps * d / np.linalg.norm(d, axis=1, keepdims=True),
+                               atol=1e-5)
+    np.testing.assert_array_equal(_predict(logits_fn, x_adv) != y, reachable.any(1))
+    # the L-inf path is the one it always was: FGSM's corner
+    x_inf = attacks.pgd_classifier(logits_fn, x, y, 0.04, 1, 0.04, norm="linf").numpy()
+    np.testing.assert_allclose(x_inf, x - 0.04 * np.sign(d), atol=1e-6)
+
+
+def test_every_attack_is_a_function_of_its_seed():
+    net = _small_net()
+    rng = np.random.default_rng(9)
+    x = rng.uniform(0.2, 0.8, (8, 6, 6, 3)).astype(np.float32)
+    y = tf.constant(_predict(net, x).astype(np.int32))
+    eps = 0.03
+    run = tf.function(lambda seed: (
+        attacks.apgd(net, x, y, eps, 5, seed)[0],
+        attacks.apgd(net, x, y, 10 * eps, 5, seed, norm="l2", loss="dlr")[0],
+        attacks.pgd_classifier(net, x, y, 10 * eps, 3, eps, True, seed, 0.0, 1.0, norm="l2"),
+        attacks.square_linf(net, x, y, eps, 20, seed)[0]))
+    first, again, other = (run(tf.constant(s)) for s in ([1, 2], [1, 2], [1, 3]))
+    for a, b, c in zip(first, again, other):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        assert not np.array_equal(a.numpy(), c.numpy())
+    eager = attacks.apgd(net, x, y, eps, 5, tf.constant([1, 2]))[0]  # eager: the same points
+    np.testing.assert_allclose(eager.numpy(), first[0].numpy(), atol=1e-6)
+
+
+def test_fooled_examples_leave_the_batch_and_the_loop_stops_when_all_are():
+    """Counting the model's calls and rows: examples fooled at the start are never evaluated
+    again (APGD: 1 + steps calls on the others; Square: 1 + (queries - 1)), and a batch fooled
+    at the start costs one call. Unfoolable examples end at their highest-loss iterate (APGD)
+    or after the whole budget (Square)."""
+    calls, rows = tf.Variable(0), tf.Variable(0)
+
+    def model(v):  # class 0 iff entry 0 > 0.5: eps = 0.1 cannot change it from 0.1 or 0.9
+        calls.assign_add(1)
+        rows.assign_add(tf.shape(v)[0])
+        s = 10.0 * (tf.reshape(v, [tf.shape(v)[0], -1])[:, :1] - 0.5)
+        return tf.concat([s, -s, tf.zeros_like(s)], axis=1)
+
+    x = np.full((8, 3, 3, 1), 0.1, np.float32)
+    x[:3, 0, 0, 0] = 0.9  # classified 0; the labels say 1: fooled from the start
+    y = tf.ones([8], tf.int32)
+    apgd_run = tf.function(lambda x: attacks.apgd(model, x, y, 0.1, 10, tf.constant([0, 1])))
+    square_run = tf.function(lambda x: attacks.square_linf(model, x, y, 0.1, 10,
+                                                           tf.constant([0, 1])))
+    for run, n_calls in ((apgd_run, 11), (square_run, 10)):
+        calls.assign(0), rows.assign(0)
+        out = run(x)
+        np.testing.assert_array_equal(out[1].numpy(), [True] * 3 + [False] * 5)
+        assert int(calls.numpy()) == n_calls and int(rows.numpy()) == 8 + (n_calls - 1) * 5
+        calls.assign(0), rows.assign(0)
+        run(np.full_like(x, 0.9))  # everything fooled at the start
+        assert int(calls.numpy()) == 1 and int(rows.numpy()) == 8
+    np.testing.assert_array_equal(out[2].numpy(), [1] * 3 + [10] * 5)  # Square's queries
+
+
+def test_examples_are_independent_and_eps_does_not_retrace():
+    """The same starts give the same result for the whole batch and for its halves (each
+    example has its own step size, checkpoints and early exit); one trace serves every eps
+    (per example or scalar)."""
+    logits_fn, _, _, x, y, _ = _linear_case(5, "linf", n=24, seed=4)
+    eps = LINEAR_EPS["linf"]
+    x0 = attacks.uniform_start(x, eps, tf.constant([7, 7]), 0.0, 1.0)
+    run = tf.function(lambda x, y, x0, eps: attacks.apgd(logits_fn, x, y, eps, 40, None,
+                                                          loss="dlr", x_start=x0))
+    whole, fooled = run(x, y, x0, tf.fill([24], eps))
+    halves = [run(x[s], y[s], x0[s], tf.fill([12], eps)) for s in (slice(0, 12), slice(12, 24))]
+    np.testing.assert_allclose(whole.numpy(), np.concatenate([h[0].numpy() for h in halves]),
+                               atol=1e-6)
+    np.testing.assert_array_equal(fooled.numpy(), np.concatenate([h[1].numpy() for h in halves]))
+    assert 0 < fooled.numpy().sum() < 24
+    run(x, y, x0, tf.fill([24], eps / 2))
+    assert run.experimental_get_tracing_count() == 2  # two batch sizes, not three eps values
+
+
+def _trained_toy_classifier(steps=150, dim=20, classes=3, hidden=32, seed=0):
+    """A ReLU MLP trained by full-batch gradient descent on three separable Gaussian blobs in
+    [0, 1]^dim. Returns (logits_fn, x_test (64, dim), y_test)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0.3, 0.7, (classes, dim))
+    y = rng.integers(0, classes, 364)
+    x = np.clip(centres[y] + 0.08 * rng.normal(size=(364, dim)), 0, 1).astype(np.float32)
+    params = [tf.Variable(rng.normal(size=(dim, hidden)) / np.sqrt(dim), dtype=tf.float32),
+              tf.Variable(np.zeros(hidden), dtype=tf.float32),
+              tf.Variable(rng.normal(size=(hidden, classes)) / np.sqrt(hidden), dtype=tf.float32)]
+
+    def logits_fn(v):
+        return tf.matmul(tf.nn.relu(tf.matmul(v, params[0]) + params[1]), params[2])
+
+    @tf.function
+    def train(x, y):
+        for _ in tf.range(steps):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(attacks.ce_loss(logits_fn(x), y))
+            for p, g in zip(params, tape.gradient(loss, params)):
+                p.assign_sub(0.5 * g)
+
+    train(x[:300], y[:300].astype(np.int32))
+    return logits_fn, x[300:], y[300:].astype(np.int32)
+
+
+def test_apgd_ce_is_at_least_as_strong_as_pgd20_on_a_trained_model():
+    """Same images, same radii, L-inf and L2: APGD-CE (100 steps) never leaves more images
+    standing than PGD-20 (step eps/4, random start), and the radii span robust to broken."""
+    logits_fn, x, y = _trained_toy_classifier()
+    assert np.mean(_predict(logits_fn, x) == y) == 1.0
+    pgd = tf.function(lambda eps, norm: attacks.pgd_classifier(
+        logits_fn, x, y, eps, 20, eps / 4, True, tf.constant([0, 1]), 0.0, 1.0, norm=norm))
+    apgd = tf.function(lambda eps, norm: attacks.apgd(logits_fn, x, y, eps, 100,
+                                                      tf.constant([0, 1]), norm=norm)[0])
+    counts = []
+    for norm, radii in (("linf", (0.02, 0.05, 0.1)), ("l2", (0.1, 0.25, 0.5))):
+        for eps in radii:
+            eps = tf.constant(eps)
+            standing = [np.sum(_predict(logits_fn, attack(eps, norm).numpy()) == y)
+                        for attack in (pgd, apgd)]
+            assert standing[1] <= standing[0], (norm, float(eps), standing)
+            counts.append(standing)
+    counts = np.array(counts)
+    assert counts.max() > 48 and counts.min() < 16  # the radii span robust to broken
