@@ -49,7 +49,7 @@ def main():
             workdir = tempfile.mkdtemp(prefix="steps_per_loop_")
             subprocess.run([sys.executable, "run.py", "--flagfile=flags/smoke.cfg",
                             f"--epochs={args.epochs}", "--noexport", "--linear_epochs=1",
-                            "--robust_eps=", "--eval_every_epochs=0", "--ckpt_every=100000",
+                            "--robust_attacks=", "--eval_every_epochs=0", "--ckpt_every=100000",
                             "--image_every=100000", f"--workdir={workdir}"] + flags,
                            cwd=REPO, check=True, capture_output=True)
             with open(os.path.join(workdir, "results.json")) as f:

@@ -38,7 +38,7 @@ from clae_tf import files  # noqa: E402  (no TensorFlow: the run is a subprocess
 EVAL_PARTS = [("features", "h, z of the train and test splits, once"),
               ("probe", "linear probe, compiled calls of 10 epochs"),
               ("knn", "weighted kNN on z"),
-              ("robust", "PGD-20 + FGSM at each --robust_eps")]
+              ("robust", "the attack chain of --robust_attacks, with its checks")]
 
 
 def breakdown(t: dict, steps: int, eval_parts=None, online_seconds=None) -> list:

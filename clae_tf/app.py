@@ -10,7 +10,8 @@ from typing import Optional
 
 import keras
 
-from clae_tf import ClaeError, checkpoints, data, distribute, evaluate, export, files, train
+from clae_tf import (ClaeError, checkpoints, data, distribute, evaluate, export, files, robust,
+                     train)
 from clae_tf.config import CHECKPOINT_FLAGS, DATA_FLAGS, RESUME_DATA_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
@@ -124,6 +125,9 @@ def run(cfg: Config, strategy=None) -> dict:
     t = time.time()
     source = data.load(cfg)
     timings["data_load_seconds"] = time.time() - t
+    suite = robust.Suite.from_config(cfg)
+    if cfg.mode != "export" and suite.runs():
+        suite.check(source.num_classes)  # e.g. a DLR attack on 2 classes: before training
     out = {"workdir": cfg.run_dir}
     if cfg.mode == "train":
         chief = distribute.is_chief(strategy)
@@ -212,8 +216,8 @@ def print_summary(out: dict):
         r = out["results"]
         lines.append(f"kNN top-1:    {r['knn_top1']:.4f}   linear top-1: {r['linear_top1']:.4f}"
                      f"   (step {r['step']}, {r['test_examples']} test images)")
-        if "robust_top1" in r:
-            lines.append(f"Robust top-1: {robust_line(r)}")
+        if "robust_clean_top1" in r:
+            lines += robust_lines(r)
         path = out.get("results_path", os.path.join(d, evaluate.RESULTS_FILE))
         note = f"  ({out['results_note']})" if "results_note" in out else ""
         lines.append(f"Results:      {path}{note}")
@@ -230,12 +234,23 @@ def print_summary(out: dict):
         lines.append(f"Probe:        {out['probe_note']}")
     lines.append(f"Reproduce:    {reproduce_command(d)}")
     print("\n".join(lines))
+    for warning in out.get("results", {}).get("robust_warnings", []):  # gradient masking
+        print(f"warning: {warning}", file=sys.stderr)
 
 
-def robust_line(r: dict) -> str:
-    """One compact line: clean, then each attack at each eps (1/255), on the robust subset."""
-    parts = [f"clean {r['robust_clean_top1']:.4f}"]
-    for attack, by_eps in r["robust_top1"].items():
-        eps = sorted(by_eps, key=float)  # results.json sorts keys as strings ("16" < "2")
-        parts.append(f"{attack.upper()} " + " ".join(f"{e}:{by_eps[e]:.4f}" for e in eps))
-    return f"{'  '.join(parts)}  (eps/255, {r['robust_examples']} images, {r['robust_seconds']:.0f} s)"
+def robust_lines(r: dict) -> list:
+    """The robust evaluation in a few lines: clean accuracy on the robust subset and the attack
+    chain, then per norm the worst case over the chain and the first attack alone (radii in
+    1/255 for L-inf, [0, 1]-pixel units for L2)."""
+    chain = r.get("robust_attacks") or r.get("robust_l2_attacks") or []
+    lines = [f"Robust top-1: clean {r['robust_clean_top1']:.4f} on {r['robust_examples']} images"
+             f"  ({' > '.join(chain)}, {r['robust_seconds']:.0f} s)"]
+    for label, table, attacks in (("  Linf /255:  ", "robust_top1", "robust_attacks"),
+                                  ("  L2:         ", "robust_top1_l2", "robust_l2_attacks")):
+        if table not in r:
+            continue
+        rows = ["worst"] + (r[attacks][:1] if len(r[attacks]) > 1 else [])
+        lines.append(label + "   ".join(f"{row} " + " ".join(
+            f"{e}:{r[table][row][e]:.4f}" for e in sorted(r[table][row], key=float))
+            for row in rows))  # results.json sorts keys as strings ("16" < "2")
+    return lines

@@ -9,6 +9,7 @@ field (`_flag` below); define_flags, from_flags and the method defaults are deri
 """
 
 import dataclasses
+import difflib
 import os
 import typing
 from typing import Optional, Tuple
@@ -33,7 +34,9 @@ DATA_FLAGS = ("dataset", "data_dir", "train_examples", "examples_per_class")
 # What an evaluation records with its results (results*.json "eval_flags"): its data and its own
 # settings. Evaluating (or exporting) never rewrites flags.cfg, the record of the training.
 EVAL_FLAGS = DATA_FLAGS + ("knn_k", "knn_sigma", "probe", "linear_epochs", "linear_lr",
-                           "linear_batch_size", "robust_eps", "robust_examples")
+                           "linear_batch_size", "robust_attacks", "robust_eps", "robust_l2_eps",
+                           "robust_examples", "robust_apgd_steps", "robust_targets",
+                           "robust_square_queries", "robust_checks")
 
 # Each method's paper settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale):
 # one row per method, one entry per auto flag. A flag left at its auto default (auto, 0, or -1
@@ -61,6 +64,10 @@ METHOD_DEFAULTS = {
 }
 # The step schedule's boundaries and factors: taken from the method's row together, or not at all.
 _STEP_PAIR = ("lr_boundaries", "lr_factors")
+# Robust evaluation (robust.py): the attacks --robust_attacks names, and its suites, which expand
+# in place. autoattack is AutoAttack's "standard" version (Croce & Hein 2020) without FAB-T.
+ROBUST_ATTACKS = ("pgd20", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t", "square")
+ROBUST_SUITES = {"autoattack": ("apgd-ce", "apgd-t", "square"), "quick": ("pgd20", "fgsm")}
 # Not written to a run's flags.cfg: they say what to do with the run, not what the run is.
 _NOT_RECORDED = ("mode", "virtual_cpus")
 
@@ -194,11 +201,28 @@ class Config:
     linear_lr: float = _flag(3e-4, "Linear probe learning rate (Adam).")
     linear_batch_size: int = _flag(0, "Linear probe batch size.", auto=True)
     eval_batch_size: int = _flag(500, "Batch size for feature extraction.")
-    robust_eps: str = _flag("1,2,4,8", "Robust evaluation radii, comma-separated, in units of "
-                            "1/255 of the [0, 1] pixel range: PGD-20 (step eps/4, random start) "
-                            "and FGSM on encoder + linear probe. Empty: no robust evaluation.")
+    robust_attacks: str = _flag("pgd20,autoattack", "Robust evaluation of encoder + linear "
+                                "probe: the attacks, comma-separated, run in this order, each on "
+                                "the images the ones before left standing: pgd20 (PGD-20, step "
+                                "eps/4, random start), fgsm, apgd-ce and apgd-dlr (APGD on the "
+                                "cross-entropy / DLR loss), apgd-t (targeted APGD-DLR, one run "
+                                "per target class), square (black box, L-inf only), or the "
+                                "suites autoattack (apgd-ce,apgd-t,square) and quick "
+                                "(pgd20,fgsm). Empty: no robust evaluation.")
+    robust_eps: str = _flag("1,2,4,8", "L-inf radii of the robust evaluation, comma-separated, in "
+                            "units of 1/255 of the [0, 1] pixel range (empty: none).")
+    robust_l2_eps: str = _flag("0.25,0.5", "L2 radii of the robust evaluation, comma-separated, "
+                               "in [0, 1]-pixel units (empty: none); fgsm and square have no L2 "
+                               "version and are left out there.")
     robust_examples: int = _flag(1000, "Test images of the robust evaluation: a fixed "
                                  "class-balanced subset (0: all).")
+    robust_apgd_steps: int = _flag(100, "Iterations of each APGD run (apgd-ce, apgd-dlr, each "
+                                   "target of apgd-t).")
+    robust_targets: int = _flag(9, "apgd-t: target classes, the most likely other classes of "
+                                "the clean image (at most the number of classes - 1).")
+    robust_square_queries: int = _flag(5000, "square: queries (forward passes) per image.")
+    robust_checks: bool = _flag(True, "Gradient-masking checks of the robust evaluation "
+                                "(results.json robust_checks; a warning line when one fires).")
     # Distribution.
     strategy: str = _flag("auto", "auto (mirrored when >1 GPU), mirrored, multiworker (TF_CONFIG; "
                           "docs/distributed.md) or one_device.",
@@ -300,14 +324,22 @@ class Config:
         if any(f <= 0 for f in self.lr_factors):
             bad("lr_factors", f"must be > 0 (multipliers of --learning_rate), got "
                               f"{','.join(map(str, self.lr_factors))}")
-        for item in self.robust_eps.split(",") if self.robust_eps.strip() else []:
-            try:
-                value = float(item)
-            except ValueError:
-                bad("robust_eps", f"expected comma-separated numbers (in 1/255), got "
-                                  f"{self.robust_eps!r}")
-            if not value >= 0:  # also rejects nan
-                bad("robust_eps", f"must be >= 0 (in 1/255), got {item.strip()}")
+        for name, unit in (("robust_eps", " (in 1/255)"), ("robust_l2_eps", "")):
+            for item in _items(getattr(self, name)):
+                try:
+                    value = float(item)
+                except ValueError:
+                    bad(name, f"expected comma-separated numbers{unit}, got "
+                              f"{getattr(self, name)!r}")
+                if not value >= 0:  # also rejects nan
+                    bad(name, f"must be >= 0{unit}, got {item}")
+                if name == "robust_eps" and value > 255:
+                    bad(name, f"{item} is more than the whole [0, 1] pixel range (255/255); "
+                              f"the radii are in 1/255")
+        try:
+            self.robust_attack_list
+        except ValueError as e:
+            bad("robust_attacks", str(e))
         if self.attack_step_size < 0:
             bad("attack_step_size", f"must be > 0 (or 0: 2.5 * eps / steps), got "
                                     f"{self.attack_step_size}")
@@ -323,6 +355,21 @@ class Config:
     @property
     def sigma(self) -> float:
         return self.knn_sigma or self.temperature
+
+    @property
+    def robust_attack_list(self) -> Tuple[str, ...]:
+        """--robust_attacks with the suites expanded in place and repeats dropped (the first
+        place counts). Raises ValueError naming an unknown attack or suite."""
+        out = []
+        for name in (item.lower() for item in _items(self.robust_attacks)):
+            if name not in ROBUST_ATTACKS and name not in ROBUST_SUITES:
+                close = difflib.get_close_matches(name, ROBUST_ATTACKS + tuple(ROBUST_SUITES), 1)
+                suites = ", ".join(f"{k} ({','.join(v)})" for k, v in ROBUST_SUITES.items())
+                raise ValueError(f"unknown attack or suite {name!r}"
+                                 f"{f' (did you mean {close[0]}?)' if close else ''}; choose "
+                                 f"from {', '.join(ROBUST_ATTACKS)} or the suites {suites}")
+            out += [a for a in ROBUST_SUITES.get(name, (name,)) if a not in out]
+        return tuple(out)
 
     def to_flagfile(self) -> str:
         """The flags of this run as an absl flagfile (`--flagfile=` reproduces it)."""
@@ -411,6 +458,11 @@ def from_flags() -> Config:
     return Config(**values)
 
 
+def _items(text: str):
+    """The non-empty items of a comma list ("1, 2," -> ["1", "2"])."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _parse_numbers(name, items, kind):
     try:
         return [kind(x) for x in items]
@@ -428,7 +480,8 @@ _AT_LEAST = {
     "image_every": (1, " (steps between image logs)"),
     "linear_epochs": (1, " (an untrained probe's accuracy means nothing)"),
     "eval_every_epochs": (0, " (0: off)"), "projector_examples": (0, " (0: none)"),
-    "robust_examples": (0, " (0: all test images)"),
+    "robust_examples": (0, " (0: all test images)"), "robust_apgd_steps": (1, ""),
+    "robust_targets": (1, ""), "robust_square_queries": (1, " (queries per image)"),
 }
 # Flags whose 0 means "all" or "the default": {flag: what 0 stands for}.
 _ZERO_MEANS = {"proj_hidden": "the representation's width",

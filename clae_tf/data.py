@@ -485,6 +485,69 @@ def eval_dataset(split: Split, batch_size: int, normalize: str):
         num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+def balanced_subset(labels, n: int) -> np.ndarray:
+    """Indices of a fixed class-balanced subset of n examples, in split order.
+
+    Classes take turns: first every class's first example, then every class's second, ... (by
+    position in the split), so class counts differ by at most one while every class has examples
+    left (with n not a multiple of the classes, the lowest labels get the extra one), and the
+    subset depends only on the labels' order: the same images for every run. The subset of a
+    smaller n is the first of these, so it lies inside the subset of a larger one.
+
+    Args:
+      labels: int (N,) labels of the split, in its order.
+      n: how many to keep (0: none; more than N: all).
+    Returns:
+      int (min(n, N),) indices, ascending.
+    """
+    labels = np.asarray(labels)
+    rank = np.zeros(len(labels), np.int64)  # position of each example within its class
+    seen = {}
+    for i, y in enumerate(labels.tolist()):
+        rank[i] = seen.get(y, 0)
+        seen[y] = rank[i] + 1
+    order = np.lexsort((labels, rank))  # rank 0 of every class, then rank 1, ... (stable)
+    return np.sort(order[:max(n, 0)])
+
+
+def read_images(split: Split, index=None, batch_size: int = 1000):
+    """The uint8 images (N, S, S, 3) and int64 labels (N,) of `split` as numpy arrays, in order.
+
+    Args:
+      split: the split to read.
+      index: ascending indices of the examples to keep (None: all). A split that can select
+        (image folders, digits) decodes only those; a TFDS split decodes every image once.
+      batch_size: images decoded per tf.data batch.
+    Returns:
+      (images, labels); a file that cannot be decoded is named in a ClaeError.
+    """
+    if index is not None and split.select is not None:
+        return read_images(split.select(np.asarray(index)), batch_size=batch_size)
+    xs, ys = [], []
+    try:
+        for x, y in split.images.batch(batch_size):
+            xs.append(x.numpy())
+            ys.append(y.numpy())
+    except tf.errors.InvalidArgumentError as e:
+        raise_if_unreadable(split, e)
+    images, labels = np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+    return (images, labels) if index is None else (images[index], labels[index])
+
+
+def read_balanced(split: Split, n: int):
+    """`read_images` of the `balanced_subset` of n examples of `split`.
+
+    Returns:
+      (uint8 images, int64 labels, the subset's indices in the split).
+    """
+    if split.labels is None:  # TFDS: labels only by decoding, so decode the whole split once
+        images, labels = read_images(split)
+        index = balanced_subset(labels, n)
+        return images[index], labels[index], index
+    index = balanced_subset(split.labels, n)
+    return (*read_images(split, index), index)
+
+
 def find_unreadable(split: Split) -> Optional[str]:
     """The first file of `split` that cannot be decoded (used only after a decode error)."""
     for path in split.files or []:

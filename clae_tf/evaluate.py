@@ -1,5 +1,5 @@
 """Evaluation of a pretrained encoder: weighted kNN on z, a linear probe on frozen h (or z), and
-the robust accuracy of encoder + probe (robust.py, --robust_eps).
+the robust accuracy of encoder + probe (robust.py, --robust_attacks).
 
 Both report the FINAL number on the whole test split (no selection on test, unlike the
 reference, which keeps the best test accuracy over probe epochs and drops the last kNN batch).
@@ -76,13 +76,6 @@ def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, ch
         pred = predict(tf.constant(test_z[i:i + chunk], tf.float32)).numpy()
         correct += int(np.sum(pred == test_y[i:i + chunk]))
     return correct / len(test_z)
-
-
-def linear_top1(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3e-4,
-                batch_size=256, seed=0):
-    """Logistic regression on frozen features with Adam; the final epoch's test accuracy."""
-    return linear_probe(train_h, train_y, test_h, test_y, num_classes, epochs=epochs, lr=lr,
-                        batch_size=batch_size, seed=seed)[0]
 
 
 PROBE_EPOCHS_PER_CALL = 10
@@ -221,19 +214,16 @@ def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None,
         "eval_flags": {name: cfg.value_str(name) for name in EVAL_FLAGS
                        if getattr(cfg, name) is not None},
     }
-    eps_list = robust.parse_eps(cfg.robust_eps)
-    if eps_list:  # the encoder + probe under PGD-20 and FGSM, in pixel space
-        results.update(robust.evaluate(model, probe, source.test, eps_list, cfg.robust_examples,
-                                       cfg.normalize, feature=cfg.probe,
-                                       batch_size=cfg.eval_batch_size, seed=cfg.seed))
+    if robust.Suite.from_config(cfg).runs():  # encoder + probe under the attack chain
+        results.update(robust.evaluate(cfg, model, probe, source.test, source.num_classes))
         seconds["robust"] = results["robust_seconds"]
     results["eval_seconds_by_part"] = seconds
     results.update(extra or {})
     _write_scalars(cfg.run_dir, paths["prefix"], step, results)
     # --mode=eval: keep what training wrote (wall time, epochs...); a broken file counts as absent.
     saved = files.read_json(paths["results"]) or {}
-    if "robust_top1" not in results:  # robust numbers of an earlier evaluation would be stale
-        saved = {k: v for k, v in saved.items() if not k.startswith("robust_")}
+    # Robust numbers of an earlier evaluation (other attacks, radii, or none now) are stale.
+    saved = {k: v for k, v in saved.items() if not k.startswith("robust_")}
     results = {**saved, **results}
     files.write_atomic(paths["results"], json.dumps(results, indent=2, sort_keys=True))
     return results
@@ -244,7 +234,8 @@ def _write_scalars(run_dir, prefix, step, results):
     with writer.as_default(step=step):
         tf.summary.scalar(f"{prefix}/knn_top1", results["knn_top1"])
         tf.summary.scalar(f"{prefix}/linear_top1", results["linear_top1"])
-        for attack, by_eps in results.get("robust_top1", {}).items():
-            for eps, acc in by_eps.items():
-                tf.summary.scalar(f"{prefix}/robust_top1/{attack}_{eps}", acc)
+        for table in ("robust_top1", "robust_top1_l2"):  # L-inf, L2
+            for attack, by_eps in results.get(table, {}).items():
+                for eps, acc in by_eps.items():
+                    tf.summary.scalar(f"{prefix}/{table}/{attack}_{eps}", acc)
     writer.flush()

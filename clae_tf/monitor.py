@@ -25,40 +25,6 @@ NEIGHBOUR_ROWS = 10  # test images in the picture: the first of each class (up t
 NEIGHBOURS = 8  # training images after each
 
 
-def balanced_subset(labels, num_classes, n):
-    """Indices of n examples, class-balanced and the same every run: the first ceil(n / C) of
-    each class in the split's order; with n not a multiple of C, the classes with the lowest
-    labels get the extra one. Fewer than n if the split has fewer.
-
-    Args:
-      labels: int (N,) labels of the split, in its order.
-      num_classes: C.
-      n: how many to keep.
-    Returns:
-      int (min(n, N),) indices, ascending.
-    """
-    labels = np.asarray(labels)
-    rank = np.zeros(len(labels), np.int64)  # position of each example within its class
-    seen = np.zeros(num_classes, np.int64)
-    for i, y in enumerate(labels):
-        rank[i] = seen[y]
-        seen[y] += 1
-    order = np.lexsort((labels, rank))  # rank 0 of every class, then rank 1, ...
-    return np.sort(order[:n])
-
-
-def load_images(split: data.Split, batch_size=1000):
-    """Every (uint8 image, label) of `split`, in order, as numpy arrays (N, S, S, 3), (N,)."""
-    xs, ys = [], []
-    try:
-        for x, y in split.images.batch(batch_size):
-            xs.append(x.numpy())
-            ys.append(y.numpy())
-    except tf.errors.InvalidArgumentError as e:
-        data.raise_if_unreadable(split, e)
-    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
-
-
 class Monitor:
     """Online kNN, the nearest-neighbour picture and the projector of one run (the chief's).
 
@@ -91,24 +57,14 @@ class Monitor:
         """The training images and the test subsets (online kNN and projector), once."""
         if self._train is not None:
             return
-        self._train = load_images(self.source.train)
-        test, c = self.source.test, self.source.num_classes
+        self._train = data.read_images(self.source.train)
         n = max(self.cfg.online_eval_examples, self.cfg.projector_examples)
-        if test.labels is not None and test.select is not None:
-            # Labels known without decoding (image folders): decode only the subset.
-            labels = test.labels
-            keep = balanced_subset(labels, c, n)
-            images = load_images(test.select(keep))[0]
-        else:  # TFDS: decode the whole split once
-            images, labels = load_images(test)
-            keep = balanced_subset(labels, c, n)
-            images = images[keep]
-        self._test = images, np.asarray(labels)[keep].astype(np.int64), keep
-        # Both subsets (each the first of every class) are in `keep`: their positions there.
-        self._online = np.searchsorted(keep, balanced_subset(labels, c,
-                                                             self.cfg.online_eval_examples))
-        self._projected = np.searchsorted(keep, balanced_subset(labels, c,
-                                                                self.cfg.projector_examples))
+        images, labels, keep = data.read_balanced(self.source.test, n)
+        self._test = images, labels, keep
+        # Both subsets (each the first of every class) are the first of `keep`'s own balanced
+        # order: their positions in `keep`.
+        self._online = data.balanced_subset(labels, self.cfg.online_eval_examples)
+        self._projected = data.balanced_subset(labels, self.cfg.projector_examples)
 
     def features(self, images):
         """(h, z) float32 numpy arrays of uint8 images (N, S, S, 3), in eval batches."""

@@ -1,71 +1,103 @@
-"""Robust accuracy of the frozen encoder + linear probe under PGD-20 and FGSM (--robust_eps).
+"""Robust accuracy of the frozen encoder + linear probe under a chain of attacks (AutoAttack's way).
 
 The classifier under attack is images in [0, 1] -> normalise (--normalize) -> encoder (clean BNs,
-inference mode) -> h (or z, --probe=z) -> the trained linear probe -> logits, attacked end to end
-on the probe's cross-entropy. The attack lives in PIXEL space: eps = k/255 of the [0, 1] range,
-and every adversarial image is clipped to [0, 1], so the numbers mean what they mean in the
-literature (unlike the training --eps, which is in normalised units).
+inference mode) -> h (or z, --probe=z) -> the trained linear probe -> logits, attacked end to end.
+The attacks live in PIXEL space: an L-inf radius of k/255 of the [0, 1] range (--robust_eps), an
+L2 radius in [0, 1]-pixel units (--robust_l2_eps), every adversarial image clipped to [0, 1], so
+the numbers mean what they mean in the literature (unlike the training --eps, which is in
+normalised units).
 
-An example counts as robust only if it is classified correctly both clean and under the attack
-(as AutoAttack counts) at its radius and every smaller one of --robust_eps, so robust accuracy
-never exceeds clean accuracy on the same images, equals it at eps = 0, and falls with eps.
+The chain (AutoAttack's order and counting, docs/method.md): per norm, the attacks of
+--robust_attacks run in order; at each radius an attack runs only on the images that every
+earlier attack at that radius, and every attack up to itself at every smaller radius, left
+standing. Clean-incorrect images never count as robust. An adversarial image found at a smaller
+radius lies in every larger ball (and in [0, 1]), so an image fooled at 2/255 counts as fooled at
+8/255: nothing is lost, every row is monotone in eps, and most images of a non-robust encoder
+leave the chain at its first attack and radius, which is where the saving is.
+robust_top1[attack][eps] is the accuracy after that attack and every one before it: the first
+attack's row is that attack alone, and "worst" (after all of them) is the suite's worst case.
 """
 
+import dataclasses
+import functools
 import time
+import zlib
 
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import attacks, augment, data
+from clae_tf import ClaeError, attacks, augment, data, masking
 
 PGD_STEPS = 20  # PGD-20, step eps/4, random start (Madry et al. 2018's CIFAR evaluation uses 20)
+NO_L2 = ("fgsm", "square")  # attacks without an L2 version: left out of the L2 chain
+# The DLR losses need a third-largest logit, the targeted one a fourth (attacks.py, as AutoAttack).
+MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+# Per norm: the unit of its radii (in [0, 1] pixels) and its results.json keys.
+NORMS = {"linf": dict(unit=1 / 255, top1="robust_top1", attacks="robust_attacks",
+                      eps="robust_eps"),
+         "l2": dict(unit=1.0, top1="robust_top1_l2", attacks="robust_l2_attacks",
+                    eps="robust_l2_eps")}
 
 
 def parse_eps(text: str):
-    """--robust_eps ("1,2,4,8", in 1/255; "" -> none) as a list of floats (validated in config)."""
-    return [float(item) for item in text.split(",")] if text.strip() else []
+    """A comma list of radii ("1,2,4,8"; "" -> none) as a list of floats (validated in config)."""
+    return [float(item) for item in text.split(",") if item.strip()]
 
 
 def eps_key(eps: float) -> str:
-    """results.json / TensorBoard name of a radius in 1/255: 1.0 -> "1", 0.5 -> "0.5"."""
+    """results.json / TensorBoard name of a radius: 1.0 -> "1", 0.5 -> "0.5"."""
     return f"{eps:g}"
 
 
-def balanced_subset(labels: np.ndarray, n: int) -> np.ndarray:
-    """Indices of a fixed class-balanced subset of size n (0 or n >= len: all), in split order.
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """What a robust evaluation runs (the --robust_* flags).
 
-    Classes take turns: first every class's first example, then every class's second, ... (by
-    position in the split), so class counts differ by at most one while every class has examples
-    left, and the subset depends only on the labels' order: the same images for every run.
+    attacks: names in chain order (config.ROBUST_ATTACKS, suites expanded); linf_eps: L-inf
+    radii in 1/255; l2_eps: L2 radii in [0, 1]-pixel units; apgd_steps: iterations per APGD run;
+    targets: APGD-T's target classes (capped at classes - 1); square_queries: Square's budget per
+    image; checks: run the gradient-masking checks (masking.py).
     """
-    labels = np.asarray(labels)
-    if n <= 0 or n >= len(labels):
-        return np.arange(len(labels))
-    rank = np.zeros(len(labels), np.int64)  # position of each example within its class
-    seen = {}
-    for i, y in enumerate(labels.tolist()):
-        rank[i] = seen.get(y, 0)
-        seen[y] = rank[i] + 1
-    order = np.lexsort((np.arange(len(labels)), labels, rank))  # by rank, then class, then index
-    return np.sort(order[:n])
+    attacks: tuple
+    linf_eps: tuple = ()
+    l2_eps: tuple = ()
+    apgd_steps: int = 100
+    targets: int = 9
+    square_queries: int = 5000
+    checks: bool = True
+
+    @classmethod
+    def from_config(cls, cfg) -> "Suite":
+        return cls(cfg.robust_attack_list, tuple(parse_eps(cfg.robust_eps)),
+                   tuple(parse_eps(cfg.robust_l2_eps)), cfg.robust_apgd_steps,
+                   cfg.robust_targets, cfg.robust_square_queries, cfg.robust_checks)
+
+    def attacks_for(self, norm: str) -> tuple:
+        """The attacks the chain of `norm` runs (none without radii)."""
+        radii = self.linf_eps if norm == "linf" else self.l2_eps
+        if not radii:
+            return ()
+        return tuple(a for a in self.attacks if norm == "linf" or a not in NO_L2)
+
+    def runs(self) -> bool:
+        """Whether there is anything to evaluate (an attack and a radius of some norm)."""
+        return any(self.attacks_for(norm) for norm in NORMS)
+
+    def check(self, num_classes: int):
+        """Raises the ClaeError of attacks the dataset cannot take (MIN_CLASSES: the DLR losses)."""
+        bad = [f"{a} needs {MIN_CLASSES[a]}" for a in self.attacks
+               if num_classes < MIN_CLASSES.get(a, 0)]
+        if bad:
+            raise ClaeError(f"--robust_attacks: the DLR losses need more classes than the "
+                            f"{num_classes} of this dataset ({', '.join(bad)}): leave them out, "
+                            f"e.g. --robust_attacks=pgd20,apgd-ce,square")
 
 
 def load_subset(split: data.Split, n: int):
-    """(images float32 in [0, 1] (n, S, S, 3), labels int32 (n,)) of `balanced_subset`."""
-    labels = split.labels
-    if labels is None:  # TFDS: one pass over the labels
-        labels = np.array([int(y) for y in split.images.map(lambda x, y: y)], np.int64)
-    index = balanced_subset(labels, n)
-    keep = np.zeros(len(labels), bool)
-    keep[index] = True
-    keep = tf.constant(keep)
-    images, ys = [], []
-    ds = split.images.enumerate().filter(lambda i, example: tf.gather(keep, i)).batch(1000)
-    for _, (x, y) in ds:
-        images.append(x.numpy())
-        ys.append(y.numpy())
-    images = np.concatenate(images).astype(np.float32) / 255.0
-    return images, np.concatenate(ys).astype(np.int32)
+    """(images float32 in [0, 1] (n, S, S, 3), labels int32 (n,)) of the fixed class-balanced
+    subset of n examples (data.balanced_subset; 0: all)."""
+    images, labels, _ = data.read_balanced(split, n if n > 0 else split.num_examples)
+    return images.astype(np.float32) / 255.0, labels.astype(np.int32)
 
 
 def classifier(model, probe, normalize: str, feature: str = "h"):
@@ -78,82 +110,247 @@ def classifier(model, probe, normalize: str, feature: str = "h"):
     return logits_fn
 
 
-def robust_accuracy(logits_fn, images, labels, eps_list, batch_size=500, seed=0,
-                    pgd_steps=PGD_STEPS):
-    """Top-1 accuracy of `logits_fn` clean and under PGD and FGSM at each radius.
+def batch_seed(seed: int, tag: str):
+    """The shape-[2] seed of one attacked batch: the run's --seed and a hash of the norm, the
+    attack, the radius, the pass and the batch (the same run draws the same numbers)."""
+    return [int(seed), zlib.crc32(tag.encode()) & 0x7FFFFFFF]
 
-    An example counts as robust at eps if it is correct clean AND under the attack at every
-    radius <= eps of eps_list: the radii are attacked in increasing order, and only the
-    examples still standing are attacked at the next one. An adversarial image found at a
-    smaller radius lies in every larger ball (and in [0, 1]), so an example fooled at 2/255 is
-    fooled at 8/255: skipping it only saves work, and makes the curve monotone in eps (a
-    single-radius FGSM can miss at 8/255 what it finds at 2/255). The saving is large: most
-    examples of a non-robust encoder fall at the smallest radius.
+
+def attack_standing(attack_pass, alive, eps, batch_size, seed, tag) -> int:
+    """Runs `attack_pass` on the images still standing, in batches; marks the fooled ones.
+
+    Args:
+      attack_pass: (rows int (n,), eps, seed [2]) -> fooled bool (n,).
+      alive: bool (N,) numpy mask of the images standing, updated in place.
+      eps: the radius in [0, 1]-pixel units; batch_size: rows per call.
+      seed, tag: the run's seed and the name of this pass (batch_seed).
+    Returns:
+      How many images it fooled.
+    """
+    index = np.flatnonzero(alive)
+    for b, start in enumerate(range(0, len(index), batch_size)):
+        rows = index[start:start + batch_size]
+        fooled = np.asarray(attack_pass(rows, eps, batch_seed(seed, f"{tag}/{b}")), bool)
+        alive[rows[fooled]] = False
+    return int(len(index) - np.count_nonzero(alive[index]))
+
+
+def run_chain(steps, clean, radii, unit, batch_size=500, seed=0, tag=""):
+    """The chain of one norm (module docstring): each attack in order, each radius in increasing
+    order, each on the images still standing.
+
+    Args:
+      steps: [(attack name, [attack_pass, ...])]: an attack's passes run one after the other
+        (APGD-T: one per target rank), each on what the one before left (attack_standing).
+      clean: bool (N,) the images classified correctly clean.
+      radii: the radii in the flag's units; unit: their size in [0, 1] pixels (1/255 for L-inf).
+      batch_size, seed, tag: as attack_standing (tag names the norm).
+    Returns:
+      {"top1": {attack: {eps_key: accuracy}, "worst": {...}}, "fooled": {attack: {eps_key:
+      images it fooled}}, "standing": {attack: {eps_key: bool (N,) mask after it}},
+      "seconds": {attack: wall time}}; accuracies are over all N images.
+    """
+    order = sorted({eps_key(e): e for e in radii}.items(), key=lambda item: item[1])
+    alive = {key: np.array(clean, bool) for key, _ in order}
+    out = {"top1": {}, "fooled": {}, "standing": {}, "seconds": {}}
+    for name, passes in steps:
+        start = time.time()
+        for k, (key, eps) in enumerate(order):
+            if k:  # fooled at a smaller radius by this attack or an earlier one: fooled here
+                alive[key] &= alive[order[k - 1][0]]
+            fooled = 0
+            for p, attack_pass in enumerate(passes if eps > 0 else []):  # eps 0: x itself
+                fooled += attack_standing(attack_pass, alive[key], eps * unit, batch_size, seed,
+                                          f"{tag}/{name}/{key}/{p}")
+            out["top1"].setdefault(name, {})[key] = float(np.mean(alive[key]))
+            out["fooled"].setdefault(name, {})[key] = fooled
+            out["standing"].setdefault(name, {})[key] = alive[key].copy()
+        out["seconds"][name] = time.time() - start
+    out["top1"]["worst"] = {key: float(np.mean(alive[key])) for key, _ in order}
+    return out
+
+
+def _attack_fn(logits_fn, name, norm, steps, queries):
+    """The attack `name` as (x, y, eps, seed[, target]) -> fooled bool (N,) [, queries (N,)],
+    traceable (tf.function)."""
+    def wrong(x_adv, y):
+        return tf.not_equal(tf.argmax(logits_fn(x_adv), axis=-1, output_type=tf.int32), y)
+
+    box = dict(clip_min=0.0, clip_max=1.0)
+    if name == "pgd20":
+        return lambda x, y, eps, seed: wrong(attacks.pgd_classifier(
+            logits_fn, x, y, eps, PGD_STEPS, eps / 4, random_start=True, seed=seed, norm=norm,
+            **box), y)
+    if name == "fgsm":
+        return lambda x, y, eps, seed: wrong(attacks.fgsm_classifier(logits_fn, x, y, eps, **box),
+                                             y)
+    if name in ("apgd-ce", "apgd-dlr"):
+        loss = name.split("-")[1]
+        return lambda x, y, eps, seed: attacks.apgd(logits_fn, x, y, eps, steps, seed, norm=norm,
+                                                    loss=loss, **box)[1]
+    if name == "apgd-t":
+        return lambda x, y, eps, seed, target: attacks.apgd(
+            logits_fn, x, y, eps, steps, seed, norm=norm, loss="dlr_targeted", target=target,
+            **box)[1]
+    if name == "square":
+        return lambda x, y, eps, seed: attacks.square_linf(logits_fn, x, y, eps, queries, seed,
+                                                           **box)[1:]
+    raise ValueError(f"unknown attack {name!r}")
+
+
+class Attacker:
+    """The attacks of a suite on one classifier and one set of images.
+
+    Each attack is compiled once (a tf.function whose input signature leaves the batch size
+    open, the radius and seed tensors: one trace for every batch of survivors) and called on the
+    rows still standing, one host round trip per batch, never per iteration.
+
+    Args:
+      logits_fn: images in [0, 1] -> (N, C) float32 logits, stateless (inference mode).
+      images: float32 (N, H, W, C) in [0, 1]; labels: int (N,).
+      suite: the Suite; num_classes: C.
+    """
+
+    def __init__(self, logits_fn, images, labels, suite: Suite, num_classes: int):
+        self.logits_fn, self.suite, self.num_classes = logits_fn, suite, num_classes
+        self.images = np.asarray(images, np.float32)
+        self.labels = np.asarray(labels, np.int32)
+        self.square_queries = {}  # eps_key (1/255) -> queries per attacked image
+        self._compiled = {}
+        self._targets = None
+
+    def _fn(self, key, build, *inputs):
+        """The compiled build() of (images, *inputs), inputs of "labels", "scalar", "seed" and
+        "rows" (an int per image)."""
+        if key not in self._compiled:
+            specs = {"labels": tf.TensorSpec([None], tf.int32),
+                     "scalar": tf.TensorSpec([], tf.float32),
+                     "seed": tf.TensorSpec([2], tf.int64), "rows": tf.TensorSpec([None], tf.int32)}
+            signature = [tf.TensorSpec((None,) + self.images.shape[1:], tf.float32)]
+            self._compiled[key] = tf.function(
+                build(), input_signature=signature + [specs[i] for i in inputs])
+        return self._compiled[key]
+
+    def _call(self, fn, rows, eps, seed, *extra):
+        return fn(tf.constant(self.images[rows]), tf.constant(self.labels[rows]),
+                  tf.constant(eps, tf.float32), tf.constant(seed, tf.int64),
+                  *(tf.constant(e[rows], tf.int32) for e in extra))
+
+    def clean_logits(self, batch_size: int) -> np.ndarray:
+        """(N, C) logits of the clean images."""
+        fn = self._fn("logits", lambda: self.logits_fn)
+        return np.concatenate([fn(tf.constant(self.images[i:i + batch_size])).numpy()
+                               for i in range(0, len(self.images), batch_size)] or
+                              [np.zeros((0, self.num_classes), np.float32)])
+
+    def set_clean(self, logits: np.ndarray):
+        """APGD-T's targets: the most likely other classes of each clean image."""
+        k = min(self.suite.targets, self.num_classes - 1)
+        self._targets = attacks.top_targets(tf.constant(logits), tf.constant(self.labels),
+                                            k).numpy()
+
+    def passes(self, name: str, norm: str, steps: int = 0):
+        """The attack passes of `name` (run_chain's steps): APGD-T one per target rank.
+
+        Args:
+          name: an attack of config.ROBUST_ATTACKS; norm: linf or l2.
+          steps: APGD's iterations (0: the suite's).
+        """
+        steps = steps or self.suite.apgd_steps
+        fn = self._fn((name, norm, steps), lambda: _attack_fn(
+            self.logits_fn, name, norm, steps, self.suite.square_queries),
+            "labels", "scalar", "seed", *(["rows"] if name == "apgd-t" else []))
+        if name == "apgd-t":
+            return [functools.partial(self._target_pass, fn, r)
+                    for r in range(self._targets.shape[1])]
+        if name == "square":
+            return [functools.partial(self._square_pass, fn)]
+        return [lambda rows, eps, seed: self._call(fn, rows, eps, seed).numpy()]
+
+    def _target_pass(self, fn, rank, rows, eps, seed):
+        return self._call(fn, rows, eps, seed, self._targets[:, rank]).numpy()
+
+    def _square_pass(self, fn, rows, eps, seed):
+        fooled, queries = self._call(fn, rows, eps, seed)
+        self.square_queries.setdefault(eps_key(eps * 255), []).extend(queries.numpy().tolist())
+        return fooled.numpy()
+
+    def attack(self, name, norm, alive, eps, batch_size, seed, tag, steps=0) -> int:
+        """Every pass of `name` on the images standing in `alive` (updated); returns how many
+        it fooled. eps in [0, 1]-pixel units."""
+        return sum(attack_standing(p, alive, eps, batch_size, seed, f"{tag}/{k}")
+                   for k, p in enumerate(self.passes(name, norm, steps)))
+
+    def flat_gradient(self, rows) -> np.ndarray:
+        """bool (len(rows),): the cross-entropy's input gradient is all zero or not finite."""
+        def build():
+            def flat(x, y):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    loss = attacks.ce_loss(self.logits_fn(x), y)  # (N,); images independent
+                g = tf.reshape(tape.gradient(loss, x), [tf.shape(x)[0], -1])
+                return tf.reduce_all(tf.equal(g, 0.0), 1) | ~tf.reduce_all(tf.math.is_finite(g), 1)
+            return flat
+        fn = self._fn("flat_gradient", build, "labels")
+        return fn(tf.constant(self.images[rows]), tf.constant(self.labels[rows])).numpy()
+
+
+def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, batch_size=500,
+                    seed=0) -> dict:
+    """Clean accuracy and the chain of every norm (run_chain) on the same images, then the
+    gradient-masking checks (masking.py).
 
     Args:
       logits_fn: images in [0, 1] -> logits. Must not change state (inference mode).
       images: float32 (N, H, W, C) in [0, 1]; labels: int (N,).
-      eps_list: radii in units of 1/255.
-      batch_size: images per attacked batch.
-      seed: seed of PGD's random start (with the radius and batch: reproducible).
-      pgd_steps: PGD steps, of size eps/4 (20 -> PGD-20).
+      suite: what to run; num_classes: the classifier's classes.
+      batch_size: images per attacked batch; seed: the run's seed (batch_seed).
 
     Returns:
-      {"clean_top1": float, "robust_top1": {"pgd20": {eps_key: acc}, "fgsm": {...}}}.
+      The results.json entries (README "Robustness"): robust_clean_top1, robust_examples,
+      per norm its top-1 table, attacks and radii, robust_attack_seconds ({norm: {attack: s}}),
+      robust_square_mean_queries (queries per image Square attacked, by radius), and with
+      suite.checks robust_checks, robust_checks_seconds and robust_warnings.
     """
-    name = f"pgd{pgd_steps}"
-
-    @tf.function(reduce_retracing=True)
-    def correct(x, y):
-        return tf.equal(tf.argmax(logits_fn(x), axis=-1, output_type=tf.int32), y)
-
-    @tf.function(reduce_retracing=True)
-    def pgd_correct(x, y, eps, batch_seed):
-        return correct(attacks.pgd_classifier(
-            logits_fn, x, y, eps, steps=pgd_steps, step_size=eps / 4, random_start=True,
-            seed=batch_seed, clip_min=0.0, clip_max=1.0), y)
-
-    @tf.function(reduce_retracing=True)
-    def fgsm_correct(x, y, eps, batch_seed):
-        del batch_seed
-        return correct(attacks.fgsm_classifier(logits_fn, x, y, eps, clip_min=0.0,
-                                               clip_max=1.0), y)
-
-    labels = np.asarray(labels, np.int32)
-    clean = np.zeros(len(labels), bool)
-    for start in range(0, len(labels), batch_size):
-        sl = slice(start, start + batch_size)
-        clean[sl] = correct(tf.constant(images[sl], tf.float32), tf.constant(labels[sl])).numpy()
-    robust = {}
-    for attack_name, attack in ((name, pgd_correct), ("fgsm", fgsm_correct)):
-        alive = clean.copy()
-        robust[attack_name] = {}
-        for k, e in sorted(enumerate(eps_list), key=lambda ke: ke[1]):
-            index = np.flatnonzero(alive)
-            for b, start in enumerate(range(0, len(index), batch_size)):
-                rows = index[start:start + batch_size]
-                ok = attack(tf.constant(images[rows], tf.float32), tf.constant(labels[rows]),
-                            tf.constant(e / 255.0, tf.float32),
-                            tf.constant([seed, k * 100_000 + b], tf.int64)).numpy()
-                alive[rows] = ok
-            robust[attack_name][eps_key(e)] = float(np.mean(alive))
-    return {"clean_top1": float(np.mean(clean)), "robust_top1": robust}
+    suite.check(num_classes)
+    attacker = Attacker(logits_fn, images, labels, suite, num_classes)
+    logits = attacker.clean_logits(batch_size)
+    clean = np.argmax(logits, axis=1) == attacker.labels
+    if "apgd-t" in suite.attacks:
+        attacker.set_clean(logits)
+    out = {"robust_clean_top1": float(np.mean(clean)), "robust_examples": int(len(clean)),
+           "robust_attack_seconds": {}}
+    chains = {}
+    for norm, keys in NORMS.items():
+        names = suite.attacks_for(norm)
+        radii = suite.linf_eps if norm == "linf" else suite.l2_eps
+        out[keys["attacks"]] = list(names)
+        out[keys["eps"]] = [float(e) for e in radii]
+        if not names:
+            continue
+        steps = [(name, attacker.passes(name, norm)) for name in names]
+        chains[norm] = run_chain(steps, clean, radii, keys["unit"], batch_size, seed, norm)
+        out[keys["top1"]] = chains[norm]["top1"]
+        out["robust_attack_seconds"][norm] = chains[norm]["seconds"]
+    if attacker.square_queries:
+        out["robust_square_mean_queries"] = {k: float(np.mean(v)) if v else 0.0
+                                        for k, v in attacker.square_queries.items()}
+    if suite.checks:
+        out.update(masking.run_checks(attacker, chains.get("linf"), clean, batch_size, seed))
+    return out
 
 
-def evaluate(model, probe, split: data.Split, eps_list, examples: int, normalize: str,
-             feature: str = "h", batch_size: int = 500, seed: int = 0) -> dict:
-    """Robust evaluation of encoder + probe on the fixed subset of `split`.
+def evaluate(cfg, model, probe, split: data.Split, num_classes: int) -> dict:
+    """Robust evaluation (--robust_*) of encoder + probe on the fixed subset of `split`.
 
-    Returns the results.json entries: robust_top1 (by attack, then eps in 1/255),
-    robust_clean_top1, robust_examples, robust_eps (1/255) and robust_seconds.
+    Returns the results.json entries of robust_accuracy and robust_seconds (all of it,
+    loading the images included).
     """
     t0 = time.time()
-    try:
-        images, labels = load_subset(split, examples)
-    except tf.errors.InvalidArgumentError as e:
-        data.raise_if_unreadable(split, e)
-    out = robust_accuracy(classifier(model, probe, normalize, feature), images, labels, eps_list,
-                          batch_size=batch_size, seed=seed)
-    return {"robust_top1": out["robust_top1"], "robust_clean_top1": out["clean_top1"],
-            "robust_examples": int(len(labels)), "robust_eps": [float(e) for e in eps_list],
-            "robust_seconds": time.time() - t0}
+    suite = Suite.from_config(cfg)
+    suite.check(num_classes)  # before reading a single image
+    images, labels = load_subset(split, cfg.robust_examples)
+    out = robust_accuracy(classifier(model, probe, cfg.normalize, cfg.probe), images, labels,
+                          suite, num_classes, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+    out["robust_seconds"] = time.time() - t0
+    return out

@@ -4,16 +4,19 @@
         --run="SimCLR=runs/cifar10_small/simclr_seed*" \
         --run="SimCLR + CLAE (FGSM)=runs/cifar10_small/clae_seed*" \
         --run="SimCLR + CLAE (PGD-3)=runs/cifar10_small/clae_pgd_seed*" \
-        --figure=docs/results/robustness.png
+        --attack=worst --attack=pgd20 --figure=docs/results/robustness.png
 
-Each --run is "label=glob of workdirs" (one workdir per seed). Prints, as markdown:
+Each --run is "label=glob of workdirs" (one workdir per seed). --attack picks the rows of the
+robust evaluation to show (an attack of its chain, e.g. pgd20, apgd-t, or "worst": the worst case
+over the whole chain; default worst), --norm the threat model (linf: robust_top1, radii in
+1/255; l2: robust_top1_l2). Prints, as markdown:
   - clean kNN and linear top-1 (all test images) and robust top-1 on the robust subset (clean,
-    PGD-20 and FGSM at each --robust_eps), mean +- sample std over the seeds of each row;
+    then each chosen attack at each radius), mean +- sample std over the seeds of each row;
   - for every pair of rows, the later row minus the earlier one, seed by seed (the seeds both
     have), and the mean of those paired differences;
   - the robust-evaluation and whole-process wall times per run.
 With --figure, also draws robust top-1 against eps (eps 0 = clean on the same images), one line
-per row with the std over seeds as error bars, one panel per attack.
+per row with the std over seeds as error bars, one panel per chosen attack.
 """
 
 import argparse
@@ -35,14 +38,31 @@ def load_runs(pattern: str) -> dict:
     return runs
 
 
-def columns(r: dict) -> dict:
-    """{column: top-1 in %} of one run: kNN, linear, clean subset, then attack@eps."""
+TABLES = {"linf": ("robust_top1", "/255"), "l2": ("robust_top1_l2", " (L2)")}
+
+
+def columns(r: dict, attacks=("worst",), norm="linf") -> dict:
+    """{column: top-1 in %} of one run: kNN, linear, clean subset, then attack at each eps."""
+    table, unit = TABLES[norm]
     out = {"kNN": r["knn_top1"], "linear": r["linear_top1"], "clean (subset)":
            r["robust_clean_top1"]}
-    for attack, by_eps in sorted(r["robust_top1"].items(), reverse=True):  # pgd20, then fgsm
-        for eps in sorted(by_eps, key=float):
-            out[f"{attack.upper()} {eps}/255"] = by_eps[eps]
+    for attack in attacks:
+        by_eps = r[table][attack]
+        for eps in sorted(by_eps, key=float):  # results.json sorts keys as strings
+            out[f"{attack} {eps}{unit}"] = by_eps[eps]
     return {k: 100 * v for k, v in out.items()}
+
+
+def missing(r: dict, attacks, norm) -> str:
+    """Why run `r` cannot give the chosen columns ("" if it can)."""
+    table = TABLES[norm][0]
+    if table not in r:
+        return f"has no {table} (python run.py --mode=eval --workdir=<run>)"
+    absent = [a for a in attacks if a not in r[table]]
+    if absent:
+        return (f"has no {', '.join(absent)} in {table} (it has {', '.join(sorted(r[table]))}; "
+                f"re-evaluate with python run.py --mode=eval --workdir=<run>)")
+    return ""
 
 
 def mean_std(values) -> str:
@@ -50,12 +70,15 @@ def mean_std(values) -> str:
             else f"{values[0]:.2f}")
 
 
-def tables(rows) -> str:
+def tables(rows, attacks=("worst",), norm="linf") -> str:
     """rows: [(label, {seed: results})] -> the markdown of the module docstring."""
-    names = list(columns(next(iter(rows[0][1].values()))))
+    def columns_of(r):
+        return columns(r, attacks, norm)
+
+    names = list(columns_of(next(iter(rows[0][1].values()))))
     out = ["| method | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     for label, runs in rows:
-        cols = [columns(r) for r in runs.values()]
+        cols = [columns_of(r) for r in runs.values()]
         out.append(f"| {label} | {len(cols)} | " + " | ".join(
             mean_std([c[n] for c in cols]) for n in names) + " |")
     pairs = [(rows[j], rows[i]) for i in range(len(rows)) for j in range(i)]
@@ -67,7 +90,7 @@ def tables(rows) -> str:
         out.append("|---" * (len(names) + 1) + "|")
         diffs = []
         for s in seeds:
-            a, b = columns(base[s]), columns(runs[s])
+            a, b = columns_of(base[s]), columns_of(runs[s])
             diffs.append([b[n] - a[n] for n in names])
             out.append(f"| {s} | " + " | ".join(f"{d:+.1f}" for d in diffs[-1]) + " |")
         out.append("| mean | " + " | ".join(f"{st.mean(d):+.1f}" for d in zip(*diffs)) + " |")
@@ -83,26 +106,27 @@ def tables(rows) -> str:
     return "\n".join(out)
 
 
-def figure(rows, path: str):
+def figure(rows, path: str, attacks=("worst",), norm="linf"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    attacks = sorted(next(iter(rows[0][1].values()))["robust_top1"], reverse=True)
-    fig, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 3.6), sharey=True)
+    table, unit = TABLES[norm]
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 3.6), sharey=True,
+                             squeeze=False)
+    axes = axes[0]
     n_images = next(iter(rows[0][1].values()))["robust_examples"]
     for ax, attack in zip(axes, attacks):
         for label, runs in rows:
-            eps = sorted(next(iter(runs.values()))["robust_top1"][attack], key=float)
+            eps = sorted(next(iter(runs.values()))[table][attack], key=float)
             xs = [0.0] + [float(e) for e in eps]
             per_seed = [[100 * r["robust_clean_top1"]] +
-                        [100 * r["robust_top1"][attack][e] for e in eps] for r in runs.values()]
+                        [100 * r[table][attack][e] for e in eps] for r in runs.values()]
             means = [st.mean(v) for v in zip(*per_seed)]
             stds = [st.stdev(v) if len(v) > 1 else 0.0 for v in zip(*per_seed)]
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3,
                         label=f"{label} ({len(per_seed)} seeds)")
-        ax.set_title(attack.upper().replace("PGD", "PGD-") if attack.startswith("pgd")
-                     else attack.upper())
-        ax.set_xlabel("eps (/255), 0 = clean")
+        ax.set_title("worst case over the chain" if attack == "worst" else attack)
+        ax.set_xlabel(f"eps{unit}, 0 = clean")
         ax.set_xticks(xs)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 of the linear probe (%)")
@@ -116,21 +140,27 @@ def figure(rows, path: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", required=True, help="label=glob")
+    parser.add_argument("--attack", action="append",
+                        help="a row of the robust evaluation: an attack of its chain or worst "
+                             "(repeat for several; default worst)")
+    parser.add_argument("--norm", choices=sorted(TABLES), default="linf")
     parser.add_argument("--figure", help="write the plot here (PNG)")
     args = parser.parse_args()
+    attacks = tuple(args.attack or ["worst"])
     rows = []
     for spec in args.run:
         label, _, pattern = spec.partition("=")
         runs = load_runs(pattern)
         if not runs:
             raise SystemExit(f"--run {spec!r}: no workdir with a results.json matches")
-        if any("robust_top1" not in r for r in runs.values()):
-            raise SystemExit(f"--run {spec!r}: a run has no robust evaluation "
-                             "(python run.py --mode=eval --workdir=<run>)")
+        for seed, r in sorted(runs.items()):
+            why = missing(r, attacks, args.norm)
+            if why:
+                raise SystemExit(f"--run {spec!r}: the run of seed {seed} {why}")
         rows.append((label, runs))
-    print(tables(rows))
+    print(tables(rows, attacks, args.norm))
     if args.figure:
-        figure(rows, args.figure)
+        figure(rows, args.figure, attacks, args.norm)
 
 
 if __name__ == "__main__":

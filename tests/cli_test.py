@@ -28,6 +28,8 @@ def _assert_one_line_error(proc, flag):
     (["--robust_eps=1,-2"], "--robust_eps"),
     (["--robust_eps=1,x"], "--robust_eps"),
     (["--robust_examples=-1"], "--robust_examples"),
+    (["--robust_attacks=pgd20,autoatack"], "--robust_attacks"),
+    (["--robust_l2_eps=0.5,-1"], "--robust_l2_eps"),
     (["--attack=nope"], "--attack"),
     (["--attack_steps=0"], "--attack_steps"),
     (["--attack_step_size=-0.01"], "--attack_step_size"),

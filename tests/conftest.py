@@ -51,7 +51,8 @@ def tiny_config(tmp_path=None, **overrides) -> Config:
     values = dict(arch="resnet10", width=0.0625, image_size=16, batch_size=16, proj_dim=16,
                   epochs=1, linear_epochs=2, knn_k=5, eval_batch_size=64, log_every=1,
                   image_every=2, ckpt_every=2, dataset="digits", adversarial=True,
-                  robust_eps="8", robust_examples=16)  # the robust evaluation, but cheap
+                  robust_eps="8", robust_examples=16, robust_attacks="quick",
+                  robust_l2_eps="", robust_checks=False)  # the robust evaluation, but cheap
     if tmp_path is not None:
         values["workdir"] = str(tmp_path / "run")
     values.update(overrides)

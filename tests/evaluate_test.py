@@ -17,7 +17,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from clae_tf import evaluate
-from clae_tf.evaluate import knn_top1, linear_top1
+from clae_tf.evaluate import knn_top1, linear_probe
 
 
 def reference_knn_predict(train_z, train_y, test_z, num_classes, k, sigma):
@@ -147,10 +147,10 @@ def test_linear_probe_matches_scikit_learn(spread, tolerance):
     want = LogisticRegression(C=1e4, max_iter=5000).fit(train_x, train_y).score(test_x, test_y)
     if spread < 0.2:
         assert want == 1.0
-    got = linear_top1(train_x, train_y, test_x, test_y, 3, epochs=40, lr=0.1, batch_size=20)
+    got = linear_probe(train_x, train_y, test_x, test_y, 3, epochs=40, lr=0.1, batch_size=20)[0]
     assert got == pytest.approx(want, abs=tolerance)
     # The probe before training is far off: the comparison above is not vacuous.
-    assert linear_top1(train_x, train_y, test_x, test_y, 3, epochs=0) < want - 0.2
+    assert linear_probe(train_x, train_y, test_x, test_y, 3, epochs=0)[0] < want - 0.2
 
 
 def reference_probe(w, b, x, y, num_classes, epochs, lr, batch_size, orders,

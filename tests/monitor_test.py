@@ -46,12 +46,12 @@ def _events(logdir):
 
 def test_balanced_subset_is_the_first_of_each_class():
     labels = np.random.default_rng(0).integers(0, 4, size=200)
-    np.testing.assert_array_equal(monitor.balanced_subset(labels, 4, 40),
+    np.testing.assert_array_equal(data.balanced_subset(labels, 40),
                                   _first_per_class(labels, 10))
     # Not a multiple of the classes: the lowest labels get the extra one; never more than exist.
-    counts = np.bincount(labels[monitor.balanced_subset(labels, 4, 42)], minlength=4)
+    counts = np.bincount(labels[data.balanced_subset(labels, 42)], minlength=4)
     np.testing.assert_array_equal(counts, [11, 11, 10, 10])
-    assert len(monitor.balanced_subset(labels, 4, 10_000)) == 200
+    assert len(data.balanced_subset(labels, 10_000)) == 200
 
 
 def test_online_knn_is_the_weighted_knn_of_z_on_the_first_of_each_class(tmp_path):
@@ -101,7 +101,7 @@ def test_online_knn_under_mirrored_strategy_reads_the_same_model(tmp_path):
     noop = tf.summary.create_noop_writer()
     a = monitor.Monitor(cfg, one, source, noop, str(tmp_path))
     b = monitor.Monitor(cfg, mirrored, source, noop, str(tmp_path))
-    images = monitor.load_images(source.test)[0][:40]
+    images = data.read_images(source.test)[0][:40]
     np.testing.assert_allclose(a.features(images)[1], b.features(images)[1], atol=1e-6)
     assert a.online_eval(1) == b.online_eval(1)
 

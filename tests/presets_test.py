@@ -28,6 +28,8 @@ DEFAULTS = dict(
     image_every=200, export=True, knn_k=200, knn_sigma=0.0, linear_epochs=100, linear_lr=3e-4,
     eval_batch_size=500, attack="fgsm", attack_steps=3, attack_step_size=0.0,
     attack_random_start=False, robust_eps="1,2,4,8", robust_examples=1000, strategy="auto",
+    robust_attacks="pgd20,autoattack", robust_l2_eps="0.25,0.5", robust_apgd_steps=100,
+    robust_targets=9, robust_square_queries=5000, robust_checks=True,
     virtual_cpus=0, eval_every_epochs=0, online_eval_examples=1000, projector_examples=1000,
     projector_features="z", augment_impl="tf")
 # The method settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
@@ -85,7 +87,8 @@ EXPECTED = {
     "cifar10_small_clae_pgd.cfg": dict(SIMCLR, knn_sigma=0.5, **SMALL, **CLAE, attack="pgd"),
     "smoke.cfg": dict(SIMCLR, adversarial=True, arch="resnet10", width=0.125, image_size=16,
                       batch_size=64, epochs=2, linear_epochs=20, workdir="runs/smoke",
-                      eval_every_epochs=1),
+                      eval_every_epochs=1, robust_examples=100, robust_apgd_steps=5,
+                      robust_targets=2, robust_square_queries=20),
 }
 # Edited elsewhere (Tiny-ImageNet's own settings); only the name check below covers them.
 NOT_PINNED = ("tinyimagenet_",)

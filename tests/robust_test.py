@@ -1,4 +1,5 @@
-"""Robust evaluation (clae_tf/robust.py), the probe's weights and its SavedModel export."""
+"""Robust evaluation (clae_tf/robust.py): the attack chain's counting, its flags and results, the
+probe's weights and its SavedModel export. The gradient-masking checks: tests/masking_test.py."""
 
 import dataclasses
 import glob
@@ -10,74 +11,178 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_config
+from conftest import parse_flags, tiny_config
+from masking_test import four_classes
 
-from clae_tf import app, builders, checkpoints, data, distribute, evaluate, export, robust
+from clae_tf import (ClaeError, app, builders, checkpoints, config, data, distribute, evaluate,
+                     export, robust)
 
 
 def _linear(w, b):
     return lambda v: tf.matmul(tf.reshape(v, [tf.shape(v)[0], -1]), w) + b
 
 
-def _pairwise_worst_margins(w, b, x, y, eps):
-    """(n, C) worst-case margins over the L-inf ball: (w_y - w_j).x + b_y - b_j - eps ||w_y - w_j||_1
-    (+inf for j = y)."""
+def _worst_margins(w, b, x, y, eps, norm="linf"):
+    """(n, C) worst-case margins over the eps-ball (no [0, 1] clipping): (w_y - w_j).x + b_y - b_j
+    - eps ||w_y - w_j||_* with the dual norm (L1 for L-inf, L2 for L2); +inf for j = y."""
     n, c = len(y), w.shape[1]
     out = np.full((n, c), np.inf)
     for j in range(c):
         d = w[:, y].T - w[:, j][None, :]  # (n, D)
-        out[:, j] = np.sum(d * x, axis=1) + b[y] - b[j] - eps * np.abs(d).sum(axis=1)
+        dual = np.abs(d).sum(axis=1) if norm == "linf" else np.linalg.norm(d, axis=1)
+        out[:, j] = np.sum(d * x, axis=1) + b[y] - b[j] - eps * dual
     out[np.arange(n), y] = np.inf
     return out
 
 
-def test_binary_linear_robust_accuracy_is_the_closed_form():
+def _suite(attacks, linf=(), l2=(), **kw):
+    return robust.Suite(tuple(attacks), tuple(linf), tuple(l2), **{"checks": False, **kw})
+
+
+def _binary_problem():
+    """A binary linear classifier centred at x = 0.5 and 400 points, 8 pixels each, in
+    [0.35, 0.65]: the radii below never reach the [0, 1] clipping."""
     rng = np.random.default_rng(1)
     n, d = 400, 8
     w = rng.normal(size=(d, 2)).astype(np.float32)
-    b = (np.array([0.1, -0.1]) - 0.5 * w.sum(axis=0)).astype(np.float32)  # centred at x = 0.5
-    x = rng.uniform(0.2, 0.8, size=(n, d)).astype(np.float32)  # [0, 1] clipping never binds
+    b = (np.array([0.1, -0.1]) - 0.5 * w.sum(axis=0)).astype(np.float32)
+    x = rng.uniform(0.35, 0.65, size=(n, d)).astype(np.float32)
     y = np.argmax(x @ w + b + rng.normal(scale=0.3, size=(n, 2)), axis=1).astype(np.int32)
-    eps_list = [4.0, 16.0]  # in 1/255
-    margins = {e: _pairwise_worst_margins(w, b, x, y, e / 255.0).min(axis=1) for e in eps_list}
-    clean_margin = _pairwise_worst_margins(w, b, x, y, 0.0).min(axis=1)
+    return w, b, x, y
+
+
+@pytest.mark.parametrize("norm, attacks, radii", [
+    ("linf", ("pgd20", "fgsm"), (4.0, 16.0)),  # 1/255
+    ("l2", ("pgd20", "fgsm"), (0.05, 0.1)),  # [0, 1] pixels; FGSM has no L2 version
+])
+def test_binary_linear_robust_accuracy_is_the_closed_form(norm, attacks, radii):
+    w, b, x, y = _binary_problem()
+    unit = 1 / 255 if norm == "linf" else 1.0
+    margins = {e: _worst_margins(w, b, x, y, e * unit, norm).min(axis=1) for e in radii}
+    clean_margin = _worst_margins(w, b, x, y, 0.0).min(axis=1)
     # No example within round-off of a decision (ties would make the count ill-defined).
     keep = np.abs(clean_margin) > 1e-3
-    for e in eps_list:
-        keep &= np.abs(margins[e]) > 1e-3
-    x, y = x[keep], y[keep]
-    out = robust.robust_accuracy(_linear(w, b), x.reshape(-1, 2, 4, 1), y, eps_list, batch_size=64)
-    assert out["clean_top1"] == pytest.approx(np.mean(clean_margin[keep] > 0))
-    for e in eps_list:
-        expected = np.mean(margins[e][keep] > 0)
-        assert 0.1 < expected < out["clean_top1"] - 0.05  # not vacuous
-        for attack in ("pgd20", "fgsm"):
-            assert out["robust_top1"][attack][robust.eps_key(e)] == pytest.approx(expected)
+    for m in margins.values():
+        keep &= np.abs(m) > 1e-3
+    suite = _suite(attacks, radii if norm == "linf" else (), radii if norm == "l2" else ())
+    out = robust.robust_accuracy(_linear(w, b), x[keep].reshape(-1, 2, 4, 1), y[keep], suite, 2,
+                                 batch_size=64)
+    assert out["robust_clean_top1"] == pytest.approx(np.mean(clean_margin[keep] > 0))
+    ran = list(attacks) if norm == "linf" else ["pgd20"]
+    assert out["robust_attacks" if norm == "linf" else "robust_l2_attacks"] == ran
+    table = out["robust_top1" if norm == "linf" else "robust_top1_l2"]
+    assert list(table) == ran + ["worst"]
+    for e, m in margins.items():
+        expected = np.mean(m[keep] > 0)
+        assert 0.1 < expected < out["robust_clean_top1"] - 0.05  # not vacuous
+        for row in table:  # every attack reaches the exact worst case on a binary linear model
+            assert table[row][robust.eps_key(e)] == pytest.approx(expected), (row, e)
 
 
 def test_multiclass_linear_robust_accuracy_is_bounded_by_the_closed_form():
-    """Several classes: an example is robust iff every pairwise worst margin stays > 0 (the min
-    over the ball of the min over j is the min over j of each closed form), so exact robust
-    accuracy is the closed form; an attack can only report as much or more, and never more than
-    clean."""
+    """Several classes: an example is robust iff every pairwise worst margin stays > 0, so exact
+    robust accuracy is the closed form; an attack can only report as much or more, and never
+    more than clean."""
     rng = np.random.default_rng(2)
     n, d, c = 300, 10, 5
     w = rng.normal(size=(d, c)).astype(np.float32)
     b = (rng.normal(size=c) * 0.1 - 0.5 * w.sum(axis=0)).astype(np.float32)  # centred at 0.5
     x = rng.uniform(0.2, 0.8, size=(n, d)).astype(np.float32)
     y = np.argmax(x @ w + b + rng.normal(scale=0.3, size=(n, c)), axis=1).astype(np.int32)
-    eps_list = [4.0, 16.0]
-    out = robust.robust_accuracy(_linear(w, b), x.reshape(-1, 2, 5, 1), y, eps_list, batch_size=128)
+    out = robust.robust_accuracy(_linear(w, b), x.reshape(-1, 2, 5, 1), y,
+                                 _suite(("pgd20", "fgsm"), (4.0, 16.0)), c, batch_size=128)
     clean = np.mean(np.argmax(x @ w + b, axis=1) == y)
-    assert out["clean_top1"] == pytest.approx(clean)
-    for e in eps_list:
-        exact = np.mean(_pairwise_worst_margins(w, b, x, y, e / 255.0).min(axis=1) > 0)
+    assert out["robust_clean_top1"] == pytest.approx(clean)
+    for e in (4.0, 16.0):
+        exact = np.mean(_worst_margins(w, b, x, y, e / 255.0).min(axis=1) > 0)
         assert exact < clean - 0.05  # the radius matters
-        for attack in ("pgd20", "fgsm"):
-            acc = out["robust_top1"][attack][robust.eps_key(e)]
-            assert exact - 1e-9 <= acc <= clean + 1e-9, (attack, e)
+        for row in ("pgd20", "fgsm", "worst"):
+            acc = out["robust_top1"][row][robust.eps_key(e)]
+            assert exact - 1e-9 <= acc <= clean + 1e-9, (row, e)
         # PGD-20 finds most of the non-robust examples.
         assert out["robust_top1"]["pgd20"][robust.eps_key(e)] - exact < 0.5 * (clean - exact)
+
+
+# -------------------------------------------------------------------------- the chain's counting
+
+# Which images each (fake) attack fools WHEN it attacks them, by radius. Images 6 and 7 are
+# misclassified clean. Note a fools image 0 at radius 1 but not at 4, and c would fool 1 and 5
+# at 4: the chain must count what was fooled before and never attack it again.
+_TABLE = {"a": {1: {0, 6}, 2: {1}, 4: set()},
+          "b": {1: {2}, 2: {0, 3}, 4: {4}},
+          "c": {1: set(), 2: {5}, 4: {1, 5}}}
+# By hand (attack by attack, radius by radius, each on what is still standing; 8 images):
+#   a@1 attacks 0-5, fools 0 -> {1,2,3,4,5}   a@2 fools 1 -> {2,3,4,5}   a@4 -> {2,3,4,5}
+#   b@1 attacks {1,2,3,4,5}, fools 2 -> {1,3,4,5}
+#   b@2 attacks {2,3,4,5} & {1,3,4,5} = {3,4,5}, fools 3 -> {4,5}
+#   b@4 attacks {2,3,4,5} & {4,5}, fools 4 -> {5}
+#   c@1 -> {1,3,4,5}   c@2 attacks {4,5}, fools 5 -> {4}   c@4: nothing left to attack
+_EXPECTED = {"a": {"1": 5 / 8, "2": 4 / 8, "4": 4 / 8},
+             "b": {"1": 4 / 8, "2": 2 / 8, "4": 1 / 8},
+             "c": {"1": 4 / 8, "2": 1 / 8, "4": 0.0}}
+_ATTACKED = {("a", 1): {0, 1, 2, 3, 4, 5}, ("a", 2): {1, 2, 3, 4, 5}, ("a", 4): {2, 3, 4, 5},
+             ("b", 1): {1, 2, 3, 4, 5}, ("b", 2): {3, 4, 5}, ("b", 4): {4, 5},
+             ("c", 1): {1, 3, 4, 5}, ("c", 2): {4, 5}}
+
+
+def test_chain_counts_a_hand_computed_attack_table():
+    attacked = {}
+
+    def fake(name):
+        def attack_pass(rows, eps, seed):
+            attacked.setdefault((name, int(eps)), set()).update(rows.tolist())
+            return np.isin(rows, sorted(_TABLE[name][int(eps)]))
+        return [attack_pass]
+
+    clean = np.array([True] * 6 + [False] * 2)
+    out = robust.run_chain([(name, fake(name)) for name in "abc"], clean, [4.0, 1.0, 2.0],
+                           unit=1.0, batch_size=2)
+    assert out["top1"] == {**_EXPECTED, "worst": _EXPECTED["c"]}
+    assert attacked == _ATTACKED  # survivors only; clean-incorrect images are never attacked
+    assert out["fooled"] == {"a": {"1": 1, "2": 1, "4": 0}, "b": {"1": 1, "2": 1, "4": 1},
+                             "c": {"1": 0, "2": 1, "4": 0}}
+    np.testing.assert_array_equal(np.flatnonzero(out["standing"]["b"]["2"]), [4, 5])
+
+
+def test_passes_of_one_attack_each_take_what_the_one_before_left():
+    """APGD-T's shape: one pass per target, each on the images still standing."""
+    seen = []
+
+    def pass_fooling(images):
+        def attack_pass(rows, eps, seed):
+            seen.append(set(rows.tolist()))
+            return np.isin(rows, images)
+        return attack_pass
+
+    out = robust.run_chain([("t", [pass_fooling([0, 1]), pass_fooling([1, 2]),
+                                   pass_fooling([3])])], np.ones(5, bool), [8.0], unit=1 / 255)
+    assert seen == [{0, 1, 2, 3, 4}, {2, 3, 4}, {3, 4}]
+    assert out["top1"]["t"]["8"] == 1 / 5 and out["fooled"]["t"]["8"] == 4
+
+
+def _band_classifier(low, high):
+    """One pixel t; class 1 iff low < t < high (logit1 = 100 (t - low)(high - t), logit0 = 0).
+
+    Below the band the cross-entropy of class 0 grows with t, so FGSM moves t up by exactly eps:
+    into the band at a small radius, past it at a large one (the overshoot)."""
+    def logits_fn(x):
+        t = tf.reshape(x, [-1])
+        return tf.stack([tf.zeros_like(t), 100.0 * (t - low) * (high - t)], axis=1)
+    return logits_fn
+
+
+def test_an_image_fooled_at_a_smaller_radius_counts_as_fooled_at_larger_ones():
+    low, high = 0.5 + 1 / 255, 0.5 + 6 / 255
+    x = np.array([0.5, 0.49, 0.2], np.float32).reshape(-1, 1, 1, 1)
+    y = np.zeros(3, np.int32)
+    fn = _band_classifier(low, high)
+    # By hand: at 4/255 FGSM puts 0.5 and 0.49 into the band (fooled), 0.2 stays below it; at
+    # 16/255 it jumps all three past or short of the band: alone it fools none.
+    alone = robust.robust_accuracy(fn, x, y, _suite(("fgsm",), (16.0,)), 2)
+    assert alone["robust_top1"]["fgsm"]["16"] == 1.0
+    chained = robust.robust_accuracy(fn, x, y, _suite(("fgsm",), (16.0, 4.0)), 2)
+    assert chained["robust_top1"]["fgsm"] == {"4": pytest.approx(1 / 3),
+                                              "16": pytest.approx(1 / 3)}
 
 
 @pytest.fixture(scope="module")
@@ -98,50 +203,148 @@ def test_eps_zero_is_clean_and_robust_never_exceeds_clean(tiny):
     # Labels = the clean predictions for most, so that clean accuracy is high and attacks matter.
     pred = np.argmax(logits_fn(tf.constant(images)).numpy(), axis=1)
     labels = np.where(np.arange(40) % 4 == 0, (pred + 1) % 10, pred).astype(np.int32)
-    out = robust.robust_accuracy(logits_fn, images, labels, [0.0, 64.0], batch_size=40)
-    assert out["clean_top1"] == pytest.approx(0.75)
-    for attack in ("pgd20", "fgsm"):
-        assert out["robust_top1"][attack]["0"] == out["clean_top1"]
-        assert out["robust_top1"][attack]["64"] <= out["clean_top1"]
-    assert out["robust_top1"]["pgd20"]["64"] < out["clean_top1"]  # the attack does something
+    out = robust.robust_accuracy(logits_fn, images, labels, _suite(("pgd20", "fgsm"), (0, 64)),
+                                 10, batch_size=40)
+    assert out["robust_clean_top1"] == pytest.approx(0.75)
+    for row in ("pgd20", "fgsm", "worst"):
+        assert out["robust_top1"][row]["0"] == out["robust_clean_top1"]
+        assert out["robust_top1"][row]["64"] <= out["robust_clean_top1"]
+    assert out["robust_top1"]["pgd20"]["64"] < out["robust_clean_top1"]  # the attack does something
 
+
+# ----------------------------------------------------------------- the whole suite, small budget
+
+SMALL = dict(apgd_steps=10, targets=2, square_queries=50)
+
+
+@pytest.mark.slow  # the whole default suite in both norms, twice (~50 s on the shared cores)
+def test_the_default_suite_is_deterministic_and_its_results_complete():
+    w, b, x, y = four_classes()  # robust at 16/255, all breakable at 64/255 (closed form)
+    suite = robust.Suite(config.Config().robust_attack_list, (16.0, 64.0), (0.25, 2.0),
+                         checks=False, **SMALL)
+    assert suite.attacks == ("pgd20", "apgd-ce", "apgd-t", "square")
+    runs = [robust.robust_accuracy(_linear(w, b), x, y, suite, 4, batch_size=16, seed=3)
+            for _ in range(2)]
+    for r in runs:
+        del r["robust_attack_seconds"]
+    assert runs[0] == runs[1]  # same seed, same numbers
+    r = runs[0]
+    assert r["robust_attacks"] == ["pgd20", "apgd-ce", "apgd-t", "square"]
+    assert r["robust_l2_attacks"] == ["pgd20", "apgd-ce", "apgd-t"]
+    assert list(r["robust_top1"]) == r["robust_attacks"] + ["worst"]
+    assert list(r["robust_top1_l2"]) == r["robust_l2_attacks"] + ["worst"]
+    assert r["robust_eps"] == [16.0, 64.0] and r["robust_l2_eps"] == [0.25, 2.0]
+    assert r["robust_clean_top1"] == 1.0 and r["robust_examples"] == 40
+    assert r["robust_top1"]["worst"] == {"16": 1.0, "64": 0.0}  # the closed form
+    for table in ("robust_top1", "robust_top1_l2"):  # cumulative: never up along the chain
+        rows = list(r[table].values())
+        for before, after in zip(rows, rows[1:]):
+            assert all(after[k] <= before[k] for k in before)
+    # Square ran only at 16/255 (everything fell before it at 64/255) and counts its queries.
+    assert set(r["robust_square_mean_queries"]) == {"16"}
+    assert 1 <= r["robust_square_mean_queries"]["16"] <= SMALL["square_queries"]
+
+
+# ---------------------------------------------------------------------------------- the flags
+
+def test_attack_list_expands_suites_in_place_and_drops_repeats():
+    def attacks(text):
+        return config.Config(robust_attacks=text).robust_attack_list
+    assert attacks("pgd20,autoattack") == ("pgd20", "apgd-ce", "apgd-t", "square")
+    assert attacks("apgd-t, quick,apgd-t") == ("apgd-t", "pgd20", "fgsm")
+    assert attacks("square,autoattack,quick,pgd20") == ("square", "apgd-ce", "apgd-t", "pgd20",
+                                                        "fgsm")
+    assert attacks("") == () and not robust.Suite.from_config(
+        config.Config(robust_attacks="")).runs()
+    assert not robust.Suite.from_config(  # L2 only with attacks that have no L2 version
+        config.Config(robust_attacks="fgsm,square", robust_eps="")).runs()
+
+
+@pytest.mark.parametrize("flags, flag, words", [
+    (dict(robust_attacks="pgd20,apgd"), "robust_attacks", "'apgd'"),
+    (dict(robust_attacks="autoatack"), "robust_attacks", "did you mean autoattack"),
+    (dict(robust_square_queries=0), "robust_square_queries", ">= 1"),
+    (dict(robust_apgd_steps=0), "robust_apgd_steps", ">= 1"),
+    (dict(robust_targets=0), "robust_targets", ">= 1"),
+    (dict(robust_l2_eps="0.5,-0.25"), "robust_l2_eps", "-0.25"),
+    (dict(robust_l2_eps="0.5,x"), "robust_l2_eps", "numbers"),
+    (dict(robust_eps="8,300"), "robust_eps", "300"),
+])
+def test_bad_robust_flags_name_the_flag(flags, flag, words):
+    with pytest.raises(ClaeError) as e:
+        config.Config(**flags)
+    assert str(e.value).startswith(f"--{flag}: ") and words in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_dlr_attacks_on_two_classes_fail_before_any_attack():
+    calls = []
+
+    def logits_fn(x):
+        calls.append(1)
+        return tf.zeros([tf.shape(x)[0], 2])
+
+    for attacks, words in ((("apgd-dlr",), "(apgd-dlr needs 3)"),
+                           (("pgd20", "apgd-t"), "(apgd-t needs 4)")):
+        with pytest.raises(ClaeError, match=r"^--robust_attacks: ") as e:
+            robust.robust_accuracy(logits_fn, np.zeros((2, 4, 4, 3), np.float32),
+                                   np.zeros(2, np.int32), _suite(attacks, (8.0,)), 2)
+        assert words in str(e.value) and "the 2 of this dataset" in str(e.value)
+    assert not calls
+    robust.Suite(("pgd20", "apgd-ce", "square")).check(2)  # no DLR: fine on 2 classes
+    robust.Suite(("apgd-dlr",)).check(3)
+    robust.Suite(("apgd-t",)).check(4)  # the targeted DLR loss takes a 4th-largest logit
+    with pytest.raises(ClaeError, match="apgd-t needs 4"):
+        robust.Suite(("apgd-dlr", "apgd-t")).check(3)
+
+
+def test_dlr_attack_on_a_two_class_dataset_fails_before_training(tmp_path):
+    for split, per_class in (("train", 8), ("test", 2)):
+        for label in ("cat", "dog"):
+            for i in range(per_class):
+                path = tmp_path / "data" / split / label / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(
+                    10 * i, tf.uint8))).numpy())
+    cfg = tiny_config(tmp_path, dataset=str(tmp_path / "data"), robust_attacks="autoattack")
+    with pytest.raises(ClaeError, match=r"^--robust_attacks: .*\(apgd-t needs 4\)"):
+        app.run(cfg)
+    assert not os.path.exists(os.path.join(cfg.run_dir, "checkpoints"))
+
+
+def test_robust_flags_never_stop_an_old_run_from_being_evaluated():
+    assert not [f for f in config.CHECKPOINT_FLAGS + config.RESUME_DATA_FLAGS
+                if f.startswith("robust")]
+
+
+# ------------------------------------------------------------------------- data and the probe
 
 def test_balanced_subset():
     labels = np.array([0] * 10 + [1] * 3 + [2] * 7 + [0, 1, 2] * 2)
-    idx = robust.balanced_subset(labels, 9)
+    idx = data.balanced_subset(labels, 9)
     assert np.all(np.diff(idx) > 0)
     assert np.bincount(labels[idx]).tolist() == [3, 3, 3]
     # The first examples of each class, in split order.
     assert idx.tolist() == [0, 1, 2, 10, 11, 12, 13, 14, 15]
-    idx = robust.balanced_subset(labels, 14)  # class 1 has only 5: the others fill in
+    idx = data.balanced_subset(labels, 14)  # class 1 has only 5: the others fill in
     counts = np.bincount(labels[idx]).tolist()
     assert sum(counts) == 14 and counts[1] == 5 and abs(counts[0] - counts[2]) <= 1
-    assert robust.balanced_subset(labels, 0).tolist() == list(range(len(labels)))
-    assert robust.balanced_subset(labels, 100).tolist() == list(range(len(labels)))
+    assert data.balanced_subset(labels, 0).tolist() == []
+    assert data.balanced_subset(labels, 100).tolist() == list(range(len(labels)))
 
 
 def test_load_subset_reads_the_chosen_test_images():
     cfg = tiny_config()
     split = data.load(cfg).test
     images, labels = robust.load_subset(split, 50)
-    index = robust.balanced_subset(split.labels, 50)
+    index = data.balanced_subset(split.labels, 50)
     assert images.shape == (50, 16, 16, 3) and images.dtype == np.float32
     assert 0.0 <= images.min() and images.max() <= 1.0
     np.testing.assert_array_equal(labels, split.labels[index])
     everything = np.stack([x.numpy() for x, _ in split.images])
     np.testing.assert_array_equal(images, everything[index].astype(np.float32) / 255.0)
     assert np.bincount(labels, minlength=10).tolist() == [5] * 10
-
-
-def test_linear_top1_is_linear_probe_accuracy_and_the_layer_reproduces_it():
-    rng = np.random.default_rng(0)
-    train_h, test_h = rng.normal(size=(200, 6)), rng.normal(size=(50, 6))
-    train_y, test_y = (train_h[:, 0] > 0).astype(int), (test_h[:, 0] > 0).astype(int)
-    acc = evaluate.linear_top1(train_h, train_y, test_h, test_y, 2, epochs=20, lr=0.05)
-    acc2, layer = evaluate.linear_probe(train_h, train_y, test_h, test_y, 2, epochs=20, lr=0.05)
-    assert acc == acc2 and acc > 0.8
-    pred = np.argmax(layer(tf.constant(test_h, tf.float32)).numpy(), axis=1)
-    assert np.mean(pred == test_y) == acc
+    assert len(robust.load_subset(split, 0)[1]) == split.num_examples  # 0: all
 
 
 @pytest.mark.parametrize("feature", ["h", "z"])
@@ -188,11 +391,14 @@ def _tags(run_dir):
     return tags
 
 
-@pytest.mark.slow  # three evaluations of the tiny model on digits and two exports (~40 s alone)
-def test_eval_mode_computes_it_and_export_writes_the_probe(tmp_path):
+@pytest.mark.slow  # four evaluations of the tiny model on digits and two exports (~60 s alone)
+def test_eval_mode_computes_it_and_export_writes_the_probe(tmp_path, capsys):
     """--mode=eval on a workdir with a checkpoint (step 0, untrained: no training needed) writes
-    the robust results, scalars and probe.npz; --mode=export then writes probe_saved_model."""
-    cfg = tiny_config(tmp_path, robust_eps="0,8", robust_examples=20, linear_epochs=1)
+    the robust results, scalars and probe.npz; --mode=export then writes probe_saved_model; a
+    flags.cfg from before the attack-chain flags re-evaluates with them."""
+    cfg = tiny_config(tmp_path, robust_eps="0,8", robust_examples=20, linear_epochs=1,
+                      robust_attacks="pgd20,autoattack", robust_l2_eps="0.5", robust_checks=True,
+                      robust_apgd_steps=2, robust_targets=2, robust_square_queries=5)
     app.write_flagfile(cfg)
     checkpoints.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
     out = app.run(dataclasses.replace(cfg, mode="eval"))
@@ -200,36 +406,48 @@ def test_eval_mode_computes_it_and_export_writes_the_probe(tmp_path):
     with open(os.path.join(cfg.run_dir, "results.json")) as f:
         assert json.load(f) == json.loads(json.dumps(r))
     assert r["robust_examples"] == 20 and r["robust_eps"] == [0.0, 8.0]
-    assert set(r["robust_top1"]) == {"pgd20", "fgsm"}
-    for attack in ("pgd20", "fgsm"):
-        assert set(r["robust_top1"][attack]) == {"0", "8"}
-        assert r["robust_top1"][attack]["0"] == r["robust_clean_top1"]
+    assert r["robust_l2_eps"] == [0.5]
+    chain = ["pgd20", "apgd-ce", "apgd-t", "square"]
+    assert r["robust_attacks"] == chain and r["robust_l2_attacks"] == chain[:3]
+    assert list(r["robust_top1"]) == chain + ["worst"]
+    for row in r["robust_top1"].values():
+        assert set(row) == {"0", "8"} and row["0"] == r["robust_clean_top1"]
+    assert set(r["robust_top1_l2"]) == set(chain[:3] + ["worst"])
+    assert set(r["robust_attack_seconds"]) == {"linf", "l2"}
+    assert set(r["robust_checks"]) == {"square_beats_gradient", "large_radius", "flat_gradient",
+                                       "more_steps"}
+    assert r["robust_checks_seconds"] >= 0 and isinstance(r["robust_warnings"], list)
     tags = _tags(cfg.run_dir)
     assert tags["eval/robust_top1/pgd20_8"] == pytest.approx(r["robust_top1"]["pgd20"]["8"])
-    assert tags["eval/robust_top1/fgsm_0"] == pytest.approx(r["robust_top1"]["fgsm"]["0"])
-    assert app.robust_line(r).startswith("clean ")
-    assert "\n" not in app.robust_line(r)
+    assert tags["eval/robust_top1/worst_8"] == pytest.approx(r["robust_top1"]["worst"]["8"])
+    assert tags["eval/robust_top1_l2/apgd-t_0.5"] == pytest.approx(
+        r["robust_top1_l2"]["apgd-t"]["0.5"])
+    capsys.readouterr()
+    app.print_summary(out)
+    printed = capsys.readouterr()
+    assert "\n".join(app.robust_lines(r)) in printed.out
+    assert printed.err.splitlines() == [f"warning: {w}" for w in r["robust_warnings"]]
     assert evaluate.load_probe(os.path.join(cfg.run_dir, "probe.npz"))["step"] == 0
 
     exported = app.run(dataclasses.replace(cfg, mode="export"))
     assert os.path.exists(os.path.join(exported["probe_saved_model"], "saved_model.pb"))
 
     # Turned off: no robust results, and none left over from the previous evaluation.
-    off = app.run(dataclasses.replace(cfg, mode="eval", robust_eps=""))
+    off = app.run(dataclasses.replace(cfg, mode="eval", robust_attacks=""))
     assert not any(k.startswith("robust_") for k in off["results"])
 
-
-def test_an_example_fooled_at_a_smaller_radius_counts_as_fooled_at_larger_ones():
-    # A binary linear model: FGSM lands on the exact worst case. Attacked alone at 16/255 it
-    # finds the same fooled set as at 4/255 plus more; the curve is monotone and equals the
-    # single-radius results here (the worst case at 4/255 is inside the 16/255 ball).
-    rng = np.random.default_rng(3)
-    w = rng.normal(size=(8, 2)).astype(np.float32)
-    b = (np.array([0.1, -0.1]) - 0.5 * w.sum(axis=0)).astype(np.float32)
-    x = rng.uniform(0.2, 0.8, size=(300, 8)).astype(np.float32).reshape(-1, 2, 4, 1)
-    y = np.argmax(x.reshape(-1, 8) @ w + b, axis=1).astype(np.int32)
-    both = robust.robust_accuracy(_linear(w, b), x, y, [16.0, 4.0], batch_size=64)
-    for e in ("4", "16"):
-        alone = robust.robust_accuracy(_linear(w, b), x, y, [float(e)], batch_size=64)
-        assert both["robust_top1"]["fgsm"][e] == pytest.approx(alone["robust_top1"]["fgsm"][e])
-    assert both["robust_top1"]["pgd20"]["16"] <= both["robust_top1"]["pgd20"]["4"] < 1.0
+    # A run whose flags.cfg predates the chain's flags: --mode=eval --robust_attacks=... works
+    # as run.py does it (the saved flags, then the command line's).
+    path = os.path.join(cfg.run_dir, app.FLAGFILE)
+    with open(path) as f:
+        lines = f.read().splitlines()
+    new = ("robust_attacks", "robust_l2_eps", "robust_apgd_steps", "robust_targets",
+           "robust_square_queries", "robust_checks")
+    with open(path, "w") as f:
+        f.write("\n".join(line for line in lines if not line.lstrip("-").startswith(new)
+                          and not line.startswith("--norobust_checks")))
+    again = parse_flags(f"--flagfile={path}", "--mode=eval", "--robust_attacks=autoattack",
+                        "--robust_apgd_steps=2", "--robust_targets=2",
+                        "--robust_square_queries=5", "--robust_l2_eps=", "--norobust_checks")
+    r = app.run(again)["results"]
+    assert r["robust_attacks"] == chain[1:] and "robust_top1_l2" not in r
