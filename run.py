@@ -53,9 +53,9 @@ def _with_saved_flags(cfg):
         FLAGS.mark_as_parsed()  # absl's own exit handling reads a flag
         # Not `--flagfile=<this file>`: that command reads the same broken file.
         raise ClaeError(f"--workdir: cannot read {path} ({str(e).splitlines()[0][:160]}); "
-                        f"re-run the run's training command with its flags on the command line "
-                        f"(not --flagfile={path}): once its checkpoint accepts them, it "
-                        f"rewrites {os.path.basename(path)}")
+                        f"re-run the training command on this workdir with its flags on the "
+                        f"command line (not --flagfile={path}): once the checkpoint accepts "
+                        f"them, it rewrites {os.path.basename(path)}")
     return config.from_flags()
 
 

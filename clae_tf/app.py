@@ -159,7 +159,9 @@ def run(cfg: Config, strategy=None) -> dict:
         out["results"] = evaluate.evaluate(cfg, state.model, source, state.step, other_data=other)
         out["results_path"] = evaluate.output_paths(cfg.run_dir, other)["results"]
         if other:
-            out["results_note"] = (f"on other data than the run's own ({other}): its "
+            paths = evaluate.output_paths(cfg.run_dir, other)
+            out["results_note"] = (f"on other data than the run's own, {other}; probe: "
+                                   f"{os.path.basename(paths['probe'])}; the run's "
                                    f"{evaluate.RESULTS_FILE} and {evaluate.PROBE_FILE} are left "
                                    f"as they were")
     else:
