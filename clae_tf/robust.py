@@ -135,7 +135,7 @@ def attack_standing(attack_pass, alive, eps, batch_size, seed, tag) -> int:
     return int(len(index) - np.count_nonzero(alive[index]))
 
 
-def run_chain(steps, clean, radii, unit, batch_size=500, seed=0, tag=""):
+def run_chain(steps, clean, radii, unit, batch_size=500, seed=0, tag="", log=None):
     """The chain of one norm (module docstring): each attack in order, each radius in increasing
     order, each on the images still standing.
 
@@ -145,6 +145,7 @@ def run_chain(steps, clean, radii, unit, batch_size=500, seed=0, tag=""):
       clean: bool (N,) the images classified correctly clean.
       radii: the radii in the flag's units; unit: their size in [0, 1] pixels (1/255 for L-inf).
       batch_size, seed, tag: as attack_standing (tag names the norm).
+      log: optional callable taking one progress line per attack (its accuracies, its time).
     Returns:
       {"top1": {attack: {eps_key: accuracy}, "worst": {...}}, "fooled": {attack: {eps_key:
       images it fooled}}, "standing": {attack: {eps_key: bool (N,) mask after it}},
@@ -166,6 +167,10 @@ def run_chain(steps, clean, radii, unit, batch_size=500, seed=0, tag=""):
             out["fooled"].setdefault(name, {})[key] = fooled
             out["standing"].setdefault(name, {})[key] = alive[key].copy()
         out["seconds"][name] = time.time() - start
+        if log is not None:
+            log(f"Robust {tag} {name}: " + " ".join(
+                f"{key}:{out['top1'][name][key]:.4f}" for key, _ in order)
+                + f"  ({out['seconds'][name]:.0f} s)")
     out["top1"]["worst"] = {key: float(np.mean(alive[key])) for key, _ in order}
     return out
 
@@ -296,7 +301,7 @@ class Attacker:
 
 
 def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, batch_size=500,
-                    seed=0) -> dict:
+                    seed=0, log=None) -> dict:
     """Clean accuracy and the chain of every norm (run_chain) on the same images, then the
     gradient-masking checks (masking.py).
 
@@ -305,6 +310,7 @@ def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, b
       images: float32 (N, H, W, C) in [0, 1]; labels: int (N,).
       suite: what to run; num_classes: the classifier's classes.
       batch_size: images per attacked batch; seed: the run's seed (batch_seed).
+      log: optional callable taking a progress line per attack (run_chain).
 
     Returns:
       The results.json entries (README "Robustness"): robust_clean_top1, robust_examples,
@@ -329,7 +335,7 @@ def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, b
         if not names:
             continue
         steps = [(name, attacker.passes(name, norm)) for name in names]
-        chains[norm] = run_chain(steps, clean, radii, keys["unit"], batch_size, seed, norm)
+        chains[norm] = run_chain(steps, clean, radii, keys["unit"], batch_size, seed, norm, log)
         out[keys["top1"]] = chains[norm]["top1"]
         out["robust_attack_seconds"][norm] = chains[norm]["seconds"]
     if attacker.square_queries:
@@ -351,6 +357,7 @@ def evaluate(cfg, model, probe, split: data.Split, num_classes: int) -> dict:
     suite.check(num_classes)  # before reading a single image
     images, labels = load_subset(split, cfg.robust_examples)
     out = robust_accuracy(classifier(model, probe, cfg.normalize, cfg.probe), images, labels,
-                          suite, num_classes, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+                          suite, num_classes, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                          log=functools.partial(print, flush=True))
     out["robust_seconds"] = time.time() - t0
     return out

@@ -135,9 +135,14 @@ def test_chain_counts_a_hand_computed_attack_table():
         return [attack_pass]
 
     clean = np.array([True] * 6 + [False] * 2)
+    lines = []
     out = robust.run_chain([(name, fake(name)) for name in "abc"], clean, [4.0, 1.0, 2.0],
-                           unit=1.0, batch_size=2)
+                           unit=1.0, batch_size=2, tag="linf", log=lines.append)
     assert out["top1"] == {**_EXPECTED, "worst": _EXPECTED["c"]}
+    # One progress line per attack, its accuracies by increasing radius (by hand, above).
+    assert [line.split("  (")[0] for line in lines] == [
+        "Robust linf a: 1:0.6250 2:0.5000 4:0.5000", "Robust linf b: 1:0.5000 2:0.2500 4:0.1250",
+        "Robust linf c: 1:0.5000 2:0.1250 4:0.0000"]
     assert attacked == _ATTACKED  # survivors only; clean-incorrect images are never attacked
     assert out["fooled"] == {"a": {"1": 1, "2": 1, "4": 0}, "b": {"1": 1, "2": 1, "4": 1},
                              "c": {"1": 0, "2": 1, "4": 0}}
