@@ -29,7 +29,7 @@ DEFAULTS = dict(
     eval_batch_size=500, attack="fgsm", attack_steps=3, attack_step_size=0.0,
     attack_random_start=False, robust_eps="1,2,4,8", robust_examples=1000, strategy="auto",
     robust_attacks="pgd20,autoattack", robust_l2_eps="0.25,0.5", robust_apgd_steps=100,
-    robust_targets=9, robust_square_queries=5000, robust_checks=True,
+    robust_targets=3, robust_square_queries=1000, robust_checks=True,
     virtual_cpus=0, eval_every_epochs=0, online_eval_examples=1000, projector_examples=1000,
     projector_features="z", augment_impl="tf")
 # The method settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
