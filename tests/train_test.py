@@ -293,7 +293,7 @@ sys.path.insert(0, "tests")
 from conftest import tiny_config
 from clae_tf import data, distribute, train
 for batch, replicas in [(3, 1), (5, 1), (6, 2)]:
-    cfg = tiny_config(workdir=f"{sys.argv[1]}/batch{batch}", batch_size=batch, max_steps=1,
+    cfg = tiny_config(workdir=f"{sys.argv[1]}/batch{batch}", batch_size=batch, max_steps=4,
                       projector_examples=0, adversarial=True, virtual_cpus=replicas,
                       strategy="mirrored" if replicas > 1 else "one_device")
     strategy = distribute.make_strategy(cfg)
@@ -311,4 +311,4 @@ def test_odd_batch_sizes_train(tmp_path):
         code, out, err = child.finish()
     assert code == 0, f"exit {code}:\n{out}\n{err[-3000:]}"
     assert [line for line in out.splitlines() if line.startswith("batch ")] == [
-        "batch 3 on 1: step 1", "batch 5 on 1: step 1", "batch 6 on 2: step 1"], out
+        "batch 3 on 1: step 4", "batch 5 on 1: step 4", "batch 6 on 2: step 4"], out
