@@ -8,7 +8,7 @@ import time
 import keras
 
 from clae_tf import (ClaeError, checkpoints, data, distribute, evaluate, export, files, portable,
-                     train)
+                     signals, train)
 from clae_tf.config import CHECKPOINT_FLAGS, RESUME_DATA_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
@@ -62,11 +62,17 @@ def run(cfg: Config, strategy=None) -> dict:
     load, the train loop's parts (train.train), evaluation and export.
     """
     timings = {"startup_seconds": process_seconds()}
-    strategy = strategy or distribute.make_strategy(cfg)
+    with signals.handling():  # SIGTERM as Ctrl-C in every phase (run.py installs it for good)
+        strategy = strategy or distribute.make_strategy(cfg)
+        if not distribute.is_chief(strategy):
+            return _run(cfg, strategy, timings)
+        files.check_writable(cfg.run_dir)  # only the chief writes into the workdir
+        return _run(cfg, strategy, timings)
+
+
+def _run(cfg: Config, strategy, timings: dict) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     keras.mixed_precision.set_global_policy(POLICIES[cfg.precision])
-    if distribute.is_chief(strategy):  # only the chief writes into the workdir
-        files.check_writable(cfg.run_dir)
     check_workdir(cfg)
     t = time.time()
     source = data.load(cfg)
@@ -107,6 +113,7 @@ def run(cfg: Config, strategy=None) -> dict:
 def _export(cfg: Config, model, step: int, out: dict):
     """<workdir>/saved_model (serving endpoints), <workdir>/encoder.keras (to fine-tune), and
     encoder + probe (logits) if the probe is of this step."""
+    print(f"Exporting step {step} to {cfg.run_dir}", flush=True)
     out["saved_model"] = os.path.join(cfg.run_dir, "saved_model")
     out["encoder_keras"] = os.path.join(cfg.run_dir, "encoder.keras")
     encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # one copy for all

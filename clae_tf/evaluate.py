@@ -164,6 +164,8 @@ def load_probe(path: str) -> dict:
 def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None) -> dict:
     """kNN, linear probe and robust accuracy; writes <workdir>/results.json, the probe's weights
     (<workdir>/probe.npz, for export) and eval/ scalars to TensorBoard."""
+    print(f"Evaluating step {step}: kNN and a linear probe of {cfg.linear_epochs} epochs on "
+          f"{cfg.probe}", flush=True)
     t = time.time()
     train_h, train_z, train_y = extract(model, source.train, cfg.eval_batch_size, cfg.normalize)
     test_h, test_z, test_y = extract(model, source.test, cfg.eval_batch_size, cfg.normalize)
