@@ -66,8 +66,10 @@ def run(cfg: Config, strategy=None) -> dict:
         strategy = strategy or distribute.make_strategy(cfg)
         if not distribute.is_chief(strategy):
             return _run(cfg, strategy, timings)
-        files.check_writable(cfg.run_dir)  # only the chief writes into the workdir
-        return _run(cfg, strategy, timings)
+        # Only the chief writes into the workdir; it holds it for the run (one run at a time).
+        files.check_writable(cfg.run_dir)
+        with files.workdir_lock(cfg.run_dir):
+            return _run(cfg, strategy, timings)
 
 
 def _run(cfg: Config, strategy, timings: dict) -> dict:
