@@ -186,7 +186,7 @@ def test_exports_load_and_fine_tune_without_clae_tf(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(script), saved_model, keras_file, str(tmp_path / "x.npz"),
          str(tmp_path / "out.npz")],
-        cwd="/tmp", env=env, capture_output=True, text=True, timeout=300)
+        cwd="/tmp", env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT ", 1)[1])
     assert report["clae_tf_loaded"] == []

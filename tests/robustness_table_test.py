@@ -56,13 +56,13 @@ def test_cli_writes_the_figure_and_refuses_runs_without_robust_numbers(tmp_path)
     _run(tmp_path, "a", 1, 0.1)
     figure = tmp_path / "fig.png"
     done = subprocess.run([sys.executable, SCRIPT, f"--run=A={tmp_path}/a_seed*",
-                           f"--figure={figure}"], capture_output=True, text=True)
+                           f"--figure={figure}"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _run(tmp_path, "c", 0, 0.0, robust=False)
     done = subprocess.run([sys.executable, SCRIPT, f"--run=C={tmp_path}/c_seed*"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "--mode=eval" in done.stderr
     done = subprocess.run([sys.executable, SCRIPT, f"--run=D={tmp_path}/nothing*"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "no workdir" in done.stderr
