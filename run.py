@@ -32,9 +32,11 @@ def main(argv):
         from clae_tf import app as clae_app  # imports TensorFlow: after the cheap checks
         clae_app.print_summary(clae_app.run(cfg))
     except ClaeError as e:
+        signals.stopping()  # a Ctrl-C now must not cut the message short
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:  # outside the train loop (which saves and says so itself)
+        signals.stopping()
         where = (f"; checkpoints so far are kept in {cfg.run_dir}/checkpoints (the same command "
                  f"resumes; --mode=eval --workdir={cfg.run_dir} re-evaluates)" if cfg else "")
         print(f"error: {signals.describe(e)}{where}", file=sys.stderr)

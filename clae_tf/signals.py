@@ -6,9 +6,12 @@ installed explicitly, whatever the process inherited: a program started in the b
 non-interactive shell (`nohup ... &`, CI) starts with SIGINT ignored, and Python then installs
 no KeyboardInterrupt handler of its own.
 
-Once an interrupt has been raised the process is on its way out: later signals are dropped,
-so a second Ctrl-C cannot abort the checkpoint the first one is saving, nor the error message.
-Inside `held()` (a checkpoint being written) a signal waits until the block ends.
+Whoever handles the interrupt (the train loop saving its checkpoint, run.py printing the
+error) calls `stopping()` first: from then on the process is on its way out and later signals
+are dropped, so a second Ctrl-C cannot cut short the checkpoint nor the message. Until then
+every signal raises, so an interrupt that some code swallowed (an exception inside a __del__
+is only printed) is not the last one. Inside `held()` (a checkpoint being written) a signal
+waits until the block ends.
 
 No TensorFlow here: run.py installs the handlers before it imports TensorFlow.
 """
@@ -29,7 +32,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 class _State:
-    stopping = False  # an Interrupted was raised: drop the signals that follow
+    stopping = False  # an interrupt is being handled: drop the signals that follow
     holding = 0  # depth of held() blocks
     held = None  # the first signal that arrived inside held()
 
@@ -50,8 +53,13 @@ def _handler(signum, frame):
     if _state.holding:
         _state.held = _state.held or signum
         return
-    _state.stopping = True
     raise Interrupted(signum)
+
+
+def stopping():
+    """The process is on its way out (an interrupt or an error is being handled): drops the
+    signals that follow, until the end of handling() (for good after install())."""
+    _state.stopping = True
 
 
 def install():
@@ -96,5 +104,4 @@ def held():
         if signum is not None:
             _state.held = None
     if done and signum is not None and not _state.stopping:
-        _state.stopping = True
         raise Interrupted(signum)

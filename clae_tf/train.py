@@ -225,8 +225,9 @@ def train(cfg: Config, strategy, source: data.Source) -> dict:
                 if step % cfg.ckpt_every == 0:
                     state.save(step)
     except KeyboardInterrupt as e:
-        # Keep what this process has done (if it is healthy): the same command resumes. Under
-        # app.run, later signals are dropped (signals.py): this save and the message complete.
+        # Keep what this process has done (if it is healthy): the same command resumes. Later
+        # signals are dropped (signals.py), so that this save and the message complete.
+        signals.stopping()
         why = signals.describe(e)
         if not math.isfinite(float(health.weight_norm(model.trainable_variables))):
             raise ClaeError(f"{why} at step {state.step} with non-finite weights; "
