@@ -49,8 +49,8 @@ class _Copier:
         if subsample > 1:
             # models._Conv2D's strided 1x1 conv: keep pixels 0, s, 2s, ... (a 1x1 pool), then
             # the stride-1 conv; a fine-tuned copy then avoids the strided conv's oneDNN bug too.
-            pick = keras.layers.MaxPooling2D(1, subsample, dtype="float32",
-                                             name=f"{name}_subsample")
+            pick = keras.layers.AveragePooling2D(1, subsample, dtype="float32",
+                                                 name=f"{name}_subsample")
             return lambda x: copy(pick(x))
         if not pad:
             return copy
