@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up cha
 
 from absl import app, flags, logging  # noqa: E402
 
-from clae_tf import ClaeError, config  # noqa: E402
+from clae_tf import ClaeError, config, signals  # noqa: E402
 
 config.define_flags()
 FLAGS = flags.FLAGS
@@ -25,18 +25,21 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # TF's SavedModel writer logs every step at INFO
     cfg = None
     try:
+        signals.install()  # Ctrl-C and SIGTERM, whatever disposition this process inherited
         cfg = config.from_flags()
         if cfg.mode != "train":
             cfg = _with_saved_flags(cfg)
         from clae_tf import app as clae_app  # imports TensorFlow: after the cheap checks
         clae_app.print_summary(clae_app.run(cfg))
     except ClaeError as e:
+        signals.stopping()  # a Ctrl-C now must not cut the message short
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # outside the train loop (which saves and says so itself)
+    except KeyboardInterrupt as e:  # outside the train loop (which saves and says so itself)
+        signals.stopping()
         where = (f"; checkpoints so far are kept in {cfg.run_dir}/checkpoints (the same command "
                  f"resumes; --mode=eval --workdir={cfg.run_dir} re-evaluates)" if cfg else "")
-        print(f"error: interrupted{where}", file=sys.stderr)
+        print(f"error: {signals.describe(e)}{where}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 import keras
 
 from clae_tf import (ClaeError, checkpoints, data, distribute, evaluate, export, files, robust,
-                     train)
+                     signals, train)
 from clae_tf.config import CHECKPOINT_FLAGS, DATA_FLAGS, RESUME_DATA_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
@@ -116,11 +116,19 @@ def run(cfg: Config, strategy=None) -> dict:
     load, the train loop's parts (train.train), evaluation and export.
     """
     timings = {"startup_seconds": process_seconds()}
-    strategy = strategy or distribute.make_strategy(cfg)
+    with signals.handling():  # SIGTERM as Ctrl-C in every phase (run.py installs it for good)
+        strategy = strategy or distribute.make_strategy(cfg)
+        if not distribute.is_chief(strategy):
+            return _run(cfg, strategy, timings)
+        # Only the chief writes into the workdir; it holds it for the run (one run at a time).
+        files.check_writable(cfg.run_dir)
+        with files.workdir_lock(cfg.run_dir):
+            return _run(cfg, strategy, timings)
+
+
+def _run(cfg: Config, strategy, timings: dict) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     keras.mixed_precision.set_global_policy(POLICIES[cfg.precision])
-    if distribute.is_chief(strategy):  # only the chief writes into the workdir
-        files.check_writable(cfg.run_dir)
     check_workdir(cfg)
     t = time.time()
     source = data.load(cfg)

@@ -5,7 +5,7 @@ import os
 import keras
 import tensorflow as tf
 
-from clae_tf import ClaeError, builders, distribute, methods
+from clae_tf import ClaeError, builders, distribute, methods, signals
 from clae_tf.optim import build_optimizer
 from clae_tf.config import Config
 
@@ -52,9 +52,11 @@ class State:
         return found[0] if found else None
 
     def save(self, step: int):
-        self.manager.save(checkpoint_number=step)
-        distribute.remove_worker_dir(self.strategy, self.manager.directory)
-        self.saved_step = step
+        """Writes ckpt-<step>. A Ctrl-C or SIGTERM meanwhile waits until it is written whole."""
+        with signals.held():
+            self.manager.save(checkpoint_number=step)
+            distribute.remove_worker_dir(self.strategy, self.manager.directory)
+            self.saved_step = step
 
     def restore(self, model_only=False):
         """Restores the newest checkpoint that can be read; False when there is none.

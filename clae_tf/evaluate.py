@@ -189,6 +189,8 @@ def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None,
     probe's weights (<workdir>/probe.npz, for export) and eval/ scalars to TensorBoard, or with
     `other_data` (data_name of data other than the run's own) the files of output_paths."""
     paths = output_paths(cfg.run_dir, other_data)
+    print(f"Evaluating step {step}: kNN and a linear probe of {cfg.linear_epochs} epochs on "
+          f"{cfg.probe}", flush=True)
     t = time.time()
     train_h, train_z, train_y = extract(model, source.train, cfg.eval_batch_size, cfg.normalize)
     test_h, test_z, test_y = extract(model, source.test, cfg.eval_batch_size, cfg.normalize)

@@ -4,6 +4,7 @@ No TensorFlow here: these run before (and without) it.
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -32,6 +33,46 @@ def check_writable(workdir: str):
     except OSError as e:  # EROFS, EACCES, ENOTDIR (a parent is a file), ENOSPC...
         where = f": {e.filename}" if e.filename and e.filename not in (workdir, probe) else ""
         raise ClaeError(f"--workdir: cannot write in {workdir} ({e.strerror or e}{where})")
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds `workdir` for one run: a second run on it fails at once, before writing anything.
+
+    An advisory lock (flock) on <workdir>/.lock, which holds the holder's pid. The kernel drops
+    it when the process ends, however it ends (kill -9 included), so it never goes stale; the
+    file itself stays.
+
+    Args:
+      workdir: the run's directory; it must exist (check_writable).
+
+    Raises:
+      ClaeError: `--workdir: <workdir> is in use by process <pid>`.
+    """
+    path = os.path.join(workdir, LOCK_FILE)
+    with open(path, "a+") as f:  # "a+": the holder's pid stays readable until we hold it
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"  # between the holder's flock and its write
+            raise ClaeError(f"--workdir: {workdir} is in use by process {pid}") from None
+        except OSError as e:  # a filesystem without locks (some network and FUSE mounts)
+            print(f"warning: cannot lock {path} ({e.strerror or e}); nothing stops a second "
+                  f"run on this workdir", file=sys.stderr)
+            yield
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_atomic(path: str, text: str):

@@ -131,21 +131,36 @@ class _Conv2D(keras.layers.Conv2D):
     4, ... in both frameworks), nor the ImageNet stem's 7x7/2 conv with the reference's. Those
     convs pad explicitly and convolve "valid", which gives PyTorch's samples and output size
     floor((n + 2p - k) / s) + 1.
+
+    A 1x1 conv with stride s > 1 (the downsampling shortcuts) reads only pixels 0, s, 2s, ...:
+    it is computed as that subsampling, x[:, ::s, ::s], followed by a 1x1 stride-1 conv, with
+    the same kernel. Sharp edge: TF 2.21's oneDNN CPU kernel for the filter gradient of a
+    strided 1x1 conv corrupts the heap at odd batch sizes (a segfault or "double free" in the
+    first train step). The subsampling is a 1x1 average pool of stride s (the same pixels): as
+    fast as the strided conv forward and backward, where a strided slice's gradient was 2-3x
+    slower.
     """
 
     def __init__(self, filters, kernel, stride, **kwargs):
         self.torch_pad = kernel // 2 if stride > 1 else 0
-        super().__init__(filters, kernel, strides=stride,
+        self.subsample = stride if kernel == 1 and stride > 1 else 1
+        super().__init__(filters, kernel, strides=stride // self.subsample,
                          padding="valid" if self.torch_pad else "same", use_bias=False,
                          kernel_initializer=_torch_init(), **kwargs)
 
     def call(self, inputs):
+        if self.subsample > 1:  # x[:, ::s, ::s]: ceil(n / s) pixels per side
+            inputs = keras.ops.average_pool(inputs, 1, self.subsample, padding="valid")
         if self.torch_pad:
             inputs = _torch_pad(inputs, self.torch_pad, 0.0)
         return super().call(inputs)
 
     def compute_output_shape(self, input_shape):
-        return super().compute_output_shape(_padded_shape(input_shape, self.torch_pad))
+        shape = list(_padded_shape(input_shape, self.torch_pad))
+        for axis in (1, 2):
+            if shape[axis] is not None:
+                shape[axis] = -(-shape[axis] // self.subsample)
+        return super().compute_output_shape(tuple(shape))
 
 
 class _MaxPool2D:

@@ -45,7 +45,13 @@ class _Copier:
         copy = standard.from_config(config)
         if layer.weights:
             self.pairs.append((copy, layer))
-        pad = getattr(layer, "torch_pad", 0)
+        pad, subsample = getattr(layer, "torch_pad", 0), getattr(layer, "subsample", 1)
+        if subsample > 1:
+            # models._Conv2D's strided 1x1 conv: keep pixels 0, s, 2s, ... (a 1x1 pool), then
+            # the stride-1 conv; a fine-tuned copy then avoids the strided conv's oneDNN bug too.
+            pick = keras.layers.AveragePooling2D(1, subsample, dtype="float32",
+                                                 name=f"{name}_subsample")
+            return lambda x: copy(pick(x))
         if not pad:
             return copy
         # models._Conv2D: PyTorch's symmetric zero padding, then a "valid" conv.

@@ -1,16 +1,14 @@
 """The CLAE train step and the train loop (checkpoints, TensorBoard, progress)."""
 
-import contextlib
 import math
 import os
-import signal
 import time
 
 import keras
 import tensorflow as tf
 
 from clae_tf import (ClaeError, attacks, augment, checkpoints, data, distribute, health, losses,
-                     methods, monitor)
+                     methods, monitor, signals)
 from clae_tf.config import Config
 from clae_tf.progress import Progress
 
@@ -184,7 +182,7 @@ def train(cfg: Config, strategy, source: data.Source, on_accepted=None) -> dict:
     iterator, left_in_epoch = next(epochs)
     timings["data_setup"] += time.time() - loop_start
     try:
-        with _sigterm_as_interrupt():
+        with signals.handling():  # SIGTERM as Ctrl-C, also when called without app.run
             while step < total_steps:
                 if not left_in_epoch:
                     t = time.time()
@@ -233,12 +231,15 @@ def train(cfg: Config, strategy, source: data.Source, on_accepted=None) -> dict:
                 if step % cfg.ckpt_every == 0:
                     state.save(step)
     except KeyboardInterrupt as e:
-        # Keep what this process has done (if it is healthy): the same command resumes.
-        why = "interrupted" if not isinstance(e, _Terminated) else "terminated (SIGTERM)"
+        # Keep what this process has done (if it is healthy): the same command resumes. Later
+        # signals are dropped (signals.py), so that this save and the message complete.
+        signals.stopping()
+        why = signals.describe(e)
         if not math.isfinite(float(health.weight_norm(model.trainable_variables))):
             raise ClaeError(f"{why} at step {state.step} with non-finite weights; "
                             f"{_last_good(state)}")
-        state.save(state.step)
+        if state.saved_step != state.step:  # e.g. a signal held until a save ended
+            state.save(state.step)
         raise ClaeError(f"{why} at step {state.step}; checkpoint saved in "
                         f"{state.directory}; run the same command to resume")
     timings["loop"] = time.time() - loop_start
@@ -289,26 +290,6 @@ def _epoch_batches(strategy, split, cfg, step, steps_per_epoch, total_steps):
         yield iter(distribute.distribute_batches(
             strategy, data.pretrain_dataset(split, cfg, epoch, offset))), steps_per_epoch - offset
         step += steps_per_epoch - offset
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (cluster schedulers, preemptible machines), handled as Ctrl-C."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    def handler(signum, frame):
-        raise _Terminated()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave SIGTERM alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _log_scalars(writer, step, metrics, lr, images_per_sec):

@@ -112,7 +112,7 @@ def test_runs_as_a_script_from_anywhere(workdirs, tmp_path):
     env = dict(os.environ, MPLBACKEND="Agg", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, SCRIPT, *workdirs, "--out", str(out)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "| SimCLR+CLAE | 0,1,2 | 43.00 ± 1.00 | 53.00 ± 1.00 | 10.0 |" in proc.stdout
     assert (out / "comparison.md").exists()

@@ -30,7 +30,8 @@ def run_cli(args, tmp_path, tensorflow=True):
             "raise ImportError('run.py imported TensorFlow before checking its flags')\n")
         env["PYTHONPATH"] = os.pathsep.join([str(fake), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=600)  # generous: a machine 3x slower than a busy one
 
 
 def parse_flags(*args):

@@ -175,9 +175,9 @@ def test_exports_load_and_fine_tune_without_clae_tf(tmp_path):
     saved_model, keras_file = str(tmp_path / "saved_model"), str(tmp_path / "encoder.keras")
     export.export(cfg, model, saved_model)
     export.export_keras(cfg, model, keras_file)
-    # An even batch: TF 2.21's oneDNN CPU kernel for the filter gradient of a 1x1 stride-2
-    # conv (the shortcuts) corrupts the heap at odd batch sizes (1, 5, 7 at 16x16 crash).
-    x = _images01(n=6)
+    # An odd batch: TF 2.21's oneDNN CPU kernel for the gradient of a 1x1 stride-2 conv
+    # corrupts the heap there; the exports subsample and convolve at stride 1 instead.
+    x = _images01(n=5)
     np.savez(tmp_path / "x.npz", x=x)
     script = tmp_path / "user.py"
     script.write_text(_USER_SCRIPT)
@@ -186,7 +186,7 @@ def test_exports_load_and_fine_tune_without_clae_tf(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(script), saved_model, keras_file, str(tmp_path / "x.npz"),
          str(tmp_path / "out.npz")],
-        cwd="/tmp", env=env, capture_output=True, text=True, timeout=300)
+        cwd="/tmp", env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT ", 1)[1])
     assert report["clae_tf_loaded"] == []

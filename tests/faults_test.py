@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conftest import REPO, run_cli, tiny_config
+from subprocs import Program
 
 from clae_tf import ClaeError, app, augment, builders, data, evaluate, export, files
 from clae_tf.config import Config
@@ -68,14 +69,10 @@ def test_a_kill_during_the_write_leaves_the_old_file(tmp_path):
         "os.fsync = slow_fsync\n"
         f"text = '{{\"knn_top1\": 0.75, \"pad\": \"' + 'x' * 10**6 + '\"}}'\n"
         f"files.write_atomic({str(path)!r}, text)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        line = proc.stdout.readline().strip()  # the new text is half on its way
-    finally:
-        proc.kill()  # SIGKILL: no handler, no cleanup runs
-        proc.wait(timeout=30)
-    assert line == "writing" and proc.returncode == -signal.SIGKILL
+    with Program(["-c", script]) as child:
+        child.wait_for("writing$")  # the new text is half on its way
+        child.kill()  # SIGKILL: no handler, no cleanup runs
+    assert child.proc.returncode == -signal.SIGKILL
     assert json.loads(path.read_text()) == {"knn_top1": 0.5}
     # The new text went to a temporary file next to it (the same filesystem, for os.replace).
     leftovers = [p for p in os.listdir(tmp_path) if p != "results.json"]
@@ -207,7 +204,7 @@ def test_workdir_on_a_read_only_filesystem(tmp_path):
         pytest.skip("needs util-linux unshare (a private mount namespace for a read-only "
                     "tmpfs); the regular-file and sysfs tests cover the refusal")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, env=dict(os.environ, CHECK=check))
+                          text=True, timeout=600, env=dict(os.environ, CHECK=check))
     if proc.returncode != 0 and "mount" in proc.stderr:
         pytest.skip(f"not root or no mount namespaces (containers without CAP_SYS_ADMIN), so no "
                     f"read-only tmpfs to test on: {proc.stderr.strip()}")

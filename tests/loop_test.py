@@ -7,16 +7,14 @@ import contextlib
 import io
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, tiny_config
+from conftest import tiny_config
+from subprocs import run_py
 
 from clae_tf import ClaeError, app, checkpoints, data, health, train
 
@@ -102,41 +100,32 @@ def test_divergence_stops_the_run_and_keeps_the_good_checkpoints(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
     workdir = str(tmp_path / "run")
-    cmd = [sys.executable, "run.py", "--flagfile=flags/smoke.cfg", "--epochs=3",
-           "--linear_epochs=1", "--noexport", f"--workdir={workdir}", "--log_every=1",
-           "--steps_per_loop=1", "--ckpt_every=1000"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # wait until a few steps have run
-        if line.startswith("step 3/"):
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2
+    args = ["--flagfile=flags/smoke.cfg", "--epochs=3", "--linear_epochs=1", "--noexport",
+            f"--workdir={workdir}", "--log_every=1", "--steps_per_loop=1", "--ckpt_every=1000"]
+    with run_py(*args) as run:
+        run.wait_for(r"step 3/")  # a few steps have run
+        run.send(signal.SIGTERM)
+        code, _, err = run.finish()
+    assert code == 2, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: terminated (SIGTERM) at step ") and "resume" in last
     saved = int(last.split("at step ")[1].split(";")[0])
     assert saved >= 3
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith(f"-{saved}")
     # The same command resumes from there and finishes.
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "Resuming from" in done.stdout and f"at step {saved}." in done.stdout
+    with run_py(*args) as run:
+        code, out, err = run.finish()
+    assert code == 0, err[-2000:]
+    assert "Resuming from" in out and f"at step {saved}." in out
 
 
 @pytest.mark.slow
 def test_ctrl_c_during_evaluation_is_one_line(tmp_path):
-    cmd = [sys.executable, "run.py", "--flagfile=flags/smoke.cfg", "--epochs=1", "--max_steps=2",
-           "--linear_epochs=100000", "--noexport", f"--workdir={tmp_path / 'run'}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 2/2"):  # training is over: the probe runs for a long time
-            break
-    time.sleep(5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
+    with run_py("--flagfile=flags/smoke.cfg", "--epochs=1", "--max_steps=2",
+                "--linear_epochs=100000", "--noexport", f"--workdir={tmp_path / 'run'}") as run:
+        run.wait_for(r"Evaluating step 2: ")  # the probe runs for much longer than this test
+        run.send(signal.SIGINT)
+        code, _, err = run.finish()
+    assert code == 2, err[-3000:]
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: interrupted; checkpoints so far")

@@ -333,3 +333,60 @@ def test_building_an_imagenet_stem_model_leaves_no_name_scope_open():
     layer = keras.layers.Dense(2, name="after")
     layer.build((None, 3))
     assert [v.path for v in layer.variables] == ["after/kernel", "after/bias"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The strided 1x1 shortcut conv, computed as a subsampling and a stride-1 conv (models._Conv2D).
+
+
+@pytest.mark.parametrize("size", [8, 9])
+def test_strided_1x1_conv_is_pytorchs_forward_and_gradients(size):
+    """y[n, i, j] = x[n, 2i, 2j] @ w (PyTorch's Conv2d(c, f, 1, stride=2), output size
+    floor((size - 1) / 2) + 1), and the gradients of sum(y * g) w.r.t. x and w by hand."""
+    conv = models._Conv2D(5, 1, 2, name="shortcut_conv")
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, size, size, 3))  # an even batch: the test process must not crash
+    conv.build((None, size, size, 3))
+    assert conv.kernel.shape == (1, 1, 3, 5)  # PyTorch's (5, 3, 1, 1), transposed as before
+    w = conv.kernel.numpy().astype(np.float64)[0, 0]  # (C, F)
+    n_out = (size - 1) // 2 + 1
+    g = rng.normal(size=(2, n_out, n_out, 5))
+
+    xt = tf.constant(x, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = conv(xt)
+        loss = tf.reduce_sum(y * tf.constant(g, tf.float32))
+    dx, dw = tape.gradient(loss, [xt, conv.kernel])
+
+    y_ref = np.zeros((2, n_out, n_out, 5))
+    dx_ref = np.zeros_like(x)
+    dw_ref = np.zeros((3, 5))
+    for i in range(n_out):
+        for j in range(n_out):
+            y_ref[:, i, j] = x[:, 2 * i, 2 * j] @ w
+            dx_ref[:, 2 * i, 2 * j] = g[:, i, j] @ w.T  # every other pixel gets no gradient
+            dw_ref += x[:, 2 * i, 2 * j].T @ g[:, i, j]
+    assert y.shape == (2, n_out, n_out, 5)
+    assert conv.compute_output_shape((None, size, size, 3)) == (None, n_out, n_out, 5)
+    np.testing.assert_allclose(y.numpy(), y_ref, atol=1e-5)
+    np.testing.assert_allclose(dx.numpy(), dx_ref, atol=1e-5)
+    np.testing.assert_allclose(dw.numpy()[0, 0], dw_ref, atol=1e-4)
+    assert dw.shape == conv.kernel.shape
+
+
+def test_no_strided_1x1_conv_kernel_in_any_model():
+    """Every 1x1 conv with stride 2 (the shortcuts of the basic and the bottleneck blocks, under
+    either stem) convolves at stride 1 after subsampling; the 3x3/2 and 7x7/2 convs, whose
+    gradients oneDNN computes correctly, keep their stride."""
+    seen = set()
+    for arch, stem in [("resnet18", "cifar"), ("resnet50", "imagenet")]:
+        model = builders.build_model(tiny_config(arch=arch, stem=stem, image_size=32))
+        for layer in model._flatten_layers():
+            if isinstance(layer, models._Conv2D):
+                k = layer.kernel_size[0]
+                stride = layer.strides[0] * layer.subsample
+                seen.add((k, stride))
+                assert (layer.strides[0], layer.subsample) == ((1, 2) if (k, stride) == (1, 2)
+                                                               else (stride, 1)), layer.name
+    assert {(1, 2), (3, 2), (7, 2), (1, 1), (3, 1)} <= seen

@@ -78,23 +78,23 @@ def test_cli_writes_the_figure_and_refuses_runs_without_the_rows(tmp_path):
     figure = tmp_path / "fig.png"
     done = subprocess.run([sys.executable, SCRIPT, f"--run=A={tmp_path}/a_seed*",
                            "--attack=worst", "--attack=pgd20", f"--figure={figure}"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     header = done.stdout.splitlines()[0]
     assert header.index("worst 8/255") < header.index("pgd20 1/255")
     _run(tmp_path, "c", 0, 0.0, robust=False)
     done = subprocess.run([sys.executable, SCRIPT, f"--run=C={tmp_path}/c_seed*"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "--mode=eval" in done.stderr
     # A run evaluated before the chain has PGD-20 (the same row then) but no worst case.
     _run(tmp_path, "o", 0, 0.0, old_format=True)
     done = subprocess.run([sys.executable, SCRIPT, f"--run=O={tmp_path}/o_seed*"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "has no worst" in done.stderr and "--mode=eval" in done.stderr
     done = subprocess.run([sys.executable, SCRIPT, f"--run=O={tmp_path}/o_seed*",
-                           "--attack=pgd20"], capture_output=True, text=True)
+                           "--attack=pgd20"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     done = subprocess.run([sys.executable, SCRIPT, f"--run=D={tmp_path}/nothing*"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "no workdir" in done.stderr

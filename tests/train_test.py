@@ -12,6 +12,7 @@ differentiated with the parameters recorded, through Keras' own BatchNormalizati
 """
 
 import dataclasses
+import os
 
 import keras
 import numpy as np
@@ -20,6 +21,7 @@ import tensorflow as tf
 
 from clae_tf import builders, losses, models, optim, train
 from conftest import tiny_config
+from subprocs import Program
 
 
 def code_under_test(cfg, model=None, steps_per_epoch=1, total_steps=1, compiled=False):
@@ -281,3 +283,32 @@ def test_step_schedule_first_step_of_boundary_epochs():
                                    total_steps=301 * spe)
     for boundary, factor in PAPER_SCHEDULE:
         assert _keras_lr(optimizer, boundary * spe) == pytest.approx(0.03 * factor, rel=1e-6)
+
+
+# One CLAE train step (the real loop, train.train) per (global batch, replicas), each in this
+# child process: a crash there fails the test, not pytest. conftest gives 4 virtual CPUs.
+_ODD_BATCH_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+from conftest import tiny_config
+from clae_tf import data, distribute, train
+for batch, replicas in [(3, 1), (5, 1), (6, 2)]:
+    cfg = tiny_config(workdir=f"{sys.argv[1]}/batch{batch}", batch_size=batch, max_steps=4,
+                      projector_examples=0, adversarial=True, virtual_cpus=replicas,
+                      strategy="mirrored" if replicas > 1 else "one_device")
+    strategy = distribute.make_strategy(cfg)
+    summary = train.train(cfg, strategy, data.load(cfg))
+    print(f"batch {batch} on {strategy.num_replicas_in_sync}: step {summary['step']}", flush=True)
+"""
+
+
+@pytest.mark.slow  # 1-2 min: one child process, three tiny runs
+def test_odd_batch_sizes_train(tmp_path):
+    """Odd batches per replica (3, 5; and 3 on each of 2 replicas) with oneDNN on, as by
+    default: the strided 1x1 shortcut conv's oneDNN gradient used to corrupt the heap there."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    with Program(["-c", _ODD_BATCH_SCRIPT, str(tmp_path)], env=env) as child:
+        code, out, err = child.finish()
+    assert code == 0, f"exit {code}:\n{out}\n{err[-3000:]}"
+    assert [line for line in out.splitlines() if line.startswith("batch ")] == [
+        "batch 3 on 1: step 4", "batch 5 on 1: step 4", "batch 6 on 2: step 4"], out
