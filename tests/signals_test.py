@@ -13,7 +13,7 @@ import time
 import pytest
 import tensorflow as tf
 
-from subprocs import Program, run_py
+from subprocs import TIMEOUT, Program, run_py
 
 from clae_tf import checkpoints, signals
 
@@ -145,8 +145,9 @@ def test_ctrl_c_again_and_again_keeps_the_interrupts_checkpoint(tmp_path):
     signals after the first must not cut short the checkpoint it saves, nor the message."""
     with run_py(*_long_run(tmp_path)) as run:
         run.wait_for(r"step 3/")
-        sent = 0
+        sent, deadline = 0, time.monotonic() + TIMEOUT
         while run.running() and not any(line.startswith("error") for line in run.lines["stderr"]):
+            assert time.monotonic() < deadline, f"{sent} SIGINTs did not stop it:\n{run.tail()}"
             run.send(signal.SIGINT)
             sent += 1
             time.sleep(0.1)  # the user's next Ctrl-C, not a wait for the program
