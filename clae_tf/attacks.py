@@ -151,7 +151,7 @@ def pgd(embed_adv, batch_loss, x1, eps, steps, step_size, random_start=False, se
         clip_min=None, clip_max=None, loss_scale=None):
     """PGD on view 1 against the batch-wide contrastive loss: the objective is
     batch_loss(sg z(x1), z(x_adv)), z = embed_adv, so x_adv is pushed away from its own clean
-    embedding and, through the batch, towards the others (PAPER.md, step 3, with k steps).
+    embedding and, through the batch, towards the others (docs/method.md, step 3, with k steps).
 
     Without a random start the first step is the reference's FGSM step: at x_adv = x1 one
     forward pass gives both the anchor z(x1) and the attacked embedding (the reference runs the

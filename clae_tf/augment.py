@@ -180,10 +180,10 @@ def simclr_view(x, seed, size, crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.
 
 # The augmentation sets of --augment: keyword arguments of simclr_view.
 AUGMENTATIONS = {
-    # SimCLR (PAPER.md): crop scale 0.08-1, ColorJitter(0.8, 0.8, 0.8, 0.2) with p = 0.8.
+    # SimCLR (docs/method.md): crop scale 0.08-1, ColorJitter(0.8, 0.8, 0.8, 0.2) with p = 0.8.
     "simclr": dict(crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_prob=0.8,
                    gray_prob=0.2),
-    # Plain / UEL (PAPER.md): crop scale 0.2-1, ColorJitter(0.4 x 4) always.
+    # Plain / UEL (docs/method.md): crop scale 0.2-1, ColorJitter(0.4 x 4) always.
     "uel": dict(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_prob=1.0,
                 gray_prob=0.2),
     # MoCo v2: crop scale 0.2-1, ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8; its Gaussian blur

@@ -38,7 +38,7 @@ EVAL_FLAGS = DATA_FLAGS + ("knn_k", "knn_sigma", "probe", "linear_epochs", "line
                            "robust_examples", "robust_apgd_steps", "robust_targets",
                            "robust_square_queries", "robust_checks")
 
-# Each method's paper settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale):
+# Each method's paper settings (docs/method.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale):
 # one row per method, one entry per auto flag. A flag left at its auto default (auto, 0, or -1
 # for weight_decay) takes the method's value, so `--method=uel` alone trains UEL as published;
 # any flag given explicitly wins. lr_boundaries/lr_factors come only with a step schedule.

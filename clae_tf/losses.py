@@ -10,7 +10,7 @@ import tensorflow as tf
 
 
 def nt_xent(z1, z2, temperature):
-    """SimCLR's NT-Xent loss over the 2N views (PAPER.md, "SimCLR").
+    """SimCLR's NT-Xent loss over the 2N views (docs/method.md, "SimCLR").
 
     For each view u with partner u': -log(exp(z_u.z_u'/t) / sum_{k != u} exp(z_u.z_k/t)),
     averaged over the 2N views.
@@ -36,7 +36,7 @@ def nt_xent(z1, z2, temperature):
 
 
 def plain(z1, z2, temperature):
-    """Plain batch instance classification (PAPER.md, "Plain"), one direction only.
+    """Plain batch instance classification (docs/method.md, "Plain"), one direction only.
 
     -(1/N) sum_i log(exp(a_i.b_i/t) / sum_k exp(a_i.b_k/t)) with a = z1, b = z2: view-1
     embeddings are the queries, view-2 embeddings the classifier weights (so CLAE's x_adv, passed
@@ -53,7 +53,7 @@ def plain(z1, z2, temperature):
 
 
 def uel(z1, z2, temperature):
-    """UEL, "invariant and spreading instance feature" (Ye et al. 2019; PAPER.md, "UEL").
+    """UEL, "invariant and spreading instance feature" (Ye et al. 2019; docs/method.md, "UEL").
 
     z = [z1; z2] (2N rows). Each row u is a query against the stop-gradient rows of the batch:
     P(k|u) = exp(z_u.sg(z_k)/t) / sum_{j != u} exp(z_u.sg(z_j)/t), and

@@ -1,4 +1,4 @@
-"""Gradient-masking checks of the robust evaluation (docs/method.md, "Robustness").
+"""Gradient-masking checks of the robust evaluation (README, "Robustness").
 
 A classifier whose input gradient is useless (a saturated softmax, a flat or non-finite loss
 surface) defeats gradient attacks without being robust (Athalye et al. 2018; Carlini et al.

@@ -214,7 +214,7 @@ class ContrastiveModel(keras.Model):
                                           name=f"stage{stage + 1}_block{i + 1}"))
         self.feature_dim = base * 8 * (4 if bottleneck else 1)
         hidden = proj_hidden or self.feature_dim
-        # The heads have no BN (PAPER.md), so they are shared by both paths. "mlp": SimCLR's and
+        # The heads have no BN (docs/method.md), so they are shared by both paths. "mlp": SimCLR's and
         # MoCo v2's h -> hidden -> ReLU -> z; "linear": Plain/UEL's h -> 128-d embedding.
         self.proj_hidden = keras.layers.Dense(
             hidden, activation="relu", kernel_initializer=_torch_init(),

@@ -17,7 +17,7 @@ METRICS = ("loss", "clean_loss", "adv_loss", "contrast_acc", "z_norm")
 
 
 def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method=None):
-    """The per-replica CLAE step (PAPER.md, "The CLAE step"). Call it under strategy.run.
+    """The per-replica CLAE step (docs/method.md, "The CLAE step"). Call it under strategy.run.
 
     Reads as the paper: views -> x_adv -> clean loss -> adversarial loss -> scale -> apply.
     x1, x2 are this replica's slices of the two normalised views. `method` (methods/base.py;

@@ -1,4 +1,4 @@
-"""Tests of clae_tf.attacks.fgsm with the tiny dual-BN model (PAPER.md, "The CLAE step", step 3)."""
+"""Tests of clae_tf.attacks.fgsm with the tiny dual-BN model (docs/method.md, "The CLAE step", step 3)."""
 
 import numpy as np
 import pytest
@@ -144,7 +144,7 @@ def test_attack_touches_only_the_adversarial_bn_statistics(model, x1):
 
 
 def _reference_x_adv(model, x1, eps):
-    """PAPER.md step 3 as the reference runs it: x_adv = x1 (a separate, watched tensor); the
+    """docs/method.md step 3 as the reference runs it: x_adv = x1 (a separate, watched tensor); the
     adversarial branch runs forward twice, loss L(model_adv(x1), model_adv(x_adv)) without any
     stop-gradient, on a tape that also records every parameter; one signed step w.r.t. x_adv."""
     x_adv = tf.identity(x1)

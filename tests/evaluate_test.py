@@ -1,6 +1,6 @@
 """Evaluation against references: weighted kNN against numpy, the linear probe against scikit-learn.
 
-kNN (PAPER.md, "Evaluation protocol"): each of the k training embeddings most similar (cosine) to
+kNN (docs/method.md, "Evaluation protocol"): each of the k training embeddings most similar (cosine) to
 a test embedding votes for its class with weight exp(similarity / sigma); the prediction is the
 class with the largest summed vote. The reference code leaves ties to torch.topk / torch.sort
 (unspecified order); clae-tf defines them, and these tests pin exactly that:
@@ -21,7 +21,7 @@ from clae_tf.evaluate import knn_top1, linear_probe
 
 
 def reference_knn_predict(train_z, train_y, test_z, num_classes, k, sigma):
-    """PAPER.md's weighted kNN in float64 numpy, with the tie rules of the module docstring."""
+    """docs/method.md's weighted kNN in float64 numpy, with the tie rules of the module docstring."""
     k = min(k, len(train_z))
     sim = test_z.astype(np.float64) @ train_z.astype(np.float64).T  # (n_test, n_train)
     pred = []

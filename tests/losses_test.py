@@ -1,4 +1,4 @@
-"""Tests of clae_tf.losses: NT-Xent against an independent numpy reference of PAPER.md."""
+"""Tests of clae_tf.losses: NT-Xent against an independent numpy reference of docs/method.md."""
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ def _unit(rng, n, d):
 
 
 def _np_nt_xent(z1, z2, t):
-    """PAPER.md, SimCLR: stack the 2N views; for each view u with partner u',
+    """docs/method.md, SimCLR: stack the 2N views; for each view u with partner u',
     loss(u) = -log(exp(z_u.z_u'/t) / sum_{k != u} exp(z_u.z_k/t)); mean over the 2N views.
     Written with explicit loops (float64), deliberately unlike the implementation."""
     z = np.concatenate([z1, z2], axis=0).astype(np.float64)

@@ -1,4 +1,4 @@
-"""Plain, UEL and MoCo losses against independent numpy references of PAPER.md (float64 loops)."""
+"""Plain, UEL and MoCo losses against independent numpy references of docs/method.md (float64 loops)."""
 
 import numpy as np
 import pytest
@@ -25,7 +25,7 @@ def _np_plain(a, b, t):
 
 
 def _np_uel(rows, cols, t):
-    """PAPER.md, UEL, with the queries `rows` and the stop-gradient side `cols` given apart:
+    """docs/method.md, UEL, with the queries `rows` and the stop-gradient side `cols` given apart:
     P(k|u) = exp(r_u.c_k/t) / sum_{j != u} exp(r_u.c_j/t);
     L = -(1/2N) sum_u [log P(u'|u) + sum_{k not in {u, u'}} log(1 - P(k|u))]."""
     n2 = len(rows)

@@ -32,7 +32,7 @@ DEFAULTS = dict(
     robust_targets=3, robust_square_queries=1000, robust_checks=True,
     virtual_cpus=0, eval_every_epochs=0, online_eval_examples=1000, projector_examples=1000,
     projector_features="z", augment_impl="tf")
-# The method settings (PAPER.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
+# The method settings (docs/method.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
 SIMCLR = dict(method="simclr", temperature=0.5, head="mlp", proj_dim=64, augment="simclr",
               normalize="half", optimizer="adam", learning_rate=3e-4, weight_decay=0.0,
               lr_schedule="constant", lr_boundaries=(), lr_factors=(), probe="h",
@@ -132,7 +132,7 @@ def test_preset_resolves_to_the_recorded_config(monkeypatch, preset):
 
 
 def test_paper_presets_spot_check(monkeypatch):
-    # The headline numbers, spelled out once more against PAPER.md.
+    # The headline numbers, spelled out once more against docs/method.md.
     cfg = _parse(monkeypatch, "--flagfile=flags/cifar10_simclr.cfg")
     assert (cfg.temperature, cfg.proj_dim, cfg.batch_size, cfg.epochs, cfg.optimizer,
             cfg.learning_rate, cfg.width, cfg.sigma) == (0.5, 64, 256, 100, "adam", 3e-4, 1.0, 0.5)

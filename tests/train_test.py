@@ -51,7 +51,7 @@ def _keras_bn(model, x, training, adversarial):
 
 
 def reference_gradients(model, cfg, x1, x2, keras_bn=True):
-    """PAPER.md "The CLAE step" steps 1-4 literally (no shortcut; Keras' own BN layers unless
+    """docs/method.md "The CLAE step" steps 1-4 literally (no shortcut; Keras' own BN layers unless
     keras_bn=False), up to the parameter gradients of L. Returns (metrics, x_adv, grad_x, grads).
     """
     base = losses.PAIR_LOSSES[cfg.method]

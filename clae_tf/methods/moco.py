@@ -6,7 +6,7 @@ The loss is InfoNCE (losses.moco): a query against its positive key and the queu
 
 Where CLAE goes: the clean query of x1 has the key of x2 as its positive; x_adv (an FGSM step
 on x1) is a query whose positive is the key of its own source view x1, as SimCLR pairs x_adv
-with x1 (PAPER.md, steps 3 and 4), against the same queue. Only x2's keys enter the queue.
+with x1 (docs/method.md, steps 3 and 4), against the same queue. Only x2's keys enter the queue.
 (Pairing x_adv with the key of x2 instead, a cross-view positive, cost 6.5 kNN points on the
 small CIFAR-10 protocol: docs/results/methods.md.)
 

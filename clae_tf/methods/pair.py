@@ -1,6 +1,6 @@
 """SimCLR, Plain and UEL: both views go through the trained encoder and the loss is L(z1, z2).
 
-CLAE puts z(x_adv) where z2 goes: L(z1, z(x_adv)) (PAPER.md, "The CLAE step", steps 3-4), so
+CLAE puts z(x_adv) where z2 goes: L(z1, z(x_adv)) (docs/method.md, "The CLAE step", steps 3-4), so
 x_adv is the positive of its own view 1 and, for every other image, a negative (Plain: a
 classifier weight).
 """
