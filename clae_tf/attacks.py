@@ -701,37 +701,44 @@ def _random_signs(shape, seed):
     return tf.cast(2 * tf.random.stateless_uniform(shape, seed, 0, 2, tf.int32) - 1, tf.float32)
 
 
-def _square_candidate(x, x_best, eps, p, seed, alive, clip_min, clip_max):
-    """x_best with one random s x s square set to x +- eps (one sign per example and channel),
-    s = round(sqrt(p H W)) in [1, min(H, W) - 1], at a position drawn per example. Signs that
-    would leave an example unchanged (the square already holds them) are redrawn, up to 10 times,
-    as the official code does, so that a query is not spent on the same image."""
-    shape = tf.shape(x)
-    n, (h, w, c) = shape[0], x.shape[1:]
+def _square_window(shape, p, seed):
+    """(N, H, W, 1) bool: one random s x s square per example, s = round(sqrt(p H W)) clipped
+    to [1, min(H, W) - 1] (the official code's side), its corner uniform over every position
+    that keeps it inside the image."""
+    n, h, w = shape[0], shape[1], shape[2]
     side = tf.cast(tf.round(tf.sqrt(p * h * w)), tf.int32)
     side = tf.clip_by_value(side, 1, max(min(h, w) - 1, 1))
-    # The top-left corner, uniform over every position that keeps the square inside the image.
-    u = tf.random.stateless_uniform([2, n], tf.random.experimental.stateless_fold_in(seed, 0))
+    u = tf.random.stateless_uniform([2, n], seed)
     room = tf.cast(tf.stack([h - side + 1, w - side + 1])[:, None], tf.float32)
     corner = tf.cast(tf.floor(u * room), tf.int32)  # (2, N)
     rows = tf.range(h)[None, :] - corner[0][:, None]  # (N, H)
     cols = tf.range(w)[None, :] - corner[1][:, None]  # (N, W)
-    inside = ((rows >= 0) & (rows < side))[:, :, None, None] & (
-        (cols >= 0) & (cols < side))[:, None, :, None]  # (N, H, W, 1)
+    return ((rows >= 0) & (rows < side))[:, :, None, None] & (
+        (cols >= 0) & (cols < side))[:, None, :, None]
 
-    def candidate(t):
-        signs = _random_signs([n, 1, 1, c], tf.random.experimental.stateless_fold_in(seed, 1 + t))
-        return tf.where(inside, _clip_range(x + eps * signs, clip_min, clip_max), x_best)
 
-    def unchanged(x_new):
-        return alive & tf.reduce_all(tf.abs(x_new - x_best) < 1e-7, axis=[1, 2, 3])
+SQUARE_DRAWS = 16  # sign patterns drawn per example and iteration (see _square_candidate)
 
-    def redraw(t, x_new):
-        return t + 1, tf.where(_row_mask(unchanged(x_new), x), candidate(t), x_new)
 
-    _, x_new = tf.while_loop(lambda t, x_new: (t < 11) & tf.reduce_any(unchanged(x_new)), redraw,
-                             [tf.constant(1), candidate(0)])
-    return x_new
+def _square_candidate(x_plus, x_minus, x_best, p, seed):
+    """x_best with a random square (`_square_window`) set to x + eps or x - eps (clipped), one
+    sign per example and channel. As in the official code, a sign pattern that would leave the
+    image unchanged (the square already holds it) is redrawn, so no query is spent on the same
+    image: here SQUARE_DRAWS patterns are drawn at once and each example takes its first that
+    changes something (the first draw when none does), which has the distribution of redrawing
+    until one does, without a loop."""
+    n, (h, w, c) = tf.shape(x_best)[0], x_best.shape[1:]
+    inside = _square_window([n, h, w], p, tf.random.experimental.stateless_fold_in(seed, 0))
+
+    def holds(corner):  # (N, C): the square already equals this corner in every pixel
+        same = tf.abs(corner - x_best) < 1e-7
+        return tf.reduce_all(same | ~inside, axis=[1, 2])
+
+    signs = _random_signs([n, SQUARE_DRAWS, c], tf.random.experimental.stateless_fold_in(seed, 1))
+    held = tf.where(signs > 0, holds(x_plus)[:, None, :], holds(x_minus)[:, None, :])
+    first = tf.argmax(tf.cast(~tf.reduce_all(held, axis=2), tf.int32), axis=1)  # (N,)
+    chosen = tf.gather(signs, first, batch_dims=1)[:, None, None, :]  # (N, 1, 1, C)
+    return tf.where(inside, tf.where(chosen > 0, x_plus, x_minus), x_best)
 
 
 def _margin_fn(logits_fn):
@@ -742,22 +749,20 @@ def _margin_fn(logits_fn):
     return margin_at
 
 
-def _square_body(i, x_best, best, fooled, n_queries, x, y, eps, queries, p_init, seed, margin_at,
-                 clip_min, clip_max):
+def _square_body(i, x_best, best, fooled, n_queries, x_plus, x_minus, y, queries, p_init, seed,
+                 margin_at):
     """One iteration of Algorithm 1 of the paper on the examples not fooled yet: a candidate,
     one query each, kept where it lowers the example's margin (or fools it)."""
     alive = ~fooled
-    p = square_p(i, queries, p_init)
-    x_new = _square_candidate(x, x_best, eps, p,
-                              tf.random.experimental.stateless_fold_in(seed, 1 + i), alive,
-                              clip_min, clip_max)
+    x_new = _square_candidate(x_plus, x_minus, x_best, square_p(i, queries, p_init),
+                              tf.random.experimental.stateless_fold_in(seed, 1 + i))
     new, fooled_new = _on_alive(alive, margin_at, x_new, y)
     accept = alive & ((new < best) | fooled_new)
-    return (i + 1, tf.where(_row_mask(accept, x), x_new, x_best), tf.where(accept, new, best),
-            fooled | (accept & fooled_new), n_queries + tf.cast(alive, tf.int32))
+    return (i + 1, tf.where(_row_mask(accept, x_best), x_new, x_best),
+            tf.where(accept, new, best), fooled | (accept & fooled_new),
+            n_queries + tf.cast(alive, tf.int32))
 
 
-@_NOT_CONVERTED
 def square_linf(logits_fn, x, y, eps, queries, seed, p_init=0.8, clip_min=0.0, clip_max=1.0):
     """The L-inf Square attack (Andriushchenko et al., ECCV 2020), score-based: logits only, no
     gradient is ever taken (a model without one is attacked all the same).
@@ -793,13 +798,14 @@ def square_linf(logits_fn, x, y, eps, queries, seed, p_init=0.8, clip_min=0.0, c
     stripes = _random_signs(tf.stack([tf.shape(x)[0], 1, x.shape[2], x.shape[3]]),
                             tf.random.experimental.stateless_fold_in(seed, 0))
     x_best = _clip_range(x + eps * stripes, clip_min, clip_max)
+    x_plus, x_minus = _clip_range(x + eps, clip_min, clip_max), _clip_range(x - eps, clip_min,
+                                                                             clip_max)
     best, fooled = margin_at(x_best, y)
     state = (tf.constant(0), x_best, best, fooled, tf.ones_like(y))
     if queries > 1:
         state = tf.while_loop(
             lambda i, _, __, fooled, ___: (i < queries - 1) & ~tf.reduce_all(fooled),
-            lambda *s: _square_body(*s, x, y, eps, queries, p_init, seed, margin_at, clip_min,
-                                    clip_max),
+            lambda *s: _square_body(*s, x_plus, x_minus, y, queries, p_init, seed, margin_at),
             state)
     _, x_best, _, fooled, n_queries = state
     return tf.stop_gradient(x_best), fooled, n_queries

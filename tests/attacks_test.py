@@ -750,6 +750,25 @@ def test_square_counts_queries_and_stays_in_the_ball_and_the_range():
     assert np.mean(np.isclose(x_adv, 0) | np.isclose(x_adv, 1)) > 0.05  # the range did bind
 
 
+def test_square_never_queries_an_unchanged_image():
+    """A model nothing fools keeps x_best at the striped start, so every later query must differ
+    from it: signs the square already holds are redrawn. With one channel and small squares a
+    single random sign would repeat the start about every other query."""
+    x = np.full((4, 5, 5, 1), 0.5, np.float32)
+    seen = []
+
+    def model(v):
+        tf.py_function(lambda v: seen.append(v.numpy()), [v], [])
+        return tf.tile(tf.constant([[1.0, 0.0]]), [tf.shape(v)[0], 1])
+
+    _, fooled, n_queries = tf.function(lambda: attacks.square_linf(
+        model, x, tf.zeros([4], tf.int32), 0.1, 60, tf.constant([0, 1])))()
+    assert len(seen) == 60 and np.all(n_queries.numpy() == 60)
+    start = seen[0]
+    changed = [np.any(np.abs(q - start) > 1e-7, axis=(1, 2, 3)) for q in seen[1:]]
+    assert np.all(changed)
+
+
 def test_square_schedule_is_the_official_one():
     """p halves after 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of 10,000 iterations (the
     official code's table), scaled to the budget: it = int(i / queries * 10000)."""
