@@ -37,8 +37,10 @@ import tensorflow as tf
 _NOT_CONVERTED = tf.autograph.experimental.do_not_convert
 
 
-def _input_gradient(objective, x):
-    """(d objective / dx in float32, aux). `objective(x)` returns a scalar or (scalar, aux)."""
+def _input_gradient(objective, x, finite=False):
+    """(d objective / dx in float32, aux). `objective(x)` returns a scalar or (scalar, aux).
+    finite=True: +-inf entries become 0 as well as NaN ones (the evaluation attacks blend
+    gradients arithmetically, `_select`, where an inf would turn into NaN)."""
     # Watches the INPUT only: no parameter gradient is ever formed, and an enclosing tape
     # (the train step's, when not paused) does not see the variables through this one.
     with tf.GradientTape(watch_accessed_variables=False) as input_tape:
@@ -50,7 +52,8 @@ def _input_gradient(objective, x):
     # Kept in float32 even under mixed precision: an underflowed gradient gives sign(0) = 0.
     grad = tf.cast(grad, tf.float32)
     # A NaN entry (float16: an overflowed loss scale) gives no step on that pixel, not a NaN.
-    return tf.where(tf.math.is_nan(grad), tf.zeros_like(grad), grad), aux
+    bad = tf.math.logical_not(tf.math.is_finite(grad)) if finite else tf.math.is_nan(grad)
+    return tf.where(bad, tf.zeros_like(grad), grad), aux
 
 
 def _scaled(batch_loss, loss_scale):
@@ -335,8 +338,17 @@ def _rows(value, x):
 
 
 def _row_mask(mask, x):
-    """(N,) bool -> (N, 1, ..., 1), to select whole examples of x (N, ...) with tf.where."""
+    """(N,) bool -> (N, 1, ..., 1), to select whole examples of x (N, ...) with `_select`."""
     return tf.reshape(mask, [-1] + [1] * (x.shape.rank - 1))
+
+
+def _select(mask, a, b):
+    """tf.where(mask, a, b) for a bool mask that broadcasts against the finite tensors a and b,
+    as a * m + b * (1 - m): exact for finite values (x * 1 = x, x * 0 = +-0), and on CPU about
+    ten times faster than TF's select on image-sized tensors, which made up most of an
+    iteration's cost beside a small model."""
+    m = tf.cast(mask, a.dtype)
+    return a * m + b * (1.0 - m)
 
 
 def _l2_norm(v):
@@ -564,7 +576,7 @@ def _loss_grad_fn(logits_fn, loss_fn):
             loss = loss_fn(logits, y, target)
             # Summed: each example's gradient is that of its own loss (examples independent).
             return tf.reduce_sum(loss), (loss, logits)
-        grad, (loss, logits) = _input_gradient(objective, x)
+        grad, (loss, logits) = _input_gradient(objective, x, finite=True)
         return tf.stop_gradient(loss), grad, _misclassified(tf.stop_gradient(logits), y)
     return loss_grad
 
@@ -601,17 +613,17 @@ def _apgd_body(s, x, y, target, eps, norm, evaluate, windows, rho, momentum, cli
     n_up = s["n_up"] + tf.cast(loss > s["loss"], tf.int32)
     better = loss > s["loss_max"]
     rows = _row_mask(better, x)
-    s = dict(s, x_fool=tf.where(first, x_next, s["x_fool"]), fooled=s["fooled"] | fooled_now,
-             n_up=n_up, x_max=tf.where(rows, x_next, s["x_max"]),
+    s = dict(s, x_fool=_select(first, x_next, s["x_fool"]), fooled=s["fooled"] | fooled_now,
+             n_up=n_up, x_max=_select(rows, x_next, s["x_max"]),
              loss_max=tf.where(better, loss, s["loss_max"]),
-             grad_max=tf.where(rows, grad, s["grad_max"]))
+             grad_max=_select(rows, grad, s["grad_max"]))
     window = windows[s["k"]]
     halve = _apgd_checkpoint(s, window, rho)
     restart = _row_mask(halve, x)  # line 14: eta / 2 and x_{k+1} <- x_max (with its gradient)
     at_check = window > 0
     return dict(
-        s, k=s["k"] + 1, x_prev=s["x"], x=tf.where(restart, s["x_max"], x_next),
-        grad=tf.where(restart, s["grad_max"], grad), loss=tf.where(halve, s["loss_max"], loss),
+        s, k=s["k"] + 1, x_prev=s["x"], x=_select(restart, s["x_max"], x_next),
+        grad=_select(restart, s["grad_max"], grad), loss=tf.where(halve, s["loss_max"], loss),
         eta=tf.where(restart, s["eta"] / 2.0, s["eta"]),
         n_up=tf.where(at_check, 0, n_up),
         halved_check=tf.where(at_check, halve, s["halved_check"]),
@@ -675,7 +687,7 @@ def apgd(logits_fn, x, y, eps, steps, seed, norm="linf", loss="ce", target=None,
             lambda s: (_apgd_body(s, x, y, target, eps, norm, evaluate, windows, rho,
                                   momentum, clip_min, clip_max),),
             (s,))[0]
-    x_adv = tf.where(_row_mask(s["fooled"], x), s["x_fool"], s["x_max"])
+    x_adv = _select(_row_mask(s["fooled"], x), s["x_fool"], s["x_max"])
     return tf.stop_gradient(x_adv), tf.stop_gradient(s["fooled"])
 
 
@@ -731,14 +743,14 @@ def _square_candidate(x_plus, x_minus, x_best, p, seed):
     inside = _square_window([n, h, w], p, tf.random.experimental.stateless_fold_in(seed, 0))
 
     def holds(corner):  # (N, C): the square already equals this corner in every pixel
-        same = tf.abs(corner - x_best) < 1e-7
-        return tf.reduce_all(same | ~inside, axis=[1, 2])
+        return tf.reduce_max(tf.abs(corner - x_best) * tf.cast(inside, x_best.dtype),
+                             axis=[1, 2]) < 1e-7
 
     signs = _random_signs([n, SQUARE_DRAWS, c], tf.random.experimental.stateless_fold_in(seed, 1))
     held = tf.where(signs > 0, holds(x_plus)[:, None, :], holds(x_minus)[:, None, :])
     first = tf.argmax(tf.cast(~tf.reduce_all(held, axis=2), tf.int32), axis=1)  # (N,)
     chosen = tf.gather(signs, first, batch_dims=1)[:, None, None, :]  # (N, 1, 1, C)
-    return tf.where(inside, tf.where(chosen > 0, x_plus, x_minus), x_best)
+    return _select(inside, _select(chosen > 0, x_plus, x_minus), x_best)
 
 
 def _margin_fn(logits_fn):
@@ -758,7 +770,7 @@ def _square_body(i, x_best, best, fooled, n_queries, x_plus, x_minus, y, queries
                               tf.random.experimental.stateless_fold_in(seed, 1 + i))
     new, fooled_new = _on_alive(alive, margin_at, x_new, y)
     accept = alive & ((new < best) | fooled_new)
-    return (i + 1, tf.where(_row_mask(accept, x_best), x_new, x_best),
+    return (i + 1, _select(_row_mask(accept, x_best), x_new, x_best),
             tf.where(accept, new, best), fooled | (accept & fooled_new),
             n_queries + tf.cast(alive, tf.int32))
 
