@@ -374,10 +374,14 @@ def _project_l2(x_adv, x, eps, clip_min, clip_max):
     return _clip_range(x + delta, clip_min, clip_max)
 
 
-def _project_ball(x_adv, x, eps, norm, clip_min, clip_max):
-    if norm == "linf":
-        return _project(x_adv, x, eps, clip_min, clip_max)
-    return _project_l2(x_adv, x, eps, clip_min, clip_max)
+def _projection(x, eps, norm, clip_min, clip_max):
+    """v -> P(v), the projection onto the ball around x and the range. L-inf: one clip to the
+    box [max(x - eps, clip_min), min(x + eps, clip_max)], computed once (the same numbers as
+    `_project`'s two clips, as x lies in the range); L2: `_project_l2`."""
+    if norm == "l2":
+        return lambda v: _project_l2(v, x, eps, clip_min, clip_max)
+    lo, hi = _clip_range(x - eps, clip_min, None), _clip_range(x + eps, None, clip_max)
+    return lambda v: tf.clip_by_value(v, lo, hi)
 
 
 def _direction(grad, norm):
@@ -581,14 +585,13 @@ def _loss_grad_fn(logits_fn, loss_fn):
     return loss_grad
 
 
-def _apgd_step(s, x, eps, norm, momentum, clip_min, clip_max):
+def _apgd_step(s, project, norm, momentum):
     """Algorithm 1, lines 7-8: z = P(x_k + eta dir(g)), x_{k+1} = P(x_k + a (z - x_k) +
     (1 - a)(x_k - x_{k-1})), a = 1 at the first step (no momentum yet), else `momentum`."""
     a = tf.where(s["k"] == 0, 1.0, momentum)
-    z = _project_ball(s["x"] + s["eta"] * _direction(s["grad"], norm), x, eps, norm, clip_min,
-                      clip_max)
+    z = project(s["x"] + s["eta"] * _direction(s["grad"], norm))
     x_next = s["x"] + a * (z - s["x"]) + (1.0 - a) * (s["x"] - s["x_prev"])
-    return _project_ball(x_next, x, eps, norm, clip_min, clip_max)
+    return project(x_next)
 
 
 def _apgd_checkpoint(s, window, rho):
@@ -603,10 +606,10 @@ def _apgd_checkpoint(s, window, rho):
     return at_check & (oscillating | stalled)
 
 
-def _apgd_body(s, x, y, target, eps, norm, evaluate, windows, rho, momentum, clip_min, clip_max):
+def _apgd_body(s, x, y, target, project, norm, evaluate, windows, rho, momentum):
     """One iteration k of Algorithm 1 on the examples not fooled yet: x_{k+1}, its loss and
     gradient, the best point, the first fooling point, and the checkpoint rule."""
-    x_next = _apgd_step(s, x, eps, norm, momentum, clip_min, clip_max)
+    x_next = _apgd_step(s, project, norm, momentum)
     alive = ~s["fooled"]
     loss, grad, fooled_now = _on_alive(alive, evaluate, x_next, y, target)
     first = _row_mask(fooled_now & alive, x)
@@ -670,10 +673,11 @@ def apgd(logits_fn, x, y, eps, steps, seed, norm="linf", loss="ce", target=None,
     y = tf.cast(y, tf.int32)
     target = None if target is None else tf.cast(target, tf.int32)
     eps = _rows(eps, x)
+    project = _projection(x, eps, norm, clip_min, clip_max)
     if x_start is None:
         x0 = _random_start(x, eps, norm, _seed(seed), clip_min, clip_max)
     else:
-        x0 = _project_ball(tf.cast(x_start, x.dtype), x, eps, norm, clip_min, clip_max)
+        x0 = project(tf.cast(x_start, x.dtype))
     evaluate = _loss_grad_fn(logits_fn, loss_fn)
     loss0, grad0, fooled0 = evaluate(x0, y, target)
     s = dict(k=tf.constant(0), x=x0, x_prev=x0, grad=grad0, loss=loss0, eta=2.0 * eps,
@@ -684,8 +688,8 @@ def apgd(logits_fn, x, y, eps, steps, seed, norm="linf", loss="ce", target=None,
         windows = _apgd_windows(steps)
         s = tf.while_loop(
             lambda s: (s["k"] < steps) & ~tf.reduce_all(s["fooled"]),
-            lambda s: (_apgd_body(s, x, y, target, eps, norm, evaluate, windows, rho,
-                                  momentum, clip_min, clip_max),),
+            lambda s: (_apgd_body(s, x, y, target, project, norm, evaluate, windows, rho,
+                                  momentum),),
             (s,))[0]
     x_adv = _select(_row_mask(s["fooled"], x), s["x_fool"], s["x_max"])
     return tf.stop_gradient(x_adv), tf.stop_gradient(s["fooled"])
