@@ -669,7 +669,7 @@ def apgd(logits_fn, x, y, eps, steps, seed, norm="linf", loss="ce", target=None,
     _check_norm(norm)
     loss_fn = _apgd_loss(loss, target)
     steps = _count(steps, "steps", 0)
-    x = tf.convert_to_tensor(x, tf.float32)
+    x = tf.cast(x, tf.float32)
     y = tf.cast(y, tf.int32)
     target = None if target is None else tf.cast(target, tf.int32)
     eps = _rows(eps, x)
@@ -779,6 +779,7 @@ def _square_body(i, x_best, best, fooled, n_queries, x_plus, x_minus, y, queries
             n_queries + tf.cast(alive, tf.int32))
 
 
+@_NOT_CONVERTED
 def square_linf(logits_fn, x, y, eps, queries, seed, p_init=0.8, clip_min=0.0, clip_max=1.0):
     """The L-inf Square attack (Andriushchenko et al., ECCV 2020), score-based: logits only, no
     gradient is ever taken (a model without one is attacked all the same).
@@ -804,7 +805,7 @@ def square_linf(logits_fn, x, y, eps, queries, seed, p_init=0.8, clip_min=0.0, c
       (the start counts as one).
     """
     queries = _count(queries, "queries", 1)
-    x = tf.convert_to_tensor(x, tf.float32)
+    x = tf.cast(x, tf.float32)
     if x.shape.rank != 4 or None in x.shape[1:]:
         raise ValueError(f"square_linf attacks images (N, H, W, C) of known size, got {x.shape}")
     y = tf.cast(y, tf.int32)
