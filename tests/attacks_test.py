@@ -424,6 +424,21 @@ def test_apgd_dlr_and_targeted_reach_the_closed_form_on_five_classes(norm):
     assert fooled_ce.numpy().sum() >= 0.9 * (~robust).sum()
 
 
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_apgd_on_low_precision_logits(dtype):
+    """A model that computes and returns its logits in float16 / bfloat16 (mixed precision):
+    the losses and the input gradient are float32, x_adv is float32, and APGD-DLR still fools
+    exactly the closed form's examples (their margins are 25% away from the boundary)."""
+    logits_fn, w, b, x, y, reachable = _linear_case(5, "linf")
+    low = lambda v: tf.matmul(tf.cast(v, dtype), tf.cast(w.T, dtype)) + tf.cast(b, dtype)  # noqa
+    assert low(x).dtype == dtype
+    x_adv, fooled = tf.function(lambda: attacks.apgd(low, x, y, LINEAR_EPS["linf"], 50,
+                                                     tf.constant([0, 1]), loss="dlr"))()
+    assert x_adv.dtype == tf.float32
+    np.testing.assert_array_equal(fooled.numpy(), reachable.any(1))
+    _in_ball(x_adv.numpy(), x, LINEAR_EPS["linf"], "linf")
+
+
 def test_apgd_targeted_reaches_its_target():
     """Examples whose only reachable class is j: APGD-T aimed at j fools them INTO j (any
     misclassified point of the ball is classified j), and every fooled point is a class the
@@ -679,22 +694,24 @@ def test_gradient_masking_fools_pgd_and_apgd_ce_but_not_dlr_and_square():
     The same APGD-CE on the unscaled logits gets there too: the model is masked, not robust."""
     logits_fn, x, y, robust = _image_linear_case()
     eps = 0.02
-    masked = lambda v: 1e4 * logits_fn(v)  # noqa: E731
+    scale = tf.Variable(1e4)  # masked; 1.0: the same model unmasked, without a second trace
+    masked = lambda v: scale * logits_fn(v)  # noqa: E731
     xt = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(xt)
         ce = tf.reduce_sum(attacks.ce_loss(masked(xt), y))
     assert np.all(tape.gradient(ce, xt).numpy() == 0)  # the premise: fully masked
     assert 0.25 < robust.mean() < 0.6
-
     seed = tf.constant([0, 1])
-    runs = (lambda: attacks.pgd_classifier(masked, xt, y, eps, 20, eps / 4, True, seed, 0.0, 1.0),
-            lambda: attacks.apgd(masked, xt, y, eps, 100, seed)[0],
-            lambda: attacks.apgd(logits_fn, xt, y, eps, 100, seed)[0],
-            lambda: attacks.apgd(masked, xt, y, eps, 100, seed, loss="dlr")[0],
-            lambda: attacks.square_linf(masked, xt, y, eps, 300, seed)[0])
-    accuracy = [np.mean(_predict(logits_fn, tf.function(run)().numpy()) == y) for run in runs]
-    pgd20, apgd_ce, apgd_ce_unmasked, apgd_dlr, square = accuracy
+    runs = [tf.function(run) for run in (
+        lambda: attacks.pgd_classifier(masked, xt, y, eps, 20, eps / 4, True, seed, 0.0, 1.0),
+        lambda: attacks.apgd(masked, xt, y, eps, 100, seed)[0],
+        lambda: attacks.apgd(masked, xt, y, eps, 100, seed, loss="dlr")[0],
+        lambda: attacks.square_linf(masked, xt, y, eps, 300, seed)[0])]
+    accuracy = [np.mean(_predict(logits_fn, run().numpy()) == y) for run in runs]
+    scale.assign(1.0)
+    accuracy.append(np.mean(_predict(logits_fn, runs[1]().numpy()) == y))
+    pgd20, apgd_ce, apgd_dlr, square, apgd_ce_unmasked = accuracy
     assert pgd20 == 1.0 and apgd_ce == 1.0
     assert apgd_dlr == robust.mean()
     assert apgd_ce_unmasked <= robust.mean() + 0.1
@@ -748,6 +765,25 @@ def test_square_counts_queries_and_stays_in_the_ball_and_the_range():
                                                                           np.clip(x - eps, 0, 1))
         assert np.all(corners)
     assert np.mean(np.isclose(x_adv, 0) | np.isclose(x_adv, 1)) > 0.05  # the range did bind
+
+
+def test_square_never_queries_an_unchanged_image():
+    """A model nothing fools keeps x_best at the striped start, so every later query must differ
+    from it: signs the square already holds are redrawn. With one channel and small squares a
+    single random sign would repeat the start about every other query."""
+    x = np.full((4, 5, 5, 1), 0.5, np.float32)
+    seen = []
+
+    def model(v):
+        tf.py_function(lambda v: seen.append(v.numpy()), [v], [])
+        return tf.tile(tf.constant([[1.0, 0.0]]), [tf.shape(v)[0], 1])
+
+    _, fooled, n_queries = tf.function(lambda: attacks.square_linf(
+        model, x, tf.zeros([4], tf.int32), 0.1, 60, tf.constant([0, 1])))()
+    assert len(seen) == 60 and np.all(n_queries.numpy() == 60)
+    start = seen[0]
+    changed = [np.any(np.abs(q - start) > 1e-7, axis=(1, 2, 3)) for q in seen[1:]]
+    assert np.all(changed)
 
 
 def test_square_schedule_is_the_official_one():
