@@ -28,7 +28,7 @@ DEFAULTS = dict(
     image_every=200, export=True, knn_k=200, knn_sigma=0.0, linear_epochs=100, linear_lr=3e-4,
     eval_batch_size=500, attack="fgsm", attack_steps=3, attack_step_size=0.0,
     attack_random_start=False, robust_eps="1,2,4,8", robust_examples=1000, strategy="auto",
-    robust_attacks="pgd20,autoattack", robust_l2_eps="0.25,0.5", robust_apgd_steps=100,
+    robust_attacks="quick", robust_l2_eps="0.25,0.5", robust_apgd_steps=100,
     robust_targets=3, robust_square_queries=1000, robust_checks=True,
     virtual_cpus=0, eval_every_epochs=0, online_eval_examples=1000, projector_examples=1000,
     projector_features="z", augment_impl="tf")
@@ -60,7 +60,7 @@ PAPER_MOCO = dict(MOCO, dataset="cifar10", width=1.0, proj_hidden=512, epochs=20
                   knn_sigma=0.2, linear_epochs=1000, ckpt_every=2000, log_every=50,
                   image_every=1000, eval_every_epochs=10)
 SMALL = dict(dataset="/tmp/cifar10", examples_per_class=500, epochs=15, linear_epochs=500,
-             eval_every_epochs=3)
+             eval_every_epochs=3, robust_attacks="pgd20,autoattack")
 
 # {preset: every field of its resolved Config}, as the presets resolved before they were cut
 # down to their differences from the method defaults.
@@ -87,7 +87,8 @@ EXPECTED = {
     "cifar10_small_clae_pgd.cfg": dict(SIMCLR, knn_sigma=0.5, **SMALL, **CLAE, attack="pgd"),
     "smoke.cfg": dict(SIMCLR, adversarial=True, arch="resnet10", width=0.125, image_size=16,
                       batch_size=64, epochs=2, linear_epochs=20, workdir="runs/smoke",
-                      eval_every_epochs=1, robust_examples=100, robust_apgd_steps=5,
+                      eval_every_epochs=1, robust_attacks="pgd20,autoattack",
+                      robust_examples=100, robust_apgd_steps=5,
                       robust_targets=2, robust_square_queries=20),
 }
 # Edited elsewhere (Tiny-ImageNet's own settings); only the name check below covers them.

@@ -225,7 +225,8 @@ SMALL = dict(apgd_steps=10, targets=2, square_queries=50)
 @pytest.mark.slow  # the whole default suite in both norms, twice (~50 s on the shared cores)
 def test_the_default_suite_is_deterministic_and_its_results_complete():
     w, b, x, y = four_classes()  # robust at 16/255, all breakable at 64/255 (closed form)
-    suite = robust.Suite(config.Config().robust_attack_list, (16.0, 64.0), (0.25, 2.0),
+    suite = robust.Suite(config.Config(robust_attacks="pgd20,autoattack").robust_attack_list,
+                         (16.0, 64.0), (0.25, 2.0),
                          checks=False, **SMALL)
     assert suite.attacks == ("pgd20", "apgd-ce", "apgd-t", "square")
     runs = [robust.robust_accuracy(_linear(w, b), x, y, suite, 4, batch_size=16, seed=3)
