@@ -6,6 +6,10 @@ import time
 
 import keras
 import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+# Private, but the only way in: tf.config has no switch for Grappler's memory optimizer
+# (tf.experimental.function_executor_type sets these same call options).
+from tensorflow.python.eager import context as tf_context
 
 from clae_tf import (ClaeError, attacks, augment, checkpoints, data, distribute, health, losses,
                      methods, monitor, signals)
@@ -108,6 +112,7 @@ def make_train_loop(strategy, distributed_step, model, cfg: Config):
     round trip per call instead of per step: on a GPU the host then never waits for a step to
     finish before feeding the next (and on this CPU it saves the per-step dispatch).
     `distributed_step` is the uncompiled global step (make_distributed_step(compiled=False)).
+    Every call runs under fixed_order_sums, so that a seed gives the same weights in any process.
     """
     local_batch = cfg.batch_size // strategy.num_replicas_in_sync
     image_shape = [min(4, local_batch), cfg.image_size, cfg.image_size, 3]
@@ -137,7 +142,44 @@ def make_train_loop(strategy, distributed_step, model, cfg: Config):
         means = {k: v / tf.cast(tf.maximum(steps, 1), tf.float32) for k, v in sums.items()}
         return {"steps": steps, "metrics": means, "images": images, "last": last}
 
-    return train_loop
+    def call(iterator, num_steps, w_norm0):
+        with fixed_order_sums():
+            return train_loop(iterator, num_steps, w_norm0)
+
+    return call
+
+
+@contextlib.contextmanager
+def fixed_order_sums():
+    """tf.functions called inside add the terms of each gradient in a fixed order, so that a
+    seed gives the same weights in every process.
+
+    With --adversarial the step reads every shared weight in three forward passes (x1, x2,
+    x_adv), and its gradient is an AddN of three terms. When Grappler's static estimate of a
+    graph's peak memory exceeds 80% of the device's memory (a CPU device declares 256 MiB: the
+    CLAE step of ResNet-18 x0.25 on 256 CIFAR images goes over, a 16-image test model does
+    not), its memory optimizer rewrites such AddNs into a temporary variable that each term is
+    AssignAdd-ed to as it arrives: thread scheduling then picks the order of a float sum. The
+    last-bit differences this leaves in those gradients (there: the projection head's) become
+    eps-sized ones in x_adv through FGSM's sign(), and tenths of a point of accuracy after a
+    run. (SimCLR alone reads each weight twice; AddNs of two terms are never rewritten.)
+    enable_op_determinism does not stop it: the ops are deterministic, the rewritten graph is
+    not.
+
+    SWAPPING_HEURISTICS is the default level without that rewrite: its one other pass moves
+    tensors to the host only on a GPU whose memory the graph exceeds. A function is optimised
+    per call configuration, so every call of it must be made inside.
+    """
+    ctx = tf_context.context()
+    options = ctx.function_call_options
+    config = config_pb2.ConfigProto.FromString(options.config_proto_serialized or b"")
+    config.graph_options.rewrite_options.memory_optimization = (
+        rewriter_config_pb2.RewriterConfig.SWAPPING_HEURISTICS)
+    ctx.function_call_options = tf_context.FunctionCallOptions(options.executor_type, config)
+    try:
+        yield
+    finally:
+        ctx.function_call_options = options
 
 
 def train(cfg: Config, strategy, source: data.Source, on_accepted=None) -> dict:

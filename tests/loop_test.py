@@ -1,4 +1,5 @@
-"""The train loop: several steps per compiled call, divergence caught, SIGTERM saves.
+"""The train loop: several steps per compiled call, gradient sums in a fixed order, divergence
+caught, SIGTERM saves.
 
 S = a tiny run on digits (conftest.tiny_config). Each app.run compiles the loop, so runs are few.
 """
@@ -12,6 +13,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2, device_properties_pb2
+from tensorflow.python.eager import context
+from tensorflow.python.grappler import cluster as grappler_cluster
+from tensorflow.python.grappler import tf_optimizer
 
 from conftest import tiny_config
 from subprocs import run_py
@@ -52,6 +57,70 @@ def test_one_call_of_three_steps_equals_three_single_steps():
     for a, b in zip(state.model.variables, ref_state.model.variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
     assert int(state.optimizer.iterations.numpy()) == 3
+
+
+# A gradient summed in the order its terms arrive: what Grappler's memory optimizer makes of an
+# AddN of three or more terms (a temporary variable, one AssignAdd per term) when it estimates
+# that the graph needs more than 80% of the device's memory (train.fixed_order_sums).
+ORDER_OF_ARRIVAL = "TemporaryVariable"
+
+
+def _op_count(graph_def, op):
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return sum(n.op == op for n in nodes)
+
+
+def _grappler(concrete, config, memory_bytes):
+    """Grappler's rewrite of a traced function's graph with `config`, for one CPU device that
+    declares `memory_bytes`."""
+    graph = concrete.graph
+    meta = tf.compat.v1.train.export_meta_graph(graph_def=graph.as_graph_def(), graph=graph)
+    fetch = meta.collection_def["train_op"].node_list.value  # what Grappler must keep
+    fetch.extend([t.name for t in concrete.outputs] + [op.name for op in graph.control_outputs])
+    device = device_properties_pb2.NamedDevice(
+        name="/job:localhost/replica:0/task:0/device:CPU:0",
+        properties=device_properties_pb2.DeviceProperties(type="CPU", memory_size=memory_bytes))
+    cluster = grappler_cluster.Cluster(devices=[device])
+    return tf_optimizer.OptimizeGraph(config, meta, cluster=cluster)
+
+
+def test_gradients_of_the_clae_step_are_summed_in_a_fixed_order():
+    """The tiny CLAE step sums three terms into the gradient of every shared weight (x1, x2,
+    x_adv). On a device its static peak (~2 MiB) exceeds, as the CIFAR step's (~600 MiB) exceeds
+    the 256 MiB of a CPU device, TF's default Grappler settings sum some of them in the order
+    their terms arrive; the settings fixed_order_sums gives the loop sum none."""
+    cfg = tiny_config()
+    _, global_step, _ = _state_and_loop(cfg)
+    x = tf.TensorSpec([cfg.batch_size, cfg.image_size, cfg.image_size, 3], tf.float32)
+    concrete = tf.function(global_step).get_concrete_function(x, x)
+    default = context.context().config
+    with train.fixed_order_sums():
+        fixed = config_pb2.ConfigProto.FromString(
+            context.context().function_call_options.config_proto_serialized)
+    assert _op_count(_grappler(concrete, default, 1 << 20), ORDER_OF_ARRIVAL) > 0
+    assert _op_count(_grappler(concrete, fixed, 1 << 20), ORDER_OF_ARRIVAL) == 0
+
+
+@pytest.mark.slow
+def test_the_loop_at_cifar_scale_runs_no_order_of_arrival_sum():
+    """The same at run time, through make_train_loop: a step large enough for TF's own estimate
+    to exceed the 256 MiB its CPU device declares (ResNet-10 x0.25, 256 images of 32 px: ~390
+    MiB) runs, on TF's defaults, four order-of-arrival sums (the projection head's gradients),
+    whose order thread scheduling picks; the loop runs none."""
+    cfg = tiny_config(width=0.25, image_size=32, batch_size=256, proj_dim=64)
+    state, _, loop = _state_and_loop(cfg)
+    w0 = health.weight_norm(state.model.trainable_variables)
+    ctx = context.context()
+    ctx.enable_run_metadata()
+    try:
+        out = loop(iter(data.pretrain_dataset(data.load(cfg).train, cfg, epoch=0)),
+                   tf.constant(1), w0)
+        ran = ctx.export_run_metadata().function_graphs
+    finally:
+        ctx.disable_run_metadata()
+    assert int(out["steps"]) == 1 and ran
+    assert sum(_op_count(g, ORDER_OF_ARRIVAL)
+               for f in ran for g in [*f.partition_graphs, f.post_optimization_graph]) == 0
 
 
 def test_loop_stops_at_the_first_unhealthy_step():
