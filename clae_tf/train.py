@@ -1,5 +1,6 @@
 """The CLAE train step and the train loop (checkpoints, TensorBoard, progress)."""
 
+import contextlib
 import math
 import os
 import time
