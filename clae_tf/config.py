@@ -296,7 +296,7 @@ class Config:
                                   f"enqueues the whole batch of keys, got {self.queue_size}")
             if not 0 <= self.key_momentum < 1:
                 bad("key_momentum", f"must be in [0, 1), got {self.key_momentum}")
-        # Issue 12, item 8: every other numeric flag that can be nonsensical.
+        # Every other numeric flag that can be nonsensical.
         for f in dataclasses.fields(self):  # nan passes every `<` check below, inf most of them
             v = getattr(self, f.name)
             for x in (v if isinstance(v, tuple) else (v,)):

@@ -111,7 +111,7 @@ def make_train_loop(strategy, distributed_step, model, cfg: Config):
     Returns per call: the number of steps run, the mean metrics over them, the last step's
     images and its health (health.py). The loop stops at the first unhealthy step. One host
     round trip per call instead of per step: on a GPU the host then never waits for a step to
-    finish before feeding the next (and on this CPU it saves the per-step dispatch).
+    finish before feeding the next (and on a CPU it saves the per-step dispatch).
     `distributed_step` is the uncompiled global step (make_distributed_step(compiled=False)).
     Every call runs under fixed_order_sums, so that a seed gives the same weights in any process.
     """
