@@ -79,12 +79,17 @@ def test_benchmark_pieces_run(capsys):
     assert "Peak RSS" in text and "Input pipeline alone" in text
 
 
-def _load_whole_run():
-    path = os.path.join(os.path.dirname(_BENCH), "whole_run.py")
-    spec = importlib.util.spec_from_file_location("whole_run", path)
+def _load_bench_script(name):
+    """bench/<name>.py as a module (the scripts are not a package)."""
+    path = os.path.join(os.path.dirname(_BENCH), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_whole_run():
+    return _load_bench_script("whole_run")
 
 
 # A 57-step run's timings (seconds) as results.json records them.
@@ -134,14 +139,10 @@ def test_whole_run_breakdown_splits_the_online_eval_out_of_the_host_time():
     assert "online eval" not in {n.strip() for n, _, _ in whole_run.breakdown(t, 57)}
 
 
-# -------------------------------------------------------- bench/robust_speed.py (issue 18)
+# -------------------------------------------------------- bench/robust_speed.py
 
 def _robust_speed():
-    path = os.path.join(os.path.dirname(_BENCH), "robust_speed.py")
-    spec = importlib.util.spec_from_file_location("robust_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_bench_script("robust_speed")
 
 
 def _linear_saved_model(rs, tmp_path):
