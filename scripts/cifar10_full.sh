@@ -11,7 +11,9 @@
 # seed, SimCLR then CLAE, so that an interrupted sweep holds complete pairs; a run that already
 # has results.json is skipped, an unfinished one resumes from its checkpoint (run the script
 # again with the same arguments). Each workdir gets sweep.jsonl (commit, preset, load; see
-# scripts/sweep_lib.sh). The table and plots go to ROOT/compare/. SEEDS="0" runs one seed.
+# scripts/sweep_lib.sh). The table and plots go to ROOT/compare/, the runs' small result files
+# (results.json, flags.cfg, sweep.jsonl) to ROOT/compare/runs/ (to keep in docs/results/).
+# SEEDS="0" runs one seed.
 # Time: about 2 h per seed (SimCLR + CLAE, 10 epochs in bf16, with the robust suite) on 2 cores;
 # see flags/cifar10_full_common.cfg.
 set -euo pipefail
@@ -30,4 +32,5 @@ for seed in $SEEDS; do
   done
 done
 
+sweep_keep "$ROOT/compare/runs" "${workdirs[@]}"
 "$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$ROOT/compare"

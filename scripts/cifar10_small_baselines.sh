@@ -12,7 +12,9 @@
 # runs/cifar10_baselines). BASELINES (default "plain uel") in order; the runs go seed by seed,
 # each baseline then its + CLAE, so that an interrupted sweep holds complete pairs; a run with
 # results.json is skipped, an unfinished one resumes. Each workdir gets sweep.jsonl (commit,
-# preset, load; scripts/sweep_lib.sh). Table and plots: ROOT/compare/. SEEDS="0" for one seed.
+# preset, load; scripts/sweep_lib.sh). Table and plots: ROOT/compare/; the runs' small result
+# files (results.json, flags.cfg, sweep.jsonl): ROOT/compare/runs/ (to keep in docs/results/).
+# SEEDS="0" for one seed.
 # SimCLR's pairs on this protocol are scripts/cifar10_small.sh's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,4 +37,5 @@ for seed in $SEEDS; do
   done
 done
 
+sweep_keep "$ROOT/compare/runs" "${workdirs[@]}"
 "$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$ROOT/compare"

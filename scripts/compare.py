@@ -8,9 +8,9 @@ sweep.jsonl that scripts/sweep_lib.sh wrote (preset, commit, whole-process time,
 Prints the table (mean ± std per method; for every X and X+CLAE the paired differences by seed;
 one row per run) and writes <out>/comparison.md, <out>/comparison.png (accuracy per method with
 every seed, and the training-loss curves from the TensorBoard events) and, when the runs have an
-online kNN (--eval_every_epochs), <out>/online_knn.png. Needs matplotlib for the plots (pip
-install matplotlib); without it only the table is written. Reads TensorBoard events without
-importing TensorFlow.
+online kNN (--eval_every_epochs), <out>/online_knn.png and its values, <out>/online_knn.json.
+Needs matplotlib for the plots (pip install matplotlib); without it only the table is written.
+Reads TensorBoard events without importing TensorFlow.
 
 An offline tool over finished runs, not part of training: the clae_tf package does not import it.
 """
@@ -413,11 +413,23 @@ def online_curves(run: dict) -> List[tuple]:
     return [(step / per_epoch, value) for step, value in curve]
 
 
-def plot_online_knn(groups: Dict[str, List[dict]], path: str) -> bool:
-    """The online kNN curves (--eval_every_epochs) of every run, coloured by method (thin: each
+def write_online_knn(groups: Dict[str, List[dict]], path: str) -> dict:
+    """{method: {run: [[epoch, online kNN top-1], ...]}} of every run, also written to `path`
+    (JSON, a few hundred bytes: the curves without the TensorBoard events) if any run has one.
+    """
+    curves = {label: {os.path.basename(os.path.normpath(r["workdir"])): online_curves(r)
+                      for r in runs} for label, runs in groups.items()}
+    if any(c for runs in curves.values() for c in runs.values()):
+        with open(path, "w") as f:
+            json.dump(curves, f, indent=1)
+    return curves
+
+
+def plot_online_knn(curves: Dict[str, Dict[str, List[tuple]]], path: str) -> bool:
+    """The online kNN curves (write_online_knn's) of every run, coloured by method (thin: each
     seed; thick: the mean over the seeds that have the epoch). Returns False if no run has one
     or matplotlib is missing."""
-    curves = {label: [online_curves(r) for r in runs] for label, runs in groups.items()}
+    curves = {label: list(runs.values()) for label, runs in curves.items()}
     if not any(c for runs in curves.values() for c in runs):
         return False
     try:
@@ -466,9 +478,10 @@ def main(argv=None):
     png = os.path.join(args.out, "comparison.png")
     if plot(groups, png):
         print(f"Plot: {png}")
+    curves = write_online_knn(groups, os.path.join(args.out, "online_knn.json"))
     online = os.path.join(args.out, "online_knn.png")
-    if plot_online_knn(groups, online):
-        print(f"Online kNN curves: {online}")
+    if plot_online_knn(curves, online):
+        print(f"Online kNN curves: {online} (values: online_knn.json)")
     print(f"Table: {os.path.join(args.out, 'comparison.md')}")
 
 

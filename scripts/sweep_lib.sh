@@ -54,8 +54,10 @@ sweep_run() {
   mkdir -p "$workdir"
   local meta="$workdir/sweep.jsonl" start
   start=$(date +%s)
-  printf '{"event": "start", "unix": %s, "utc": "%s", "preset": %s, "extra": %s, "commit": "%s", "dirty": %s, "loadavg": %s, "cores": %s}\n' \
-    "$start" "$(date -u +%FT%TZ)" "$(_sweep_json_str "$*")" \
+  local format='{"event": "start", "unix": %s, "utc": "%s", "preset": %s, "extra": %s,'
+  format+=' "commit": "%s", "dirty": %s, "loadavg": %s, "cores": %s}\n'
+  # shellcheck disable=SC2059
+  printf "$format" "$start" "$(date -u +%FT%TZ)" "$(_sweep_json_str "$*")" \
     "$(_sweep_json_str "${SWEEP_EXTRA[*]:-}")" "$(_sweep_commit)" "$(_sweep_dirty)" \
     "$(_sweep_loadavg)" "$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo null)" >> "$meta"
   echo "== $workdir: start $(date -u +%FT%TZ), load $(_sweep_loadavg)"
@@ -75,4 +77,19 @@ sweep_run() {
   echo "== $workdir: exit $rc at $(date -u +%FT%TZ), $(( $(date +%s) - start )) s wall" \
        "(whole process), load $(_sweep_loadavg)"
   return "$rc"
+}
+
+# sweep_keep OUT WORKDIR...: copies each run's small result files (results.json, flags.cfg,
+# sweep.jsonl; never checkpoints or events) to OUT/<workdir name>/, to be kept in the repository
+# (e.g. docs/results/<protocol>/runs/) so that no one has to rerun them for the numbers.
+sweep_keep() {
+  local out=$1 workdir name file
+  shift
+  for workdir in "$@"; do
+    name=$(basename "$workdir")
+    mkdir -p "$out/$name"
+    for file in results.json flags.cfg sweep.jsonl; do
+      if [[ -f "$workdir/$file" ]]; then cp "$workdir/$file" "$out/$name/"; fi
+    done
+  done
 }

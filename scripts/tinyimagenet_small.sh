@@ -11,7 +11,9 @@
 # ../shared/data/README.md). Workdirs: ROOT/<simclr|clae>_seed<k> (ROOT defaults to
 # runs/tinyimagenet_small), seed by seed, SimCLR then CLAE (complete pairs if interrupted); a run
 # with results.json is skipped, an unfinished one resumes. Each workdir gets sweep.jsonl (commit,
-# preset, load; scripts/sweep_lib.sh). Table and plots: ROOT/compare/. SEEDS="0 1" for fewer.
+# preset, load; scripts/sweep_lib.sh). Table and plots: ROOT/compare/; the runs' small result
+# files (results.json, flags.cfg, sweep.jsonl): ROOT/compare/runs/ (to keep in docs/results/).
+# SEEDS="0 1" for fewer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/sweep_lib.sh
@@ -28,4 +30,5 @@ for seed in $SEEDS; do
   done
 done
 
+sweep_keep "$ROOT/compare/runs" "${workdirs[@]}"
 "$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$ROOT/compare"

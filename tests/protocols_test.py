@@ -108,6 +108,11 @@ def test_full_sweep_stops_at_a_failed_run_then_resumes_only_it(tmp_path):
     assert sweep["processes"] == 2 and sweep["wall_seconds"] >= 0
     assert [e["event"] for e in _events(root / "simclr_seed0")
             if e["event"] != "load"] == ["start", "end"]  # skipped: nothing appended
+    # The small result files of every run, beside the table, to keep in the repository.
+    for name, _ in FULL_ORDER:
+        kept = root / "compare" / "runs" / name
+        assert sorted(os.listdir(kept)) == ["results.json", "sweep.jsonl"]  # (no flags.cfg here)
+        assert (kept / "sweep.jsonl").read_text() == (root / name / "sweep.jsonl").read_text()
 
 
 @pytest.mark.parametrize("script, env, expected", [
@@ -197,7 +202,8 @@ def test_robust_worst_case_columns_mean_std_and_per_run(groups):
     # SimCLR worst 1/255: 10, 12, 8 -> 10 +- 2; 8/255: 0 +- 0; L2 0.5: 0, 1, 0 -> 0.33 +- 0.58.
     assert ("| SimCLR | 0,1,2 | 42.00 ± 2.65 | 51.00 ± 1.00 | 10.00 ± 2.00 | 0.00 ± 0.00 | "
             "0.33 ± 0.58 | 10.0 |") in table
-    assert "| simclr_seed1 | SimCLR | ? | ? | 1 | 30 | 41.00 | 52.00 | 12.00 | 0.00 | 1.00 |" in table
+    assert ("| simclr_seed1 | SimCLR | ? | ? | 1 | 30 | 41.00 | 52.00 | 12.00 | 0.00 | 1.00 |"
+            in table)
 
 
 def test_robust_columns_sort_radii_as_numbers():
@@ -255,13 +261,19 @@ def test_online_knn_curves_by_epoch_and_their_plot(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
     compare.main(workdirs + ["--out", str(out)])
+    with open(out / "online_knn.json") as f:
+        assert json.load(f) == {"SimCLR": {"simclr_seed0": [[1.0, pytest.approx(0.2)],
+                                                             [2.0, pytest.approx(0.3)]]},
+                                "SimCLR+CLAE": {"clae_seed0": [[1.0, pytest.approx(0.21)],
+                                                               [2.0, pytest.approx(0.3)]]}}
     with open(out / "online_knn.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_no_online_curve_no_plot(groups, tmp_path):
-    assert not compare.plot_online_knn(groups, str(tmp_path / "online.png"))
-    assert not (tmp_path / "online.png").exists()
+    curves = compare.write_online_knn(groups, str(tmp_path / "online.json"))
+    assert not compare.plot_online_knn(curves, str(tmp_path / "online.png"))
+    assert not (tmp_path / "online.png").exists() and not (tmp_path / "online.json").exists()
 
 
 # ---------------------------------------------------------------- bench/step_cost.py
