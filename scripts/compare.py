@@ -245,7 +245,7 @@ def run_rows(groups: Dict[str, List[dict]], robust: List[str]) -> List[str]:
     lines = ["", "| run | method | preset | commit | seed | steps | kNN top-1 (%) | "
                  "linear top-1 (%) | " + "".join(f"{n} (%) | " for n in robust)
              + "train steps (min) | training wall (min) | whole process (min) | "
-               "load start / max / end |", "|---" * (13 + len(robust)) + "|"]
+               "load start / max / end |", "|---" * (12 + len(robust)) + "|"]
     for label, runs in groups.items():
         for r in runs:
             res, sweep = r["results"], r["sweep"]

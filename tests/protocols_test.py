@@ -197,8 +197,26 @@ def test_paired_differences_by_seed_against_hand_computed_numbers(groups):
     assert "| 2 | +3.00 | -1.00 | +26.00 | +6.00 | +22.00 |" in table
 
 
+def _table_widths(text):
+    """[(header cells, separator cells, [cells of each row])] of every markdown table."""
+    tables, lines = [], text.splitlines()
+    for i, line in enumerate(lines[1:], 1):
+        if line.startswith("|---"):
+            rows = []
+            for row in lines[i + 1:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(row.count("|") - 1)
+            tables.append((lines[i - 1].count("|") - 1, line.count("|") - 1, rows))
+    return tables
+
+
 def test_robust_worst_case_columns_mean_std_and_per_run(groups):
     table = compare.markdown_table(groups)
+    widths = _table_widths(table)
+    assert len(widths) == 4  # summary, CLAE paired, by seed, per run
+    for header, separator, rows in widths:
+        assert separator == header and rows and set(rows) == {header}
     # SimCLR worst 1/255: 10, 12, 8 -> 10 +- 2; 8/255: 0 +- 0; L2 0.5: 0, 1, 0 -> 0.33 +- 0.58.
     assert ("| SimCLR | 0,1,2 | 42.00 ± 2.65 | 51.00 ± 1.00 | 10.00 ± 2.00 | 0.00 ± 0.00 | "
             "0.33 ± 0.58 | 10.0 |") in table
