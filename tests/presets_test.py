@@ -149,3 +149,46 @@ def test_small_common_preset_takes_each_methods_settings(monkeypatch, method, se
     cfg = _parse(monkeypatch, "--flagfile=flags/cifar10_small_common.cfg", f"--method={method}")
     _assert_config(cfg, dict(settings, **SMALL))
     _assert_config(config.Config(method=method), settings)
+
+
+# ---- The larger CPU protocols: all of CIFAR-10 and the small Tiny-ImageNet protocol.
+FULL = dict(dataset="/tmp/cifar10", epochs=10, precision="bf16", linear_epochs=1000,
+            ckpt_every=195, eval_every_epochs=5, robust_attacks="pgd20,autoattack")
+TINY_SMALL = dict(dataset="/tmp/tinyimagenet", examples_per_class=100, stem="imagenet",
+                  normalize="imagenet", image_size=64, epochs=25, precision="bf16",
+                  linear_epochs=1000, ckpt_every=78, eval_every_epochs=5,
+                  online_eval_examples=2000, robust_attacks="pgd20,autoattack")
+LARGER = {
+    "cifar10_full_common.cfg": dict(SIMCLR, **FULL),
+    "cifar10_full_simclr.cfg": dict(SIMCLR, **FULL),
+    "cifar10_full_clae.cfg": dict(SIMCLR, **FULL, **CLAE),
+    "tinyimagenet_small_common.cfg": dict(SIMCLR, **TINY_SMALL),
+    "tinyimagenet_small_simclr.cfg": dict(SIMCLR, **TINY_SMALL),
+    "tinyimagenet_small_clae.cfg": dict(SIMCLR, **TINY_SMALL, **CLAE),
+}
+EXPECTED.update(LARGER)  # test_every_preset_is_pinned reads EXPECTED when it runs
+# Training images of each protocol (CIFAR-10: all 50,000; Tiny-ImageNet: 100 of 200 classes).
+TRAIN_IMAGES = {"cifar10_full": 50000, "tinyimagenet_small": 200 * 100}
+
+
+@pytest.mark.parametrize("preset", sorted(LARGER))
+def test_larger_protocol_presets_resolve_to_the_recorded_config(monkeypatch, preset):
+    _assert_config(_parse(monkeypatch, f"--flagfile=flags/{preset}"), LARGER[preset])
+
+
+@pytest.mark.parametrize("preset", sorted(p for p in LARGER if "_common" not in p))
+def test_larger_protocols_checkpoint_each_epoch_and_end_on_an_online_point(monkeypatch, preset):
+    # What the presets' comments promise: a checkpoint per epoch (steps = images // batch, the
+    # last partial batch dropped) and the last online kNN on the final model.
+    cfg = _parse(monkeypatch, f"--flagfile=flags/{preset}")
+    images = TRAIN_IMAGES[preset.rsplit("_", 1)[0]]
+    assert cfg.ckpt_every == images // cfg.batch_size
+    assert cfg.epochs % cfg.eval_every_epochs == 0
+    assert (cfg.train_examples, cfg.robust_examples, cfg.robust_eps, cfg.robust_l2_eps) == (
+        0, 1000, "1,2,4,8", "0.25,0.5")
+
+
+@pytest.mark.parametrize("method, settings", [("plain", PLAIN), ("uel", UEL), ("moco", MOCO)])
+def test_full_common_preset_takes_each_methods_settings(monkeypatch, method, settings):
+    cfg = _parse(monkeypatch, "--flagfile=flags/cifar10_full_common.cfg", f"--method={method}")
+    _assert_config(cfg, dict(settings, **FULL))

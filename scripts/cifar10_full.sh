@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# SimCLR vs SimCLR + CLAE on all of CIFAR-10 (flags/cifar10_full_*.cfg: 50,000 images, ResNet-18
+# x0.25, bf16, robust suite, online kNN), seeds 0, 1, 2, then the table (paired differences by
+# seed, robust worst case) and the plots (accuracy, training loss, online kNN curves) with
+# python scripts/compare.py.
+#
+#   scripts/cifar10_full.sh [ROOT] [extra run.py flags...]
+#   e.g. scripts/cifar10_full.sh runs/cifar10_full --dataset=/data/cifar10
+#
+# Workdirs: ROOT/<simclr|clae>_seed<k> (ROOT defaults to runs/cifar10_full). The runs go seed by
+# seed, SimCLR then CLAE, so that an interrupted sweep holds complete pairs; a run that already
+# has results.json is skipped, an unfinished one resumes from its checkpoint (run the script
+# again with the same arguments). Each workdir gets sweep.jsonl (commit, preset, load; see
+# scripts/sweep_lib.sh). The table and plots go to ROOT/compare/, the runs' small result files
+# (results.json, flags.cfg, sweep.jsonl) to ROOT/compare/runs/ (to keep in docs/results/).
+# SEEDS="0" runs one seed.
+# Time: about 2 h per seed (SimCLR + CLAE, 10 epochs in bf16, with the robust suite) on 2 cores;
+# see flags/cifar10_full_common.cfg.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/sweep_lib.sh
+ROOT=runs/cifar10_full
+if [[ $# -gt 0 && "$1" != -* ]]; then ROOT="$1"; shift; fi
+SEEDS="${SEEDS:-0 1 2}"
+SWEEP_EXTRA=("$@")
+
+workdirs=()
+for seed in $SEEDS; do
+  for method in simclr clae; do
+    workdirs+=("$ROOT/${method}_seed${seed}")
+    sweep_run "${workdirs[-1]}" --flagfile="flags/cifar10_full_${method}.cfg" --seed="$seed"
+  done
+done
+
+sweep_keep "$ROOT/compare/runs" "${workdirs[@]}"
+"$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$ROOT/compare"

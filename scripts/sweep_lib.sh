@@ -1,0 +1,95 @@
+# Sourced by the protocol scripts (scripts/cifar10_full.sh, scripts/cifar10_small_baselines.sh,
+# scripts/tinyimagenet_small.sh): runs one run.py workdir of a sweep, and records in
+# <workdir>/sweep.jsonl what the results table needs beyond results.json:
+#   {"event": "start", "unix": ..., "utc": ..., "preset": "<run.py arguments>", "extra": "<the
+#    sweep's extra flags>", "commit": "<git HEAD>", "dirty": true|false, "loadavg": [1, 5, 15 min],
+#    "cores": N}
+#   {"event": "load", "unix": ..., "loadavg": [...]}        every $LOAD_EVERY s (default 60)
+#   {"event": "end", "unix": ..., "utc": ..., "exit": <run.py's exit code>, "loadavg": [...]}
+# A resumed run appends another start ... end. scripts/compare.py reads it (preset, commit, wall
+# time, load at start / during / at the end: whether the machine was otherwise idle).
+# Uses: PYTHON (default python), SWEEP_EXTRA (array: flags added to every run), LOAD_EVERY.
+
+PYTHON="${PYTHON:-python}"
+LOAD_EVERY="${LOAD_EVERY:-60}"
+
+_sweep_json_str() {  # a JSON string of $1 (backslashes and double quotes escaped)
+  local s=${1//\\/\\\\}
+  s=${s//\"/\\\"}
+  printf '"%s"' "$s"
+}
+
+_sweep_loadavg() {  # [1-min, 5-min, 15-min] load, or null where /proc/loadavg is missing
+  local l1 l5 l15 _rest
+  if read -r l1 l5 l15 _rest < /proc/loadavg 2>/dev/null; then
+    printf '[%s, %s, %s]' "$l1" "$l5" "$l15"
+  else
+    printf 'null'
+  fi
+}
+
+_sweep_commit() {
+  git rev-parse HEAD 2>/dev/null || echo unknown
+}
+
+_sweep_dirty() {  # true if tracked files differ from the commit
+  if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+    echo true
+  else
+    echo false
+  fi
+}
+
+# sweep_run WORKDIR RUN.PY-ARGS...: skips a finished run (results.json), else runs (a fresh
+# start or, with a checkpoint in WORKDIR, a resume) `$PYTHON run.py ARGS --workdir=WORKDIR
+# SWEEP_EXTRA...`, recording sweep.jsonl. Returns run.py's exit code (the caller's set -e then
+# stops the sweep, so that a failed or interrupted run is not followed by the next).
+sweep_run() {
+  local workdir=$1
+  shift
+  if [[ -f "$workdir/results.json" ]]; then
+    echo "== $workdir: done already (results.json), skipping"
+    return 0
+  fi
+  mkdir -p "$workdir"
+  local meta="$workdir/sweep.jsonl" start
+  start=$(date +%s)
+  local format='{"event": "start", "unix": %s, "utc": "%s", "preset": %s, "extra": %s,'
+  format+=' "commit": "%s", "dirty": %s, "loadavg": %s, "cores": %s}\n'
+  # shellcheck disable=SC2059
+  printf "$format" "$start" "$(date -u +%FT%TZ)" "$(_sweep_json_str "$*")" \
+    "$(_sweep_json_str "${SWEEP_EXTRA[*]:-}")" "$(_sweep_commit)" "$(_sweep_dirty)" \
+    "$(_sweep_loadavg)" "$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo null)" >> "$meta"
+  echo "== $workdir: start $(date -u +%FT%TZ), load $(_sweep_loadavg)"
+  # The load while the run goes on, until the run ends or this script is gone ($$: the script's
+  # pid, also in the subshell); its output to /dev/null so that no pipe waits for it.
+  ( while sleep "$LOAD_EVERY" && kill -0 $$ 2>/dev/null; do
+      printf '{"event": "load", "unix": %s, "loadavg": %s}\n' "$(date +%s)" "$(_sweep_loadavg)"
+    done >> "$meta" ) >/dev/null 2>&1 &
+  local sampler=$! rc=0
+  trap "kill $sampler 2>/dev/null" EXIT
+  "$PYTHON" run.py "$@" --workdir="$workdir" ${SWEEP_EXTRA[@]+"${SWEEP_EXTRA[@]}"} || rc=$?
+  kill "$sampler" 2>/dev/null || true
+  wait "$sampler" 2>/dev/null || true
+  trap - EXIT
+  printf '{"event": "end", "unix": %s, "utc": "%s", "exit": %s, "loadavg": %s}\n' \
+    "$(date +%s)" "$(date -u +%FT%TZ)" "$rc" "$(_sweep_loadavg)" >> "$meta"
+  echo "== $workdir: exit $rc at $(date -u +%FT%TZ), $(( $(date +%s) - start )) s wall" \
+       "(whole process), load $(_sweep_loadavg)"
+  return "$rc"
+}
+
+# sweep_keep OUT WORKDIR...: copies each run's small result files (results.json, flags.cfg,
+# sweep.jsonl; never checkpoints or events) to OUT/<workdir name>/, to be kept in the repository
+# (e.g. docs/results/<protocol>/runs/) so that no one has to rerun them for the numbers.
+sweep_keep() {
+  local out=$1 workdir name file
+  shift
+  for workdir in "$@"; do
+    name=$(basename "$workdir")
+    mkdir -p "$out/$name"
+    for file in results.json flags.cfg sweep.jsonl; do
+      if [[ -f "$workdir/$file" ]]; then cp "$workdir/$file" "$out/$name/"; fi
+    done
+  done
+}

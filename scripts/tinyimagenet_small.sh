@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# SimCLR vs SimCLR + CLAE on the small Tiny-ImageNet protocol (flags/tinyimagenet_small_*.cfg:
+# 100 images per class, ImageNet stem at 64 px, ResNet-18 x0.25, bf16, robust suite, online kNN),
+# seeds 0, 1, 2, then the table (paired differences by seed, robust worst case) and the plots with
+# python scripts/compare.py.
+#
+#   scripts/tinyimagenet_small.sh [ROOT] [extra run.py flags...]
+#   e.g. scripts/tinyimagenet_small.sh runs/tinyimagenet_small --dataset=/data/tinyimagenet
+#
+# Data: bash ../shared/data/tinyimagenet.sh <snapshot folder> /tmp/tinyimagenet (see
+# ../shared/data/README.md). Workdirs: ROOT/<simclr|clae>_seed<k> (ROOT defaults to
+# runs/tinyimagenet_small), seed by seed, SimCLR then CLAE (complete pairs if interrupted); a run
+# with results.json is skipped, an unfinished one resumes. Each workdir gets sweep.jsonl (commit,
+# preset, load; scripts/sweep_lib.sh). Table and plots: ROOT/compare/; the runs' small result
+# files (results.json, flags.cfg, sweep.jsonl): ROOT/compare/runs/ (to keep in docs/results/).
+# SEEDS="0 1" for fewer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/sweep_lib.sh
+ROOT=runs/tinyimagenet_small
+if [[ $# -gt 0 && "$1" != -* ]]; then ROOT="$1"; shift; fi
+SEEDS="${SEEDS:-0 1 2}"
+SWEEP_EXTRA=("$@")
+
+workdirs=()
+for seed in $SEEDS; do
+  for method in simclr clae; do
+    workdirs+=("$ROOT/${method}_seed${seed}")
+    sweep_run "${workdirs[-1]}" --flagfile="flags/tinyimagenet_small_${method}.cfg" --seed="$seed"
+  done
+done
+
+sweep_keep "$ROOT/compare/runs" "${workdirs[@]}"
+"$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$ROOT/compare"
