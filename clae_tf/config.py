@@ -29,7 +29,7 @@ CHECKPOINT_FLAGS = ("method", "adversarial", "arch", "stem", "width", "head", "p
 RESUME_DATA_FLAGS = ("dataset", "train_examples", "examples_per_class", "batch_size", "seed")
 # Flags that say which data an evaluation runs on: --mode=eval with any of them other than in
 # the run's flags.cfg evaluates on other data, and its results and probe go to files named after
-# that data (evaluate.py), never over the run's own.
+# that data (workdir.py), never over the run's own.
 DATA_FLAGS = ("dataset", "data_dir", "train_examples", "examples_per_class")
 # What an evaluation records with its results (results*.json "eval_flags"): its data and its own
 # settings. Evaluating (or exporting) never rewrites flags.cfg, the record of the training.

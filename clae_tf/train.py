@@ -2,7 +2,6 @@
 
 import contextlib
 import math
-import os
 import time
 
 import keras
@@ -13,7 +12,7 @@ from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context as tf_context
 
 from clae_tf import (ClaeError, attacks, augment, checkpoints, data, distribute, health, losses,
-                     methods, monitor, signals)
+                     methods, monitor, signals, workdir)
 from clae_tf.config import Config
 from clae_tf.progress import Progress
 
@@ -206,7 +205,7 @@ def train(cfg: Config, strategy, source: data.Source, on_accepted=None) -> dict:
         strategy, make_distributed_step(strategy, replica_step, state.method, compiled=False),
         model, cfg)
 
-    logdir = os.path.join(cfg.run_dir, "tensorboard")
+    logdir = workdir.tensorboard_dir(cfg.run_dir)
     writer = (tf.summary.create_file_writer(logdir)
               if distribute.is_chief(strategy) else tf.summary.create_noop_writer())
     # Online kNN and pictures: the chief only (no collectives in there, monitor.py).
