@@ -58,20 +58,19 @@ def _run(cfg: Config, strategy, timings: dict) -> dict:
     if cfg.mode == "train":
         chief = distribute.is_chief(strategy)
         t0 = time.time()
-        summary = train.train(cfg, strategy, source, on_accepted=(
+        trained = train.train(cfg, strategy, source, on_accepted=(
             (lambda trains: workdir.record_flags(cfg, trains)) if chief else None))
-        model = summary.pop("model")
         if not chief:  # multi-worker: only the chief evaluates and writes results and the export
             return out
-        summary["wall_seconds_this_process"] = time.time() - t0
-        timings.update(summary.pop("timings"))
+        summary = {**trained.results(), "wall_seconds_this_process": time.time() - t0}
+        timings.update(trained.timings)
         t = time.time()
-        out["results"] = evaluate.evaluate(cfg, model, source, summary["step"], extra=summary)
+        out["results"] = evaluate.evaluate(cfg, trained.model, source, trained.step, extra=summary)
         out["results_path"] = workdir.eval_paths(cfg.run_dir)["results"]
         timings["eval_seconds"] = time.time() - t  # features, kNN and the linear probe
         if cfg.export:
             t = time.time()
-            _export(cfg, model, summary["step"], out)
+            _export(cfg, trained.model, trained.step, out)
             timings["export_seconds"] = time.time() - t
         timings["total_seconds"] = process_seconds()
         out["results"]["timings"] = timings

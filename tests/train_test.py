@@ -298,7 +298,7 @@ for batch, replicas in [(3, 1), (5, 1), (6, 2)]:
                       strategy="mirrored" if replicas > 1 else "one_device")
     strategy = distribute.make_strategy(cfg)
     summary = train.train(cfg, strategy, data.load(cfg))
-    print(f"batch {batch} on {strategy.num_replicas_in_sync}: step {summary['step']}", flush=True)
+    print(f"batch {batch} on {strategy.num_replicas_in_sync}: step {summary.step}", flush=True)
 """
 
 
