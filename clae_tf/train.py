@@ -13,7 +13,7 @@ from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context as tf_context
 
 from clae_tf import (ClaeError, attacks, augment, checkpoints, data, distribute, health, losses,
-                     methods, monitor, signals, workdir)
+                     monitor, signals, workdir)
 from clae_tf.config import Config
 from clae_tf.progress import Progress
 
@@ -21,17 +21,16 @@ from clae_tf.progress import Progress
 METRICS = ("loss", "clean_loss", "adv_loss", "contrast_acc", "z_norm")
 
 
-def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method=None):
+def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method):
     """The per-replica CLAE step (docs/method.md, "The CLAE step"). Call it under strategy.run.
 
     Reads as the paper: views -> x_adv -> clean loss -> adversarial loss -> scale -> apply.
-    x1, x2 are this replica's slices of the two normalised views. `method` (methods/base.py;
-    default: the one of cfg.method) gives the batch-wide losses over the GLOBAL batch: every
+    x1, x2 are this replica's slices of the two normalised views. `method` (methods/base.py,
+    checkpoints.State.method) gives the batch-wide losses over the GLOBAL batch: every
     replica computes the same loss, and the gather's gradient sums it over replicas, so the loss
     is divided by num_replicas for the optimizer, which sums gradients across replicas.
     Returns (metrics, images, method outputs for method.after_step).
     """
-    method = method or methods.build(cfg, model)
     attack = attacks.training_attack(cfg, lambda: optimizer.iterations)
     # float16: the parameter gradients are taken of loss * scale (the dynamic scale of the
     # LossScaleOptimizer, which divides them back), and so is the attack's input gradient.
