@@ -37,8 +37,9 @@ def main(argv):
         sys.exit(2)
     except KeyboardInterrupt as e:  # outside the train loop (which saves and says so itself)
         signals.stopping()
-        where = (f"; checkpoints so far are kept in {cfg.run_dir}/checkpoints (the same command "
-                 f"resumes; --mode=eval --workdir={cfg.run_dir} re-evaluates)" if cfg else "")
+        where = (f"; checkpoints so far are kept in {cfg.run_dir}/{workdir.CHECKPOINTS} (the same "
+                 f"command resumes; --mode=eval --workdir={cfg.run_dir} re-evaluates)"
+                 if cfg else "")
         print(f"error: {signals.describe(e)}{where}", file=sys.stderr)
         sys.exit(2)
 

@@ -56,42 +56,54 @@ def _run(cfg: Config, strategy, timings: dict) -> dict:
         suite.check(source.num_classes)  # e.g. a DLR attack on 2 classes: before training
     out = {"workdir": cfg.run_dir}
     if cfg.mode == "train":
-        chief = distribute.is_chief(strategy)
-        t0 = time.time()
-        trained = train.train(cfg, strategy, source, on_accepted=(
-            (lambda trains: workdir.record_flags(cfg, trains)) if chief else None))
-        if not chief:  # multi-worker: only the chief evaluates and writes results and the export
-            return out
-        summary = {**trained.results(), "wall_seconds_this_process": time.time() - t0}
-        timings.update(trained.timings)
+        _train(cfg, strategy, source, timings, out)
+    else:
+        _evaluate_or_export(cfg, strategy, source, out)
+    return out
+
+
+def _train(cfg: Config, strategy, source: data.Source, timings: dict, out: dict):
+    """Trains, then (the chief) evaluates and exports; the results with their timings go to
+    results.json and `out`."""
+    chief = distribute.is_chief(strategy)
+    t0 = time.time()
+    trained = train.train(cfg, strategy, source, on_accepted=(
+        (lambda trains: workdir.record_flags(cfg, trains)) if chief else None))
+    if not chief:  # multi-worker: only the chief evaluates and writes results and the export
+        return
+    summary = {**trained.results(), "wall_seconds_this_process": time.time() - t0}
+    timings.update(trained.timings)
+    t = time.time()
+    out["results"] = evaluate.evaluate(cfg, trained.model, source, trained.step, extra=summary)
+    out["results_path"] = workdir.eval_paths(cfg.run_dir)["results"]
+    timings["eval_seconds"] = time.time() - t  # features, kNN and the linear probe
+    if cfg.export:
         t = time.time()
-        out["results"] = evaluate.evaluate(cfg, trained.model, source, trained.step, extra=summary)
-        out["results_path"] = workdir.eval_paths(cfg.run_dir)["results"]
-        timings["eval_seconds"] = time.time() - t  # features, kNN and the linear probe
-        if cfg.export:
-            t = time.time()
-            _export(cfg, trained.model, trained.step, out)
-            timings["export_seconds"] = time.time() - t
-        timings["total_seconds"] = process_seconds()
-        out["results"]["timings"] = timings
-        workdir.update_results(cfg.run_dir, {"timings": timings})
-        return out
+        _export(cfg, trained.model, trained.step, out)
+        timings["export_seconds"] = time.time() - t
+    timings["total_seconds"] = process_seconds()
+    out["results"]["timings"] = timings
+    workdir.update_results(cfg.run_dir, {"timings": timings})
+
+
+def _evaluate_or_export(cfg: Config, strategy, source: data.Source, out: dict):
+    """--mode=eval or export: the newest checkpoint's model, evaluated or exported."""
     state = checkpoints.State(cfg, strategy)  # no optimizer: eval and export need the model only
     if not state.restore(model_only=True):
-        raise ClaeError(f"--workdir: no checkpoint in {cfg.run_dir}/checkpoints to {cfg.mode}")
-    if cfg.mode == "eval":
-        other = workdir.other_data(cfg)
-        out["results"] = evaluate.evaluate(cfg, state.model, source, state.step, other_data=other)
-        out["results_path"] = workdir.eval_paths(cfg.run_dir, other)["results"]
-        if other:
-            paths = workdir.eval_paths(cfg.run_dir, other)
-            out["results_note"] = (f"on other data than the run's own, {other}; probe: "
-                                   f"{os.path.basename(paths['probe'])}; the run's "
-                                   f"{workdir.RESULTS_FILE} and {workdir.PROBE_FILE} are left "
-                                   f"as they were")
-    else:
+        raise ClaeError(f"--workdir: no checkpoint in {cfg.run_dir}/{workdir.CHECKPOINTS} to "
+                        f"{cfg.mode}")
+    if cfg.mode == "export":
         _export(cfg, state.model, state.step, out)
-    return out
+        return
+    other = workdir.other_data(cfg)
+    out["results"] = evaluate.evaluate(cfg, state.model, source, state.step, other_data=other)
+    out["results_path"] = workdir.eval_paths(cfg.run_dir, other)["results"]
+    if other:
+        paths = workdir.eval_paths(cfg.run_dir, other)
+        out["results_note"] = (f"on other data than the run's own, {other}; probe: "
+                               f"{os.path.basename(paths['probe'])}; the run's "
+                               f"{workdir.RESULTS_FILE} and {workdir.PROBE_FILE} are left "
+                               f"as they were")
 
 
 def _export(cfg: Config, model, step: int, out: dict):

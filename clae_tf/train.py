@@ -21,6 +21,7 @@ from clae_tf.progress import Progress
 METRICS = ("loss", "clean_loss", "adv_loss", "contrast_acc", "z_norm")
 
 
+# Over 60 lines on purpose: the step reads in one body, in the order of docs/method.md.
 def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method):
     """The per-replica CLAE step (docs/method.md, "The CLAE step"). Call it under strategy.run.
 
