@@ -400,3 +400,24 @@ def test_reproduce_line_pastes_into_a_shell(tmp_path, capsys):
                               capture_output=True, text=True, timeout=60)
         assert proc.stdout.splitlines() == words, command
         assert shlex.split(command) == words
+
+
+def test_update_results_merges_drops_stale_keys_and_keeps_other_datas_apart(tmp_path, capsys):
+    run_dir = str(tmp_path)
+    own, other = tmp_path / "results.json", tmp_path / "results_cifar10.json"
+    own.write_text(json.dumps({"step": 3, "wall_seconds_this_process": 9.5, "robust_top1": {}}))
+    merged = workdir.update_results(run_dir, {"step": 4, "knn_top1": 0.5},
+                                    stale_prefix="robust_")
+    expected = {"step": 4, "wall_seconds_this_process": 9.5, "knn_top1": 0.5}
+    assert merged == expected and json.loads(own.read_text()) == expected
+    assert own.read_text() == json.dumps(expected, indent=2, sort_keys=True)
+    # Without a stale prefix everything the file held stays.
+    workdir.update_results(run_dir, {"timings": {"eval_seconds": 1.0}})
+    assert json.loads(own.read_text()) == {**expected, "timings": {"eval_seconds": 1.0}}
+    # Other data: its own file, a broken one counted as absent; the run's own left alone.
+    other.write_text('{"knn_top1": 0.')
+    assert workdir.update_results(run_dir, {"knn_top1": 0.25}, "cifar10") == {"knn_top1": 0.25}
+    assert json.loads(other.read_text()) == {"knn_top1": 0.25}
+    assert json.loads(own.read_text())["knn_top1"] == 0.5
+    assert "results_cifar10.json is unreadable" in capsys.readouterr().err
+    assert sorted(os.listdir(run_dir)) == ["results.json", "results_cifar10.json"]
