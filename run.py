@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up cha
 
 from absl import app, flags, logging  # noqa: E402
 
-from clae_tf import ClaeError, config, signals  # noqa: E402
+from clae_tf import ClaeError, config, signals, workdir  # noqa: E402
 
 config.define_flags()
 FLAGS = flags.FLAGS
@@ -37,17 +37,19 @@ def main(argv):
         sys.exit(2)
     except KeyboardInterrupt as e:  # outside the train loop (which saves and says so itself)
         signals.stopping()
-        where = (f"; checkpoints so far are kept in {cfg.run_dir}/checkpoints (the same command "
-                 f"resumes; --mode=eval --workdir={cfg.run_dir} re-evaluates)" if cfg else "")
+        where = (f"; checkpoints so far are kept in {cfg.run_dir}/{workdir.CHECKPOINTS} (the same "
+                 f"command resumes; --mode=eval --workdir={cfg.run_dir} re-evaluates)"
+                 if cfg else "")
         print(f"error: {signals.describe(e)}{where}", file=sys.stderr)
         sys.exit(2)
 
 
 def _with_saved_flags(cfg):
     """eval/export: the run's own flags.cfg first, then whatever the command line says."""
-    path = os.path.join(cfg.run_dir, "flags.cfg")
+    path = workdir.flagfile(cfg.run_dir)
     if not os.path.exists(path):
-        raise ClaeError(f"--workdir: {cfg.run_dir} has no flags.cfg; is it a clae-tf run?")
+        raise ClaeError(f"--workdir: {cfg.run_dir} has no {workdir.FLAGFILE}; is it a clae-tf "
+                        f"run?")
     argv = [sys.argv[0], f"--flagfile={path}"] + sys.argv[1:]
     FLAGS.unparse_flags()
     try:

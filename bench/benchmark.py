@@ -39,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clae_tf import builders, data, optim, train  # noqa: E402
+from clae_tf import builders, data, methods, optim, train  # noqa: E402
 from clae_tf.config import Config  # noqa: E402
 
 POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16"}
@@ -111,7 +111,7 @@ def compiled_step(cfg: Config):
     model = builders.build_model(cfg)
     optimizer = optim.build_optimizer(cfg, 1, 1)
     optimizer.build(model.trainable_variables)
-    return tf.function(train.make_train_step(model, optimizer, cfg, num_replicas=1))
+    return tf.function(train.make_train_step(model, optimizer, cfg, 1, methods.build(cfg, model)))
 
 
 def build_step(cfg: Config):
@@ -302,7 +302,8 @@ def memory_child(argv) -> None:
     model = builders.build_model(cfg)
     optimizer = optim.build_optimizer(cfg, 1, 1)
     optimizer.build(model.trainable_variables)
-    step = tf.function(train.make_train_step(model, optimizer, cfg, num_replicas=1))
+    step = tf.function(train.make_train_step(model, optimizer, cfg, 1,
+                                              methods.build(cfg, model)))
     split = synthetic_split(cfg.batch_size * int(steps), cfg.image_size)
     before = _vm_hwm_mb()
     for x1, x2 in data.pretrain_dataset(split, cfg, epoch=0).take(int(steps)):

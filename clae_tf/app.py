@@ -1,99 +1,18 @@
 """One run: prepare the workdir, then train (+ evaluate + export), evaluate or export."""
 
-import dataclasses
-import json
 import os
 import shlex
 import sys
 import time
-from typing import Optional
 
 import keras
 
-from clae_tf import (ClaeError, checkpoints, data, distribute, evaluate, export, files, robust,
-                     signals, train)
-from clae_tf.config import CHECKPOINT_FLAGS, DATA_FLAGS, RESUME_DATA_FLAGS, Config
+from clae_tf import (ClaeError, checkpoints, data, distribute, evaluate, export, robust, signals,
+                     train, workdir)
+from clae_tf.config import Config
 
-FLAGFILE = "flags.cfg"
 # --precision -> the Keras policy: compute in bfloat16/float16, variables in float32.
 POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
-
-
-def saved_flags(run_dir: str) -> Optional[dict]:
-    """The flags in <run_dir>/flags.cfg ({name: string value}), or None when there is no
-    readable one (missing, not UTF-8 text, not a file)."""
-    try:
-        with open(os.path.join(run_dir, FLAGFILE), encoding="utf-8") as f:
-            return Config.parse_flagfile(f.read())
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def check_workdir(cfg: Config):
-    """A workdir that holds a checkpoint must be resumed with compatible flags: those that
-    shape the checkpoint, and for training also those that decide the data it continues on.
-
-    An unreadable flags.cfg is treated as a missing one: the checkpoint itself then decides
-    (checkpoints.State.restore refuses one that does not fit), and flags.cfg is rewritten once
-    a training run is accepted.
-    """
-    path = os.path.join(cfg.run_dir, FLAGFILE)
-    if not checkpoints.checkpoint_paths(os.path.join(cfg.run_dir, "checkpoints")):
-        return
-    saved = saved_flags(cfg.run_dir)
-    if saved is None:
-        if os.path.lexists(path):
-            print(f"warning: {path} cannot be read (not a UTF-8 text file); the checkpoint "
-                  f"alone decides whether these flags fit, and a training run that it accepts "
-                  f"rewrites {FLAGFILE}", file=sys.stderr)
-        return
-    names = CHECKPOINT_FLAGS + (RESUME_DATA_FLAGS if cfg.mode == "train" else ())
-    diffs = [f"--{k}={saved[k]} (now {cfg.value_str(k)})" for k in names
-             if k in saved and saved[k] != cfg.value_str(k)]
-    if diffs:
-        raise ClaeError(f"--workdir: {cfg.run_dir} holds a checkpoint made with "
-                        f"{', '.join(diffs)}; use the same flags or another --workdir")
-
-
-def write_flagfile(cfg: Config):
-    """Writes <workdir>/flags.cfg atomically (a kill never leaves half of it)."""
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    resolved = dataclasses.replace(cfg, workdir=cfg.run_dir)
-    files.write_atomic(os.path.join(cfg.run_dir, FLAGFILE),
-                       f"# Reproduce this run: {reproduce_command(cfg.run_dir)}\n"
-                       + resolved.to_flagfile())
-
-
-def reproduce_command(run_dir: str) -> str:
-    """The shell command that reproduces (and resumes) the run in `run_dir`, quoted to paste."""
-    return f"python run.py {shlex.quote('--flagfile=' + os.path.join(run_dir, FLAGFILE))}"
-
-
-def _record_flags(cfg: Config, trains: bool):
-    """Once the checkpoint accepted cfg: flags.cfg, if this process trains (its flags are then
-    the run's) or if the workdir has no complete flags.cfg (a run needs one to be evaluated). A
-    process that only evaluates and exports (a finished run, re-run with --epochs=1) leaves the
-    training's flags.cfg alone."""
-    saved = saved_flags(cfg.run_dir)
-    complete = saved is not None and set(Config.parse_flagfile(cfg.to_flagfile())) <= set(saved)
-    if trains or not complete:
-        write_flagfile(cfg)
-
-
-def other_data(cfg: Config) -> Optional[str]:
-    """--mode=eval: None when cfg's data flags are the run's own (flags.cfg), else the
-    evaluate.data_name of cfg's data, whose results go to files of their own."""
-    saved = saved_flags(cfg.run_dir)
-    if saved is None:
-        return None
-    for name in DATA_FLAGS:
-        now, was = getattr(cfg, name), saved.get(name)
-        now = None if now is None else cfg.value_str(name)
-        same_folder = (name == "dataset" and was is not None and os.path.isdir(now)
-                       and os.path.isdir(was) and os.path.samefile(now, was))
-        if now != was and not same_folder:
-            return evaluate.data_name(cfg)
-    return None
 
 
 def process_seconds() -> float:
@@ -121,15 +40,14 @@ def run(cfg: Config, strategy=None) -> dict:
         if not distribute.is_chief(strategy):
             return _run(cfg, strategy, timings)
         # Only the chief writes into the workdir; it holds it for the run (one run at a time).
-        files.check_writable(cfg.run_dir)
-        with files.workdir_lock(cfg.run_dir):
+        with workdir.held(cfg.run_dir):
             return _run(cfg, strategy, timings)
 
 
 def _run(cfg: Config, strategy, timings: dict) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     keras.mixed_precision.set_global_policy(POLICIES[cfg.precision])
-    check_workdir(cfg)
+    workdir.check_workdir(cfg)
     t = time.time()
     source = data.load(cfg)
     timings["data_load_seconds"] = time.time() - t
@@ -138,43 +56,54 @@ def _run(cfg: Config, strategy, timings: dict) -> dict:
         suite.check(source.num_classes)  # e.g. a DLR attack on 2 classes: before training
     out = {"workdir": cfg.run_dir}
     if cfg.mode == "train":
-        chief = distribute.is_chief(strategy)
-        t0 = time.time()
-        summary = train.train(cfg, strategy, source, on_accepted=(
-            (lambda trains: _record_flags(cfg, trains)) if chief else None))
-        model = summary.pop("model")
-        if not chief:  # multi-worker: only the chief evaluates and writes results and the export
-            return out
-        summary["wall_seconds_this_process"] = time.time() - t0
-        timings.update(summary.pop("timings"))
+        _train(cfg, strategy, source, timings, out)
+    else:
+        _evaluate_or_export(cfg, strategy, source, out)
+    return out
+
+
+def _train(cfg: Config, strategy, source: data.Source, timings: dict, out: dict):
+    """Trains, then (the chief) evaluates and exports; the results with their timings go to
+    results.json and `out`."""
+    chief = distribute.is_chief(strategy)
+    t0 = time.time()
+    trained = train.train(cfg, strategy, source, on_accepted=(
+        (lambda trains: workdir.record_flags(cfg, trains)) if chief else None))
+    if not chief:  # multi-worker: only the chief evaluates and writes results and the export
+        return
+    summary = {**trained.results(), "wall_seconds_this_process": time.time() - t0}
+    timings.update(trained.timings)
+    t = time.time()
+    out["results"] = evaluate.evaluate(cfg, trained.model, source, trained.step, extra=summary)
+    out["results_path"] = workdir.eval_paths(cfg.run_dir)["results"]
+    timings["eval_seconds"] = time.time() - t  # features, kNN and the linear probe
+    if cfg.export:
         t = time.time()
-        out["results"] = evaluate.evaluate(cfg, model, source, summary["step"], extra=summary)
-        out["results_path"] = evaluate.output_paths(cfg.run_dir)["results"]
-        timings["eval_seconds"] = time.time() - t  # features, kNN and the linear probe
-        if cfg.export:
-            t = time.time()
-            _export(cfg, model, summary["step"], out)
-            timings["export_seconds"] = time.time() - t
-        timings["total_seconds"] = process_seconds()
-        out["results"]["timings"] = timings
-        _add_to_results(cfg, {"timings": timings})
-        return out
+        _export(cfg, trained.model, trained.step, out)
+        timings["export_seconds"] = time.time() - t
+    timings["total_seconds"] = process_seconds()
+    out["results"]["timings"] = timings
+    workdir.update_results(cfg.run_dir, {"timings": timings})
+
+
+def _evaluate_or_export(cfg: Config, strategy, source: data.Source, out: dict):
+    """--mode=eval or export: the newest checkpoint's model, evaluated or exported."""
     state = checkpoints.State(cfg, strategy)  # no optimizer: eval and export need the model only
     if not state.restore(model_only=True):
-        raise ClaeError(f"--workdir: no checkpoint in {cfg.run_dir}/checkpoints to {cfg.mode}")
-    if cfg.mode == "eval":
-        other = other_data(cfg)
-        out["results"] = evaluate.evaluate(cfg, state.model, source, state.step, other_data=other)
-        out["results_path"] = evaluate.output_paths(cfg.run_dir, other)["results"]
-        if other:
-            paths = evaluate.output_paths(cfg.run_dir, other)
-            out["results_note"] = (f"on other data than the run's own, {other}; probe: "
-                                   f"{os.path.basename(paths['probe'])}; the run's "
-                                   f"{evaluate.RESULTS_FILE} and {evaluate.PROBE_FILE} are left "
-                                   f"as they were")
-    else:
+        raise ClaeError(f"--workdir: no checkpoint in {cfg.run_dir}/{workdir.CHECKPOINTS} to "
+                        f"{cfg.mode}")
+    if cfg.mode == "export":
         _export(cfg, state.model, state.step, out)
-    return out
+        return
+    other = workdir.other_data(cfg)
+    out["results"] = evaluate.evaluate(cfg, state.model, source, state.step, other_data=other)
+    out["results_path"] = workdir.eval_paths(cfg.run_dir, other)["results"]
+    if other:
+        paths = workdir.eval_paths(cfg.run_dir, other)
+        out["results_note"] = (f"on other data than the run's own, {other}; probe: "
+                               f"{os.path.basename(paths['probe'])}; the run's "
+                               f"{workdir.RESULTS_FILE} and {workdir.PROBE_FILE} are left "
+                               f"as they were")
 
 
 def _export(cfg: Config, model, step: int, out: dict):
@@ -185,14 +114,14 @@ def _export(cfg: Config, model, step: int, out: dict):
     probe, note = _own_probe(cfg, step)
     written = export.write_exports(cfg, model, step, cfg.run_dir, probe)
     paths = written["paths"]
-    out["saved_model"] = paths[export.SAVED_MODEL]
-    out["encoder_keras"] = paths[export.ENCODER_KERAS]
-    if export.PROBE_SAVED_MODEL in paths:  # a new one, or the one of this step already there
-        out["probe_saved_model"] = paths[export.PROBE_SAVED_MODEL]
+    out["saved_model"] = paths[workdir.SAVED_MODEL]
+    out["encoder_keras"] = paths[workdir.ENCODER_KERAS]
+    if workdir.PROBE_SAVED_MODEL in paths:  # a new one, or the one of this step already there
+        out["probe_saved_model"] = paths[workdir.PROBE_SAVED_MODEL]
         return
-    if export.PROBE_SAVED_MODEL in written["removed"]:
-        old = written["removed"][export.PROBE_SAVED_MODEL]
-        note += (f"; removed {export.PROBE_SAVED_MODEL} (of "
+    if workdir.PROBE_SAVED_MODEL in written["removed"]:
+        old = written["removed"][workdir.PROBE_SAVED_MODEL]
+        note += (f"; removed {workdir.PROBE_SAVED_MODEL} (of "
                  f"{'step ' + str(old) if old is not None else 'an unknown step'})")
     out["probe_note"] = note
 
@@ -200,7 +129,7 @@ def _export(cfg: Config, model, step: int, out: dict):
 def _own_probe(cfg: Config, step: int):
     """The run's own probe (probe.npz) if it was trained on the encoder of `step`, else None;
     and why not (one line)."""
-    probe_path = os.path.join(cfg.run_dir, evaluate.PROBE_FILE)
+    probe_path = workdir.eval_paths(cfg.run_dir)["probe"]
     if not os.path.exists(probe_path):
         return None, (f"no linear probe in {cfg.run_dir} yet (run --mode=eval first); "
                       f"exported the encoder only")
@@ -212,13 +141,6 @@ def _own_probe(cfg: Config, step: int):
     return probe, None
 
 
-def _add_to_results(cfg: Config, entries: dict):
-    path = os.path.join(cfg.run_dir, "results.json")
-    results = files.read_json(path) or {}
-    results.update(entries)
-    files.write_atomic(path, json.dumps(results, indent=2, sort_keys=True))
-
-
 def print_summary(out: dict):
     d = out["workdir"]
     lines = [f"Workdir:      {d}"]
@@ -228,11 +150,11 @@ def print_summary(out: dict):
                      f"   (step {r['step']}, {r['test_examples']} test images)")
         if "robust_clean_top1" in r:
             lines += robust_lines(r)
-        path = out.get("results_path", os.path.join(d, evaluate.RESULTS_FILE))
+        path = out.get("results_path", workdir.eval_paths(d)["results"])
         note = f"  ({out['results_note']})" if "results_note" in out else ""
         lines.append(f"Results:      {path}{note}")
-    lines.append(f"Checkpoints:  {os.path.join(d, 'checkpoints')}")
-    logdir = shlex.quote("--logdir=" + os.path.join(d, "tensorboard"))
+    lines.append(f"Checkpoints:  {workdir.checkpoint_dir(d)}")
+    logdir = shlex.quote("--logdir=" + workdir.tensorboard_dir(d))
     lines.append(f"TensorBoard:  tensorboard {logdir}")
     if "saved_model" in out:
         lines.append(f"SavedModel:   {out['saved_model']}  (m = tf.saved_model.load(path); m.serve(images))")
@@ -242,7 +164,7 @@ def print_summary(out: dict):
         lines.append(f"Probe:        {out['probe_saved_model']}  (logits = m.serve(images in [0, 1]))")
     elif "probe_note" in out:
         lines.append(f"Probe:        {out['probe_note']}")
-    lines.append(f"Reproduce:    {reproduce_command(d)}")
+    lines.append(f"Reproduce:    {workdir.reproduce_command(d)}")
     print("\n".join(lines))
     for warning in out.get("results", {}).get("robust_warnings", []):  # gradient masking
         print(f"warning: {warning}", file=sys.stderr)

@@ -5,7 +5,7 @@ import os
 import keras
 import tensorflow as tf
 
-from clae_tf import ClaeError, builders, distribute, methods, signals
+from clae_tf import ClaeError, builders, distribute, methods, signals, workdir
 from clae_tf.optim import build_optimizer
 from clae_tf.config import Config
 
@@ -35,7 +35,7 @@ class State:
         if self.optimizer is not None:
             items["optimizer"] = self.optimizer
         self.checkpoint = tf.train.Checkpoint(**items)
-        self.directory = os.path.join(cfg.run_dir, "checkpoints")
+        self.directory = workdir.checkpoint_dir(cfg.run_dir)
         # Multi-worker: saving is collective, so every worker saves; only the chief's copy lands
         # in the workdir, the others go to a temporary directory that is removed after each save.
         self.strategy = strategy

@@ -29,7 +29,7 @@ CHECKPOINT_FLAGS = ("method", "adversarial", "arch", "stem", "width", "head", "p
 RESUME_DATA_FLAGS = ("dataset", "train_examples", "examples_per_class", "batch_size", "seed")
 # Flags that say which data an evaluation runs on: --mode=eval with any of them other than in
 # the run's flags.cfg evaluates on other data, and its results and probe go to files named after
-# that data (evaluate.py), never over the run's own.
+# that data (workdir.py), never over the run's own.
 DATA_FLAGS = ("dataset", "data_dir", "train_examples", "examples_per_class")
 # What an evaluation records with its results (results*.json "eval_flags"): its data and its own
 # settings. Evaluating (or exporting) never rewrites flags.cfg, the record of the training.
@@ -259,99 +259,138 @@ class Config:
             object.__setattr__(self, name, row[name])  # frozen dataclass
 
     def validate(self):
-        def bad(flag, why):
-            raise ClaeError(f"--{flag}: {why}")
+        """Raises ClaeError(`--flag: why`) for the first bad value.
+
+        The groups of checks run in this order, which decides the message of a value that is bad
+        in two ways (an infinite --eps is "a finite number", not "larger than the input range").
+        """
+        self._check_choices()
+        self._check_model_ranges()
+        self._check_counts()
+        self._check_learning_rate()
+        self._check_moco()
+        self._check_finite()
+        self._check_seed_and_temperatures()
+        self._check_eps_range()
+        self._check_optimizer()
+        self._check_robust()
+
+    def _check_choices(self):
         for f in dataclasses.fields(self):
             choices, value = f.metadata["choices"], getattr(self, f.name)
             if choices and value not in choices:
-                bad(f.name, f"unknown value {value!r}; choose one of {', '.join(choices)}")
+                _bad(f.name, f"unknown value {value!r}; choose one of {', '.join(choices)}")
+
+    def _check_model_ranges(self):
+        """The attack, the loss, the model's shape and its BNs."""
         if self.eps < 0:
-            bad("eps", f"must be >= 0, got {self.eps}")
+            _bad("eps", f"must be >= 0, got {self.eps}")
         if self.alpha < 0:
-            bad("alpha", f"must be >= 0, got {self.alpha}")
+            _bad("alpha", f"must be >= 0, got {self.alpha}")
         if self.batch_size < 2:
-            bad("batch_size", f"must be >= 2 (contrastive learning needs negatives), got {self.batch_size}")
+            _bad("batch_size", f"must be >= 2 (contrastive learning needs negatives), got "
+                               f"{self.batch_size}")
         if self.temperature <= 0:
-            bad("temperature", f"must be > 0, got {self.temperature}")
+            _bad("temperature", f"must be > 0, got {self.temperature}")
         if self.width <= 0:
-            bad("width", f"must be > 0, got {self.width}")
+            _bad("width", f"must be > 0, got {self.width}")
         if self.image_size < 8:
-            bad("image_size", f"must be >= 8, got {self.image_size}")
+            _bad("image_size", f"must be >= 8, got {self.image_size}")
         if not 0 < self.bn_momentum <= 1 or not 0 < self.bn_adv_momentum <= 1:
-            bad("bn_momentum" if not 0 < self.bn_momentum <= 1 else "bn_adv_momentum",
-                "must be in (0, 1] (PyTorch convention)")
+            _bad("bn_momentum" if not 0 < self.bn_momentum <= 1 else "bn_adv_momentum",
+                 "must be in (0, 1] (PyTorch convention)")
+
+    def _check_counts(self):
         for name, (minimum, why) in _AT_LEAST.items():
             if getattr(self, name) < minimum:
-                bad(name, f"must be >= {minimum}{why}, got {getattr(self, name)}")
+                _bad(name, f"must be >= {minimum}{why}, got {getattr(self, name)}")
         for name, zero in _ZERO_MEANS.items():
             if getattr(self, name) < 0:
-                bad(name, f"must be >= 1, or 0 for {zero}, got {getattr(self, name)}")
+                _bad(name, f"must be >= 1, or 0 for {zero}, got {getattr(self, name)}")
+
+    def _check_learning_rate(self):
         if self.lr_schedule == "step" and len(self.lr_boundaries) != len(self.lr_factors):
-            bad("lr_factors", "needs one factor per --lr_boundaries entry")
+            _bad("lr_factors", "needs one factor per --lr_boundaries entry")
         if self.learning_rate <= 0:
-            bad("learning_rate", f"must be > 0, got {self.learning_rate}")
-        if self.method == "moco":
-            if self.queue_size < self.batch_size:
-                bad("queue_size", f"must be >= --batch_size ({self.batch_size}): each step "
-                                  f"enqueues the whole batch of keys, got {self.queue_size}")
-            if not 0 <= self.key_momentum < 1:
-                bad("key_momentum", f"must be in [0, 1), got {self.key_momentum}")
-        # Every other numeric flag that can be nonsensical.
-        for f in dataclasses.fields(self):  # nan passes every `<` check below, inf most of them
+            _bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+
+    def _check_moco(self):
+        if self.method != "moco":
+            return
+        if self.queue_size < self.batch_size:
+            _bad("queue_size", f"must be >= --batch_size ({self.batch_size}): each step "
+                               f"enqueues the whole batch of keys, got {self.queue_size}")
+        if not 0 <= self.key_momentum < 1:
+            _bad("key_momentum", f"must be in [0, 1), got {self.key_momentum}")
+
+    def _check_finite(self):
+        """Every other numeric flag that can be nonsensical: nan passes every `<` check of the
+        groups after this one, inf most of them."""
+        for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             for x in (v if isinstance(v, tuple) else (v,)):
                 if isinstance(x, float) and not abs(x) < float("inf"):
-                    bad(f.name, f"must be a finite number, got {x}")
+                    _bad(f.name, f"must be a finite number, got {x}")
+
+    def _check_seed_and_temperatures(self):
         if not 0 <= self.seed < 2 ** 32:
-            bad("seed", f"must be in [0, 2^32) (NumPy's seed range), got {self.seed}")
+            _bad("seed", f"must be in [0, 2^32) (NumPy's seed range), got {self.seed}")
         # Logits are cosine similarities / temperature: below 1e-3 they and their gradients reach
         # 1000s (float32 training diverges; 1/t itself overflows float32 below ~3e-39).
         if self.temperature < 1e-3:
-            bad("temperature", f"must be >= 0.001, got {self.temperature}: logits are cosine "
-                               f"similarity / temperature, up to {1 / self.temperature:.2g} here "
-                               f"(float32 overflows at 3.4e+38; the methods use 0.1-0.5)")
+            _bad("temperature", f"must be >= 0.001, got {self.temperature}: logits are cosine "
+                                f"similarity / temperature, up to {1 / self.temperature:.2g} "
+                                f"here (float32 overflows at 3.4e+38; the methods use 0.1-0.5)")
         if self.knn_sigma != 0 and self.knn_sigma < 1e-3:
-            bad("knn_sigma", f"must be 0 (use --temperature) or >= 0.001 (kNN weights are "
-                             f"exp(similarity / sigma)), got {self.knn_sigma}")
+            _bad("knn_sigma", f"must be 0 (use --temperature) or >= 0.001 (kNN weights are "
+                              f"exp(similarity / sigma)), got {self.knn_sigma}")
+
+    def _check_eps_range(self):
         # --eps is in normalised-input units: one pixel's whole [0, 1] range spans 1 / std of them
         # (augment.NORMALIZATIONS: half 2.0, cifar 1 / 0.2023, imagenet 1 / 0.229: the red
         # channel, the smallest span).
         input_range = {"half": 2.0, "cifar": 1 / 0.2023, "imagenet": 1 / 0.229}.get(
             self.normalize, float("inf"))
         if self.eps > input_range:
-            bad("eps", f"{self.eps} is larger than the whole input range ({input_range:.3g} with "
-                       f"--normalize={self.normalize}); eps is in normalised-input units "
-                       f"(0.03 ~ {0.03 / input_range * 255:.2g}/255 of a pixel's range)")
+            _bad("eps", f"{self.eps} is larger than the whole input range ({input_range:.3g} "
+                        f"with --normalize={self.normalize}); eps is in normalised-input units "
+                        f"(0.03 ~ {0.03 / input_range * 255:.2g}/255 of a pixel's range)")
+
+    def _check_optimizer(self):
+        """The probe's learning rate, SGD's momentum and the step schedule's values."""
         if self.linear_lr <= 0:
-            bad("linear_lr", f"must be > 0, got {self.linear_lr}")
+            _bad("linear_lr", f"must be > 0, got {self.linear_lr}")
         if not 0 <= self.momentum < 1:
-            bad("momentum", f"must be in [0, 1), got {self.momentum}")
+            _bad("momentum", f"must be in [0, 1), got {self.momentum}")
         if any(b < 0 for b in self.lr_boundaries) or list(self.lr_boundaries) != sorted(
                 set(self.lr_boundaries)):
-            bad("lr_boundaries", f"must be increasing epochs >= 0, got "
-                                 f"{','.join(map(str, self.lr_boundaries))}")
+            _bad("lr_boundaries", f"must be increasing epochs >= 0, got "
+                                  f"{','.join(map(str, self.lr_boundaries))}")
         if any(f <= 0 for f in self.lr_factors):
-            bad("lr_factors", f"must be > 0 (multipliers of --learning_rate), got "
-                              f"{','.join(map(str, self.lr_factors))}")
+            _bad("lr_factors", f"must be > 0 (multipliers of --learning_rate), got "
+                               f"{','.join(map(str, self.lr_factors))}")
+
+    def _check_robust(self):
+        """The robust evaluation's radii and attacks, and the training attack's step size."""
         for name, unit in (("robust_eps", " (in 1/255)"), ("robust_l2_eps", "")):
             for item in _items(getattr(self, name)):
                 try:
                     value = float(item)
                 except ValueError:
-                    bad(name, f"expected comma-separated numbers{unit}, got "
-                              f"{getattr(self, name)!r}")
+                    _bad(name, f"expected comma-separated numbers{unit}, got "
+                               f"{getattr(self, name)!r}")
                 if not value >= 0:  # also rejects nan
-                    bad(name, f"must be >= 0{unit}, got {item}")
+                    _bad(name, f"must be >= 0{unit}, got {item}")
                 if name == "robust_eps" and value > 255:
-                    bad(name, f"{item} is more than the whole [0, 1] pixel range (255/255); "
-                              f"the radii are in 1/255")
+                    _bad(name, f"{item} is more than the whole [0, 1] pixel range (255/255); "
+                               f"the radii are in 1/255")
         try:
             self.robust_attack_list
         except ValueError as e:
-            bad("robust_attacks", str(e))
+            _bad("robust_attacks", str(e))
         if self.attack_step_size < 0:
-            bad("attack_step_size", f"must be > 0 (or 0: 2.5 * eps / steps), got "
-                                    f"{self.attack_step_size}")
+            _bad("attack_step_size", f"must be > 0 (or 0: 2.5 * eps / steps), got "
+                                     f"{self.attack_step_size}")
 
     @property
     def run_dir(self) -> str:
@@ -465,6 +504,11 @@ def from_flags() -> Config:
             v = tuple(_parse_numbers(f.name, v, typing.get_args(f.type)[0]))
         values[f.name] = v
     return Config(**values)
+
+
+def _bad(flag: str, why: str):
+    """The error of a bad flag value: `--flag: why` (exit 2 in run.py)."""
+    raise ClaeError(f"--{flag}: {why}")
 
 
 def _items(text: str):

@@ -5,16 +5,14 @@ Both report the FINAL number on the whole test split (no selection on test, unli
 reference, which keeps the best test accuracy over probe epochs and drops the last kNN batch).
 """
 
-import json
 import os
-import re
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import data, files, robust
+from clae_tf import data, robust, workdir
 from clae_tf.config import EVAL_FLAGS, Config
 
 
@@ -138,37 +136,6 @@ def linear_probe(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3
     return float(np.mean(pred == test_y)), layer
 
 
-PROBE_FILE = "probe.npz"
-RESULTS_FILE = "results.json"
-
-
-def data_name(cfg: Config) -> str:
-    """A file-name-safe name of cfg's data: the dataset (a folder's last part), then the subset
-    flags (`digits_per_class5`, `my_images_train1000`)."""
-    dataset = os.path.normpath(cfg.dataset)
-    name = os.path.basename(dataset) if os.path.isdir(dataset) else dataset
-    if cfg.train_examples:
-        name += f"_train{cfg.train_examples}"
-    if cfg.examples_per_class:
-        name += f"_per_class{cfg.examples_per_class}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "data"
-
-
-def output_paths(run_dir: str, other_data=None) -> dict:
-    """Where an evaluation writes: {"results", "probe"} paths and the TensorBoard "prefix".
-
-    other_data: None for the run's own data (results.json, probe.npz, eval/...); for an
-    evaluation on other data, its data_name: results_<name>.json, probe_<name>.npz and
-    eval_<name>/..., so that the run's own results, and the probe export reads, stay its own.
-    """
-    if other_data is None:
-        return {"results": os.path.join(run_dir, RESULTS_FILE),
-                "probe": os.path.join(run_dir, PROBE_FILE), "prefix": "eval"}
-    return {"results": os.path.join(run_dir, f"results_{other_data}.json"),
-            "probe": os.path.join(run_dir, f"probe_{other_data}.npz"),
-            "prefix": f"eval_{other_data}"}
-
-
 def save_probe(path: str, layer, feature: str, step: int):
     """The probe's weights, what it reads (h or z) and the encoder step it was trained on."""
     kernel, bias = (np.asarray(w, np.float32) for w in layer.get_weights())
@@ -187,8 +154,9 @@ def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None,
              other_data=None) -> dict:
     """kNN, linear probe and robust accuracy; writes the results (<workdir>/results.json), the
     probe's weights (<workdir>/probe.npz, for export) and eval/ scalars to TensorBoard, or with
-    `other_data` (data_name of data other than the run's own) the files of output_paths."""
-    paths = output_paths(cfg.run_dir, other_data)
+    `other_data` (workdir.data_name of data other than the run's own) the files of
+    workdir.eval_paths. Returns the results as written (with what the file held before)."""
+    paths = workdir.eval_paths(cfg.run_dir, other_data)
     print(f"Evaluating step {step}: kNN and a linear probe of {cfg.linear_epochs} epochs on "
           f"{cfg.probe}", flush=True)
     t = time.time()
@@ -222,17 +190,12 @@ def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None,
     results["eval_seconds_by_part"] = seconds
     results.update(extra or {})
     _write_scalars(cfg.run_dir, paths["prefix"], step, results)
-    # --mode=eval: keep what training wrote (wall time, epochs...); a broken file counts as absent.
-    saved = files.read_json(paths["results"]) or {}
     # Robust numbers of an earlier evaluation (other attacks, radii, or none now) are stale.
-    saved = {k: v for k, v in saved.items() if not k.startswith("robust_")}
-    results = {**saved, **results}
-    files.write_atomic(paths["results"], json.dumps(results, indent=2, sort_keys=True))
-    return results
+    return workdir.update_results(cfg.run_dir, results, other_data, stale_prefix="robust_")
 
 
 def _write_scalars(run_dir, prefix, step, results):
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
+    writer = tf.summary.create_file_writer(workdir.tensorboard_dir(run_dir))
     with writer.as_default(step=step):
         tf.summary.scalar(f"{prefix}/knn_top1", results["knn_top1"])
         tf.summary.scalar(f"{prefix}/linear_top1", results["linear_top1"])

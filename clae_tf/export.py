@@ -11,6 +11,8 @@ import tensorflow as tf
 
 from clae_tf import augment, files, portable
 from clae_tf.config import Config
+from clae_tf.workdir import (ENCODER_KERAS, EXPORT_STAGING, EXPORTS, MANIFEST, PROBE_SAVED_MODEL,
+                             SAVED_MODEL)
 
 
 # Dtypes each endpoint is traced for. A SavedModel endpoint converts a NumPy argument to its
@@ -148,14 +150,6 @@ def export_probe(cfg: Config, model, probe: dict, path: str, encoder=None):
     archive.write_out(path, verbose=False)
 
 
-# What a run exports into its workdir, and the manifest that says of which step they are.
-SAVED_MODEL, ENCODER_KERAS = "saved_model", "encoder.keras"
-PROBE_SAVED_MODEL = "probe_saved_model"
-EXPORTS = (SAVED_MODEL, ENCODER_KERAS, PROBE_SAVED_MODEL)
-MANIFEST = "export.json"
-_STAGING = "export"  # the exports are written into export.<pid>.tmp/ first
-
-
 def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[dict] = None):
     """Writes the exports of `model` (the checkpoint of `step`) into `run_dir`, each whole or not
     at all, and all of the same step.
@@ -176,9 +170,9 @@ def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[d
       {"paths": {export name: its path} of the exports of `step` now in run_dir,
        "removed": {export name: its step (None if unknown)} of the stale ones removed}.
     """
-    for name in EXPORTS + (_STAGING, MANIFEST):
+    for name in EXPORTS + (EXPORT_STAGING, MANIFEST):
         files.remove_leftovers(os.path.join(run_dir, name))
-    staging = files.temporary_sibling(os.path.join(run_dir, _STAGING))
+    staging = files.temporary_sibling(os.path.join(run_dir, EXPORT_STAGING))
     os.makedirs(staging)
     try:
         encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # one for all

@@ -1,4 +1,5 @@
-"""The run's own files in its workdir: written so that a kill never leaves half a file.
+"""File primitives for a run's workdir: written so that a kill never leaves half a file, held by
+one process at a time. What the files are and where they go is workdir.py's.
 
 No TensorFlow here: these run before (and without) it.
 """
@@ -35,24 +36,22 @@ def check_writable(workdir: str):
         raise ClaeError(f"--workdir: cannot write in {workdir} ({e.strerror or e}{where})")
 
 
-LOCK_FILE = ".lock"
-
-
 @contextlib.contextmanager
-def workdir_lock(workdir: str):
+def workdir_lock(workdir: str, lock_file: str):
     """Holds `workdir` for one run: a second run on it fails at once, before writing anything.
 
-    An advisory lock (flock) on <workdir>/.lock, which holds the holder's pid. The kernel drops
-    it when the process ends, however it ends (kill -9 included), so it never goes stale; the
-    file itself stays.
+    An advisory lock (flock) on <workdir>/<lock_file>, which holds the holder's pid. The kernel
+    drops it when the process ends, however it ends (kill -9 included), so it never goes stale;
+    the file itself stays.
 
     Args:
       workdir: the run's directory; it must exist (check_writable).
+      lock_file: the name of the lock file in it (workdir.LOCK_FILE).
 
     Raises:
       ClaeError: `--workdir: <workdir> is in use by process <pid>`.
     """
-    path = os.path.join(workdir, LOCK_FILE)
+    path = os.path.join(workdir, lock_file)
     with open(path, "a+") as f:  # "a+": the holder's pid stays readable until we hold it
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

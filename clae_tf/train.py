@@ -1,8 +1,8 @@
 """The CLAE train step and the train loop (checkpoints, TensorBoard, progress)."""
 
 import contextlib
+import dataclasses
 import math
-import os
 import time
 
 import keras
@@ -13,7 +13,7 @@ from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context as tf_context
 
 from clae_tf import (ClaeError, attacks, augment, checkpoints, data, distribute, health, losses,
-                     methods, monitor, signals)
+                     monitor, signals, workdir)
 from clae_tf.config import Config
 from clae_tf.progress import Progress
 
@@ -21,17 +21,17 @@ from clae_tf.progress import Progress
 METRICS = ("loss", "clean_loss", "adv_loss", "contrast_acc", "z_norm")
 
 
-def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method=None):
+# Over 60 lines on purpose: the step reads in one body, in the order of docs/method.md.
+def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method):
     """The per-replica CLAE step (docs/method.md, "The CLAE step"). Call it under strategy.run.
 
     Reads as the paper: views -> x_adv -> clean loss -> adversarial loss -> scale -> apply.
-    x1, x2 are this replica's slices of the two normalised views. `method` (methods/base.py;
-    default: the one of cfg.method) gives the batch-wide losses over the GLOBAL batch: every
+    x1, x2 are this replica's slices of the two normalised views. `method` (methods/base.py,
+    checkpoints.State.method) gives the batch-wide losses over the GLOBAL batch: every
     replica computes the same loss, and the gather's gradient sums it over replicas, so the loss
     is divided by num_replicas for the optimizer, which sums gradients across replicas.
     Returns (metrics, images, method outputs for method.after_step).
     """
-    method = method or methods.build(cfg, model)
     attack = attacks.training_attack(cfg, lambda: optimizer.iterations)
     # float16: the parameter gradients are taken of loss * scale (the dynamic scale of the
     # LossScaleOptimizer, which divides them back), and so is the attack's input gradient.
@@ -183,11 +183,42 @@ def fixed_order_sums():
         ctx.function_call_options = options
 
 
-def train(cfg: Config, strategy, source: data.Source, on_accepted=None) -> dict:
-    """Pretrains (or resumes) in cfg.run_dir. Returns a summary for results.json.
+@dataclasses.dataclass
+class TrainResult:
+    """What train() gives back: the trained model and this process's record of the training.
 
-    on_accepted(trains): called once the workdir's checkpoint (if any) has accepted these
-    flags, before the first step; trains: whether any step is left to train.
+    timings: where the loop's time went (results.json "timings"): train_data_setup_seconds,
+    train_first_call_seconds (tracing and compiling the loop) and train_first_call_steps,
+    train_calls_seconds, train_loop_seconds (calls plus the host's time between them).
+    """
+    model: keras.Model
+    step: int  # the global step reached
+    steps_per_epoch: int
+    train_seconds: float  # in the compiled loop calls
+    online_evals: int  # online kNN evaluations (monitor.py)
+    online_eval_seconds: float
+    timings: dict
+
+    def results(self) -> dict:
+        """The results.json entries of this training (all but the model and the timings)."""
+        return {"step": self.step, "steps_per_epoch": self.steps_per_epoch,
+                "epochs": self.step / self.steps_per_epoch,
+                "train_seconds_this_process": self.train_seconds,
+                "online_evals_this_process": self.online_evals,
+                "online_eval_seconds_this_process": self.online_eval_seconds}
+
+
+def train(cfg: Config, strategy, source: data.Source, on_accepted=None) -> TrainResult:
+    """Pretrains (or resumes) in cfg.run_dir.
+
+    Args:
+      cfg: the run's Config; strategy: its tf.distribute strategy; source: data.load(cfg).
+      on_accepted(trains): called once the workdir's checkpoint (if any) has accepted these
+        flags, before the first step; trains: whether any step is left to train.
+    Returns:
+      TrainResult: the model, the step reached and this process's timings.
+    Raises:
+      ClaeError: a diverged step, or Ctrl-C / SIGTERM (after saving a checkpoint).
     """
     steps_per_epoch = source.train.num_examples // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
@@ -198,105 +229,143 @@ def train(cfg: Config, strategy, source: data.Source, on_accepted=None) -> dict:
         print(f"Resuming from {state.restored_path} at step {state.step}.")
     if on_accepted is not None:
         on_accepted(state.step < total_steps)
-    model, optimizer = state.model, state.optimizer
-
-    replica_step = make_train_step(model, optimizer, cfg, strategy.num_replicas_in_sync,
-                                   state.method)
-    train_loop = make_train_loop(
-        strategy, make_distributed_step(strategy, replica_step, state.method, compiled=False),
-        model, cfg)
-
-    logdir = os.path.join(cfg.run_dir, "tensorboard")
-    writer = (tf.summary.create_file_writer(logdir)
-              if distribute.is_chief(strategy) else tf.summary.create_noop_writer())
-    # Online kNN and pictures: the chief only (no collectives in there, monitor.py).
-    watch = (monitor.Monitor(cfg, model, source, writer, logdir)
-             if distribute.is_chief(strategy) else None)
-    online, online_time, online_evals = {}, 0.0, 0
+    loop = _Loop(cfg, strategy, source, state, steps_per_epoch, total_steps)
     step = start = state.step
-    progress = Progress(start, total_steps, every=cfg.log_every)
-    w_norm0 = health.weight_norm(model.trainable_variables)
-    window_start, window_steps, train_time = time.time(), 0, 0.0
-    # Where the time goes (results.json "timings"): pipeline set-up, the first call (tracing
-    # and compiling the loop), the calls, and the host's time between calls.
-    timings = {"data_setup": 0.0, "first_call": 0.0, "calls": 0.0, "loop": 0.0}
     loop_start = time.time()
     epochs = _epoch_batches(strategy, source.train, cfg, start, steps_per_epoch, total_steps)
     iterator, left_in_epoch = next(epochs)
-    timings["data_setup"] += time.time() - loop_start
+    loop.timings["data_setup"] += time.time() - loop_start
     try:
         with signals.handling():  # SIGTERM as Ctrl-C, also when called without app.run
             while step < total_steps:
                 if not left_in_epoch:
                     t = time.time()
                     iterator, left_in_epoch = next(epochs)
-                    timings["data_setup"] += time.time() - t
+                    loop.timings["data_setup"] += time.time() - t
                 n = min(left_in_epoch, _steps_to_next_event(step, total_steps, cfg))
-                t = time.time()
-                try:
-                    out = train_loop(iterator, tf.constant(n), w_norm0)
-                except tf.errors.InvalidArgumentError as e:  # a decode error deep in tf.data
-                    data.raise_if_unreadable(source.train, e)
-                out = tf.nest.map_structure(lambda v: v.numpy(), out)  # the one round trip
-                train_time += time.time() - t
-                if not timings["first_call"]:
-                    timings["first_call"], timings["first_call_steps"] = time.time() - t, n
-                else:
-                    timings["calls"] += time.time() - t
+                out = loop.call(iterator, n)
                 step += int(out["steps"])
                 left_in_epoch -= int(out["steps"])
-                last = out["last"]
-                if not last["healthy"]:
-                    raise ClaeError(
-                        health.describe(step, float(last["loss"]), float(last["w_norm"]),
-                                        float(last["z_norm"]), float(w_norm0))
-                        + f"; {_last_good(state)} (try a lower --learning_rate)")
-                metrics = {k: float(v) for k, v in out["metrics"].items()}
-                window_steps += int(out["steps"])
-                if (watch and cfg.eval_every_epochs and not left_in_epoch
-                        and (step // steps_per_epoch) % cfg.eval_every_epochs == 0):
-                    t = time.time()
-                    online["knn_online"] = watch.online_eval(step)
-                    online_evals += 1
-                    online_time += time.time() - t
-                    window_start += time.time() - t  # not part of train/images_per_sec
-                progress.update(step, {**{k: metrics[k] for k in ("loss", "contrast_acc")},
-                                       **online})
-                if step % cfg.log_every == 0 or step == total_steps:
-                    elapsed = time.time() - window_start
-                    # convert_to_tensor: float() of a Keras variable fails when it is mirrored.
-                    lr = float(tf.convert_to_tensor(optimizer.learning_rate))
-                    _log_scalars(writer, step, metrics, lr,
-                                 window_steps * cfg.batch_size / max(elapsed, 1e-9))
-                    window_start, window_steps = time.time(), 0
-                if cfg.adversarial and (step % cfg.image_every == 0 or step == start + n):
-                    _log_images(writer, step, out["images"], cfg.eps, cfg.normalize)
-                if step % cfg.ckpt_every == 0:
-                    state.save(step)
+                loop.after_call(step, n, out, epoch_ended=not left_in_epoch)
     except KeyboardInterrupt as e:
-        # Keep what this process has done (if it is healthy): the same command resumes. Later
-        # signals are dropped (signals.py), so that this save and the message complete.
-        signals.stopping()
-        why = signals.describe(e)
-        if not math.isfinite(float(health.weight_norm(model.trainable_variables))):
-            raise ClaeError(f"{why} at step {state.step} with non-finite weights; "
-                            f"{_last_good(state)}")
-        if state.saved_step != state.step:  # e.g. a signal held until a save ended
-            state.save(state.step)
-        raise ClaeError(f"{why} at step {state.step}; checkpoint saved in "
-                        f"{state.directory}; run the same command to resume")
-    timings["loop"] = time.time() - loop_start
-    if state.saved_step != step:
-        state.save(step)
-    if watch:
-        watch.at_end(step)
-    writer.flush()
-    return {"model": model, "step": step, "steps_per_epoch": steps_per_epoch,
-            "epochs": step / steps_per_epoch, "train_seconds_this_process": train_time,
-            "online_evals_this_process": online_evals,
-            "online_eval_seconds_this_process": online_time,
-            "timings": {f"train_{k}" + ("" if k.endswith("steps") else "_seconds"): v
-                        for k, v in timings.items()}}
+        _stop(state, e)
+    loop.timings["loop"] = time.time() - loop_start
+    return loop.finish(step)
+
+
+class _Loop:
+    """The host's side of the train loop: the compiled loop (make_train_loop) and what each of
+    its calls reports to (health check, online kNN, progress, TensorBoard, checkpoints), with
+    the ledger of where the time goes."""
+
+    def __init__(self, cfg: Config, strategy, source: data.Source, state, steps_per_epoch,
+                 total_steps):
+        self.cfg, self.source, self.state = cfg, source, state
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.start = state.step
+        replica_step = make_train_step(state.model, state.optimizer, cfg,
+                                       strategy.num_replicas_in_sync, state.method)
+        self.train_loop = make_train_loop(
+            strategy, make_distributed_step(strategy, replica_step, state.method, compiled=False),
+            state.model, cfg)
+        logdir = workdir.tensorboard_dir(cfg.run_dir)
+        chief = distribute.is_chief(strategy)
+        self.writer = (tf.summary.create_file_writer(logdir) if chief
+                       else tf.summary.create_noop_writer())
+        # Online kNN and pictures: the chief only (no collectives in there, monitor.py).
+        self.watch = (monitor.Monitor(cfg, state.model, source, self.writer, logdir) if chief
+                      else None)
+        self.online, self.online_seconds, self.online_evals = {}, 0.0, 0
+        self.progress = Progress(self.start, total_steps, every=cfg.log_every)
+        self.w_norm0 = health.weight_norm(state.model.trainable_variables)
+        self.window_start, self.window_steps, self.train_seconds = time.time(), 0, 0.0
+        # Where the time goes (results.json "timings"): pipeline set-up, the first call (tracing
+        # and compiling the loop), the calls, and the host's time between calls.
+        self.timings = {"data_setup": 0.0, "first_call": 0.0, "calls": 0.0, "loop": 0.0}
+
+    def call(self, iterator, n: int) -> dict:
+        """One call of the compiled loop, up to n steps; its outputs as numpy (train_loop)."""
+        t = time.time()
+        try:
+            out = self.train_loop(iterator, tf.constant(n), self.w_norm0)
+        except tf.errors.InvalidArgumentError as e:  # a decode error deep in tf.data
+            data.raise_if_unreadable(self.source.train, e)
+        out = tf.nest.map_structure(lambda v: v.numpy(), out)  # the one round trip
+        self.train_seconds += time.time() - t
+        if not self.timings["first_call"]:
+            self.timings["first_call"], self.timings["first_call_steps"] = time.time() - t, n
+        else:
+            self.timings["calls"] += time.time() - t
+        return out
+
+    def after_call(self, step: int, n: int, out: dict, epoch_ended: bool):
+        """The host's work once a call of n steps has brought the run to `step`."""
+        cfg = self.cfg
+        self._check_health(step, out["last"])
+        metrics = {k: float(v) for k, v in out["metrics"].items()}
+        self.window_steps += int(out["steps"])
+        if (self.watch and cfg.eval_every_epochs and epoch_ended
+                and (step // self.steps_per_epoch) % cfg.eval_every_epochs == 0):
+            self._online_eval(step)
+        self.progress.update(step, {**{k: metrics[k] for k in ("loss", "contrast_acc")},
+                                    **self.online})
+        if step % cfg.log_every == 0 or step == self.total_steps:
+            self._log_scalars(step, metrics)
+        if cfg.adversarial and (step % cfg.image_every == 0 or step == self.start + n):
+            _log_images(self.writer, step, out["images"], cfg.eps, cfg.normalize)
+        if step % cfg.ckpt_every == 0:
+            self.state.save(step)
+
+    def _check_health(self, step: int, last: dict):
+        if not last["healthy"]:
+            raise ClaeError(
+                health.describe(step, float(last["loss"]), float(last["w_norm"]),
+                                float(last["z_norm"]), float(self.w_norm0))
+                + f"; {_last_good(self.state)} (try a lower --learning_rate)")
+
+    def _online_eval(self, step: int):
+        t = time.time()
+        self.online["knn_online"] = self.watch.online_eval(step)
+        self.online_evals += 1
+        self.online_seconds += time.time() - t
+        self.window_start += time.time() - t  # not part of train/images_per_sec
+
+    def _log_scalars(self, step: int, metrics: dict):
+        elapsed = time.time() - self.window_start
+        # convert_to_tensor: float() of a Keras variable fails when it is mirrored.
+        lr = float(tf.convert_to_tensor(self.state.optimizer.learning_rate))
+        _log_scalars(self.writer, step, metrics, lr,
+                     self.window_steps * self.cfg.batch_size / max(elapsed, 1e-9))
+        self.window_start, self.window_steps = time.time(), 0
+
+    def finish(self, step: int) -> TrainResult:
+        """The last checkpoint, the monitor's last picture, the events on disk; the record."""
+        if self.state.saved_step != step:
+            self.state.save(step)
+        if self.watch:
+            self.watch.at_end(step)
+        self.writer.flush()
+        return TrainResult(
+            model=self.state.model, step=step, steps_per_epoch=self.steps_per_epoch,
+            train_seconds=self.train_seconds, online_evals=self.online_evals,
+            online_eval_seconds=self.online_seconds,
+            timings={f"train_{k}" + ("" if k.endswith("steps") else "_seconds"): v
+                     for k, v in self.timings.items()})
+
+
+def _stop(state, interrupt: KeyboardInterrupt):
+    """Ctrl-C or SIGTERM in the loop: keeps what this process has done (if it is healthy), so
+    that the same command resumes, and stops with one line. Later signals are dropped
+    (signals.py), so that this save and the message complete."""
+    signals.stopping()
+    why = signals.describe(interrupt)
+    if not math.isfinite(float(health.weight_norm(state.model.trainable_variables))):
+        raise ClaeError(f"{why} at step {state.step} with non-finite weights; "
+                        f"{_last_good(state)}")
+    if state.saved_step != state.step:  # e.g. a signal held until a save ended
+        state.save(state.step)
+    raise ClaeError(f"{why} at step {state.step}; checkpoint saved in "
+                    f"{state.directory}; run the same command to resume")
 
 
 def _last_good(state):

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from conftest import tiny_config
 
-from clae_tf import ClaeError, app, checkpoints
+from clae_tf import ClaeError, checkpoints, workdir
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 
@@ -126,14 +126,14 @@ def test_eval_state_restores_without_an_optimizer(saved):
 @pytest.mark.parametrize("flag, value", [("dataset", "cifar10"), ("examples_per_class", 5),
                                          ("seed", 1)])
 def test_resuming_training_on_other_data_is_refused(saved, flag, value):
-    app.write_flagfile(saved)
+    workdir.write_flagfile(saved)
     other = tiny_config(**{flag: value},
                         workdir=saved.run_dir, adversarial=False)
     with pytest.raises(ClaeError, match=f"--workdir: .* --{flag}="):
-        app.check_workdir(other)
+        workdir.check_workdir(other)
     # Evaluating the same encoder on another dataset is fine.
     if flag == "dataset":
-        app.check_workdir(tiny_config(workdir=saved.run_dir, adversarial=False, mode="eval",
+        workdir.check_workdir(tiny_config(workdir=saved.run_dir, adversarial=False, mode="eval",
                                       dataset="cifar10"))
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_cli, tiny_config
 
-from clae_tf import app, checkpoints, distribute
+from clae_tf import checkpoints, distribute, workdir
 
 _run = run_cli
 
@@ -65,7 +65,7 @@ def test_missing_dataset_folder(tmp_path):
 def test_incompatible_checkpoint(tmp_path):
     # A workdir holding a real checkpoint of a width-1/16 model (no training needed).
     cfg = tiny_config(tmp_path)
-    app.write_flagfile(cfg)
+    workdir.write_flagfile(cfg)
     checkpoints.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
     args = ["--arch=resnet10", "--width=0.125", "--image_size=16", "--batch_size=16",
             "--proj_dim=16", "--adversarial", "--max_steps=1", f"--workdir={cfg.run_dir}"]

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from conftest import numpy_knn_predict
 
-from clae_tf import config, data, evaluate
+from clae_tf import config, data, evaluate, workdir
 
 S = 8  # image side
 CLASSES = 4
@@ -104,7 +104,7 @@ def test_knn_reads_z_and_the_probe_reads_its_flag(tmp_path, probe):
         saved = json.load(f)
     assert (saved["knn_top1"], saved["linear_top1"], saved["step"]) == (0.5, best[probe], 3)
     assert (saved["train_examples"], saved["test_examples"]) == (CLASSES * PER_CLASS, 4 * PAIRS)
-    saved_probe = evaluate.load_probe(os.path.join(cfg.run_dir, evaluate.PROBE_FILE))
+    saved_probe = evaluate.load_probe(os.path.join(cfg.run_dir, workdir.PROBE_FILE))
     assert saved_probe["feature"] == probe and saved_probe["step"] == 3
     # The saved weights are the probe that scored: its predictions on numpy's features.
     features = test_h if probe == "h" else test_z

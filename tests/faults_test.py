@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from conftest import REPO, run_cli, tiny_config
 from subprocs import Program
 
-from clae_tf import ClaeError, app, augment, builders, data, evaluate, export, files
+from clae_tf import ClaeError, app, augment, builders, data, evaluate, export, files, workdir
 from clae_tf.config import Config
 
 _run = run_cli
@@ -95,14 +95,14 @@ def test_interrupted_write_removes_its_temporary_file(tmp_path, monkeypatch):
 
 def test_write_flagfile_is_atomic_and_reads_back(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path)
-    app.write_flagfile(cfg)
+    workdir.write_flagfile(cfg)
     path = os.path.join(cfg.run_dir, "flags.cfg")
     written = open(path).read()
     assert Config.parse_flagfile(written)["width"] == "0.0625"
     # A failure before the rename leaves the previous flags.cfg as it was.
     monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "full")))
     with pytest.raises(OSError):
-        app.write_flagfile(tiny_config(tmp_path, width=0.125))
+        workdir.write_flagfile(tiny_config(tmp_path, width=0.125))
     assert open(path).read() == written
 
 

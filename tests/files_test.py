@@ -19,14 +19,14 @@ from clae_tf import ClaeError, app, files
 
 def test_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
     workdir = str(tmp_path)
-    with files.workdir_lock(workdir):
+    with files.workdir_lock(workdir, ".lock"):
         with open(os.path.join(workdir, ".lock")) as f:
             assert f.read() == f"{os.getpid()}\n"
         with pytest.raises(ClaeError) as e:
-            with files.workdir_lock(workdir):
+            with files.workdir_lock(workdir, ".lock"):
                 pass
         assert str(e.value) == f"--workdir: {workdir} is in use by process {os.getpid()}"
-    with files.workdir_lock(workdir):  # released at the end of the run
+    with files.workdir_lock(workdir, ".lock"):  # released at the end of the run
         pass
 
 
@@ -34,7 +34,7 @@ def test_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
 def test_a_run_on_a_held_workdir_writes_nothing(tmp_path, mode):
     cfg = dataclasses.replace(tiny_config(tmp_path), mode=mode)
     os.makedirs(cfg.run_dir)
-    with files.workdir_lock(cfg.run_dir):
+    with files.workdir_lock(cfg.run_dir, ".lock"):
         with pytest.raises(ClaeError, match=r"^--workdir: .* is in use by process \d+$"):
             app.run(cfg)
     assert os.listdir(cfg.run_dir) == [".lock"]  # no flags.cfg, no checkpoints, no events

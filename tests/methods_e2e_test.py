@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from conftest import tiny_config
 
-from clae_tf import app, checkpoints, config, distribute
+from clae_tf import app, checkpoints, config, distribute, workdir
 
 
 def _run(cfg):
@@ -38,7 +38,7 @@ def test_method_runs_end_to_end(tmp_path, method, adversarial):
     assert (r["method"], r["adversarial"], r["step"]) == (method, adversarial, 2)
     assert 0.0 <= r["knn_top1"] <= 1.0 and 0.0 <= r["linear_top1"] <= 1.0
     # The run's flags record the resolved method settings, so the flagfile reproduces them.
-    with open(os.path.join(cfg.run_dir, app.FLAGFILE)) as f:
+    with open(os.path.join(cfg.run_dir, workdir.FLAGFILE)) as f:
         saved = config.Config.parse_flagfile(f.read())
     assert saved["temperature"] == str(defaults["temperature"])
     assert saved["head"] == defaults["head"] and saved["probe"] == defaults["probe"]

@@ -119,8 +119,8 @@ def test_online_evaluation_leaves_the_training_trajectory_unchanged(tmp_path):
     on = tiny_config(tmp_path / "on", eval_every_epochs=1, **common)
     off = tiny_config(tmp_path / "off", eval_every_epochs=0, **common)
     with_eval, without = _train(on), _train(off)
-    assert with_eval["online_evals_this_process"] == 2 and without["online_evals_this_process"] == 0
-    for a, b in zip(with_eval["model"].variables, without["model"].variables):
+    assert with_eval.online_evals == 2 and without.online_evals == 0
+    for a, b in zip(with_eval.model.variables, without.model.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)  # BN stats included
     tags = _events(os.path.join(on.run_dir, "tensorboard"))
     assert sorted(tags["eval/knn_top1_online"]) == [3, 6]
@@ -137,7 +137,7 @@ def test_online_evaluation_during_a_mirrored_run(tmp_path):
                       online_eval_examples=30, export=False, adversarial=False)
     strategy = distribute.mirrored([d.name for d in tf.config.list_logical_devices("CPU")[2:]])
     summary = _train(cfg, strategy)
-    assert summary["online_evals_this_process"] == 1
+    assert summary.online_evals == 1
     logged = float(_events(os.path.join(cfg.run_dir, "tensorboard"))["eval/knn_top1_online"][3])
     # The same number from the checkpoint, restored on one device.
     state = checkpoints.State(cfg, ONE_DEVICE)

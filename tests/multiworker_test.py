@@ -39,7 +39,7 @@ def _worker(cfg_path, out_path):
 
     def keep_model(*args, **kwargs):
         summary = real_train(*args, **kwargs)
-        trained.update(model=summary["model"], step=summary["step"])
+        trained.update(model=summary.model, step=summary.step)
         return summary
 
     states = []

@@ -15,7 +15,7 @@ from conftest import parse_flags, tiny_config
 from masking_test import four_classes
 
 from clae_tf import (ClaeError, app, builders, checkpoints, config, data, distribute, evaluate,
-                     export, robust)
+                     export, robust, workdir)
 
 
 def _linear(w, b):
@@ -378,7 +378,7 @@ def test_probe_saved_model_gives_the_in_memory_logits(tiny, tmp_path, feature):
 @pytest.mark.slow  # > 10 s on the 2 shared cores
 def test_export_mode_without_a_probe_says_so(tmp_path):
     cfg = tiny_config(tmp_path)
-    app.write_flagfile(cfg)
+    workdir.write_flagfile(cfg)
     checkpoints.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
     out = app.run(dataclasses.replace(cfg, mode="export"))
     assert os.path.exists(os.path.join(out["saved_model"], "saved_model.pb"))
@@ -405,7 +405,7 @@ def test_eval_mode_computes_it_and_export_writes_the_probe(tmp_path, capsys):
     cfg = tiny_config(tmp_path, robust_eps="0,8", robust_examples=20, linear_epochs=1,
                       robust_attacks="pgd20,autoattack", robust_l2_eps="0.5", robust_checks=True,
                       robust_apgd_steps=2, robust_targets=2, robust_square_queries=5)
-    app.write_flagfile(cfg)
+    workdir.write_flagfile(cfg)
     checkpoints.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
     out = app.run(dataclasses.replace(cfg, mode="eval"))
     r = out["results"]
@@ -444,7 +444,7 @@ def test_eval_mode_computes_it_and_export_writes_the_probe(tmp_path, capsys):
 
     # A run whose flags.cfg predates the chain's flags: --mode=eval --robust_attacks=... works
     # as run.py does it (the saved flags, then the command line's).
-    path = os.path.join(cfg.run_dir, app.FLAGFILE)
+    path = os.path.join(cfg.run_dir, workdir.FLAGFILE)
     with open(path) as f:
         lines = f.read().splitlines()
     new = ("robust_attacks", "robust_l2_eps", "robust_apgd_steps", "robust_targets",

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import builders, losses, models, optim, train
+from clae_tf import builders, losses, methods, models, optim, train
 from conftest import tiny_config
 from subprocs import Program
 
@@ -33,7 +33,7 @@ def code_under_test(cfg, model=None, steps_per_epoch=1, total_steps=1, compiled=
     if model is None:
         return None, optimizer
     optimizer.build(model.trainable_variables)
-    step = train.make_train_step(model, optimizer, cfg, num_replicas=1)
+    step = train.make_train_step(model, optimizer, cfg, 1, methods.build(cfg, model))
     return (tf.function(step) if compiled else step), optimizer
 
 
@@ -298,7 +298,7 @@ for batch, replicas in [(3, 1), (5, 1), (6, 2)]:
                       strategy="mirrored" if replicas > 1 else "one_device")
     strategy = distribute.make_strategy(cfg)
     summary = train.train(cfg, strategy, data.load(cfg))
-    print(f"batch {batch} on {strategy.num_replicas_in_sync}: step {summary['step']}", flush=True)
+    print(f"batch {batch} on {strategy.num_replicas_in_sync}: step {summary.step}", flush=True)
 """
 
 

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from conftest import REPO, run_cli, tiny_config
 
-from clae_tf import ClaeError, app, augment, checkpoints, evaluate, export, files
+from clae_tf import ClaeError, app, augment, checkpoints, evaluate, export, files, workdir
 from clae_tf.config import Config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -48,7 +48,7 @@ def _checkpoint(cfg, step, seed=0, flagfile=True):
     state.optimizer.iterations.assign(step)
     state.save(step)
     if flagfile:
-        app.write_flagfile(cfg)
+        workdir.write_flagfile(cfg)
     return state.model
 
 
@@ -94,8 +94,8 @@ def _folder(root):
 
 def test_which_data_is_the_runs_own(tmp_path):
     cfg = _config(tmp_path, mode="eval")
-    app.write_flagfile(cfg)
-    assert app.other_data(cfg) is None
+    workdir.write_flagfile(cfg)
+    assert workdir.other_data(cfg) is None
     folder = _folder(tmp_path / "my images")
     cases = {"digits_per_class5": dict(examples_per_class=5),
              "digits_train100": dict(train_examples=100),
@@ -104,13 +104,13 @@ def test_which_data_is_the_runs_own(tmp_path):
              "my_images": dict(dataset=folder),
              "imagenet2012_subset_1pct": dict(dataset="imagenet2012_subset/1pct")}
     for name, change in cases.items():
-        assert app.other_data(dataclasses.replace(cfg, **change)) == name, change
+        assert workdir.other_data(dataclasses.replace(cfg, **change)) == name, change
     # A run on a folder: the same folder spelt differently is the run's own data.
     own = _config(tmp_path, mode="eval", dataset=folder, batch_size=2)
-    app.write_flagfile(own)
-    assert app.other_data(dataclasses.replace(own, dataset=folder + "/")) is None
+    workdir.write_flagfile(own)
+    assert workdir.other_data(dataclasses.replace(own, dataset=folder + "/")) is None
     relative = os.path.relpath(folder)
-    assert app.other_data(dataclasses.replace(own, dataset=relative)) is None
+    assert workdir.other_data(dataclasses.replace(own, dataset=relative)) is None
 
 
 @pytest.mark.slow  # two data loads, model builds and a tiny evaluation: ~5 s alone, 20 s loaded
@@ -342,7 +342,7 @@ def test_unreadable_flags_cfg_defers_to_the_checkpoint(tmp_path, capsys):
     path = os.path.join(cfg.run_dir, "flags.cfg")
     with open(path, "wb") as f:
         f.write(b"--arch=resnet10\n--wid\xff\xfeth=0.0625\n")
-    app.check_workdir(cfg)  # no UnicodeDecodeError; the checkpoint decides (restore)
+    workdir.check_workdir(cfg)  # no UnicodeDecodeError; the checkpoint decides (restore)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"warning: {path} cannot be read")
 
@@ -382,16 +382,16 @@ def test_reevaluating_a_finished_run_keeps_its_training_flags(tmp_path):
 
 
 def test_reproduce_line_pastes_into_a_shell(tmp_path, capsys):
-    workdir = str(tmp_path / "runs" / "it's a run")
-    app.print_summary({"workdir": workdir})
+    run_dir = str(tmp_path / "runs" / "it's a run")
+    app.print_summary({"workdir": run_dir})
     lines = {x.split(":", 1)[0]: x.split(":", 1)[1].strip()
              for x in capsys.readouterr().out.splitlines()}
-    cfg = _config(tmp_path, workdir=workdir)
-    app.write_flagfile(cfg)
-    with open(os.path.join(workdir, "flags.cfg")) as f:
+    cfg = _config(tmp_path, workdir=run_dir)
+    workdir.write_flagfile(cfg)
+    with open(os.path.join(run_dir, "flags.cfg")) as f:
         header = f.readline()[len("# Reproduce this run: "):].strip()
-    flagfile = f"--flagfile={workdir}/flags.cfg"
-    tensorboard = ["tensorboard", f"--logdir={workdir}/tensorboard"]
+    flagfile = f"--flagfile={run_dir}/flags.cfg"
+    tensorboard = ["tensorboard", f"--logdir={run_dir}/tensorboard"]
     for command, words in ((lines["Reproduce"], ["python", "run.py", flagfile]),
                            (header, ["python", "run.py", flagfile]),
                            (lines["TensorBoard"], tensorboard)):
@@ -400,3 +400,24 @@ def test_reproduce_line_pastes_into_a_shell(tmp_path, capsys):
                               capture_output=True, text=True, timeout=60)
         assert proc.stdout.splitlines() == words, command
         assert shlex.split(command) == words
+
+
+def test_update_results_merges_drops_stale_keys_and_keeps_other_datas_apart(tmp_path, capsys):
+    run_dir = str(tmp_path)
+    own, other = tmp_path / "results.json", tmp_path / "results_cifar10.json"
+    own.write_text(json.dumps({"step": 3, "wall_seconds_this_process": 9.5, "robust_top1": {}}))
+    merged = workdir.update_results(run_dir, {"step": 4, "knn_top1": 0.5},
+                                    stale_prefix="robust_")
+    expected = {"step": 4, "wall_seconds_this_process": 9.5, "knn_top1": 0.5}
+    assert merged == expected and json.loads(own.read_text()) == expected
+    assert own.read_text() == json.dumps(expected, indent=2, sort_keys=True)
+    # Without a stale prefix everything the file held stays.
+    workdir.update_results(run_dir, {"timings": {"eval_seconds": 1.0}})
+    assert json.loads(own.read_text()) == {**expected, "timings": {"eval_seconds": 1.0}}
+    # Other data: its own file, a broken one counted as absent; the run's own left alone.
+    other.write_text('{"knn_top1": 0.')
+    assert workdir.update_results(run_dir, {"knn_top1": 0.25}, "cifar10") == {"knn_top1": 0.25}
+    assert json.loads(other.read_text()) == {"knn_top1": 0.25}
+    assert json.loads(own.read_text())["knn_top1"] == 0.5
+    assert "results_cifar10.json is unreadable" in capsys.readouterr().err
+    assert sorted(os.listdir(run_dir)) == ["results.json", "results_cifar10.json"]
