@@ -17,6 +17,8 @@ import math
 
 import tensorflow as tf
 
+from clae_tf import config
+
 # torchvision's rgb_to_grayscale weights. A tuple, not a tf.constant: a tensor made at import
 # would initialise TF before run.py can set up --virtual_cpus or MultiWorkerMirroredStrategy.
 _GRAY = (0.299, 0.587, 0.114)
@@ -192,13 +194,9 @@ AUGMENTATIONS = {
                  gray_prob=0.2),
 }
 
-# --normalize: (mean, std) per RGB channel. --eps is in the units these produce.
-NORMALIZATIONS = {
-    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # SimCLR reference: inputs in [-1, 1]
-    "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # Plain/UEL reference
-    # Every method of the reference on Tiny-ImageNet (training and test transforms).
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+# --normalize's (mean, std) per RGB channel: config.NORMALIZATIONS (validation needs them
+# without TensorFlow).
+NORMALIZATIONS = config.NORMALIZATIONS
 
 
 def normalize(x, kind="half"):

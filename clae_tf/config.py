@@ -72,6 +72,16 @@ ROBUST_SUITES = {"autoattack": ("apgd-ce", "apgd-t", "square"), "quick": ("pgd20
 _NOT_RECORDED = ("mode", "virtual_cpus")
 
 
+# --normalize: (mean, std) per RGB channel; --eps is in the units these produce. The one table
+# (augment.normalize applies it); here because validation must not import TensorFlow.
+NORMALIZATIONS = {
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # SimCLR reference: inputs in [-1, 1]
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # Plain/UEL reference
+    # Every method of the reference on Tiny-ImageNet (training and test transforms).
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
 def _flag(default, help, choices=None, auto=False):
     """One flag, declared as a Config field.
 
@@ -156,7 +166,7 @@ class Config:
     normalize: str = _flag("auto", "Input normalisation: half (mean = std = 0.5, inputs in "
                            "[-1, 1]), cifar (CIFAR-10 mean/std) or imagenet (ImageNet mean/std). "
                            "--eps is in these units.",
-                           choices=("auto", "half", "cifar", "imagenet"), auto=True)
+                           choices=("auto",) + tuple(NORMALIZATIONS), auto=True)
     # Optimisation.
     batch_size: int = _flag(256, "Global batch size (over all replicas).")
     epochs: int = _flag(30, "Pretraining epochs.")
@@ -346,11 +356,10 @@ class Config:
                               f"exp(similarity / sigma)), got {self.knn_sigma}")
 
     def _check_eps_range(self):
-        # --eps is in normalised-input units: one pixel's whole [0, 1] range spans 1 / std of them
-        # (augment.NORMALIZATIONS: half 2.0, cifar 1 / 0.2023, imagenet 1 / 0.229: the red
-        # channel, the smallest span).
-        input_range = {"half": 2.0, "cifar": 1 / 0.2023, "imagenet": 1 / 0.229}.get(
-            self.normalize, float("inf"))
+        # --eps is in normalised-input units: one pixel's whole [0, 1] range spans 1 / std of
+        # them; the channel with the largest std spans the least.
+        std = NORMALIZATIONS[self.normalize][1] if self.normalize in NORMALIZATIONS else None
+        input_range = 1 / max(std) if std else float("inf")
         if self.eps > input_range:
             _bad("eps", f"{self.eps} is larger than the whole input range ({input_range:.3g} "
                         f"with --normalize={self.normalize}); eps is in normalised-input units "
