@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import data, files, robust
+from clae_tf import data, files, robust, streams
 from clae_tf.config import EVAL_FLAGS, Config
 
 
@@ -23,7 +23,7 @@ def extract(model, split: data.Split, batch_size: int, normalize: str):
     embed = tf.function(lambda x: model(x, training=False))
     hs, zs, ys = [], [], []
     try:
-        for x, y in data.eval_dataset(split, batch_size, normalize):
+        for x, y in streams.eval_dataset(split, batch_size, normalize):
             h, z = embed(x)
             hs.append(h.numpy())
             zs.append(z.numpy())

@@ -13,7 +13,7 @@ from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context as tf_context
 
 from clae_tf import (ClaeError, attacks, augment, checkpoints, data, distribute, health, losses,
-                     methods, monitor, signals)
+                     methods, monitor, signals, streams)
 from clae_tf.config import Config
 from clae_tf.progress import Progress
 
@@ -315,24 +315,12 @@ def _steps_to_next_event(step, total_steps, cfg):
 
 
 def _epoch_batches(strategy, split, cfg, step, steps_per_epoch, total_steps):
-    """Iterators over the distributed (x1, x2) batches of each epoch, from global step `step`
-    on: (iterator, steps left in its epoch). A split held in memory gives ONE iterator for the
-    rest of the run (data.pretrain_stream), handed out again at each epoch (calls still end at
-    epoch ends, for epoch-end work): building a pipeline and dropping the last one's iterator at
-    each boundary stalled the loop for seconds (BENCHMARKS.md, "Whole run"). Otherwise one per
-    epoch, data.pretrain_dataset(epoch). Either way a resumed run sees the batches of a run that
-    never stopped."""
-    stream = data.pretrain_stream(split, cfg, step, total_steps)
-    if stream is not None:
-        iterator = iter(distribute.distribute_batches(strategy, stream))
-        while True:
-            yield iterator, steps_per_epoch - step % steps_per_epoch
-            step += steps_per_epoch - step % steps_per_epoch
-    while True:
-        epoch, offset = divmod(step, steps_per_epoch)
-        yield iter(distribute.distribute_batches(
-            strategy, data.pretrain_dataset(split, cfg, epoch, offset))), steps_per_epoch - offset
-        step += steps_per_epoch - offset
+    """streams.epoch_iterators over the distributed (x1, x2) batches: (iterator, steps left in
+    its epoch) per epoch, from global step `step` on. steps_per_epoch is the caller's count of
+    the split's batches, which streams counts itself (unused here)."""
+    return streams.epoch_iterators(
+        split, cfg, step, total_steps,
+        lambda ds: iter(distribute.distribute_batches(strategy, ds)))
 
 
 def _log_scalars(writer, step, metrics, lr, images_per_sec):
