@@ -8,6 +8,9 @@ A `--dataset` is one of:
 Every source gives its images as decoded (uint8 (H, W, 3), any size) and resized to --image_size
 (for evaluation: the reference's test transform Resize((size, size))), with int32 labels. What a
 run reads from them (two-view pretraining batches, evaluation batches) is streams.py.
+
+A file that cannot be decoded is named in a ClaeError by `raise_if_unreadable`; every read of a
+split into Python here goes through `_read`, which calls it.
 """
 
 import dataclasses
@@ -27,6 +30,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # pretraining stream captures as constants in its graph (the 2 GB protobuf limit): a split
 # between the two is cached here and streamed one shuffled pipeline per epoch.
 TF_CACHE_BYTES = 4 << 30
+# What a failed read of an image file raises inside tf.data.
+DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError)
 
 
 @dataclasses.dataclass
@@ -61,10 +66,7 @@ class Split:
           size: --image_size; images all size x size are stacked into one tensor.
         """
         if self._memory is None:
-            try:
-                arrays = [x for x, _ in self.decoded_images.as_numpy_iterator()]
-            except tf.errors.InvalidArgumentError as e:  # a decode error: name the file
-                raise_if_unreadable(self, e)
+            arrays = [x for x, _ in _read(self, self.decoded_images)]
             if len(arrays) != self.num_examples:
                 raise ValueError(f"expected {self.num_examples} images, read {len(arrays)}")
             self._memory = memory.load(arrays, size)
@@ -123,12 +125,8 @@ def check_readable(split: Split, what: str):
     """
     try:
         split.images.batch(256).reduce(0, lambda count, _: count + 1)
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
-            tf.errors.DataLossError) as e:
-        path = find_unreadable(split)
-        raise ClaeError(f"--dataset: cannot read image {path}" if path is not None else
-                        f"--dataset: cannot read {what} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]})")
+    except DECODE_ERRORS as e:
+        raise_if_unreadable(split, e, what)
 
 
 def _resize(image, size):
@@ -354,10 +352,7 @@ def _subset(split, num_classes, train_examples, examples_per_class):
         ds = first_per_class(ds)
         decoded = first_per_class(decoded) if decoded is not None else None
         # TFDS: labels come with the images, so counting them decodes every image once.
-        try:
-            labels = np.array([int(y) for y in split.images.map(lambda x, y: y)])
-        except tf.errors.InvalidArgumentError as e:
-            raise_if_unreadable(split, e)
+        labels = np.array([int(y) for y in _read(split, split.images.map(lambda x, y: y))])
         n = int(sum(min(int(c), examples_per_class) for c in
                     np.bincount(labels, minlength=num_classes)))
     if train_examples:
@@ -409,14 +404,9 @@ def read_images(split: Split, index=None, batch_size: int = 1000):
     """
     if index is not None and split.select is not None:
         return read_images(split.select(np.asarray(index)), batch_size=batch_size)
-    xs, ys = [], []
-    try:
-        for x, y in split.images.batch(batch_size):
-            xs.append(x.numpy())
-            ys.append(y.numpy())
-    except tf.errors.InvalidArgumentError as e:
-        raise_if_unreadable(split, e)
-    images, labels = np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+    batches = _read(split, split.images.batch(batch_size))
+    images = np.concatenate([x for x, _ in batches])
+    labels = np.concatenate([y for _, y in batches]).astype(np.int64)
     return (images, labels) if index is None else (images[index], labels[index])
 
 
@@ -444,9 +434,31 @@ def find_unreadable(split: Split) -> Optional[str]:
     return None
 
 
-def raise_if_unreadable(split: Split, error: Exception):
-    """Turns a decode error deep in tf.data into a one-line error naming the file."""
+def raise_if_unreadable(split: Split, error: Exception, what: Optional[str] = None):
+    """Turns a decode error deep in tf.data into a one-line ClaeError naming the file.
+
+    The one translation of decode errors: every read of a split here (`_read`,
+    `check_readable`) calls it, and so does whoever iterates a stream of the split (the train
+    loop, evaluate.extract), where the error surfaces.
+
+    Args:
+      split: the split being read; error: what reading it raised (DECODE_ERRORS).
+      what: names the split when no file of it is to blame (TFDS has no files); None: then
+        `error` itself is raised.
+    """
     path = find_unreadable(split)
     if path is not None:
         raise ClaeError(f"--dataset: cannot read image {path}")
-    raise error
+    if what is None:
+        raise error
+    raise ClaeError(f"--dataset: cannot read {what} ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:120]})")
+
+
+def _read(split: Split, ds: tf.data.Dataset) -> list:
+    """Every element of `ds`, a dataset of `split`'s images, as numpy, in order; a file that
+    cannot be decoded is named in a ClaeError."""
+    try:
+        return list(ds.as_numpy_iterator())
+    except DECODE_ERRORS as e:
+        raise_if_unreadable(split, e)

@@ -218,6 +218,25 @@ def test_truncated_image_is_named_too(tmp_path):
         data.raise_if_unreadable(source.test, raw.value)
 
 
+def test_every_read_of_a_split_names_the_file(tmp_path):
+    """read_images and read_balanced (the monitor's and the robust evaluation's reads) name a
+    corrupt file, and a file deleted after the folder was listed (NotFoundError in tf.data)."""
+    root = str(tmp_path / "corrupt")
+    bad = _folder_with_corrupt_image(root)
+    source = data.load(_cfg(root))
+    with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {bad}$"):
+        data.read_images(source.train)
+    with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {bad}$"):
+        data.read_balanced(source.train, 7)
+    root = str(tmp_path / "fine")
+    _grid_folder(root, classes=2, per_class=3)
+    source = data.load(_cfg(root))  # lists the files; reads only the test split
+    gone = os.path.join(root, "train", "class1", "img01.png")
+    os.remove(gone)
+    with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {gone}$"):
+        data.read_images(source.train)
+
+
 def test_corrupt_image_is_named_by_app_run(tmp_path):
     root = str(tmp_path / "corrupt")
     bad = _folder_with_corrupt_image(root)
