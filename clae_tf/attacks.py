@@ -1,4 +1,5 @@
-"""Adversarial examples as pure functions: the CLAE training attack and robust evaluation.
+"""Adversarial examples as pure functions (no flags, no distribution strategy): the CLAE training
+attack and robust evaluation. train.training_attack picks and seeds the training one from the flags.
 
 Map of the attacks and their sources:
 
@@ -288,37 +289,6 @@ def fgsm_classifier(logits_fn, x, y, eps, clip_min=None, clip_max=None):
     """FGSM (Goodfellow et al. 2015): x + eps * sign(d CE / dx), clipped to the range if given."""
     return pgd_classifier(logits_fn, x, y, eps, steps=1, step_size=eps, clip_min=clip_min,
                           clip_max=clip_max)
-
-
-def training_attack(cfg, step_counter):
-    """The attack of the CLAE train step: (embed_adv, batch_loss, x1, loss_scale=None) -> x_adv.
-
-    --attack=fgsm (the paper): one step of --eps. --attack=pgd: --attack_steps steps of
-    --attack_step_size (0: auto_step_size) in the --eps ball, against the same batch-wide loss
-    through the adversarial BNs, optionally from a random start seeded by (--seed, the step
-    number, the replica), so a run is reproducible (the start noise of N replicas differs from
-    one device's: a different, equally distributed draw). No clipping (as the reference).
-
-    Args:
-      cfg: the run's Config.
-      step_counter: () -> the optimizer's step counter (seeds the random start).
-    """
-    if cfg.attack == "fgsm":
-        return lambda embed_adv, batch_loss, x1, loss_scale=None: fgsm(
-            embed_adv, batch_loss, x1, cfg.eps, loss_scale)
-    step_size = cfg.attack_step_size or auto_step_size(cfg.eps, cfg.attack_steps)
-
-    def attack(embed_adv, batch_loss, x1, loss_scale=None):
-        seed = None
-        if cfg.attack_random_start:
-            ctx = tf.distribute.get_replica_context()
-            replica = ctx.replica_id_in_sync_group if ctx is not None else 0
-            seed = tf.stack([tf.cast(cfg.seed, tf.int64) * 1024 + tf.cast(replica, tf.int64),
-                             tf.cast(step_counter(), tf.int64)])
-        return pgd(embed_adv, batch_loss, x1, cfg.eps, cfg.attack_steps, step_size,
-                   random_start=cfg.attack_random_start, seed=seed, loss_scale=loss_scale)
-
-    return attack
 
 
 # --- Geometry shared by the evaluation attacks: per-example radii, the L2 ball ------------------

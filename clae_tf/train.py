@@ -32,7 +32,7 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method=Non
     Returns (metrics, images, method outputs for method.after_step).
     """
     method = method or methods.build(cfg, model)
-    attack = attacks.training_attack(cfg, lambda: optimizer.iterations)
+    attack = training_attack(cfg, lambda: optimizer.iterations)
     # float16: the parameter gradients are taken of loss * scale (the dynamic scale of the
     # LossScaleOptimizer, which divides them back), and so is the attack's input gradient.
     loss_scale = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -83,6 +83,39 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method=Non
         # inside an XLA cluster.
         return tf.function(step, jit_compile=True)
     return step
+
+
+def training_attack(cfg: Config, step_counter):
+    """The attack of the CLAE train step: (embed_adv, batch_loss, x1, loss_scale=None) -> x_adv.
+
+    The flags and the replica context around the pure attacks of attacks.py. --attack=fgsm (the
+    paper): one step of --eps. --attack=pgd: --attack_steps steps of --attack_step_size (0:
+    attacks.auto_step_size) in the --eps ball, against the same batch-wide loss through the
+    adversarial BNs, optionally from a random start seeded by (--seed, the step number, the
+    replica), so a run is reproducible (the start noise of N replicas differs from one device's:
+    a different, equally distributed draw). No clipping (as the reference).
+
+    Args:
+      cfg: the run's Config.
+      step_counter: () -> the optimizer's step counter (seeds the random start).
+    """
+    if cfg.attack == "fgsm":
+        return lambda embed_adv, batch_loss, x1, loss_scale=None: attacks.fgsm(
+            embed_adv, batch_loss, x1, cfg.eps, loss_scale)
+    step_size = cfg.attack_step_size or attacks.auto_step_size(cfg.eps, cfg.attack_steps)
+
+    def attack(embed_adv, batch_loss, x1, loss_scale=None):
+        seed = None
+        if cfg.attack_random_start:
+            ctx = tf.distribute.get_replica_context()
+            replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+            seed = tf.stack([tf.cast(cfg.seed, tf.int64) * 1024 + tf.cast(replica, tf.int64),
+                             tf.cast(step_counter(), tf.int64)])
+        return attacks.pgd(embed_adv, batch_loss, x1, cfg.eps, cfg.attack_steps, step_size,
+                           random_start=cfg.attack_random_start, seed=seed,
+                           loss_scale=loss_scale)
+
+    return attack
 
 
 def make_distributed_step(strategy, replica_step, method, compiled=True):
