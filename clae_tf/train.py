@@ -88,7 +88,7 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method=Non
 def training_attack(cfg: Config, step_counter):
     """The attack of the CLAE train step: (embed_adv, batch_loss, x1, loss_scale=None) -> x_adv.
 
-    The flags and the replica context around the pure attacks of attacks.py. --attack=fgsm (the
+    The flags and the replica context around the pure attacks of attacks/. --attack=fgsm (the
     paper): one step of --eps. --attack=pgd: --attack_steps steps of --attack_step_size (0:
     attacks.auto_step_size) in the --eps ball, against the same batch-wide loss through the
     adversarial BNs, optionally from a random start seeded by (--seed, the step number, the
