@@ -44,7 +44,7 @@ class Split:
     select: Optional[Callable[[np.ndarray], "Split"]] = None
     # (uint8 (H, W, 3) as decoded, int32 label), same order; None: `images` are the decoded ones.
     decoded: Optional[tf.data.Dataset] = None
-    # Estimated bytes of the decoded images (None: unknown); small splits are held in memory.
+    # Estimated bytes of the decoded images (None: unknown); streams.held_in_memory reads it.
     decoded_bytes: Optional[int] = None
     _memory: Optional[memory.Images] = dataclasses.field(default=None, repr=False)
 
