@@ -3,7 +3,7 @@
     python bench/augment_throughput.py                      # CIFAR-10 folder at /tmp/cifar10
     python bench/augment_throughput.py --dataset=digits --examples_per_class=0 --rounds=2
 
-What is timed: iterating data.pretrain_dataset (two views of every image, normalised, batches of
+What is timed: iterating streams.pretrain_dataset (two views of every image, normalised, batches of
 --batch_size, the pipeline a training run uses) for whole epochs, with nothing consuming the
 batches. The default data settings are flags/cifar10_small_clae.cfg's (5,000 training images,
 32 px, --augment=simclr). Epoch 0 of each implementation is a warm-up (decoding into the cache,
@@ -21,14 +21,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clae_tf import data  # noqa: E402
+from clae_tf import data, streams  # noqa: E402
 from clae_tf.config import Config  # noqa: E402
 
 
 def epoch_time(split, cfg, epoch):
     start = time.perf_counter()
     n = 0
-    for x1, _ in data.pretrain_dataset(split, cfg, epoch):
+    for x1, _ in streams.pretrain_dataset(split, cfg, epoch):
         n += int(x1.shape[0])
     return n, time.perf_counter() - start
 

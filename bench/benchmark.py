@@ -39,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clae_tf import builders, data, methods, optim, train  # noqa: E402
+from clae_tf import builders, data, methods, optim, streams, train  # noqa: E402
 from clae_tf.config import Config  # noqa: E402
 
 POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16"}
@@ -275,11 +275,11 @@ def synthetic_split(n: int, size: int) -> data.Split:
 
 
 def bench_pipeline(args) -> dict:
-    """Images/s of data.pretrain_dataset (both views, augmented, normalised) on its own."""
+    """Images/s of streams.pretrain_dataset (both views, augmented, normalised) on its own."""
     cfg = make_config(args.arch, 1.0, args.batch_size, args.image_size, True)
     n = args.batch_size * (args.pipeline_batches + args.warmup + 2)
     split = synthetic_split(n, args.image_size)
-    it = iter(data.pretrain_dataset(split, cfg, epoch=0))
+    it = iter(streams.pretrain_dataset(split, cfg, epoch=0))
     for _ in range(args.warmup + 1):
         next(it)
     w, c = time.perf_counter(), time.process_time()
@@ -306,7 +306,7 @@ def memory_child(argv) -> None:
                                               methods.build(cfg, model)))
     split = synthetic_split(cfg.batch_size * int(steps), cfg.image_size)
     before = _vm_hwm_mb()
-    for x1, x2 in data.pretrain_dataset(split, cfg, epoch=0).take(int(steps)):
+    for x1, x2 in streams.pretrain_dataset(split, cfg, epoch=0).take(int(steps)):
         float(step(x1, x2)[0]["loss"])
     # VmHWM is this process's own peak. ru_maxrss is reported too, but Linux carries it over
     # from the forked parent (this benchmark, already large) across exec, so it can be too high.
@@ -349,7 +349,7 @@ def train_curve(cfg: Config, steps: int) -> dict:
         source = data.load(cfg)
         losses, ratios, epoch = [], [], 0
         while len(losses) < steps:
-            for x1, x2 in data.pretrain_dataset(source.train, cfg, epoch).take(
+            for x1, x2 in streams.pretrain_dataset(source.train, cfg, epoch).take(
                     steps - len(losses)):
                 metrics, images = step(x1, x2)
                 losses.append([float(metrics[k]) for k in ("loss", "clean_loss", "adv_loss")])

@@ -1,4 +1,4 @@
-"""Input pipelines: the two-view pretraining stream and the labelled evaluation streams.
+"""The sources of images: the bundled digits, image folders and TFDS, their subsets and reads.
 
 A `--dataset` is one of:
   - "digits": scikit-learn's 8x8 handwritten digits (1,797 images, ships with the package, so it
@@ -6,11 +6,11 @@ A `--dataset` is one of:
   - a folder `root/{train,test}/<label>/<image>` (any size; grayscale becomes RGB);
   - a TFDS name (cifar10, cifar100, ...), read from --data_dir or downloaded.
 Every source gives its images as decoded (uint8 (H, W, 3), any size) and resized to --image_size
-(for evaluation: the reference's test transform Resize((size, size))), with int32 labels. The
-pretraining stream makes two views per image (augment.py, --augment), normalised for the model;
-their random resized crop is taken from the decoded image as it is (the reference's
-RandomResizedCrop on the loaded image), so a 64 px Tiny-ImageNet image is cropped at 64 px and
-then upsampled, and a non-square image keeps its aspect ratio.
+(for evaluation: the reference's test transform Resize((size, size))), with int32 labels. What a
+run reads from them (two-view pretraining batches, evaluation batches) is streams.py.
+
+A file that cannot be decoded is named in a ClaeError by `raise_if_unreadable`; every read of a
+split into Python here goes through `_read`, which calls it.
 """
 
 import dataclasses
@@ -21,12 +21,17 @@ from typing import Callable, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import ClaeError, augment, memory, views as views_lib
+from clae_tf import ClaeError, memory
 from clae_tf.config import Config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-# Decoded splits up to this size are cached in memory (CIFAR-10 train is 150 MB).
-_CACHE_BYTES = 4 << 30
+# tf.data's in-memory cache (host RAM) holds a split's decoded (else its resized) images up to
+# this size (CIFAR-10 train is 150 MB). Not memory.MAX_CONSTANT_BYTES, which bounds what the
+# pretraining stream captures as constants in its graph (the 2 GB protobuf limit): a split
+# between the two is cached here and streamed one shuffled pipeline per epoch.
+TF_CACHE_BYTES = 4 << 30
+# What a failed read of an image file raises inside tf.data.
+DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError)
 
 
 @dataclasses.dataclass
@@ -39,21 +44,32 @@ class Split:
     select: Optional[Callable[[np.ndarray], "Split"]] = None
     # (uint8 (H, W, 3) as decoded, int32 label), same order; None: `images` are the decoded ones.
     decoded: Optional[tf.data.Dataset] = None
-    # Estimated bytes of the decoded images (None: unknown); small splits are held in memory.
+    # Estimated bytes of the decoded images (None: unknown); streams.held_in_memory reads it.
     decoded_bytes: Optional[int] = None
     _memory: Optional[memory.Images] = dataclasses.field(default=None, repr=False)
 
-    def in_memory(self, size: int) -> Optional[memory.Images]:
-        """The decoded images in memory (read once, on first use), or None if too large."""
-        source = self.decoded if self.decoded is not None else self.images
-        nbytes = self.decoded_bytes
-        if nbytes is None:
-            nbytes = _static_bytes(source, self.num_examples)
-        if self._memory is None and nbytes is not None and nbytes <= memory.MAX_BYTES:
-            try:
-                self._memory = memory.load(source, self.num_examples, size)
-            except tf.errors.InvalidArgumentError as e:  # a decode error: name the file
-                raise_if_unreadable(self, e)
+    @property
+    def decoded_images(self) -> tf.data.Dataset:
+        """(uint8 (H, W, 3) as decoded, int32 label), in the split's order."""
+        return self.decoded if self.decoded is not None else self.images
+
+    def nbytes(self) -> Optional[int]:
+        """Estimated bytes of the decoded images (None: unknown)."""
+        if self.decoded_bytes is not None:
+            return self.decoded_bytes
+        return _static_bytes(self.decoded_images, self.num_examples)
+
+    def read_decoded(self, size: int) -> memory.Images:
+        """The decoded images in memory (memory.Images), read once, on the first call.
+
+        Args:
+          size: --image_size; images all size x size are stacked into one tensor.
+        """
+        if self._memory is None:
+            arrays = [x for x, _ in _read(self, self.decoded_images)]
+            if len(arrays) != self.num_examples:
+                raise ValueError(f"expected {self.num_examples} images, read {len(arrays)}")
+            self._memory = memory.load(arrays, size)
         return self._memory
 
 
@@ -109,12 +125,8 @@ def check_readable(split: Split, what: str):
     """
     try:
         split.images.batch(256).reduce(0, lambda count, _: count + 1)
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
-            tf.errors.DataLossError) as e:
-        path = find_unreadable(split)
-        raise ClaeError(f"--dataset: cannot read image {path}" if path is not None else
-                        f"--dataset: cannot read {what} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]})")
+    except DECODE_ERRORS as e:
+        raise_if_unreadable(split, e, what)
 
 
 def _resize(image, size):
@@ -129,11 +141,11 @@ def _finish(ds, n, size, decoded_bytes=None):
     ones are then made from that cache, else cached themselves when they fit.
     """
     decoded = ds.map(lambda x, y: (x, tf.cast(y, tf.int32)))
-    cached = decoded_bytes is not None and decoded_bytes <= _CACHE_BYTES
+    cached = decoded_bytes is not None and decoded_bytes <= TF_CACHE_BYTES
     if cached:
         decoded = decoded.cache()
     images = decoded.map(lambda x, y: (_resize(x, size), y), num_parallel_calls=tf.data.AUTOTUNE)
-    if not cached and n * size * size * 3 <= _CACHE_BYTES:
+    if not cached and n * size * size * 3 <= TF_CACHE_BYTES:
         images = images.cache()
     return images, decoded
 
@@ -340,10 +352,7 @@ def _subset(split, num_classes, train_examples, examples_per_class):
         ds = first_per_class(ds)
         decoded = first_per_class(decoded) if decoded is not None else None
         # TFDS: labels come with the images, so counting them decodes every image once.
-        try:
-            labels = np.array([int(y) for y in split.images.map(lambda x, y: y)])
-        except tf.errors.InvalidArgumentError as e:
-            raise_if_unreadable(split, e)
+        labels = np.array([int(y) for y in _read(split, split.images.map(lambda x, y: y))])
         n = int(sum(min(int(c), examples_per_class) for c in
                     np.bincount(labels, minlength=num_classes)))
     if train_examples:
@@ -355,134 +364,6 @@ def _subset(split, num_classes, train_examples, examples_per_class):
     nbytes = (split.decoded_bytes * n // split.num_examples
               if split.decoded_bytes is not None else None)
     return Split(ds.cache(), n, split.files, decoded=decoded, decoded_bytes=nbytes)
-
-
-def pretrain_dataset(split: Split, cfg: Config, epoch: int, start_batch: int = 0):
-    """Batches of two views (x1, x2) for one epoch, normalised, as a pure function of the seed.
-
-    The order depends on (seed, epoch) and each batch's views on (seed, epoch, batch index), so
-    resuming at `start_batch` gives exactly the batches an uninterrupted run would. The epoch's
-    batches of pretrain_stream when the split fits in memory, else a shuffled pipeline.
-    """
-    steps_per_epoch = split.num_examples // cfg.batch_size
-    stream = pretrain_stream(split, cfg, epoch * steps_per_epoch + start_batch,
-                             (epoch + 1) * steps_per_epoch)
-    if stream is not None:
-        return stream
-    return _shuffled_epoch(split, cfg, epoch, start_batch)
-
-
-def pretrain_stream(split: Split, cfg: Config, start_step: int, end_step: int):
-    """ONE pipeline of the (x1, x2) batches of global steps [start_step, end_step), over every
-    epoch, or None when the split's decoded images do not fit in memory (memory.py).
-
-    Epoch e = step // steps_per_epoch takes its images in the order of a stateless permutation
-    seeded by (seed, e) (the last num_examples % batch_size of it are dropped, as
-    drop_remainder), and batch k of it its views from (seed, e, k): the stream from any step is
-    exactly the tail of the stream from 0, so a resumed run sees the batches of one that never
-    stopped.
-
-    Images already --image_size square (CIFAR at 32) are cropped on whole batches. Any other
-    image is cropped as it was decoded, one by one before batching (images of different sizes
-    cannot share a batch; padding them would make the crop op read each image's true size), with
-    a seed of (seed, epoch, batch index, position in the batch); the rest of its view (flip,
-    jitter, grayscale) is made on the batch with the batch's seeds.
-    """
-    images = split.in_memory(cfg.image_size)
-    if images is None:
-        return None
-    if cfg.augment_impl == "keras_cv" and images.square is None:
-        return None  # keras-cv crops whole batches of resized images: the per-epoch pipeline
-    b, n = cfg.batch_size, split.num_examples
-    steps_per_epoch = n // b
-    views = views_lib.Views(cfg)
-
-    if images.square is not None:
-        @tf.autograph.experimental.do_not_convert
-        def batch_of_views(step):
-            epoch, index = step // steps_per_epoch, step % steps_per_epoch
-            x = images.gather(memory.permuted(cfg.seed, epoch, index * b + tf.range(b, dtype=tf.int64), n))
-            return views.of_batch(epoch, index, tf.cast(x, tf.float32) / 255.0)
-
-        ds = tf.data.Dataset.range(start_step, end_step).map(
-            batch_of_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return _with_options(ds.prefetch(2))
-
-    @tf.autograph.experimental.do_not_convert
-    def crops(example):  # example: its global position in the stream, step * b + position
-        step = example // b
-        epoch, position = step // steps_per_epoch, example % (steps_per_epoch * b)
-        image = images.image(memory.permuted(cfg.seed, epoch, position, n))
-        return (epoch, position, *views.crop_pair(epoch, position, image))
-
-    @tf.autograph.experimental.do_not_convert
-    def batch_of_crops(epoch, position, x1, x2, square):
-        return views.of_crops(epoch[0], position[0] // b, x1, x2, square)
-
-    ds = tf.data.Dataset.range(start_step * b, end_step * b).map(
-        crops, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(b, drop_remainder=True).map(  # static batch size: whole batches anyway
-        batch_of_crops, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _with_options(ds.prefetch(2))
-
-
-def _with_options(ds):
-    """The pipeline shares the CPU cores with the train step and needs a fraction of one core
-    (BENCHMARKS.md), so each of its ops runs on one thread rather than spreading over every core
-    the step is using."""
-    options = tf.data.Options()
-    options.threading.max_intra_op_parallelism = 1
-    return ds.with_options(options)
-
-
-def _shuffled_epoch(split: Split, cfg: Config, epoch: int, start_batch: int = 0):
-    """pretrain_dataset of a split too large for memory: a shuffle buffer seeded by
-    (seed, epoch) over the decoded stream, one pipeline per epoch."""
-    b = cfg.batch_size
-    views = views_lib.Views(cfg)
-    source = split.decoded if split.decoded is not None else split.images
-    if cfg.augment_impl == "keras_cv":  # keras-cv crops whole batches of the resized images
-        source = split.images
-    buffer = min(split.num_examples, 50_000)
-    ds = source.shuffle(buffer, seed=cfg.seed * 100_003 + epoch, reshuffle_each_iteration=False)
-
-    if source.element_spec[0].shape.as_list() == [cfg.image_size, cfg.image_size, 3]:
-        ds = ds.batch(b, drop_remainder=True).skip(start_batch).enumerate(start_batch)
-
-        @tf.autograph.experimental.do_not_convert  # no control flow; AutoGraph only warns here
-        def two_views(index, batch):
-            images, _ = batch
-            return views.of_batch(epoch, index, tf.cast(images, tf.float32) / 255.0)
-
-        return ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-    ds = ds.skip(start_batch * b).enumerate(start_batch * b)
-
-    @tf.autograph.experimental.do_not_convert
-    def crop_pair(position, example):
-        return views.crop_pair(epoch, position, example[0])
-
-    ds = ds.map(crop_pair, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(b, drop_remainder=True).enumerate(start_batch)
-
-    @tf.autograph.experimental.do_not_convert
-    def two_views_of_crops(index, batch):
-        return views.of_crops(epoch, index, *batch)
-
-    return ds.map(two_views_of_crops, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-        tf.data.AUTOTUNE)
-
-
-def eval_dataset(split: Split, batch_size: int, normalize: str):
-    """Non-augmented images, normalised as --normalize, with labels, every image once, in order.
-
-    The images are the decoded ones resized to --image_size square (bilinear, antialiased when
-    shrinking) and rounded to uint8: the reference's test transform, torchvision's
-    Resize((size, size)) on a PIL image, then ToTensor and Normalize.
-    """
-    return split.images.batch(batch_size).map(
-        lambda x, y: (augment.normalize(tf.cast(x, tf.float32) / 255.0, normalize), y),
-        num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def balanced_subset(labels, n: int) -> np.ndarray:
@@ -523,14 +404,9 @@ def read_images(split: Split, index=None, batch_size: int = 1000):
     """
     if index is not None and split.select is not None:
         return read_images(split.select(np.asarray(index)), batch_size=batch_size)
-    xs, ys = [], []
-    try:
-        for x, y in split.images.batch(batch_size):
-            xs.append(x.numpy())
-            ys.append(y.numpy())
-    except tf.errors.InvalidArgumentError as e:
-        raise_if_unreadable(split, e)
-    images, labels = np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+    batches = _read(split, split.images.batch(batch_size))
+    images = np.concatenate([x for x, _ in batches])
+    labels = np.concatenate([y for _, y in batches]).astype(np.int64)
     return (images, labels) if index is None else (images[index], labels[index])
 
 
@@ -558,9 +434,31 @@ def find_unreadable(split: Split) -> Optional[str]:
     return None
 
 
-def raise_if_unreadable(split: Split, error: Exception):
-    """Turns a decode error deep in tf.data into a one-line error naming the file."""
+def raise_if_unreadable(split: Split, error: Exception, what: Optional[str] = None):
+    """Turns a decode error deep in tf.data into a one-line ClaeError naming the file.
+
+    The one translation of decode errors: every read of a split here (`_read`,
+    `check_readable`) calls it, and so does whoever iterates a stream of the split (the train
+    loop, evaluate.extract), where the error surfaces.
+
+    Args:
+      split: the split being read; error: what reading it raised (DECODE_ERRORS).
+      what: names the split when no file of it is to blame (TFDS has no files); None: then
+        `error` itself is raised.
+    """
     path = find_unreadable(split)
     if path is not None:
         raise ClaeError(f"--dataset: cannot read image {path}")
-    raise error
+    if what is None:
+        raise error
+    raise ClaeError(f"--dataset: cannot read {what} ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:120]})")
+
+
+def _read(split: Split, ds: tf.data.Dataset) -> list:
+    """Every element of `ds`, a dataset of `split`'s images, as numpy, in order; a file that
+    cannot be decoded is named in a ClaeError."""
+    try:
+        return list(ds.as_numpy_iterator())
+    except DECODE_ERRORS as e:
+        raise_if_unreadable(split, e)

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import data, robust, workdir
+from clae_tf import data, robust, streams, workdir
 from clae_tf.config import EVAL_FLAGS, Config
 
 
@@ -21,7 +21,7 @@ def extract(model, split: data.Split, batch_size: int, normalize: str):
     embed = tf.function(lambda x: model(x, training=False))
     hs, zs, ys = [], [], []
     try:
-        for x, y in data.eval_dataset(split, batch_size, normalize):
+        for x, y in streams.eval_dataset(split, batch_size, normalize):
             h, z = embed(x)
             hs.append(h.numpy())
             zs.append(z.numpy())

@@ -1,6 +1,6 @@
 """A split's decoded images held in memory, for random access by index.
 
-The pretraining stream (data.pretrain_stream) draws each epoch's order as a stateless
+The pretraining stream (streams.py) draws each epoch's order as a stateless
 permutation of indices (tf.random.experimental.index_shuffle, seeded by (seed, epoch)) and
 looks the images up here. One tf.data pipeline then serves every epoch of a run: no pipeline
 is built, no iterator created or destroyed, and no shuffle buffer refilled at an epoch
@@ -19,9 +19,10 @@ import numpy as np
 import tensorflow as tf
 
 # Splits whose decoded images are larger than this are not held in memory (the stream then
-# falls back to one shuffled pipeline per epoch). The images are captured as constants in the
-# pipeline's graph, which the distribution strategy serialises once (the 2 GB protobuf limit).
-MAX_BYTES = 1 << 30
+# falls back to one shuffled pipeline per epoch, streams.held_in_memory). The images are captured
+# as constants in the pipeline's graph, which the distribution strategy serialises once (the 2 GB
+# protobuf limit). Not data.TF_CACHE_BYTES, tf.data's cache in host RAM, which has no such limit.
+MAX_CONSTANT_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -43,19 +44,16 @@ class Images:
         return tf.reshape(self.flat[self.offsets[i]:self.offsets[i + 1]], self.shapes[i])
 
 
-def load(images: tf.data.Dataset, num_examples: int, size: int) -> Images:
-    """Reads the (image, label) dataset `images` once into memory.
+def load(arrays, size: int) -> Images:
+    """The decoded images `arrays` as Images.
 
     Args:
-      images: uint8 (H, W, 3) images as decoded, with labels, in a fixed order.
-      num_examples: their number.
+      arrays: uint8 (H, W, 3) numpy images as decoded, in a fixed order.
       size: --image_size; images all size x size are stacked into one tensor.
     Returns:
       Images.
     """
-    arrays = [x for x, _ in images.as_numpy_iterator()]
-    if len(arrays) != num_examples:
-        raise ValueError(f"expected {num_examples} images, read {len(arrays)}")
+    num_examples = len(arrays)
     if all(a.shape == (size, size, 3) for a in arrays):
         return Images(num_examples, square=tf.constant(np.stack(arrays)))
     shapes = np.array([a.shape for a in arrays], np.int64)

@@ -41,7 +41,7 @@ class Monitor:
         size, normalize = cfg.image_size, cfg.normalize
 
         # Compiled once for any batch size: uint8 images in, (h, z) out, as evaluate.extract
-        # normalises them (data.eval_dataset), clean BNs in inference mode.
+        # normalises them (streams.eval_dataset), clean BNs in inference mode.
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
         def embed(x):
             h, z = model(augment.normalize(tf.cast(x, tf.float32) / 255.0, normalize),

@@ -30,7 +30,7 @@ from clae_tf import ClaeError, attacks, augment, data, masking
 
 PGD_STEPS = 20  # PGD-20, step eps/4, random start (Madry et al. 2018's CIFAR evaluation uses 20)
 NO_L2 = ("fgsm", "square")  # attacks without an L2 version: left out of the L2 chain
-# The DLR losses need a third-largest logit, the targeted one a fourth (attacks.py, as AutoAttack).
+# The DLR losses need a third-largest logit, the targeted one a fourth (attacks/, as AutoAttack).
 MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
 # Per norm: the unit of its radii (in [0, 1] pixels) and its results.json keys.
 NORMS = {"linf": dict(unit=1 / 255, top1="robust_top1", attacks="robust_attacks",

@@ -13,7 +13,7 @@ from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context as tf_context
 
 from clae_tf import (ClaeError, attacks, augment, checkpoints, data, distribute, health, losses,
-                     monitor, signals, workdir)
+                     monitor, signals, streams, workdir)
 from clae_tf.config import Config
 from clae_tf.progress import Progress
 
@@ -32,7 +32,7 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method):
     is divided by num_replicas for the optimizer, which sums gradients across replicas.
     Returns (metrics, images, method outputs for method.after_step).
     """
-    attack = attacks.training_attack(cfg, lambda: optimizer.iterations)
+    attack = training_attack(cfg, lambda: optimizer.iterations)
     # float16: the parameter gradients are taken of loss * scale (the dynamic scale of the
     # LossScaleOptimizer, which divides them back), and so is the attack's input gradient.
     loss_scale = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -83,6 +83,39 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method):
         # inside an XLA cluster.
         return tf.function(step, jit_compile=True)
     return step
+
+
+def training_attack(cfg: Config, step_counter):
+    """The attack of the CLAE train step: (embed_adv, batch_loss, x1, loss_scale=None) -> x_adv.
+
+    The flags and the replica context around the pure attacks of attacks/. --attack=fgsm (the
+    paper): one step of --eps. --attack=pgd: --attack_steps steps of --attack_step_size (0:
+    attacks.auto_step_size) in the --eps ball, against the same batch-wide loss through the
+    adversarial BNs, optionally from a random start seeded by (--seed, the step number, the
+    replica), so a run is reproducible (the start noise of N replicas differs from one device's:
+    a different, equally distributed draw). No clipping (as the reference).
+
+    Args:
+      cfg: the run's Config.
+      step_counter: () -> the optimizer's step counter (seeds the random start).
+    """
+    if cfg.attack == "fgsm":
+        return lambda embed_adv, batch_loss, x1, loss_scale=None: attacks.fgsm(
+            embed_adv, batch_loss, x1, cfg.eps, loss_scale)
+    step_size = cfg.attack_step_size or attacks.auto_step_size(cfg.eps, cfg.attack_steps)
+
+    def attack(embed_adv, batch_loss, x1, loss_scale=None):
+        seed = None
+        if cfg.attack_random_start:
+            ctx = tf.distribute.get_replica_context()
+            replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+            seed = tf.stack([tf.cast(cfg.seed, tf.int64) * 1024 + tf.cast(replica, tf.int64),
+                             tf.cast(step_counter(), tf.int64)])
+        return attacks.pgd(embed_adv, batch_loss, x1, cfg.eps, cfg.attack_steps, step_size,
+                           random_start=cfg.attack_random_start, seed=seed,
+                           loss_scale=loss_scale)
+
+    return attack
 
 
 def make_distributed_step(strategy, replica_step, method, compiled=True):
@@ -384,24 +417,12 @@ def _steps_to_next_event(step, total_steps, cfg):
 
 
 def _epoch_batches(strategy, split, cfg, step, steps_per_epoch, total_steps):
-    """Iterators over the distributed (x1, x2) batches of each epoch, from global step `step`
-    on: (iterator, steps left in its epoch). A split held in memory gives ONE iterator for the
-    rest of the run (data.pretrain_stream), handed out again at each epoch (calls still end at
-    epoch ends, for epoch-end work): building a pipeline and dropping the last one's iterator at
-    each boundary stalled the loop for seconds (BENCHMARKS.md, "Whole run"). Otherwise one per
-    epoch, data.pretrain_dataset(epoch). Either way a resumed run sees the batches of a run that
-    never stopped."""
-    stream = data.pretrain_stream(split, cfg, step, total_steps)
-    if stream is not None:
-        iterator = iter(distribute.distribute_batches(strategy, stream))
-        while True:
-            yield iterator, steps_per_epoch - step % steps_per_epoch
-            step += steps_per_epoch - step % steps_per_epoch
-    while True:
-        epoch, offset = divmod(step, steps_per_epoch)
-        yield iter(distribute.distribute_batches(
-            strategy, data.pretrain_dataset(split, cfg, epoch, offset))), steps_per_epoch - offset
-        step += steps_per_epoch - offset
+    """streams.epoch_iterators over the distributed (x1, x2) batches: (iterator, steps left in
+    its epoch) per epoch, from global step `step` on. steps_per_epoch is the caller's count of
+    the split's batches, which streams counts itself (unused here)."""
+    return streams.epoch_iterators(
+        split, cfg, step, total_steps,
+        lambda ds: iter(distribute.distribute_batches(strategy, ds)))
 
 
 def _log_scalars(writer, step, metrics, lr, images_per_sec):

@@ -1,6 +1,6 @@
 """The two views of a pretraining batch (--augment), seeded by (seed, epoch, batch index).
 
-data.py decides which images make a batch and in which order; this decides what is done to
+streams.py decides which images make a batch and in which order; this decides what is done to
 them. Both views of a batch depend only on the seed, the epoch and the batch's index in it.
 """
 

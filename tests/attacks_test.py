@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from clae_tf import attacks, builders, losses
+from clae_tf.attacks import auto_pgd
 from conftest import tiny_config
 
 T = 0.5
@@ -559,7 +560,7 @@ def test_apgd_checkpoint_rule():
     def halve(n_up, window, halved_before, loss_max, loss_max_before):
         s = dict(n_up=tf.constant([n_up]), halved_check=tf.constant([halved_before]),
                  loss_max=tf.constant([loss_max]), loss_max_check=tf.constant([loss_max_before]))
-        return [bool(attacks._apgd_checkpoint(s, tf.constant(w), 0.75)[0]) for w in (window, 0)]
+        return [bool(auto_pgd._apgd_checkpoint(s, tf.constant(w), 0.75)[0]) for w in (window, 0)]
     assert halve(7, 10, True, 2.0, 1.0) == [True, False]  # condition 1: 7 < 7.5 rises
     assert halve(8, 10, True, 2.0, 1.0) == [False, False]  # 8 rises, and improved
     assert halve(6, 8, True, 2.0, 1.0) == [False, False]  # 6 rises of 8: not fewer than 6

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 
 from conftest import tiny_config
 
-from clae_tf import ClaeError, app, data
+from clae_tf import ClaeError, app, data, streams
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_corrupt_image_is_named_when_iterated(tmp_path):
     # silently yields the readable images only.
     source = data.load(_cfg(root))
     with pytest.raises(ClaeError, match="img01b.png"):
-        data.pretrain_dataset(source.train, _cfg(root), 0)
+        streams.pretrain_dataset(source.train, _cfg(root), 0)
 
     # A readable split (test/ is fine) re-raises the original error rather than blaming a file.
     assert data.find_unreadable(source.test) is None
@@ -213,9 +213,28 @@ def test_truncated_image_is_named_too(tmp_path):
     # ... and the evaluation stream would name it too.
     source = data._folder(root, 16)
     with pytest.raises(tf.errors.InvalidArgumentError) as raw:
-        list(data.eval_dataset(source.test, 2, "half"))
+        list(streams.eval_dataset(source.test, 2, "half"))
     with pytest.raises(ClaeError, match="zz.png"):
         data.raise_if_unreadable(source.test, raw.value)
+
+
+def test_every_read_of_a_split_names_the_file(tmp_path):
+    """read_images and read_balanced (the monitor's and the robust evaluation's reads) name a
+    corrupt file, and a file deleted after the folder was listed (NotFoundError in tf.data)."""
+    root = str(tmp_path / "corrupt")
+    bad = _folder_with_corrupt_image(root)
+    source = data.load(_cfg(root))
+    with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {bad}$"):
+        data.read_images(source.train)
+    with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {bad}$"):
+        data.read_balanced(source.train, 7)
+    root = str(tmp_path / "fine")
+    _grid_folder(root, classes=2, per_class=3)
+    source = data.load(_cfg(root))  # lists the files; reads only the test split
+    gone = os.path.join(root, "train", "class1", "img01.png")
+    os.remove(gone)
+    with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {gone}$"):
+        data.read_images(source.train)
 
 
 def test_corrupt_image_is_named_by_app_run(tmp_path):
@@ -350,7 +369,7 @@ def test_tfds_dataset_not_prepared_offline(tmp_path):
 
 def _batches(split, cfg, epoch, start_batch=0, n=3):
     return [(a.numpy(), b.numpy()) for a, b in
-            data.pretrain_dataset(split, cfg, epoch, start_batch).take(n)]
+            streams.pretrain_dataset(split, cfg, epoch, start_batch).take(n)]
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +392,7 @@ def test_pretrain_dataset_views(digits):
         assert all(not np.allclose(x1[i], x2[i]) for i in range(len(x1)))
     assert not np.allclose(batches[0][0], batches[1][0])
     # drop_remainder: steps_per_epoch full batches.
-    n = sum(1 for _ in data.pretrain_dataset(digits.train, cfg, 0).map(lambda a, b: 0))
+    n = sum(1 for _ in streams.pretrain_dataset(digits.train, cfg, 0).map(lambda a, b: 0))
     assert n == digits.train.num_examples // cfg.batch_size
 
 
@@ -414,7 +433,7 @@ def _ramp_folder(root, sizes=((60, 120), (100, 50), (60, 120), (90, 70))):
 
 def _crop_only(monkeypatch):
     """--augment=uel without colour jitter and grayscale: views are crop + flip only."""
-    monkeypatch.setitem(data.augment.AUGMENTATIONS, "uel", dict(
+    monkeypatch.setitem(streams.augment.AUGMENTATIONS, "uel", dict(
         crop_scale=(0.2, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_prob=0.0, gray_prob=0.0))
 
 
@@ -495,7 +514,7 @@ def test_eval_images_are_the_reference_test_transform(tmp_path):
             tf.io.write_file(path, tf.io.encode_png(image))
         originals[c] = image
     source = data.load(_cfg(root, image_size=40, batch_size=2))
-    (x, y), = list(data.eval_dataset(source.test, 2, "imagenet"))
+    (x, y), = list(streams.eval_dataset(source.test, 2, "imagenet"))
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     for image, label in zip(x.numpy(), y.numpy()):
         pil = Image.fromarray(originals[int(label)]).resize((40, 40), Image.BILINEAR)
@@ -519,7 +538,7 @@ def test_the_run_long_stream_is_the_epochs_one_after_another(digits):
     cfg = tiny_config()
     spe = digits.train.num_examples // cfg.batch_size
     stream = [(a.numpy(), b.numpy()) for a, b in
-              data.pretrain_stream(digits.train, cfg, spe - 1, spe + 1)]
+              streams.pretrain_stream(digits.train, cfg, spe - 1, spe + 1)]
     want = _batches(digits.train, cfg, 0, spe - 1, n=1) + _batches(digits.train, cfg, 1, n=1)
     assert len(stream) == 2
     for (a1, a2), (b1, b2) in zip(stream, want):

@@ -24,7 +24,7 @@ import tensorflow as tf
 from conftest import tiny_config
 
 from clae_tf import (attacks, builders, checkpoints, data, distribute, export, losses, methods,
-                     optim, train)
+                     optim, streams, train)
 
 # SGD (not Adam) so the weight update is proportional to the gradient: a wrong loss scale, a
 # missing negative or an unsynchronised statistic shows up in the weights, and coupled weight
@@ -56,7 +56,7 @@ def source():
 @pytest.fixture(scope="module")
 def views(source):
     """The first global batch (16 images) of the real pretraining pipeline: (x1, x2)."""
-    x1, x2 = next(iter(data.pretrain_dataset(source.train, tiny_config(), epoch=0)))
+    x1, x2 = next(iter(streams.pretrain_dataset(source.train, tiny_config(), epoch=0)))
     return x1.numpy(), x2.numpy()
 
 
@@ -252,7 +252,7 @@ def _train_steps(state, strategy, cfg, source, n):
     step = train.make_train_step(state.model, state.optimizer, cfg, strategy.num_replicas_in_sync,
                                  state.method)
     batches = iter(distribute.distribute_batches(
-        strategy, data.pretrain_dataset(source.train, cfg, epoch=0, start_batch=state.step)))
+        strategy, streams.pretrain_dataset(source.train, cfg, epoch=0, start_batch=state.step)))
     for _ in range(n):
         strategy.run(step, args=next(batches))
     state.save(state.step)

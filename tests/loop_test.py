@@ -21,7 +21,7 @@ from tensorflow.python.grappler import tf_optimizer
 from conftest import tiny_config
 from subprocs import run_py
 
-from clae_tf import ClaeError, app, checkpoints, data, health, train
+from clae_tf import ClaeError, app, checkpoints, data, health, streams, train
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 
@@ -42,7 +42,7 @@ def _state_and_loop(cfg):
 @pytest.mark.slow  # > 10 s on the 2 shared cores
 def test_one_call_of_three_steps_equals_three_single_steps():
     cfg = tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=5e-4)
-    batches = list(data.pretrain_dataset(data.load(cfg).train, cfg, epoch=0).take(3))
+    batches = list(streams.pretrain_dataset(data.load(cfg).train, cfg, epoch=0).take(3))
     # Reference: three compiled single steps, fed from the host.
     ref_state, ref_step, _ = _state_and_loop(cfg)
     ref_step = tf.function(ref_step)
@@ -113,7 +113,7 @@ def test_the_loop_at_cifar_scale_runs_no_order_of_arrival_sum():
     ctx = context.context()
     ctx.enable_run_metadata()
     try:
-        out = loop(iter(data.pretrain_dataset(data.load(cfg).train, cfg, epoch=0)),
+        out = loop(iter(streams.pretrain_dataset(data.load(cfg).train, cfg, epoch=0)),
                    tf.constant(1), w0)
         ran = ctx.export_run_metadata().function_graphs
     finally:
@@ -125,7 +125,7 @@ def test_the_loop_at_cifar_scale_runs_no_order_of_arrival_sum():
 
 def test_loop_stops_at_the_first_unhealthy_step():
     cfg = tiny_config(optimizer="sgd", learning_rate=1e35, weight_decay=0.0)
-    batches = list(data.pretrain_dataset(data.load(cfg).train, cfg, epoch=0).take(3))
+    batches = list(streams.pretrain_dataset(data.load(cfg).train, cfg, epoch=0).take(3))
     state, _, loop = _state_and_loop(cfg)
     w0 = health.weight_norm(state.model.trainable_variables)
     out = loop(iter(tf.data.Dataset.from_tensor_slices(

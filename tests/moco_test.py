@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from conftest import tiny_config
 
-from clae_tf import checkpoints, data, distribute, train
+from clae_tf import checkpoints, data, distribute, streams, train
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 # SGD without weight decay, and momentum 0.9 so that two steps move the key encoder visibly.
@@ -31,7 +31,7 @@ def _values(variables):
 
 def _batches(cfg, n):
     source = data.load(cfg)
-    ds = data.pretrain_dataset(source.train, cfg, epoch=0).take(n)
+    ds = streams.pretrain_dataset(source.train, cfg, epoch=0).take(n)
     return [(x1.numpy(), x2.numpy()) for x1, x2 in ds]
 
 

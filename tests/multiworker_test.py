@@ -90,7 +90,7 @@ def test_two_workers_train_like_one_process(tmp_path, method):
 
     from conftest import tiny_config
 
-    from clae_tf import checkpoints, data, train
+    from clae_tf import checkpoints, data, streams, train
 
     # lr 0.01 and eps=0 keep the comparison with one process tight (see below). A constant
     # learning rate: the reference below does not know the workers' total steps.
@@ -128,7 +128,7 @@ def test_two_workers_train_like_one_process(tmp_path, method):
         initial = {v.path: v.numpy() for v in state.model.variables}
         step = train.make_distributed_step(one, train.make_train_step(
             state.model, state.optimizer, single, 1, state.method), state.method, compiled=False)
-        for x1, x2 in data.pretrain_dataset(source.train, single, epoch=0).take(cfg.max_steps):
+        for x1, x2 in streams.pretrain_dataset(source.train, single, epoch=0).take(cfg.max_steps):
             step(x1, x2)
         reference_all = _state_values(state)
         reference = {v.path: reference_all[v.path] for v in state.model.variables}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import attacks, builders, checkpoints, data, losses, train
+from clae_tf import attacks, builders, checkpoints, data, losses, streams, train
 from conftest import tiny_config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -38,7 +38,7 @@ def _one_step(cfg, batch, weights=None):
 @pytest.fixture(scope="module")
 def batch():
     cfg = tiny_config()
-    return next(iter(data.pretrain_dataset(data.load(cfg).train, cfg, epoch=0)))
+    return next(iter(streams.pretrain_dataset(data.load(cfg).train, cfg, epoch=0)))
 
 
 def _update_error(weights0, ref, other):

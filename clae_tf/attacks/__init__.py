@@ -1,0 +1,35 @@
+"""Adversarial examples as pure functions (no flags, no distribution strategy): the CLAE training
+attack and robust evaluation. train.training_attack picks and seeds the training one from the flags.
+
+Map of the attacks, their modules and sources:
+
+  - gradient.py, `fgsm` / `pgd`: the CLAE training attack (docs/method.md, "The CLAE step",
+    step 3): signed gradient steps on view 1 against the batch-wide contrastive loss of an
+    embedding function. `fgsm_classifier` (Goodfellow et al., ICLR 2015) and `pgd_classifier`
+    (Madry et al., ICLR 2018), L-inf or L2, on a classifier's cross-entropy.
+  - auto_pgd.py, `apgd`: Auto-PGD, Algorithm 1 of Croce & Hein, "Reliable evaluation of
+    adversarial robustness with an ensemble of diverse parameter-free attacks" (ICML 2020),
+    L-inf or L2, on `ce_loss`, `dlr_loss` or `dlr_targeted_loss` (logit_losses.py, the same
+    paper, Sec. 4); `top_targets` picks APGD-T's target classes. AutoAttack = APGD-CE, APGD-T,
+    (FAB-T,) Square, each on the survivors.
+  - square.py, `square_linf`: the L-inf Square attack, Andriushchenko et al., "Square Attack: a
+    query-efficient black-box adversarial attack via random search" (ECCV 2020), Algorithm 1
+    and its L-inf proposal; score-based, never a gradient.
+  - common.py: the balls, random starts and per-example bookkeeping they share.
+
+The evaluation attacks (`apgd`, `square_linf`, `pgd_classifier`) loop with tf.while_loop: one
+trace per call site, whatever the number of iterations, and no host round trip inside the loop.
+Callers use the names below (`attacks.apgd`, ...), not the modules.
+"""
+
+from clae_tf.attacks.auto_pgd import APGD_LOSSES, apgd, apgd_checkpoints, top_targets
+from clae_tf.attacks.common import NORMS, uniform_start
+from clae_tf.attacks.gradient import (auto_step_size, classifier_objective, fgsm, fgsm_classifier,
+                                      linf_pgd, pgd, pgd_classifier)
+from clae_tf.attacks.logit_losses import ce_loss, dlr_loss, dlr_targeted_loss, margin
+from clae_tf.attacks.square import SQUARE_DRAWS, SQUARE_HALVINGS, square_linf, square_p
+
+__all__ = ["APGD_LOSSES", "NORMS", "SQUARE_DRAWS", "SQUARE_HALVINGS", "apgd", "apgd_checkpoints",
+           "auto_step_size", "ce_loss", "classifier_objective", "dlr_loss", "dlr_targeted_loss",
+           "fgsm", "fgsm_classifier", "linf_pgd", "margin", "pgd", "pgd_classifier", "square_linf",
+           "square_p", "top_targets", "uniform_start"]

@@ -1,0 +1,249 @@
+"""Signed-gradient attacks: FGSM and PGD on the CLAE training loss and on a classifier.
+
+One core, `linf_pgd(objective, x, ...)`, does k signed-gradient ascent steps on any scalar
+objective of the input. Two front ends build the objective:
+
+  - `pgd` / `fgsm`: the CLAE training attack (docs/method.md, "The CLAE step", step 3), the
+    batch-wide contrastive loss batch_loss(sg z(x1), z(x_adv)) of an embedding function z;
+  - `pgd_classifier` / `fgsm_classifier` (Goodfellow et al., ICLR 2015; Madry et al., ICLR
+    2018; robust evaluation), L-inf or L2: the summed cross-entropy of a classifier's logits
+    against the labels.
+
+Every gradient is taken w.r.t. the input only (a nested tape that watches just x_adv and no
+variable), kept in float32, and the result is stop_gradient-ed: an attack never forms parameter
+gradients and never becomes part of a training graph.
+"""
+
+import tensorflow as tf
+
+from clae_tf.attacks.common import (_NOT_CONVERTED, _check_norm, _direction, _project, _project_l2,
+                                    _random_start, _rows, _seed, uniform_start)
+
+
+def _input_gradient(objective, x, finite=False):
+    """(d objective / dx in float32, aux). `objective(x)` returns a scalar or (scalar, aux).
+    finite=True: +-inf entries become 0 as well as NaN ones (the evaluation attacks blend
+    gradients arithmetically, `_select`, where an inf would turn into NaN)."""
+    # Watches the INPUT only: no parameter gradient is ever formed, and an enclosing tape
+    # (the train step's, when not paused) does not see the variables through this one.
+    with tf.GradientTape(watch_accessed_variables=False) as input_tape:
+        input_tape.watch(x)
+        out = objective(x)
+    loss, aux = out if isinstance(out, tuple) else (out, None)
+    # ZERO: an input the objective does not depend on (a constant model) gets no step, not None.
+    grad = input_tape.gradient(loss, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    # Kept in float32 even under mixed precision: an underflowed gradient gives sign(0) = 0.
+    grad = tf.cast(grad, tf.float32)
+    # A NaN entry (float16: an overflowed loss scale) gives no step on that pixel, not a NaN.
+    bad = tf.math.logical_not(tf.math.is_finite(grad)) if finite else tf.math.is_nan(grad)
+    return tf.where(bad, tf.zeros_like(grad), grad), aux
+
+
+def _scaled(batch_loss, loss_scale):
+    """float16 training: the gradient is taken of loss * loss_scale (the optimizer's dynamic
+    scale), else the float16 back-propagation underflows to 0 and sign(0) = 0 leaves the pixel
+    unperturbed. sign() is scale-invariant, so the scale needs no undoing."""
+    if loss_scale is None:
+        return batch_loss
+    return lambda z_anchor, z: batch_loss(z_anchor, z) * tf.cast(loss_scale, tf.float32)
+
+
+def _ascent_step(x_adv, grad, x, eps, step_size, clip_min, clip_max):
+    return _project(x_adv + step_size * tf.sign(tf.cast(grad, x_adv.dtype)), x, eps, clip_min,
+                    clip_max)
+
+
+def linf_pgd(objective, x, eps, steps, step_size, x_start=None, clip_min=None, clip_max=None,
+             unroll=True):
+    """The core: `steps` signed-gradient ascent steps on `objective` in the L-inf ball around x.
+
+    x_adv <- Proj(x_adv + step_size * sign(d objective / d x_adv)), Proj = the eps-ball around x
+    intersected with [clip_min, clip_max].
+
+    Args:
+      objective: x_adv -> scalar to maximise (or (scalar, aux); aux is ignored).
+      x: (N, ...) clean input, the centre of the ball.
+      eps: radius, in x's units. eps = 0 returns x.
+      steps: number of steps (Python int >= 0; 0 returns x_start projected).
+      step_size: size of each step, in x's units.
+      x_start: where to start (default x); see `uniform_start`.
+      clip_min, clip_max: optional valid range of the input.
+      unroll: True: a Python loop (traced `steps` times), which keeps batch-norm updates and
+        cross-replica reductions inside the objective (the training attack) out of a
+        tf.while_loop. False: a tf.while_loop, traced once: for many steps of a stateless
+        objective (PGD-20 on a classifier traces ~20x faster).
+
+    Returns:
+      x_adv, with its gradient stopped.
+    """
+    x = tf.convert_to_tensor(x)
+    eps = tf.cast(eps, x.dtype)
+    step_size = tf.cast(step_size, x.dtype)
+    x_adv = x if x_start is None else _project(tf.convert_to_tensor(x_start, x.dtype), x, eps,
+                                               clip_min, clip_max)
+    def step(x_adv):
+        grad, _ = _input_gradient(objective, x_adv)
+        return _ascent_step(x_adv, grad, x, eps, step_size, clip_min, clip_max)
+
+    if unroll:
+        for _ in range(steps):
+            x_adv = step(x_adv)
+    elif steps > 0:
+        _, x_adv = tf.while_loop(lambda i, _: i < steps, lambda i, x_adv: (i + 1, step(x_adv)),
+                                 [tf.constant(0), x_adv])
+    return tf.stop_gradient(x_adv)
+
+
+def pgd(embed_adv, batch_loss, x1, eps, steps, step_size, random_start=False, seed=None,
+        clip_min=None, clip_max=None, loss_scale=None):
+    """PGD on view 1 against the batch-wide contrastive loss: the objective is
+    batch_loss(sg z(x1), z(x_adv)), z = embed_adv, so x_adv is pushed away from its own clean
+    embedding and, through the batch, towards the others (docs/method.md, step 3, with k steps).
+
+    Without a random start the first step is the reference's FGSM step: at x_adv = x1 one
+    forward pass gives both the anchor z(x1) and the attacked embedding (the reference runs the
+    branch twice; same x_adv). With a random start the anchor is one extra forward pass at x1.
+    Each forward through training-mode BNs updates their running statistics once.
+
+    Args:
+      embed_adv: x -> z through the ADVERSARIAL BNs in training mode (clean BNs and weights are
+        untouched).
+      batch_loss: (z_anchor, z) -> scalar base loss over the whole (global) batch.
+      x1: (N, H, W, C) normalised view 1.
+      eps: radius of the L-infinity ball, in normalised-input units.
+      steps: number of steps (>= 1).
+      step_size: size of each step, in normalised-input units.
+      random_start: start from a uniform point of the ball (`uniform_start`) instead of x.
+      seed: shape-[2] integer seed of the random start (required with random_start).
+      clip_min, clip_max: optional valid range (None: no clipping, as the reference).
+      loss_scale: float16 training: the optimizer's dynamic loss scale (`_scaled`).
+
+    Returns:
+      x_adv, with its gradient stopped.
+    """
+    batch_loss = _scaled(batch_loss, loss_scale)
+    if steps < 1:
+        raise ValueError(f"pgd needs steps >= 1, got {steps}")
+    x1 = tf.convert_to_tensor(x1)
+    eps_t, step_t = tf.cast(eps, x1.dtype), tf.cast(step_size, x1.dtype)
+    if random_start:
+        z_anchor = tf.stop_gradient(embed_adv(x1))
+        x_start = uniform_start(x1, eps, _seed(seed), clip_min, clip_max)
+        steps_left = steps
+    else:
+        def self_anchored(x):
+            z = embed_adv(x)
+            return batch_loss(tf.stop_gradient(z), z), tf.stop_gradient(z)
+
+        grad, z_anchor = _input_gradient(self_anchored, x1)
+        x_start = _ascent_step(x1, grad, x1, eps_t, step_t, clip_min, clip_max)
+        steps_left = steps - 1
+    return linf_pgd(lambda x: batch_loss(z_anchor, embed_adv(x)), x1, eps, steps_left, step_size,
+                    x_start=x_start, clip_min=clip_min, clip_max=clip_max)
+
+
+def auto_step_size(eps, steps):
+    """--attack_step_size=0: 2.5 * eps / steps (the rule of thumb of Madry et al.'s robustness
+    library). k steps can then travel 2.5 radii: enough to cross the ball from a random start
+    and still slide along its surface, while one step (k = 1) overshoots and is projected back
+    onto the signed-gradient corner, i.e. is FGSM."""
+    return 2.5 * eps / steps
+
+
+def fgsm(embed_adv, batch_loss, x1, eps, loss_scale=None):
+    """One FGSM step on view 1 against the batch-wide contrastive loss (the paper's attack).
+
+    The reference computes L(model_adv(x1), model_adv(x_adv)) with x_adv = x1, i.e. runs the
+    adversarial branch forward twice and back-propagates into every parameter. Both embeddings
+    are the same forward pass at x_adv = x1, and the gradient w.r.t. x_adv only flows through the
+    second argument, so here the branch runs once and the first argument is stop-gradient-ed;
+    the tape watches only the input (no parameter gradients are ever formed). Same x_adv.
+    This is `pgd` with one step of size eps, no random start and no clipping.
+
+    Args:
+      embed_adv: x -> z through the ADVERSARIAL BNs in training mode (this updates their
+        running statistics once; clean BNs and weights are untouched).
+      batch_loss: (z_anchor, z) -> scalar base loss over the whole (global) batch.
+      x1: (N, H, W, C) normalised view 1.
+      eps: step size in normalised-input units. No random start, no clipping (as the reference).
+      loss_scale: float16 training: the gradient is taken of loss * loss_scale (the optimizer's
+        dynamic scale), else the float16 back-propagation underflows to 0 and sign(0) = 0 leaves
+        x1 unperturbed. sign() is scale-invariant; a NaN entry (an overflowed scale) gives no
+        step on that pixel instead of a NaN image.
+
+    Returns:
+      x_adv = x1 + eps * sign(dL/dx_adv), with its gradient stopped.
+    """
+    return pgd(embed_adv, batch_loss, x1, eps, steps=1, step_size=eps, loss_scale=loss_scale)
+
+
+def classifier_objective(logits_fn, y):
+    """x -> the cross-entropy of logits_fn(x) against labels y, SUMMED over the batch.
+
+    Summed, not averaged: examples are independent (inference-mode BNs), so each one's input
+    gradient is that of its own loss, whatever the batch size (no 1/N that could underflow).
+    """
+    def objective(x):
+        logits = tf.cast(logits_fn(x), tf.float32)
+        return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y,
+                                                                            logits=logits))
+    return objective
+
+
+@_NOT_CONVERTED
+def pgd_classifier(logits_fn, x, y, eps, steps, step_size, random_start=False, seed=None,
+                   clip_min=None, clip_max=None, norm="linf"):
+    """PGD (Madry et al. 2018) on a classifier's cross-entropy, in the L-inf or the L2 ball.
+
+    L-inf: x_adv <- Proj(x_adv + step_size * sign(g)); L2: x_adv <- Proj(x_adv + step_size *
+    g / ||g||_2), g the input gradient of the example's own cross-entropy and Proj the ball
+    then the range (`_project_l2` says why that is a point of both).
+
+    Args:
+      logits_fn: x -> (N, C) logits (inference mode: no state changes).
+      x: (N, ...) clean inputs; y: (N,) int labels.
+      eps, steps, step_size: radius, number and size of the steps, in x's units.
+      random_start: start from a uniform point of the ball (`uniform_start`; L2: `_random_start`)
+        instead of x.
+      seed: shape-[2] integer seed of the random start (required with random_start).
+      clip_min, clip_max: optional valid range of x (e.g. 0 and 1 for pixels).
+      norm: "linf" or "l2".
+
+    Returns:
+      x_adv, with its gradient stopped.
+    """
+    _check_norm(norm)
+    x = tf.convert_to_tensor(x)
+    objective = classifier_objective(logits_fn, y)
+    if norm == "l2":
+        eps = _rows(eps, x)
+        x_start = (_random_start(x, eps, norm, _seed(seed), clip_min, clip_max) if random_start
+                   else x)
+        return _l2_pgd(objective, x, eps, steps, step_size, x_start, clip_min, clip_max)
+    x_start = None
+    if random_start:
+        x_start = uniform_start(x, eps, _seed(seed), clip_min, clip_max)
+    # A tf.while_loop: the objective is stateless (inference mode), and PGD-20 then traces once.
+    return linf_pgd(objective, x, eps, steps, step_size, x_start=x_start, clip_min=clip_min,
+                    clip_max=clip_max, unroll=False)
+
+
+def fgsm_classifier(logits_fn, x, y, eps, clip_min=None, clip_max=None):
+    """FGSM (Goodfellow et al. 2015): x + eps * sign(d CE / dx), clipped to the range if given."""
+    return pgd_classifier(logits_fn, x, y, eps, steps=1, step_size=eps, clip_min=clip_min,
+                          clip_max=clip_max)
+
+
+def _l2_pgd(objective, x, eps, steps, step_size, x_start, clip_min, clip_max):
+    """`steps` normalised-gradient ascent steps on `objective` in the L2 ball (tf.while_loop)."""
+    step_size = tf.cast(step_size, x.dtype)
+    x_adv = _project_l2(tf.convert_to_tensor(x_start, x.dtype), x, eps, clip_min, clip_max)
+
+    def step(i, x_adv):
+        grad, _ = _input_gradient(objective, x_adv)
+        x_adv = x_adv + step_size * _direction(tf.cast(grad, x.dtype), "l2")
+        return i + 1, _project_l2(x_adv, x, eps, clip_min, clip_max)
+
+    if steps > 0:
+        _, x_adv = tf.while_loop(lambda i, _: i < steps, step, [tf.constant(0), x_adv])
+    return tf.stop_gradient(x_adv)
