@@ -265,7 +265,7 @@ def train(cfg: Config, strategy, source: data.Source, on_accepted=None) -> Train
     loop = _Loop(cfg, strategy, source, state, steps_per_epoch, total_steps)
     step = start = state.step
     loop_start = time.time()
-    epochs = _epoch_batches(strategy, source.train, cfg, start, steps_per_epoch, total_steps)
+    epochs = _epoch_batches(strategy, source.train, cfg, start, total_steps)
     iterator, left_in_epoch = next(epochs)
     loop.timings["data_setup"] += time.time() - loop_start
     try:
@@ -416,10 +416,9 @@ def _steps_to_next_event(step, total_steps, cfg):
     return n
 
 
-def _epoch_batches(strategy, split, cfg, step, steps_per_epoch, total_steps):
+def _epoch_batches(strategy, split, cfg, step, total_steps):
     """streams.epoch_iterators over the distributed (x1, x2) batches: (iterator, steps left in
-    its epoch) per epoch, from global step `step` on. steps_per_epoch is the caller's count of
-    the split's batches, which streams counts itself (unused here)."""
+    its epoch) per epoch, from global step `step` on."""
     return streams.epoch_iterators(
         split, cfg, step, total_steps,
         lambda ds: iter(distribute.distribute_batches(strategy, ds)))
