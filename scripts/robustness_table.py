@@ -6,7 +6,7 @@
         --run="SimCLR + CLAE (PGD-3)=runs/cifar10_small/clae_pgd_seed*" \
         --attack=worst --attack=pgd20 --figure=docs/results/robustness.png
 
-Each --run is "label=glob of workdirs" (one workdir per seed). --attack picks the rows of the
+Each --run is "label=glob" of workdirs or of results files (*.json), one per seed. --attack picks the rows of the
 robust evaluation to show (an attack of its chain, e.g. pgd20, apgd-t, or "worst": the worst case
 over the whole chain; default worst), --norm the threat model (linf: robust_top1, radii in
 1/255; l2: robust_top1_l2). Prints, as markdown:
@@ -27,11 +27,12 @@ import statistics as st
 
 
 def load_runs(pattern: str) -> dict:
-    """{seed: results} of every workdir matching `pattern` that has a results.json."""
+    """{seed: results} of every match of `pattern` that is a results file (*.json, e.g. the
+    copies kept under docs/results/) or a workdir with a results.json."""
     runs = {}
-    for workdir in sorted(glob.glob(pattern)):
-        path = os.path.join(workdir, "results.json")
-        if os.path.exists(path):
+    for match in sorted(glob.glob(pattern)):
+        path = match if match.endswith(".json") else os.path.join(match, "results.json")
+        if os.path.isfile(path):
             with open(path) as f:
                 r = json.load(f)
             runs[r["seed"]] = r

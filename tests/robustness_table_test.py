@@ -98,3 +98,20 @@ def test_cli_writes_the_figure_and_refuses_runs_without_the_rows(tmp_path):
     done = subprocess.run([sys.executable, SCRIPT, f"--run=D={tmp_path}/nothing*"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "no workdir" in done.stderr
+
+
+def test_results_files_count_like_workdirs(tmp_path):
+    """A glob of kept results files (docs/results/.../<run>.json) reads as the workdirs would;
+    a workdir's log file beside it (<run>.log) is not a run."""
+    for seed, worst8 in [(0, 0.02), (1, 0.06)]:
+        _run(tmp_path, "a", seed, worst8)
+        (tmp_path / f"a_seed{seed}.log").write_text("not a run")
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for seed in (0, 1):
+        (kept / f"a_seed{seed}.json").write_text(
+            (tmp_path / f"a_seed{seed}" / "results.json").read_text())
+    from_files = robustness_table.load_runs(str(kept / "a_seed*.json"))
+    assert sorted(from_files) == [0, 1]
+    assert [from_files[s]["robust_top1"]["worst"]["8"] for s in (0, 1)] == [0.02, 0.06]
+    assert from_files == robustness_table.load_runs(str(tmp_path / "a_seed*"))
