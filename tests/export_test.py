@@ -301,19 +301,18 @@ def test_probe_endpoint_checks_its_input_as_the_encoder_does(endpoints, form, en
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    cfg = tiny_config(adversarial=False)
-    model = builders.build_model(cfg)
-    path = str(tmp_path_factory.mktemp("export") / "saved_model")
-    export.export(cfg, model, path)
-    return model, tf.saved_model.load(path)
+def exported(endpoints):
+    """The model and its encoder SavedModel, loaded: the export of `endpoints` (one export and
+    load of the tiny model serves both groups of tests)."""
+    _, model, _, encoder, _ = endpoints
+    return model, encoder
 
 
 def _images(n=3, size=16):
     return np.random.default_rng(1).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
-@pytest.mark.slow  # export + load of a tiny model: ~10-15 s on 2 shared cores
+@pytest.mark.slow  # the export and load of the `endpoints` fixture
 def test_saved_model_right_dtypes_match_the_model(exported):
     model, loaded = exported
     images = _images()
