@@ -1,4 +1,4 @@
-"""Time and memory of evaluation's kNN and linear probe, now and as they were before issue 13.
+"""Time and memory of evaluation's kNN and linear probe, and of the slower versions they replaced.
 
     python bench/eval_speed.py                    # the small protocol and 50,000 x 10,000
     python bench/eval_speed.py --cases=small --epochs=100

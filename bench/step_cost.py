@@ -12,7 +12,7 @@ inputs, traced, then warmed up), every step of every case and precision timed on
 INTERLEAVED rounds, so that other jobs on the machine slow them all alike: the ratios to the
 reference case (--reference, default cifar:32 = the CIFAR-10 protocols' step) hold on a busy
 machine, the seconds only on an idle one. Median over rounds. FLOPs per image are counted from
-the traced graph (benchmark.forward_flops). The input pipeline (data.pretrain_dataset: both views
+the traced graph (benchmark.forward_flops). The input pipeline (streams.pretrain_dataset: both views
 of --source_size px images, augmented, at --image_size) is timed on its own after the rounds: it
 must deliver images faster than the CLAE step consumes them.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.dirname(BENCH))
 
 import benchmark  # noqa: E402  (bench/benchmark.py: the steps, FLOPs, interleaved rounds)
-from clae_tf import data  # noqa: E402
+from clae_tf import streams  # noqa: E402
 
 METHODS = ("simclr", "clae")
 
@@ -105,11 +105,11 @@ def time_steps(args) -> dict:
 
 
 def time_pipeline(args) -> float:
-    """Images/s of data.pretrain_dataset (both views) from --source_size px images."""
+    """Images/s of streams.pretrain_dataset (both views) from --source_size px images."""
     cfg = config(args, args.cases[0], "clae")
     source = args.source_size or args.image_size
     split = benchmark.synthetic_split(args.batch_size * (args.pipeline_batches + 2), source)
-    batches = iter(data.pretrain_dataset(split, cfg, epoch=0))
+    batches = iter(streams.pretrain_dataset(split, cfg, epoch=0))
     next(batches)  # builds the pipeline
     start = time.perf_counter()
     for _ in range(args.pipeline_batches):

@@ -6,7 +6,7 @@ raises before it imports TensorFlow; a fake `tensorflow` package on PYTHONPATH c
 
 import pytest
 
-from conftest import run_cli, tiny_config
+from conftest import one_line_error, run_cli, tiny_config
 
 from clae_tf import checkpoints, distribute, workdir
 
@@ -74,3 +74,13 @@ def test_incompatible_checkpoint(tmp_path):
     line = _assert_one_line_error(proc, "--width")
     assert line.startswith("error: --workdir:") and cfg.run_dir in line
     assert "--width=0.0625 (now 0.125)" in line
+
+
+@pytest.mark.slow  # one run.py process that imports TensorFlow (~10 s)
+def test_workdir_regular_file_from_the_command_line(tmp_path):
+    path = tmp_path / "not_a_dir"
+    path.write_text("x")
+    proc = _run(["--flagfile=flags/smoke.cfg", "--epochs=1", "--linear_epochs=2",
+                 f"--workdir={path}"], tmp_path)
+    assert one_line_error(proc, "--workdir", tensorflow=True) == (
+        f"error: --workdir: {path} is a file, not a directory")

@@ -3,11 +3,13 @@
 import dataclasses
 
 import pytest
+import tensorflow as tf
 from absl import flags
 
-from conftest import parse_flags
+from conftest import one_line_error, parse_flags, run_cli
 
-from clae_tf import ClaeError, config
+from clae_tf import ClaeError, augment, config
+from clae_tf.config import Config
 
 AUTO = {"temperature", "head", "proj_dim", "augment", "normalize", "optimizer", "learning_rate",
         "weight_decay", "lr_schedule", "lr_boundaries", "lr_factors", "probe", "linear_batch_size"}
@@ -108,3 +110,85 @@ def test_flagfile_round_trip(tmp_path):
     parsed = config.Config.parse_flagfile(text.replace("--adversarial", "--noadversarial"))
     assert parsed["adversarial"] == "False" and parsed["lr_factors"] == "0.1,0.05,0.01"
     assert parsed["width"] == "0.5" and parsed["sync_bn"] == "True"
+
+
+# ---------------------------------------------------------------------------------------------
+# Nonsensical numeric values: one line naming the flag, before TensorFlow is imported.
+
+
+BAD_VALUES = [
+    ("ckpt_every", 0), ("log_every", 0), ("image_every", 0), ("eval_batch_size", 0),
+    ("linear_batch_size", -1), ("proj_hidden", -5), ("max_steps", -1), ("train_examples", -1),
+    ("examples_per_class", -1), ("eps", 100.0), ("eps", 2.5), ("temperature", 1e-45),
+    ("temperature", 5e-4), ("knn_sigma", 1e-45), ("knn_sigma", -1.0), ("linear_epochs", -1),
+    ("linear_epochs", 0), ("linear_lr", 0.0), ("momentum", 1.0), ("momentum", -0.1),
+    ("seed", -1), ("seed", 2 ** 32), ("virtual_cpus", -1), ("eps", float("nan")),
+    ("alpha", float("inf")), ("learning_rate", float("nan")), ("width", float("inf")),
+    ("weight_decay", float("nan")),
+]
+
+
+@pytest.mark.parametrize("flag, value", BAD_VALUES)
+def test_bad_value_is_refused(flag, value):
+    with pytest.raises(ClaeError) as e:
+        Config(**{flag: value})
+    assert str(e.value).startswith(f"--{flag}: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw, flag", [
+    (dict(lr_schedule="step", lr_boundaries=(160, 120), lr_factors=(0.1, 0.01)), "lr_boundaries"),
+    (dict(lr_schedule="step", lr_boundaries=(-1,), lr_factors=(0.1,)), "lr_boundaries"),
+    (dict(lr_schedule="step", lr_boundaries=(10, 10), lr_factors=(0.1, 0.1)), "lr_boundaries"),
+    (dict(lr_schedule="step", lr_boundaries=(10,), lr_factors=(-0.1,)), "lr_factors"),
+    (dict(lr_schedule="step", lr_boundaries=(10,), lr_factors=(float("nan"),)), "lr_factors"),
+])
+def test_bad_step_schedule_is_refused(kw, flag):
+    with pytest.raises(ClaeError, match=f"^--{flag}: "):
+        Config(**kw)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(eps=2.0), dict(eps=0.0), dict(normalize="cifar", eps=4.9), dict(temperature=1e-3),
+    dict(knn_sigma=1e-3), dict(max_steps=0), dict(proj_hidden=0), dict(momentum=0.0),
+    dict(seed=2 ** 32 - 1), dict(train_examples=0), dict(linear_epochs=1),
+    dict(lr_schedule="step", lr_boundaries=(0, 5), lr_factors=(0.5, 0.1)),
+])
+def test_sensible_values_pass(kw):
+    Config(**kw)
+
+
+def test_eps_bound_is_the_input_range_of_the_normalisation():
+    """The bound on --eps is the span of [0, 1] after the normalisation augment applies."""
+    for kind, (_, std) in augment.NORMALIZATIONS.items():
+        # The smallest range a pixel's [0, 1] spans over the channels: 1 / the largest std.
+        span = float(tf.reduce_min(augment.normalize(tf.ones([3]), kind)
+                                   - augment.normalize(tf.zeros([3]), kind)))
+        assert span == pytest.approx(1 / max(std))
+        Config(normalize=kind, eps=span * 0.999)
+        with pytest.raises(ClaeError, match=f"^--eps: .*{span:.3g} with --normalize={kind}"):
+            Config(normalize=kind, eps=span * 1.001)
+
+
+def test_eps_message_explains_the_units():
+    with pytest.raises(ClaeError) as e:
+        Config(eps=100)
+    assert str(e.value) == ("--eps: 100 is larger than the whole input range (2 with "
+                            "--normalize=half); eps is in normalised-input units (0.03 ~ 3.8/255 "
+                            "of a pixel's range)")
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--ckpt_every=0"], "--ckpt_every"),
+    (["--image_every=0"], "--image_every"),
+    (["--eval_batch_size=0"], "--eval_batch_size"),
+    (["--max_steps=-1"], "--max_steps"),
+    (["--train_examples=-1"], "--train_examples"),
+    (["--eps=100"], "--eps"),
+    (["--temperature=1e-45"], "--temperature"),
+    (["--eps=nan"], "--eps"),
+])
+def test_bad_values_fail_before_tensorflow(tmp_path, args, flag):
+    proc = run_cli(["--flagfile=flags/smoke.cfg", "--epochs=1", "--linear_epochs=2",
+                    f"--workdir={tmp_path / 'run'}"] + args, tmp_path, tensorflow=False)
+    one_line_error(proc, flag)
+    assert not (tmp_path / "run").exists()

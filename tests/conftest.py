@@ -34,6 +34,23 @@ def run_cli(args, tmp_path, tensorflow=True):
                           timeout=600)  # generous: a machine 3x slower than a busy one
 
 
+def one_line_error(proc, flag, tensorflow=False):
+    """The single stderr line of a clean failure (exit 2, no traceback) naming `flag`.
+
+    With TensorFlow imported, its C++ start-up lines (I0000..., E0000...) come first: then the
+    error must be the last line and the only one starting with "error".
+    """
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    if tensorflow:
+        assert [line for line in lines if line.startswith("error")] == lines[-1:], proc.stderr
+        lines = lines[-1:]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {flag}:"), lines[0]
+    return lines[0]
+
+
 def parse_flags(*args):
     """run.py's parsing of `args` into a Config (flagfile paths relative to the cwd)."""
     from absl import flags

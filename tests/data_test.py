@@ -207,7 +207,7 @@ def test_truncated_image_is_named_too(tmp_path):
     encoded = tf.io.encode_png(tf.fill([20, 20, 3], tf.constant(7, tf.uint8))).numpy()
     with open(bad, "wb") as f:
         f.write(encoded[: len(encoded) // 2])
-    # A broken test image is found by load (issue 12, item 10), before any training...
+    # A broken test image is found by load, before any training...
     with pytest.raises(ClaeError, match="zz.png"):
         data.load(_cfg(root))
     # ... and the evaluation stream would name it too.
@@ -357,7 +357,7 @@ def test_tfds_dataset_not_prepared_offline(tmp_path):
     elapsed = time.time() - t
     assert "--dataset" in message and "mnist" in message
     # Offline: the download fails, unless TFDS's download code lacks a module first (then that
-    # module is named instead: issue 12, item 11, tests/faults_test.py).
+    # module is named instead; test_tfds_missing_module_is_named checks the message).
     assert ("could not be downloaded" in message and "image folder" in message) or (
         "pip install" in message and "could not be downloaded" not in message)
     assert elapsed < 60, f"the offline failure took {elapsed:.0f} s"
@@ -544,3 +544,151 @@ def test_the_run_long_stream_is_the_epochs_one_after_another(digits):
     for (a1, a2), (b1, b2) in zip(stream, want):
         np.testing.assert_array_equal(a1, b1)
         np.testing.assert_array_equal(a2, b2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Classes: fewer than two, or test classes without training images; unreadable test images; TFDS
+# preparation that needs a module that is not installed.
+
+
+def _write_png(path, value, size=8):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tf.io.write_file(path, tf.io.encode_png(tf.fill([size, size, 3], tf.constant(value, tf.uint8))))
+
+
+def _folder(root, train_classes=("a", "b"), test_classes=("a", "b"), per_class=3):
+    for c in train_classes:
+        for i in range(per_class):
+            _write_png(os.path.join(root, "train", c, f"{i}.png"), 10 + i)
+    for c in test_classes:
+        for i in range(2):
+            _write_png(os.path.join(root, "test", c, f"{i}.png"), 100 + i)
+    return str(root)
+
+
+def test_one_class_dataset_is_refused(tmp_path):
+    root = _folder(tmp_path / "one", train_classes=("a",), test_classes=("a",))
+    with pytest.raises(ClaeError, match=r"^--dataset: .* has only 1 class\(es\); kNN and linear"):
+        data.load(tiny_config(dataset=root, batch_size=2))
+
+
+def test_one_class_with_images_is_refused(tmp_path):
+    # Two class folders, one of them empty: one class of training images.
+    root = _folder(tmp_path / "empty_class", train_classes=("a",), test_classes=("a",))
+    os.makedirs(os.path.join(root, "train", "b"))
+    with pytest.raises(ClaeError, match=r"^--dataset: the training images .* hold only 1 class"):
+        data.load(tiny_config(dataset=root, batch_size=2))
+
+
+def test_train_examples_that_keep_one_class_are_refused(tmp_path, capsys):
+    root = _folder(tmp_path / "sorted", train_classes=("a", "b", "c"), test_classes=("a",))
+    with pytest.raises(ClaeError, match="^--train_examples: .*--examples_per_class keeps every"):
+        data.load(tiny_config(dataset=root, batch_size=2, train_examples=3))
+    # Two of three classes: it runs, and says so.
+    source = data.load(tiny_config(dataset=root, batch_size=2, train_examples=4))
+    assert source.train.num_examples == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the training images hold 2 of the 3")
+
+
+def test_test_class_missing_from_train_is_named(tmp_path, capsys):
+    root = _folder(tmp_path / "extra", train_classes=("a", "b"), test_classes=("a", "b", "zebra"))
+    source = data.load(tiny_config(dataset=root, batch_size=2))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: test class 'zebra' (2 images) of {root}/test has no train/ folder "
+                   f"and is left out of the evaluation"]
+    assert source.num_classes == 2 and source.test.num_examples == 4
+    # Nothing to say when the classes agree.
+    data.load(tiny_config(dataset=_folder(tmp_path / "same"), batch_size=2))
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# A corrupt test image stops the run before training.
+
+
+def test_corrupt_test_image_is_named_before_training(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "corrupt")
+    bad = os.path.join(root, "test", "b", "1b.png")
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {bad}$"):
+        data.load(tiny_config(dataset=root, batch_size=2))
+    import clae_tf.train
+    monkeypatch.setattr(clae_tf.train, "train", lambda *a: pytest.fail("trained first"))
+    cfg = tiny_config(tmp_path, dataset=root, batch_size=2)
+    with pytest.raises(ClaeError, match=f"cannot read image {bad}"):
+        app.run(cfg)
+
+
+def test_readable_test_split_is_decoded_once_and_cached(tmp_path):
+    """The up-front check fills the in-memory cache: evaluation reads no file again."""
+    root = _folder(tmp_path / "ok")
+    source = data.load(tiny_config(dataset=root, batch_size=2))
+    for name in os.listdir(os.path.join(root, "test", "a")):
+        os.remove(os.path.join(root, "test", "a", name))
+    values = sorted(int(x[0, 0, 0]) for x, _ in source.test.images)
+    assert values == [100, 100, 101, 101]
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS names whose preparation needs a module that is not installed.
+
+
+class _Builder:
+    data_dir = "/nowhere"
+
+    def __init__(self, error):
+        self.error = error
+
+    def is_prepared(self):
+        return False
+
+    def download_and_prepare(self):
+        raise self.error
+
+
+def _tfds_error(monkeypatch, error):
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: _Builder(error))
+    with pytest.raises(ClaeError) as e:
+        data.load(tiny_config(dataset="mnist"))
+    return str(e.value)
+
+
+def test_tfds_missing_module_is_named(monkeypatch):
+    message = _tfds_error(monkeypatch, ModuleNotFoundError("No module named 'importlib_resources'",
+                                                           name="importlib_resources"))
+    assert message == ("--dataset: preparing TFDS dataset 'mnist' needs the Python module "
+                       "'importlib_resources', which is not installed (pip install "
+                       "importlib_resources)")
+    # Also when the ImportError is the cause of another error, and for a submodule.
+    try:
+        try:
+            raise ModuleNotFoundError("No module named 'apache_beam.io'", name="apache_beam.io")
+        except ImportError as inner:
+            raise RuntimeError("builder failed") from inner
+    except RuntimeError as outer:
+        message = _tfds_error(monkeypatch, outer)
+    assert "'apache_beam'" in message and "pip install apache_beam)" in message
+
+
+def test_tfds_network_failure_still_says_download(monkeypatch):
+    message = _tfds_error(monkeypatch, ConnectionError("Name or service not known"))
+    assert "could not be downloaded" in message and "ConnectionError" in message
+
+
+def test_tfds_mnist_offline_for_real(tmp_path):
+    """The real TFDS offline: with importlib_resources missing, name it, not the network."""
+    try:
+        import importlib_resources  # noqa: F401
+        missing = False
+    except ImportError:
+        missing = True
+    with pytest.raises(ClaeError) as e:
+        data.load(tiny_config(dataset="mnist", data_dir=str(tmp_path / "tfds")))
+    message = str(e.value)
+    if missing:
+        assert "pip install importlib_resources" in message, message
+        assert "could not be downloaded" not in message
+    else:
+        assert "could not be downloaded" in message, message

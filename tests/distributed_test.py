@@ -6,7 +6,7 @@ updated weights (incl. both BN paths' moving statistics). That holds only becaus
 are gathered across replicas (attack and loss), the loss is divided by the number of replicas
 and BN statistics are synchronised: with --nosync_bn the same comparison fails, as
 test_sync_bn_off_differs shows. Steps run eagerly (DESIGN.md: "keep the step callable
-eagerly"): tracing the 2-replica step costs ~1 min on this CPU, the eager step a few seconds.
+eagerly"): tracing the 2-replica step costs many times the few eager steps a test runs.
 
 x_adv = x1 + eps * sign(g): where |g| is at the level of float round-off, the sign of the
 gradient is not defined by the maths, only by the summation order, which differs between one and

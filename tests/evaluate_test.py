@@ -208,3 +208,23 @@ def test_linear_probe_is_adam_softmax_regression_over_its_epoch_orders(n, batch_
     np.testing.assert_allclose(got_b, want_b, atol=1e-5)
     want_acc = np.mean(np.argmax(x @ want_w + want_b, axis=1) == y)
     assert acc == pytest.approx(want_acc)
+
+
+def test_knn_weights_do_not_overflow_at_small_sigma():
+    """exp(s / sigma) overflowed float32 below sigma ~0.0113 (inf * 0 = nan votes); compare with
+    a float64 numpy weighted kNN on the same data (exp((s - max) / sigma) in float64)."""
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(60, 8))
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    test = rng.normal(size=(25, 8))
+    test /= np.linalg.norm(test, axis=1, keepdims=True)
+    train_y, test_y = rng.integers(0, 3, 60), rng.integers(0, 3, 25)
+    for sigma in (0.5, 0.005, 1e-3):
+        sim = (test.astype(np.float32) @ train.astype(np.float32).T).astype(np.float64)
+        top = np.argsort(-sim, axis=1)[:, :7]
+        s = np.take_along_axis(sim, top, 1)
+        w = np.exp((s - s[:, :1]) / sigma)
+        scores = np.stack([(w * (train_y[top] == c)).sum(1) for c in range(3)], 1)
+        expected = np.mean(scores.argmax(1) == test_y)
+        got = evaluate.knn_top1(train, train_y, test, test_y, 3, k=7, sigma=sigma)
+        assert got == pytest.approx(expected), sigma

@@ -294,3 +294,74 @@ def test_probe_endpoint_checks_its_input_as_the_encoder_does(endpoints, form, en
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
         getattr(loaded, endpoint)(images)
     assert says in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The SavedModel refuses a wrong dtype instead of casting it.
+
+
+@pytest.fixture(scope="module")
+def exported(endpoints):
+    """The model and its encoder SavedModel, loaded: the export of `endpoints` (one export and
+    load of the tiny model serves both groups of tests)."""
+    _, model, _, encoder, _ = endpoints
+    return model, encoder
+
+
+def _images(n=3, size=16):
+    return np.random.default_rng(1).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.slow  # the export and load of the `endpoints` fixture
+def test_saved_model_right_dtypes_match_the_model(exported):
+    model, loaded = exported
+    images = _images()
+    h, z = model(augment.normalize(tf.constant(images, tf.float32) / 255.0), training=False)
+    for out in (loaded.serve_uint8(images), loaded.serve(images.astype(np.float32) / 255.0),
+                loaded.serve(images.astype(np.float64) / 255.0),
+                loaded.serve(tf.constant(images.astype(np.float32) / 255.0))):
+        np.testing.assert_allclose(out["h"].numpy(), h.numpy(), atol=1e-5)
+        np.testing.assert_allclose(out["z"].numpy(), z.numpy(), atol=1e-5)
+    # The signatures (TF Serving) keep the first dtypes: float32 and uint8.
+    specs = {k: list(f.structured_input_signature[1].values())[0].dtype
+             for k, f in loaded.signatures.items()}
+    assert specs == {"serve": tf.float32, "serve_uint8": tf.uint8, "serving_default": tf.float32}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("endpoint, dtype, says", [
+    ("serve", np.uint8, "serve: takes float images in [0, 1]; for uint8 images in [0, 255] use "
+                        "serve_uint8; got uint8 images"),
+    ("serve", np.int64, "got int64 images"),
+    ("serve_uint8", np.float32, "serve_uint8: takes uint8 images in [0, 255]; for float images "
+                                "in [0, 1] use serve; got float32 images"),
+    ("serve_uint8", np.float64, "got float64 images"),
+    ("serve_uint8", np.int64, "got int64 images"),
+])
+def test_saved_model_refuses_a_wrong_dtype(exported, endpoint, dtype, says):
+    _, loaded = exported
+    images = _images().astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        images = images / 255.0  # the right values for the other endpoint
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        getattr(loaded, endpoint)(images)
+    assert says in str(e.value)
+
+
+@pytest.mark.slow
+def test_saved_model_other_dtypes_find_no_function(exported):
+    _, loaded = exported
+    with pytest.raises(ValueError, match="Could not find matching concrete function"):
+        loaded.serve(_images().astype(np.int16))
+
+
+@pytest.mark.slow
+def test_serve_refuses_0_255_values_even_when_cast(exported):
+    """The `signatures` entries do cast NumPy arguments (measured): serve's range check then
+    catches uint8 images read as floats; in-range floats pass."""
+    _, loaded = exported
+    with pytest.raises(tf.errors.InvalidArgumentError, match="got values from"):
+        loaded.signatures["serve"](images=_images())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="got values from"):
+        loaded.serve(_images().astype(np.float32))
+    loaded.serve(np.full((1, 16, 16, 3), 1.005, np.float32))  # a resampling overshoot

@@ -5,14 +5,18 @@ refused as another process would be. Then two run.py processes on one workdir.
 """
 
 import dataclasses
+import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import tiny_config
-from subprocs import run_py
+from conftest import REPO, tiny_config
+from subprocs import Program, run_py
 
 from clae_tf import ClaeError, app, files
 
@@ -92,3 +96,133 @@ def test_second_run_on_a_workdir_is_refused_until_the_first_dies(tmp_path):
     assert open(workdir / ".lock").read() == f"{first.pid}\n"  # what the killed run left
     with run_py(*first_args) as third:  # proceeds: the kernel dropped the dead run's lock
         third.wait_for(r"step 1/")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes (results.json, flags.cfg); a results.json that cannot be read counts as absent.
+
+
+def test_write_atomic_replaces_the_file_whole(tmp_path):
+    path = str(tmp_path / "results.json")
+    files.write_atomic(path, '{"a": 1}')
+    files.write_atomic(path, '{"a": 2, "b": 3}')
+    with open(path) as f:
+        assert json.load(f) == {"a": 2, "b": 3}
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left
+
+
+def test_a_kill_during_the_write_leaves_the_old_file(tmp_path):
+    """SIGKILL while the new text is being written (made slow): the old file is still whole."""
+    path = tmp_path / "results.json"
+    path.write_text('{"knn_top1": 0.5}')
+    script = (
+        "import os, sys, time\n"
+        "from clae_tf import files\n"
+        "def slow_fsync(fd):\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+        "os.fsync = slow_fsync\n"
+        f"text = '{{\"knn_top1\": 0.75, \"pad\": \"' + 'x' * 10**6 + '\"}}'\n"
+        f"files.write_atomic({str(path)!r}, text)\n")
+    with Program(["-c", script]) as child:
+        child.wait_for("writing$")  # the new text is half on its way
+        child.kill()  # SIGKILL: no handler, no cleanup runs
+    assert child.proc.returncode == -signal.SIGKILL
+    assert json.loads(path.read_text()) == {"knn_top1": 0.5}
+    # The new text went to a temporary file next to it (the same filesystem, for os.replace).
+    leftovers = [p for p in os.listdir(tmp_path) if p != "results.json"]
+    assert len(leftovers) == 1 and leftovers[0].startswith("results.json.")
+
+
+def test_interrupted_write_removes_its_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "flags.cfg"
+    path.write_text("--seed=1\n")
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_atomic(str(path), "--seed=2\n")
+    assert path.read_text() == "--seed=1\n"
+    assert os.listdir(tmp_path) == ["flags.cfg"]
+
+
+@pytest.mark.parametrize("broken", ['{"knn_top1": 0.5, "wall_sec', "", "[1, 2]", "\xff\xfe"])
+def test_unreadable_results_json_counts_as_absent(tmp_path, capsys, broken):
+    path = tmp_path / "results.json"
+    path.write_bytes(broken.encode("latin-1"))
+    assert files.read_json(str(path)) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and str(path) in err[0]
+    assert files.read_json(str(tmp_path / "missing.json")) is None
+    assert capsys.readouterr().err == ""  # a missing file is not worth a warning
+
+
+# ---------------------------------------------------------------------------------------------
+# check_writable: a workdir that cannot be written fails at once, with one line naming --workdir.
+
+
+def test_workdir_that_is_a_regular_file(tmp_path):
+    path = tmp_path / "not_a_dir"
+    path.write_text("x")
+    with pytest.raises(ClaeError, match=f"^--workdir: {path} is a file, not a directory$"):
+        files.check_writable(str(path))
+    # A regular file as a parent: ENOTDIR from makedirs, named with the path.
+    with pytest.raises(ClaeError, match=r"^--workdir: cannot write in .*not_a_dir/run \(Not a"):
+        files.check_writable(str(path / "run"))
+
+
+def test_workdir_where_root_cannot_create_anything(tmp_path):
+    # /sys (sysfs) refuses mkdir even to root (EPERM): a real failure of the real makedirs.
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("needs Linux sysfs (/sys/kernel), where even root cannot mkdir; "
+                    "test_workdir_on_a_read_only_filesystem covers the same refusal")
+    with pytest.raises(ClaeError, match=r"^--workdir: cannot write in /sys/kernel/clae_run \("):
+        files.check_writable("/sys/kernel/clae_run")
+    assert not os.path.exists("/sys/kernel/clae_run")
+
+
+def test_workdir_on_a_read_only_filesystem(tmp_path):
+    """A real EROFS: a read-only tmpfs in a private mount namespace (needs root and unshare)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    check = ("from clae_tf import ClaeError, files\n"
+             "try:\n"
+             f"    files.check_writable({str(ro / 'run')!r})\n"
+             "except ClaeError as e:\n"
+             "    print(e)\n")
+    script = f"mount -t tmpfs -o ro tmpfs {ro} && {sys.executable} -c \"$CHECK\""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare (a private mount namespace for a read-only "
+                    "tmpfs); the regular-file and sysfs tests cover the refusal")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, CHECK=check))
+    if proc.returncode != 0 and "mount" in proc.stderr:
+        pytest.skip(f"not root or no mount namespaces (containers without CAP_SYS_ADMIN), so no "
+                    f"read-only tmpfs to test on: {proc.stderr.strip()}")
+    assert proc.stdout.strip() == (
+        f"--workdir: cannot write in {ro / 'run'} (Read-only file system)"), proc.stderr
+
+
+def test_workdir_without_write_permission(tmp_path, monkeypatch):
+    # Tests run as root, where chmod does not stop writes: the probe's open fails as it would
+    # for another user (EACCES), through the real check.
+    workdir = tmp_path / "run"
+    real_open = open
+
+    def open_refusing_the_probe(path, *args, **kwargs):
+        if ".clae_write_probe" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_refusing_the_probe)
+    with pytest.raises(ClaeError) as e:
+        files.check_writable(str(workdir))
+    assert str(e.value) == f"--workdir: cannot write in {workdir} (Permission denied)"
+
+
+def test_writable_workdir_is_created_and_left_clean(tmp_path):
+    workdir = tmp_path / "a" / "b"
+    files.check_writable(str(workdir))
+    assert os.listdir(workdir) == []

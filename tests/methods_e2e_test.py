@@ -47,8 +47,11 @@ def test_method_runs_end_to_end(tmp_path, method, adversarial):
 def _moco_cfg(root, steps, export=False):
     # A constant learning rate: the interruption is simulated by --max_steps=2, which would
     # shorten MoCo's cosine schedule (a real resume re-runs the same command, same schedule).
+    # No robust evaluation: test_method_runs_end_to_end runs it for MoCo; here only the resume
+    # and the export count.
     return tiny_config(root, method="moco", dataset="cifar10", batch_size=8, queue_size=20,
-                       max_steps=steps, linear_epochs=1, export=export, lr_schedule="constant")
+                       max_steps=steps, linear_epochs=1, export=export, lr_schedule="constant",
+                       robust_attacks="")
 
 
 def _moco_state(cfg):

@@ -2,7 +2,7 @@
 encoder by momentum, and both stay identical on every replica and equal to one device.
 
 Steps run eagerly (train.make_distributed_step(compiled=False)): tracing costs more than the
-step on this CPU.
+few steps a test runs.
 """
 
 import keras

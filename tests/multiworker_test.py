@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT = 600  # seconds for both workers (~1.5 min on a loaded 2-core machine; 3x slower passes)
+TIMEOUT = 600  # seconds for both workers: several times what they take on a busy CPU
 
 
 def _worker(cfg_path, out_path):

@@ -353,6 +353,7 @@ def test_load_subset_reads_the_chosen_test_images():
     assert len(robust.load_subset(split, 0)[1]) == split.num_examples  # 0: all
 
 
+@pytest.mark.slow  # an export and load of the probe SavedModel each: ~14 s with the machine shared
 @pytest.mark.parametrize("feature", ["h", "z"])
 def test_probe_saved_model_gives_the_in_memory_logits(tiny, tmp_path, feature):
     cfg, model, _ = tiny

@@ -1,7 +1,7 @@
 """Programs under test in their own process, watched through what they print.
 
 A test waits for a line the program prints (a marker), never for a fixed time, and every wait
-has a timeout that a machine three times slower than a busy 2-core one still meets. The
+has a timeout that a machine three times slower than a busy one still meets. The
 program's stdout and stderr are read as they come (by two threads), so a full pipe never
 blocks it, and it runs in its own session with stdin closed: whether pytest runs in a
 terminal, in the background or under CI does not reach it.

@@ -159,6 +159,7 @@ def _check_x_adv_and_losses(cfg, metrics, images, ref_metrics, ref_x_adv, grad_x
 # ------------------------------------------------------------------ SimCLR + Adam
 
 
+@pytest.mark.slow  # ~30 s with the machine shared, ~10 s alone: tracing the optimized step
 def test_optimized_step_matches_literal_paper_step():
     cfg = tiny_config(batch_size=8)  # SimCLR: Adam 3e-4, constant, no weight decay
     assert (cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.lr_schedule) == (

@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_cli, tiny_config
+from conftest import REPO, one_line_error, run_cli, tiny_config
 
-from clae_tf import ClaeError, app, augment, checkpoints, evaluate, export, files, workdir
+from clae_tf import (ClaeError, app, augment, builders, checkpoints, data, evaluate, export,
+                     files, workdir)
 from clae_tf.config import Config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -421,3 +422,61 @@ def test_update_results_merges_drops_stale_keys_and_keeps_other_datas_apart(tmp_
     assert json.loads(own.read_text())["knn_top1"] == 0.5
     assert "results_cifar10.json is unreadable" in capsys.readouterr().err
     assert sorted(os.listdir(run_dir)) == ["results.json", "results_cifar10.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A broken flags.cfg or results.json; a workdir that is a file is refused before anything else.
+
+
+def test_write_flagfile_is_atomic_and_reads_back(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    workdir.write_flagfile(cfg)
+    path = os.path.join(cfg.run_dir, "flags.cfg")
+    written = open(path).read()
+    assert Config.parse_flagfile(written)["width"] == "0.0625"
+    # A failure before the rename leaves the previous flags.cfg as it was.
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "full")))
+    with pytest.raises(OSError):
+        workdir.write_flagfile(tiny_config(tmp_path, width=0.125))
+    assert open(path).read() == written
+
+
+@pytest.mark.slow  # extraction and probe of a tiny model, twice: ~10-15 s on 2 shared cores
+def test_evaluate_over_a_truncated_results_json(tmp_path, capsys):
+    """A truncated results.json is replaced whole by the evaluation's results, with a warning
+    (not a JSONDecodeError in every later run and --mode=eval); a readable one keeps what
+    training wrote."""
+    cfg = tiny_config(tmp_path, linear_epochs=1, train_examples=64)
+    os.makedirs(cfg.run_dir)
+    path = os.path.join(cfg.run_dir, "results.json")
+    with open(path, "w") as f:
+        f.write('{"knn_top1": 0.1, "train_seconds_this_pro')
+    source = data.load(cfg)
+    model = builders.build_model(cfg)
+    results = evaluate.evaluate(cfg, model, source, step=7)
+    assert "results.json is unreadable" in capsys.readouterr().err
+    with open(path) as f:
+        assert json.load(f) == results
+    assert results["step"] == 7 and results["test_examples"] == source.test.num_examples
+    # And a readable one keeps what training wrote.
+    with open(path, "w") as f:
+        json.dump({"train_seconds_this_process": 12.5, "step": 3}, f)
+    results = evaluate.evaluate(cfg, model, source, step=9)
+    assert results["train_seconds_this_process"] == 12.5 and results["step"] == 9
+
+
+def test_eval_mode_with_a_truncated_flags_cfg(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "flags.cfg").write_text("--dataset=digits\n--arch=resnet10\n--wid")
+    proc = run_cli(["--mode=eval", f"--workdir={workdir}"], tmp_path, tensorflow=False)
+    line = one_line_error(proc, "--workdir")
+    assert str(workdir / "flags.cfg") in line and "re-run the training command" in line
+
+
+def test_workdir_regular_file_through_app_run_before_anything_else(tmp_path, monkeypatch):
+    path = tmp_path / "not_a_dir"
+    path.write_text("x")
+    monkeypatch.setattr(data, "load", lambda cfg: pytest.fail("loaded data before the check"))
+    with pytest.raises(ClaeError, match="^--workdir: .* is a file, not a directory"):
+        app.run(tiny_config(workdir=str(path)))
