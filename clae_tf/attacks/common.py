@@ -76,12 +76,7 @@ def _project(x_adv, x, eps, clip_min, clip_max):
     clip_by_value against x -/+ eps (rather than x + clip(x_adv - x)) leaves a point already on
     the ball's surface bit-for-bit unchanged, so one PGD step of size eps IS the FGSM expression.
     """
-    x_adv = tf.clip_by_value(x_adv, x - eps, x + eps)
-    if clip_min is not None:
-        x_adv = tf.maximum(x_adv, tf.cast(clip_min, x_adv.dtype))
-    if clip_max is not None:
-        x_adv = tf.minimum(x_adv, tf.cast(clip_max, x_adv.dtype))
-    return x_adv
+    return _clip_range(tf.clip_by_value(x_adv, x - eps, x + eps), clip_min, clip_max)
 
 
 def _project_l2(x_adv, x, eps, clip_min, clip_max):
