@@ -93,3 +93,20 @@ sweep_keep() {
     done
   done
 }
+
+# sweep_pairs ROOT PRESET: for each seed of $SEEDS, ROOT/simclr_seed<k> with
+# flags/PRESET_simclr.cfg, then ROOT/clae_seed<k> with flags/PRESET_clae.cfg (complete pairs if
+# interrupted); then their small result files to ROOT/compare/runs/ and scripts/compare.py's
+# tables and plots to ROOT/compare/. Stops at a failed run (sweep_run's exit code, set -e).
+sweep_pairs() {
+  local root=$1 preset=$2 seed method
+  local workdirs=()
+  for seed in $SEEDS; do
+    for method in simclr clae; do
+      workdirs+=("$root/${method}_seed${seed}")
+      sweep_run "${workdirs[-1]}" --flagfile="flags/${preset}_${method}.cfg" --seed="$seed"
+    done
+  done
+  sweep_keep "$root/compare/runs" "${workdirs[@]}"
+  "$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$root/compare"
+}

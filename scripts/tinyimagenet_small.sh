@@ -22,13 +22,4 @@ if [[ $# -gt 0 && "$1" != -* ]]; then ROOT="$1"; shift; fi
 SEEDS="${SEEDS:-0 1 2}"
 SWEEP_EXTRA=("$@")
 
-workdirs=()
-for seed in $SEEDS; do
-  for method in simclr clae; do
-    workdirs+=("$ROOT/${method}_seed${seed}")
-    sweep_run "${workdirs[-1]}" --flagfile="flags/tinyimagenet_small_${method}.cfg" --seed="$seed"
-  done
-done
-
-sweep_keep "$ROOT/compare/runs" "${workdirs[@]}"
-"$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$ROOT/compare"
+sweep_pairs "$ROOT" tinyimagenet_small
