@@ -450,8 +450,9 @@ def plot_online_knn(curves: Dict[str, Dict[str, List[tuple]]], path: str) -> boo
         means = [100 * mean_std([y for curve in runs for x, y in curve if x == e])[0]
                  for e in epochs]
         if epochs:
+            n = sum(1 for c in runs if c)
             ax.plot(epochs, means, color=color, lw=2.2, marker="o",
-                    label=f"{label} ({sum(1 for c in runs if c)} runs)")
+                    label=f"{label} ({n} run{'' if n == 1 else 's'})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("online kNN top-1 (%)")
     ax.set_title("online kNN on the test subset (thin: seeds, thick: mean)")
