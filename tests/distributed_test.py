@@ -267,21 +267,37 @@ def _variables(state):
     return out
 
 
+def _step_on_one_device(reference, variables, cfg, source, step):
+    """One single-device step from `variables` (model and optimizer, replica 0's copies) at
+    global step `step`; returns the model's variables after it."""
+    for v in reference.model.variables:
+        v.assign(variables[v.path][0])
+    for i, v in enumerate(reference.optimizer.variables):
+        v.assign(variables[f"optimizer/{i}"][0])
+    assert reference.step == step
+    _train_steps(reference, ONE_DEVICE, cfg, source, 1)
+    return {v.path: v.numpy() for v in reference.model.variables}
+
+
 @pytest.mark.slow
 def test_checkpoint_cross_restore_and_export(tmp_path, source):
     """2 replicas -> 1 device -> 2 replicas in one workdir: each restore gives exactly the saved
-    variables on every replica and continues at the saved step; the result matches an
-    uninterrupted single-device run; a mirrored model exports."""
+    variables on every replica and continues at the saved step; each phase's step equals a
+    single-device step from the same variables; a mirrored model exports.
+
+    Together these make the interrupted run the uninterrupted single-device one up to one step's
+    round-off per step. The trajectory itself is not compared: round-off grows ~40x per step on
+    this tiny model, so 3 steps land anywhere between 1e-6 and 1e-3 of the update (module doc)."""
     cfg = tiny_config(tmp_path, **MULTI_STEP)
-    saved = initial = None
+    reference = checkpoints.State(tiny_config(tmp_path / "reference", **MULTI_STEP), ONE_DEVICE, 50, 50)
+    saved = None
     for phase, strategy in enumerate([_mirrored(2), ONE_DEVICE, _mirrored(2)]):
         state = checkpoints.State(cfg, strategy, steps_per_epoch=50, total_steps=50)
         assert state.restore() == (phase > 0)
         assert state.step == phase
-        if saved is None:
-            initial = {v.path: v.numpy() for v in state.model.variables}
-        else:
-            for k, copies in _variables(state).items():
+        before = _variables(state)
+        if saved is not None:
+            for k, copies in before.items():
                 for c in copies:
                     np.testing.assert_array_equal(c, saved[k][0], err_msg=k)
         _train_steps(state, strategy, cfg, source, 1)
@@ -289,16 +305,13 @@ def test_checkpoint_cross_restore_and_export(tmp_path, source):
         assert state.latest_checkpoint.endswith(f"ckpt-{phase + 1}")
         saved = _variables(state)
 
-    # The same 3 steps without interruptions on one device: equal up to round-off.
-    reference = checkpoints.State(tiny_config(tmp_path / "reference", **MULTI_STEP), ONE_DEVICE, 50, 50)
-    for v in reference.model.variables:
-        v.assign(initial[v.path])
-    _train_steps(reference, ONE_DEVICE, cfg, source, 3)
-    w = {v.path: v.numpy() for v in reference.model.variables}
-    diff = np.sqrt(sum(np.sum((saved[k][0] - w[k]) ** 2) for k in w))
-    change = np.sqrt(sum(np.sum((w[k] - initial[k]) ** 2) for k in w))
-    print(f"\n2 -> 1 -> 2 replicas vs one device, 3 steps: |dw| / |w - w_init| = {diff / change:.2e}")
-    assert diff / change < 1e-4
+        w = _step_on_one_device(reference, before, cfg, source, phase)
+        diff = np.sqrt(sum(np.sum((saved[k][0] - w[k]) ** 2) for k in w))
+        change = np.sqrt(sum(np.sum((w[k] - before[k][0]) ** 2) for k in w))
+        print(f"\nphase {phase} (replicas: {strategy.num_replicas_in_sync}) vs one device, one step: "
+              f"|dw| / |w - w_before| = {diff / change:.2e}")
+        assert change > 0
+        assert diff / change < 1e-5  # one step: round-off only (a wrong restore is O(1))
 
     path = str(tmp_path / "saved_model")
     export.export(cfg, state.model, path)  # a MirroredStrategy model
