@@ -15,7 +15,7 @@
 # (results.json, flags.cfg, sweep.jsonl) to ROOT/compare/runs/ (to keep in docs/results/).
 # SEEDS="0" runs one seed.
 # Time: about 1 h per seed (SimCLR + CLAE, 10 epochs in bf16, with the robust suite) on 2 cores,
-# measured: 49-55 min for seeds 0 and 1 (docs/results/cifar10_full/); see flags/cifar10_full_common.cfg.
+# measured: 49-55 min per seed alone (docs/results/cifar10_full/); see flags/cifar10_full_common.cfg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/sweep_lib.sh
