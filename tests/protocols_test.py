@@ -270,6 +270,28 @@ def test_sweep_record_of_a_resumed_run(tmp_path):
     assert compare.read_sweep(workdir) == {}
 
 
+def test_sweep_keep_copies_result_files_and_names_no_machine_folder(tmp_path):
+    """The kept flags.cfg says ROOT/<run> where the run's workdir was (both the --workdir line
+    and the "Reproduce" comment); the other files are copied as they are; no checkpoints."""
+    workdir = tmp_path / "sweep_root" / "clae_seed0"
+    (workdir / "checkpoints").mkdir(parents=True)
+    real = os.path.realpath(workdir)
+    (workdir / "flags.cfg").write_text(
+        f"# Reproduce this run: python run.py --flagfile={real}/flags.cfg\n"
+        f"--workdir={real}\n--dataset=/data/cifar10\n--seed=0\n")
+    (workdir / "results.json").write_text('{"knn_top1": 0.5}')
+    (workdir / "sweep.jsonl").write_text('{"event": "end"}\n')
+    out = tmp_path / "kept"
+    subprocess.run(["bash", "-c", f'source scripts/sweep_lib.sh && sweep_keep "{out}" "{workdir}"'],
+                   cwd=REPO, check=True, timeout=60)
+    assert sorted(os.listdir(out / "clae_seed0")) == ["flags.cfg", "results.json", "sweep.jsonl"]
+    assert (out / "clae_seed0" / "flags.cfg").read_text() == (
+        "# Reproduce this run: python run.py --flagfile=ROOT/clae_seed0/flags.cfg\n"
+        "--workdir=ROOT/clae_seed0\n--dataset=/data/cifar10\n--seed=0\n")
+    assert (out / "clae_seed0" / "results.json").read_text() == '{"knn_top1": 0.5}'
+    assert (out / "clae_seed0" / "sweep.jsonl").read_text() == '{"event": "end"}\n'
+
+
 def test_online_knn_curves_by_epoch_and_their_plot(tmp_path):
     workdirs = [_fake_run(str(tmp_path), *r, online=[(10, 0.2 + i / 100), (20, 0.3)])
                 for i, r in enumerate(RUNS[:2])]
