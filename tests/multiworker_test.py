@@ -8,7 +8,9 @@ the same steps on the same global batches in-process on one device. Workers are 
 (by their pid) when the test ends, whatever happens; every wait has a timeout.
 """
 
+import contextlib
 import dataclasses
+import errno
 import glob
 import json
 import os
@@ -68,14 +70,52 @@ def _state_values(state):
     return values
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+@contextlib.contextmanager
+def _reserved_ports(n):
+    """`n` free TCP ports, held until the block ends.
+
+    Closing a probe socket and passing its port on leaves a gap in which any process may take
+    the port, such as another pytest process (pytest -n) picking ports at the same moment.
+    Each port stays bound here instead (not listening, so it receives nothing) on 0.0.0.0 with
+    SO_REUSEPORT: the kernel gives it to no other bind to port 0 nor outgoing connection, yet
+    a worker started with TF_GRPC_REUSE_PORT=1 binds its gRPC server to it (TensorFlow then
+    sets SO_REUSEPORT as well, which lets sockets of the same user share the port).
+
+    Yields:
+      list of n distinct port numbers.
+    """
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("0.0.0.0", 0))
+        yield [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_reserved_ports_are_kept_from_others_but_shared_with_reuseport():
+    """What the workers rely on: while reserved, a port is refused to a plain bind (another
+    program) but a SO_REUSEPORT listener binds it (a worker's gRPC server); released after."""
+    with _reserved_ports(2) as ports:
+        assert len(set(ports)) == 2
+        for port in ports:
+            with socket.socket() as other:
+                with pytest.raises(OSError) as refused:
+                    other.bind(("127.0.0.1", port))
+                assert refused.value.errno == errno.EADDRINUSE
+            with socket.socket() as server:
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                server.bind(("0.0.0.0", port))
+                server.listen()
+                with socket.create_connection(("127.0.0.1", port), timeout=60):
+                    pass
+    for port in ports:
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", port))
 
 
 def _tail(path, n=3000):
@@ -83,9 +123,16 @@ def _tail(path, n=3000):
         return f.read()[-n:]
 
 
+@pytest.fixture
+def worker_ports():
+    """Two ports for the workers' gRPC servers, reserved until the test has ended."""
+    with _reserved_ports(2) as ports:
+        yield ports
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["simclr", "moco"])
-def test_two_workers_train_like_one_process(tmp_path, method):
+def test_two_workers_train_like_one_process(tmp_path, method, worker_ports):
     import tensorflow as tf
 
     from conftest import tiny_config
@@ -101,12 +148,13 @@ def test_two_workers_train_like_one_process(tmp_path, method):
     cfg_path = str(tmp_path / "cfg.json")
     with open(cfg_path, "w") as f:
         json.dump(dataclasses.asdict(cfg), f)
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    workers = [f"127.0.0.1:{p}" for p in worker_ports]
     procs, logs, outs = [], [], []
     try:
         for i in range(2):
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO,
                        TMPDIR=str(tmp_path / f"tmp{i}"), CUDA_VISIBLE_DEVICES="",
+                       TF_GRPC_REUSE_PORT="1",  # binds the port reserved for it
                        TF_CONFIG=json.dumps({"cluster": {"worker": workers},
                                              "task": {"type": "worker", "index": i}}))
             os.makedirs(env["TMPDIR"])
