@@ -82,20 +82,22 @@ sweep_run() {
 # sweep_keep OUT WORKDIR...: copies each run's small result files (results.json, flags.cfg,
 # sweep.jsonl; never checkpoints or events) to OUT/<workdir name>/, to be kept in the repository
 # (e.g. docs/results/<protocol>/runs/) so that no one has to rerun them for the numbers. The
-# workdir's own path in flags.cfg (--workdir, the "Reproduce" line) becomes ROOT/<name>, as the
-# protocol docs name the sweep's folder: a kept file names no folder of the machine it ran on.
+# workdir's path in flags.cfg (--workdir, the "Reproduce" line; run.py writes it as sweep_run
+# passed it, so WORKDIR must be given here as it was there) becomes ROOT/<name>, as the protocol
+# docs name the sweep's folder: a kept file names no folder of the machine it ran on.
 sweep_keep() {
-  local out=$1 workdir name file root
+  local out=$1 workdir name file text
   shift
   for workdir in "$@"; do
     name=$(basename "$workdir")
-    root=$(cd "$workdir/.." && pwd -P)
     mkdir -p "$out/$name"
     for file in results.json sweep.jsonl; do
       if [[ -f "$workdir/$file" ]]; then cp "$workdir/$file" "$out/$name/"; fi
     done
     if [[ -f "$workdir/flags.cfg" ]]; then
-      sed "s#${root}/${name}#ROOT/${name}#g" "$workdir/flags.cfg" > "$out/$name/flags.cfg"
+      text=$(<"$workdir/flags.cfg")
+      # The quoted pattern matches the path literally (sed would read it as a regex).
+      printf '%s\n' "${text//"$workdir"/ROOT/$name}" > "$out/$name/flags.cfg"
     fi
   done
 }

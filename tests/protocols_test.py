@@ -275,10 +275,9 @@ def test_sweep_keep_copies_result_files_and_names_no_machine_folder(tmp_path):
     and the "Reproduce" comment); the other files are copied as they are; no checkpoints."""
     workdir = tmp_path / "sweep_root" / "clae_seed0"
     (workdir / "checkpoints").mkdir(parents=True)
-    real = os.path.realpath(workdir)
-    (workdir / "flags.cfg").write_text(
-        f"# Reproduce this run: python run.py --flagfile={real}/flags.cfg\n"
-        f"--workdir={real}\n--dataset=/data/cifar10\n--seed=0\n")
+    (workdir / "flags.cfg").write_text(  # the workdir as run.py got it (sweep_run's argument)
+        f"# Reproduce this run: python run.py --flagfile={workdir}/flags.cfg\n"
+        f"--workdir={workdir}\n--dataset=/data/cifar10\n--seed=0\n")
     (workdir / "results.json").write_text('{"knn_top1": 0.5}')
     (workdir / "sweep.jsonl").write_text('{"event": "end"}\n')
     out = tmp_path / "kept"
