@@ -13,7 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up cha
 
 from absl import app, flags, logging  # noqa: E402
 
-from clae_tf import ClaeError, config, signals, workdir  # noqa: E402
+from clae_tf import ClaeError
+from clae_tf.runtime import config, signals, workdir  # noqa: E402
 
 config.define_flags()
 FLAGS = flags.FLAGS
@@ -29,7 +30,7 @@ def main(argv):
         cfg = config.from_flags()
         if cfg.mode != "train":
             cfg = _with_saved_flags(cfg)
-        from clae_tf import app as clae_app  # imports TensorFlow: after the cheap checks
+        from clae_tf.job import app as clae_app  # imports TensorFlow: after the cheap checks
         clae_app.print_summary(clae_app.run(cfg))
     except ClaeError as e:
         signals.stopping()  # a Ctrl-C now must not cut the message short

@@ -21,8 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clae_tf import data, streams  # noqa: E402
-from clae_tf.config import Config  # noqa: E402
+from clae_tf.data import sources, streams  # noqa: E402
+from clae_tf.runtime.config import Config  # noqa: E402
 
 
 def epoch_time(split, cfg, epoch):
@@ -45,7 +45,7 @@ def main():
     base = Config(dataset=args.dataset, examples_per_class=args.examples_per_class,
                   batch_size=args.batch_size, image_size=args.image_size, augment=args.augment,
                   normalize="half", seed=0)
-    split = data.load(base).train
+    split = sources.load(base).train
     cfgs = {impl: dataclasses.replace(base, augment_impl=impl) for impl in ("tf", "keras_cv")}
     print(f"{split.num_examples} images, batch {args.batch_size}, {args.image_size} px, "
           f"--augment={args.augment}, {os.cpu_count()} CPUs, load "

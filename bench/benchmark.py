@@ -5,7 +5,7 @@
     python bench/benchmark.py --widths=1 --batch_size=128 --image_size=32 --precisions=float32
     python bench/benchmark.py --widths=0.25 --rounds=0 --profile   # op-level time by op group
 
-What is timed: train.make_train_step (cfg.adversarial False = SimCLR, True = CLAE, same
+What is timed: train_step.make_train_step (cfg.adversarial False = SimCLR, True = CLAE, same
 architecture and width) under tf.function, called directly on fixed input tensors, after
 warm-up. SimCLR, CLAE (float32 and bf16) and a large matmul are timed in INTERLEAVED rounds, so
 that a machine shared with other jobs slows all of them alike: the ratios are what to read.
@@ -39,8 +39,10 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clae_tf import builders, data, methods, optim, streams, train  # noqa: E402
-from clae_tf.config import Config  # noqa: E402
+from clae_tf.data import sources, streams
+from clae_tf.method import train_step
+from clae_tf.method import builders, contrastive, optim  # noqa: E402
+from clae_tf.runtime.config import Config  # noqa: E402
 
 POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16"}
 
@@ -111,7 +113,7 @@ def compiled_step(cfg: Config):
     model = builders.build_model(cfg)
     optimizer = optim.build_optimizer(cfg, 1, 1)
     optimizer.build(model.trainable_variables)
-    return tf.function(train.make_train_step(model, optimizer, cfg, 1, methods.build(cfg, model)))
+    return tf.function(train_step.make_train_step(model, optimizer, cfg, 1, contrastive.build(cfg, model)))
 
 
 def build_step(cfg: Config):
@@ -268,10 +270,10 @@ def bench_profile(args, width: float, precision: str) -> dict:
 
 # ------------------------------------------------------------------------------ input pipeline
 
-def synthetic_split(n: int, size: int) -> data.Split:
+def synthetic_split(n: int, size: int) -> sources.Split:
     images = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     labels = np.zeros([n], np.int32)
-    return data.Split(tf.data.Dataset.from_tensor_slices((images, labels)).cache(), n)
+    return sources.Split(tf.data.Dataset.from_tensor_slices((images, labels)).cache(), n)
 
 
 def bench_pipeline(args) -> dict:
@@ -302,8 +304,8 @@ def memory_child(argv) -> None:
     model = builders.build_model(cfg)
     optimizer = optim.build_optimizer(cfg, 1, 1)
     optimizer.build(model.trainable_variables)
-    step = tf.function(train.make_train_step(model, optimizer, cfg, 1,
-                                              methods.build(cfg, model)))
+    step = tf.function(train_step.make_train_step(model, optimizer, cfg, 1,
+                                              contrastive.build(cfg, model)))
     split = synthetic_split(cfg.batch_size * int(steps), cfg.image_size)
     before = _vm_hwm_mb()
     for x1, x2 in streams.pretrain_dataset(split, cfg, epoch=0).take(int(steps)):
@@ -346,7 +348,7 @@ def train_curve(cfg: Config, steps: int) -> dict:
     keras.mixed_precision.set_global_policy(POLICIES[cfg.precision])
     try:
         step = compiled_step(cfg)
-        source = data.load(cfg)
+        source = sources.load(cfg)
         losses, ratios, epoch = [], [], 0
         while len(losses) < steps:
             for x1, x2 in streams.pretrain_dataset(source.train, cfg, epoch).take(

@@ -82,7 +82,7 @@ def run_case(name, epochs, classes):
     """In this process: time and peak memory of each part on random features of case `name`."""
     import numpy as np
     sys.path.insert(0, REPO)
-    from clae_tf import evaluate
+    from clae_tf.evaluation import evaluate
     n_train, n_test = CASES[name]
     rng = np.random.default_rng(0)
     unit = lambda n: (lambda z: z / np.linalg.norm(z, axis=1, keepdims=True))(  # noqa: E731

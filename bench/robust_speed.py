@@ -47,7 +47,8 @@ import tensorflow as tf  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from clae_tf import attacks, data  # noqa: E402
+from clae_tf.data import sources
+from clae_tf.method import attacks  # noqa: E402
 
 SMOKE = dict(images=16, steps=5, queries=20, repeats=2, eps=8.0, batch_size=16)
 
@@ -58,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--image_folder", default="/tmp/cifar10/test",
                    help="test images as <folder>/<class>/<image>; classes in sorted order")
     p.add_argument("--images", type=int, default=500,
-                   help="a fixed class-balanced subset of this many images (clae_tf.data.balanced_subset, as the robust evaluation)")
+                   help="a fixed class-balanced subset of this many images (clae_tf.data.sources.balanced_subset, as the robust evaluation)")
     p.add_argument("--eps", type=float, default=8.0, help="L-inf radius in 1/255")
     p.add_argument("--steps", type=int, default=100, help="APGD iterations (0: skip APGD)")
     p.add_argument("--queries", type=int, default=1000, help="Square queries (0: skip Square)")
@@ -86,8 +87,8 @@ def parse_args(argv=None):
 def load_images(folder: str, n: int):
     """(images float32 (n, H, W, 3) in [0, 1], labels int32 (n,)) from <folder>/<class>/<file>.
 
-    Classes are the sorted sub-folder names (as clae_tf.data numbers them), files sorted by
-    name; the n images are data.balanced_subset of that order (classes take turns).
+    Classes are the sorted sub-folder names (as clae_tf.data.sources numbers them), files sorted by
+    name; the n images are sources.balanced_subset of that order (classes take turns).
     """
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     files, labels = [], []
@@ -95,7 +96,7 @@ def load_images(folder: str, n: int):
         names = sorted(os.listdir(os.path.join(folder, name)))
         files += [os.path.join(folder, name, f) for f in names]
         labels += [label] * len(names)
-    index = data.balanced_subset(np.array(labels), n)
+    index = sources.balanced_subset(np.array(labels), n)
     images = [tf.io.decode_image(tf.io.read_file(files[i]), channels=3,
                                  expand_animations=False).numpy() for i in index]
     return (np.stack(images).astype(np.float32) / 255.0,

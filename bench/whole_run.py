@@ -32,7 +32,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from clae_tf import files  # noqa: E402  (no TensorFlow: the run is a subprocess)
+from clae_tf.runtime import files  # noqa: E402  (no TensorFlow: the run is a subprocess)
 
 
 EVAL_PARTS = [("features", "h, z of the train and test splits, once"),

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 # Run as `python scripts/compare.py` from a checkout: the repository root holds clae_tf.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clae_tf.config import Config  # noqa: E402  (after the path set-up)
+from clae_tf.runtime.config import Config  # noqa: E402  (after the path set-up)
 
 METHOD_NAMES = {"simclr": "SimCLR", "plain": "Plain", "uel": "UEL", "moco": "MoCo"}
 # Flags that may differ between the runs of one group (the seeds of one method).

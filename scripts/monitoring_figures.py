@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clae_tf.config import Config  # noqa: E402  (after the path set-up)
+from clae_tf.runtime.config import Config  # noqa: E402  (after the path set-up)
 
 
 def class_names(workdir, num_classes):

@@ -1,11 +1,11 @@
-"""Tests of clae_tf.attacks.fgsm with the tiny dual-BN model (docs/method.md, "The CLAE step", step 3)."""
+"""Tests of clae_tf.method.attacks.fgsm with the tiny dual-BN model (docs/method.md, "The CLAE step", step 3)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import attacks, builders, losses
-from clae_tf.attacks import auto_pgd
+from clae_tf.method import attacks, builders, losses
+from clae_tf.method.attacks import auto_pgd
 from conftest import tiny_config
 
 T = 0.5

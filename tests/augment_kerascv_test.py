@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import ClaeError, augment, augment_kerascv, data, streams
+from clae_tf import ClaeError
+from clae_tf.data import augment, augment_kerascv, sources, streams
 from conftest import tiny_config
 
 pytest.importorskip("keras_cv")
@@ -122,7 +123,7 @@ def _assert_two_views(x1, x2, shape):
 def test_pretrain_dataset_keras_cv_views():
     cfg = tiny_config(augment_impl="keras_cv", batch_size=8, image_size=12, augment="uel",
                       normalize="half")
-    source = data.load(cfg)
+    source = sources.load(cfg)
     ds = streams.pretrain_dataset(source.train, cfg, epoch=0).take(2)
     for x1, x2 in ds:
         _assert_two_views(x1, x2, (8, 12, 12, 3))
@@ -134,7 +135,7 @@ def test_missing_keras_cv_is_a_flag_error(monkeypatch):
         augment_kerascv.view_fn(0, 32, augment.AUGMENTATIONS["simclr"])
     cfg = tiny_config(augment_impl="keras_cv", batch_size=8)
     with pytest.raises(ClaeError, match="--augment_impl"):
-        streams.pretrain_dataset(data.load(cfg).train, cfg, epoch=0)
+        streams.pretrain_dataset(sources.load(cfg).train, cfg, epoch=0)
 
 
 def test_keras_cv_square_images_use_the_one_stream():
@@ -143,7 +144,7 @@ def test_keras_cv_square_images_use_the_one_stream():
     (which cost ~11 s per epoch to build on CIFAR); its batches cross epoch boundaries."""
     cfg = tiny_config(augment_impl="keras_cv", batch_size=8, image_size=8, augment="simclr",
                       normalize="half")
-    source = data.load(cfg)
+    source = sources.load(cfg)
     spe = source.train.num_examples // cfg.batch_size
     stream = streams.pretrain_stream(source.train, cfg, spe - 1, spe + 1)
     assert stream is not None
@@ -153,4 +154,4 @@ def test_keras_cv_square_images_use_the_one_stream():
         _assert_two_views(x1, x2, (8, 8, 8, 3))
     # Images that need resizing (digits at 12 px) keep the per-epoch pipeline.
     cfg12 = tiny_config(augment_impl="keras_cv", batch_size=8, image_size=12)
-    assert streams.pretrain_stream(data.load(cfg12).train, cfg12, 0, 2) is None
+    assert streams.pretrain_stream(sources.load(cfg12).train, cfg12, 0, 2) is None

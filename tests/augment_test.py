@@ -1,10 +1,10 @@
-"""Tests of clae_tf.augment: stateless SimCLR views and their building blocks."""
+"""Tests of clae_tf.data.augment: stateless SimCLR views and their building blocks."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import augment
+from clae_tf.data import augment
 
 SIZE = 16
 

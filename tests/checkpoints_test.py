@@ -12,7 +12,9 @@ import tensorflow as tf
 
 from conftest import tiny_config
 
-from clae_tf import ClaeError, checkpoints, workdir
+from clae_tf import ClaeError
+from clae_tf.job import checkpoints
+from clae_tf.runtime import workdir
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 
@@ -100,7 +102,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(saved, damage):
     assert printed.startswith(f"Checkpoint {_ckpt(saved, 'ckpt-3')} is damaged")
     # Set aside for inspection, out of the way of the next resume.
     assert os.path.exists(_ckpt(saved, "damaged/ckpt-3.index"))
-    assert checkpoints.checkpoint_paths(_ckpt(saved))[0].endswith("ckpt-2")
+    assert workdir.checkpoint_paths(_ckpt(saved))[0].endswith("ckpt-2")
 
 
 def test_every_checkpoint_damaged_means_no_checkpoint(saved):

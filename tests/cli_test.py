@@ -8,7 +8,8 @@ import pytest
 
 from conftest import one_line_error, run_cli, tiny_config
 
-from clae_tf import checkpoints, distribute, workdir
+from clae_tf.job import checkpoints
+from clae_tf.runtime import distribute, workdir
 
 _run = run_cli
 

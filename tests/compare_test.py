@@ -12,7 +12,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from clae_tf.config import Config
+from clae_tf.runtime.config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "compare.py")

@@ -8,8 +8,10 @@ from absl import flags
 
 from conftest import one_line_error, parse_flags, run_cli
 
-from clae_tf import ClaeError, augment, config
-from clae_tf.config import Config
+from clae_tf import ClaeError
+from clae_tf.data import augment
+from clae_tf.runtime import config
+from clae_tf.runtime.config import Config
 
 AUTO = {"temperature", "head", "proj_dim", "augment", "normalize", "optimizer", "learning_rate",
         "weight_decay", "lr_schedule", "lr_boundaries", "lr_factors", "probe", "linear_batch_size"}

@@ -14,7 +14,7 @@ import tensorflow as tf  # noqa: E402
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
 
-from clae_tf.config import Config  # noqa: E402
+from clae_tf.runtime.config import Config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def one_line_error(proc, flag, tensorflow=False):
 def parse_flags(*args):
     """run.py's parsing of `args` into a Config (flagfile paths relative to the cwd)."""
     from absl import flags
-    from clae_tf import config
+    from clae_tf.runtime import config
     config.define_flags()
     flags.FLAGS.unparse_flags()
     try:

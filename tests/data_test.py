@@ -10,7 +10,9 @@ import tensorflow_datasets as tfds
 
 from conftest import tiny_config
 
-from clae_tf import ClaeError, app, data, streams
+from clae_tf import ClaeError
+from clae_tf.data import sources, streams
+from clae_tf.job import app
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ def _cfg(dataset, **kw):
 def test_folder_loads_sorted_classes_labels_counts_and_converts_images(tmp_path):
     root = tmp_path / "pets"
     expected = _mixed_folder(str(root))
-    source = data.load(_cfg(root, image_size=16))
+    source = sources.load(_cfg(root, image_size=16))
 
     assert source.name == "pets"
     assert source.num_classes == 2
@@ -115,7 +117,7 @@ def test_folder_loads_sorted_classes_labels_counts_and_converts_images(tmp_path)
 def test_folder_images_resized_to_other_image_size(tmp_path):
     root = tmp_path / "pets"
     _mixed_folder(str(root))
-    source = data.load(_cfg(root, image_size=24))
+    source = sources.load(_cfg(root, image_size=24))
     for image, _ in _examples(source.train) + _examples(source.test):
         assert image.shape == (24, 24, 3) and image.dtype == np.uint8
 
@@ -124,7 +126,7 @@ def _error(cfg_or_dataset, **kw):
     cfg = cfg_or_dataset if not isinstance(cfg_or_dataset, (str, os.PathLike)) else _cfg(
         cfg_or_dataset, **kw)
     with pytest.raises(ClaeError) as e:
-        data.load(cfg)
+        sources.load(cfg)
     message = str(e.value)
     assert "\n" not in message
     return message
@@ -176,28 +178,28 @@ def _folder_with_corrupt_image(root, where="train"):
 def test_corrupt_image_is_named_when_iterated(tmp_path):
     root = str(tmp_path / "corrupt")
     bad = _folder_with_corrupt_image(root)
-    source = data.load(_cfg(root))  # lazy: opening the folder does not decode anything
+    source = sources.load(_cfg(root))  # lazy: opening the folder does not decode anything
     assert source.train.num_examples == 7
     with pytest.raises(tf.errors.InvalidArgumentError) as raw:
         _examples(source.train)
-    assert data.find_unreadable(source.train) == bad
+    assert sources.find_unreadable(source.train) == bad
     with pytest.raises(ClaeError) as e:
-        data.raise_if_unreadable(source.train, raw.value)
+        sources.raise_if_unreadable(source.train, raw.value)
     assert "--dataset" in str(e.value) and bad in str(e.value)
 
     # Through the pretraining stream, as the train loop sees it: the split is read into memory
     # when the stream is built, and that names the file. A fresh source: tf.data's in-memory
     # cache keeps what it read before the error, so a second pass over the same dataset
     # silently yields the readable images only.
-    source = data.load(_cfg(root))
+    source = sources.load(_cfg(root))
     with pytest.raises(ClaeError, match="img01b.png"):
         streams.pretrain_dataset(source.train, _cfg(root), 0)
 
     # A readable split (test/ is fine) re-raises the original error rather than blaming a file.
-    assert data.find_unreadable(source.test) is None
+    assert sources.find_unreadable(source.test) is None
     original = tf.errors.InvalidArgumentError(None, None, "something else")
     with pytest.raises(tf.errors.InvalidArgumentError, match="something else"):
-        data.raise_if_unreadable(source.test, original)
+        sources.raise_if_unreadable(source.test, original)
 
 
 def test_truncated_image_is_named_too(tmp_path):
@@ -209,13 +211,13 @@ def test_truncated_image_is_named_too(tmp_path):
         f.write(encoded[: len(encoded) // 2])
     # A broken test image is found by load, before any training...
     with pytest.raises(ClaeError, match="zz.png"):
-        data.load(_cfg(root))
+        sources.load(_cfg(root))
     # ... and the evaluation stream would name it too.
-    source = data._folder(root, 16)
+    source = sources._folder(root, 16)
     with pytest.raises(tf.errors.InvalidArgumentError) as raw:
         list(streams.eval_dataset(source.test, 2, "half"))
     with pytest.raises(ClaeError, match="zz.png"):
-        data.raise_if_unreadable(source.test, raw.value)
+        sources.raise_if_unreadable(source.test, raw.value)
 
 
 def test_every_read_of_a_split_names_the_file(tmp_path):
@@ -223,18 +225,18 @@ def test_every_read_of_a_split_names_the_file(tmp_path):
     corrupt file, and a file deleted after the folder was listed (NotFoundError in tf.data)."""
     root = str(tmp_path / "corrupt")
     bad = _folder_with_corrupt_image(root)
-    source = data.load(_cfg(root))
+    source = sources.load(_cfg(root))
     with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {bad}$"):
-        data.read_images(source.train)
+        sources.read_images(source.train)
     with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {bad}$"):
-        data.read_balanced(source.train, 7)
+        sources.read_balanced(source.train, 7)
     root = str(tmp_path / "fine")
     _grid_folder(root, classes=2, per_class=3)
-    source = data.load(_cfg(root))  # lists the files; reads only the test split
+    source = sources.load(_cfg(root))  # lists the files; reads only the test split
     gone = os.path.join(root, "train", "class1", "img01.png")
     os.remove(gone)
     with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {gone}$"):
-        data.read_images(source.train)
+        sources.read_images(source.train)
 
 
 def test_corrupt_image_is_named_by_app_run(tmp_path):
@@ -251,11 +253,11 @@ def test_corrupt_image_with_examples_per_class_is_named(tmp_path):
     # a corrupt image outside it does not matter, one inside it is named while training.
     root = str(tmp_path / "corrupt")
     bad = _folder_with_corrupt_image(root)  # the third image of class1
-    outside = data.load(_cfg(root, examples_per_class=2))
+    outside = sources.load(_cfg(root, examples_per_class=2))
     assert outside.train.num_examples == 4 and bad not in outside.train.files
     assert len(_examples(outside.train)) == 4
     cfg = _cfg(root, workdir=str(tmp_path / "run"), max_steps=1, examples_per_class=3)
-    assert data.load(cfg).train.num_examples == 6  # counted from the file list, no decoding
+    assert sources.load(cfg).train.num_examples == 6  # counted from the file list, no decoding
     with pytest.raises(ClaeError) as e:
         app.run(cfg)
     assert "--dataset" in str(e.value) and bad in str(e.value)
@@ -273,31 +275,31 @@ def _first_per_class(examples, k):
 def test_folder_subsets_take_the_first_images_in_sorted_order(tmp_path):
     root = tmp_path / "grid"
     _grid_folder(str(root), classes=3, per_class=4)
-    full = data.load(_cfg(root))
+    full = sources.load(_cfg(root))
     assert full.train.num_examples == 12
     assert _values(full.train) == [(10 * c + i + 1, c) for c in range(3) for i in range(4)]
 
-    source = data.load(_cfg(root, examples_per_class=2))
+    source = sources.load(_cfg(root, examples_per_class=2))
     assert source.train.num_examples == 6
     assert _values(source.train) == [(10 * c + i + 1, c) for c in range(3) for i in range(2)]
     assert source.test.num_examples == 3  # subsets apply to the training split only
 
-    source = data.load(_cfg(root, train_examples=5))
+    source = sources.load(_cfg(root, train_examples=5))
     assert source.train.num_examples == 5
     assert _values(source.train) == _values(full.train)[:5]
 
-    source = data.load(_cfg(root, examples_per_class=2, train_examples=5))
+    source = sources.load(_cfg(root, examples_per_class=2, train_examples=5))
     assert source.train.num_examples == 5
     assert _values(source.train) == [(1, 0), (2, 0), (11, 1), (12, 1), (21, 2)]
 
     # Larger than what there is: everything.
-    source = data.load(_cfg(root, examples_per_class=10, train_examples=100))
+    source = sources.load(_cfg(root, examples_per_class=10, train_examples=100))
     assert source.train.num_examples == 12
     assert _values(source.train) == _values(full.train)
 
 
 def test_digits_subsets(tmp_path):
-    full = data.load(tiny_config())
+    full = sources.load(tiny_config())
     assert (full.name, full.num_classes) == ("digits", 10)
     assert (full.train.num_examples, full.test.num_examples) == (1437, 360)
     full_examples = _examples(full.train)
@@ -305,7 +307,7 @@ def test_digits_subsets(tmp_path):
     x, _ = full_examples[0]
     assert x.shape == (16, 16, 3) and x.dtype == np.uint8
 
-    source = data.load(tiny_config(examples_per_class=3))
+    source = sources.load(tiny_config(examples_per_class=3))
     assert source.train.num_examples == 30
     got = _examples(source.train)
     want = _first_per_class(full_examples, 3)
@@ -313,7 +315,7 @@ def test_digits_subsets(tmp_path):
     assert [y for _, y in got] == [y for _, y in want]
     assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(got, want))
 
-    source = data.load(tiny_config(train_examples=20))
+    source = sources.load(tiny_config(train_examples=20))
     assert source.train.num_examples == 20
     got = _examples(source.train)
     assert all(np.array_equal(a, b) and ya == yb
@@ -329,12 +331,12 @@ def test_batch_size_larger_than_the_training_set(tmp_path):
     message = _error(_cfg(root, batch_size=8))
     assert "--batch_size" in message and "6" in message
     # Exactly the training set is fine.
-    assert data.load(_cfg(root, batch_size=6)).train.num_examples == 6
+    assert sources.load(_cfg(root, batch_size=6)).train.num_examples == 6
 
 
 def test_tfds_by_name_with_mock_data():
     with tfds.testing.mock_data(num_examples=24):
-        source = data.load(tiny_config(dataset="cifar10", batch_size=8))
+        source = sources.load(tiny_config(dataset="cifar10", batch_size=8))
         examples = _examples(source.train)
         test = _examples(source.test)
     assert source.name == "cifar10"
@@ -374,7 +376,7 @@ def _batches(split, cfg, epoch, start_batch=0, n=3):
 
 @pytest.fixture(scope="module")
 def digits():
-    return data.load(tiny_config())
+    return sources.load(tiny_config())
 
 
 def test_pretrain_dataset_views(digits):
@@ -445,7 +447,7 @@ def test_pretrain_crops_keep_the_aspect_ratio_of_non_square_images(tmp_path, mon
     _ramp_folder(str(root))
     _crop_only(monkeypatch)
     cfg = _cfg(root, image_size=16, batch_size=4, augment="uel", normalize="half")
-    source = data.load(cfg)
+    source = sources.load(cfg)
     ratios = []
     for x1, x2 in _batches(source.train, cfg, epoch=0, n=2):
         for view in np.concatenate([x1, x2]) * 0.5 + 0.5:  # back to [0, 1]
@@ -465,7 +467,7 @@ def test_pretrain_views_of_images_of_many_sizes_resume_exactly(tmp_path):
     root = tmp_path / "ramps"
     _ramp_folder(str(root))
     cfg = _cfg(root, image_size=16, batch_size=2)
-    source = data.load(cfg)
+    source = sources.load(cfg)
     full = _batches(source.train, cfg, epoch=1, n=4)
     resumed = _batches(source.train, cfg, epoch=1, start_batch=2, n=2)
     assert len(full) == 4 and all(x.shape == (2, 16, 16, 3) for b in full for x in b)
@@ -489,11 +491,11 @@ def test_square_images_at_image_size_keep_their_batch_crops(tmp_path):
                 tf.io.write_file(path, tf.io.encode_png(
                     rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)))
     cfg = _cfg(root, image_size=16, batch_size=4)
-    folder = data.load(cfg).train
+    folder = sources.load(cfg).train
     assert folder.decoded.element_spec[0].shape.as_list() == [None, None, 3]
     images = np.stack([x for x, _ in _examples(folder)])
     labels = np.array([y for _, y in _examples(folder)], np.int32)
-    static = data.Split(tf.data.Dataset.from_tensor_slices((images, labels)), len(labels))
+    static = sources.Split(tf.data.Dataset.from_tensor_slices((images, labels)), len(labels))
     for start in (0, 1):
         for (a1, a2), (b1, b2) in zip(_batches(folder, cfg, 1, start), _batches(static, cfg, 1, start)):
             np.testing.assert_array_equal(a1, b1)
@@ -513,7 +515,7 @@ def test_eval_images_are_the_reference_test_transform(tmp_path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tf.io.write_file(path, tf.io.encode_png(image))
         originals[c] = image
-    source = data.load(_cfg(root, image_size=40, batch_size=2))
+    source = sources.load(_cfg(root, image_size=40, batch_size=2))
     (x, y), = list(streams.eval_dataset(source.test, 2, "imagenet"))
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     for image, label in zip(x.numpy(), y.numpy()):
@@ -523,7 +525,7 @@ def test_eval_images_are_the_reference_test_transform(tmp_path):
 
 
 def test_each_epoch_is_a_permutation_of_its_own():
-    from clae_tf import memory
+    from clae_tf.data import memory
     n = 1437
     orders = [memory.permuted(seed, epoch, tf.range(n, dtype=tf.int64), n).numpy()
               for seed, epoch in ((0, 0), (0, 1), (1, 0))]
@@ -569,7 +571,7 @@ def _folder(root, train_classes=("a", "b"), test_classes=("a", "b"), per_class=3
 def test_one_class_dataset_is_refused(tmp_path):
     root = _folder(tmp_path / "one", train_classes=("a",), test_classes=("a",))
     with pytest.raises(ClaeError, match=r"^--dataset: .* has only 1 class\(es\); kNN and linear"):
-        data.load(tiny_config(dataset=root, batch_size=2))
+        sources.load(tiny_config(dataset=root, batch_size=2))
 
 
 def test_one_class_with_images_is_refused(tmp_path):
@@ -577,15 +579,15 @@ def test_one_class_with_images_is_refused(tmp_path):
     root = _folder(tmp_path / "empty_class", train_classes=("a",), test_classes=("a",))
     os.makedirs(os.path.join(root, "train", "b"))
     with pytest.raises(ClaeError, match=r"^--dataset: the training images .* hold only 1 class"):
-        data.load(tiny_config(dataset=root, batch_size=2))
+        sources.load(tiny_config(dataset=root, batch_size=2))
 
 
 def test_train_examples_that_keep_one_class_are_refused(tmp_path, capsys):
     root = _folder(tmp_path / "sorted", train_classes=("a", "b", "c"), test_classes=("a",))
     with pytest.raises(ClaeError, match="^--train_examples: .*--examples_per_class keeps every"):
-        data.load(tiny_config(dataset=root, batch_size=2, train_examples=3))
+        sources.load(tiny_config(dataset=root, batch_size=2, train_examples=3))
     # Two of three classes: it runs, and says so.
-    source = data.load(tiny_config(dataset=root, batch_size=2, train_examples=4))
+    source = sources.load(tiny_config(dataset=root, batch_size=2, train_examples=4))
     assert source.train.num_examples == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: the training images hold 2 of the 3")
@@ -593,13 +595,13 @@ def test_train_examples_that_keep_one_class_are_refused(tmp_path, capsys):
 
 def test_test_class_missing_from_train_is_named(tmp_path, capsys):
     root = _folder(tmp_path / "extra", train_classes=("a", "b"), test_classes=("a", "b", "zebra"))
-    source = data.load(tiny_config(dataset=root, batch_size=2))
+    source = sources.load(tiny_config(dataset=root, batch_size=2))
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"warning: test class 'zebra' (2 images) of {root}/test has no train/ folder "
                    f"and is left out of the evaluation"]
     assert source.num_classes == 2 and source.test.num_examples == 4
     # Nothing to say when the classes agree.
-    data.load(tiny_config(dataset=_folder(tmp_path / "same"), batch_size=2))
+    sources.load(tiny_config(dataset=_folder(tmp_path / "same"), batch_size=2))
     assert capsys.readouterr().err == ""
 
 
@@ -613,9 +615,9 @@ def test_corrupt_test_image_is_named_before_training(tmp_path, monkeypatch):
     with open(bad, "wb") as f:
         f.write(b"not a png")
     with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {bad}$"):
-        data.load(tiny_config(dataset=root, batch_size=2))
-    import clae_tf.train
-    monkeypatch.setattr(clae_tf.train, "train", lambda *a: pytest.fail("trained first"))
+        sources.load(tiny_config(dataset=root, batch_size=2))
+    import clae_tf.job.train
+    monkeypatch.setattr(clae_tf.job.train, "train", lambda *a: pytest.fail("trained first"))
     cfg = tiny_config(tmp_path, dataset=root, batch_size=2)
     with pytest.raises(ClaeError, match=f"cannot read image {bad}"):
         app.run(cfg)
@@ -624,7 +626,7 @@ def test_corrupt_test_image_is_named_before_training(tmp_path, monkeypatch):
 def test_readable_test_split_is_decoded_once_and_cached(tmp_path):
     """The up-front check fills the in-memory cache: evaluation reads no file again."""
     root = _folder(tmp_path / "ok")
-    source = data.load(tiny_config(dataset=root, batch_size=2))
+    source = sources.load(tiny_config(dataset=root, batch_size=2))
     for name in os.listdir(os.path.join(root, "test", "a")):
         os.remove(os.path.join(root, "test", "a", name))
     values = sorted(int(x[0, 0, 0]) for x, _ in source.test.images)
@@ -651,7 +653,7 @@ class _Builder:
 def _tfds_error(monkeypatch, error):
     monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: _Builder(error))
     with pytest.raises(ClaeError) as e:
-        data.load(tiny_config(dataset="mnist"))
+        sources.load(tiny_config(dataset="mnist"))
     return str(e.value)
 
 
@@ -685,7 +687,7 @@ def test_tfds_mnist_offline_for_real(tmp_path):
     except ImportError:
         missing = True
     with pytest.raises(ClaeError) as e:
-        data.load(tiny_config(dataset="mnist", data_dir=str(tmp_path / "tfds")))
+        sources.load(tiny_config(dataset="mnist", data_dir=str(tmp_path / "tfds")))
     message = str(e.value)
     if missing:
         assert "pip install importlib_resources" in message, message

@@ -23,8 +23,11 @@ import tensorflow as tf
 
 from conftest import tiny_config
 
-from clae_tf import (attacks, builders, checkpoints, data, distribute, export, losses, methods,
-                     optim, streams, train)
+from clae_tf.data import sources, streams
+from clae_tf.job import checkpoints, export
+from clae_tf.method import train_step
+from clae_tf.method import attacks, builders, contrastive, losses, optim
+from clae_tf.runtime import distribute
 
 # SGD (not Adam) so the weight update is proportional to the gradient: a wrong loss scale, a
 # missing negative or an unsynchronised statistic shows up in the weights, and coupled weight
@@ -50,7 +53,7 @@ def _mirrored(replicas):
 
 @pytest.fixture(scope="module")
 def source():
-    return data.load(tiny_config())
+    return sources.load(tiny_config())
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +115,8 @@ def _one_step(strategy, cfg, initial, x1, x2, monkeypatch, replace=None, attack=
     x_adv as computed by fgsm, the updated variables by path, and the largest difference
     between the replicas' copies of any variable."""
     model, optimizer = _build(strategy, cfg, initial)
-    step = train.make_train_step(model, optimizer, cfg, strategy.num_replicas_in_sync,
-                                 methods.build(cfg, model))
+    step = train_step.make_train_step(model, optimizer, cfg, strategy.num_replicas_in_sync,
+                                 contrastive.build(cfg, model))
     capture = _CaptureXAdv(monkeypatch, replace, attack)
 
     def replica_fn(a, b):
@@ -249,7 +252,7 @@ def test_multiworker_needs_a_valid_tf_config(tmp_path, monkeypatch):
 
 def _train_steps(state, strategy, cfg, source, n):
     """n eager steps on the pipeline's batches from state.step on; then a checkpoint."""
-    step = train.make_train_step(state.model, state.optimizer, cfg, strategy.num_replicas_in_sync,
+    step = train_step.make_train_step(state.model, state.optimizer, cfg, strategy.num_replicas_in_sync,
                                  state.method)
     batches = iter(distribute.distribute_batches(
         strategy, streams.pretrain_dataset(source.train, cfg, epoch=0, start_batch=state.step)))

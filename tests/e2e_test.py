@@ -21,7 +21,10 @@ from absl import flags
 
 from conftest import tiny_config
 
-from clae_tf import ClaeError, app, augment, checkpoints, config, distribute, export
+from clae_tf import ClaeError
+from clae_tf.data import augment
+from clae_tf.job import app, checkpoints, export
+from clae_tf.runtime import config, distribute
 
 
 def _run(cfg):

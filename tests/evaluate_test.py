@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from clae_tf import evaluate
-from clae_tf.evaluate import knn_top1, linear_probe
+from clae_tf.evaluation import evaluate
+from clae_tf.evaluation.evaluate import knn_top1, linear_probe
 
 
 def reference_knn_predict(train_z, train_y, test_z, num_classes, k, sigma):

@@ -20,7 +20,9 @@ import tensorflow as tf
 
 from conftest import numpy_knn_predict
 
-from clae_tf import config, data, evaluate, workdir
+from clae_tf.data import sources
+from clae_tf.evaluation import evaluate
+from clae_tf.runtime import config, workdir
 
 S = 8  # image side
 CLASSES = 4
@@ -49,10 +51,10 @@ def _toy_source():
     train_x, test_x = _images(train_y, train_jitter), _images(test_y, test_jitter)
 
     def split(x, y):
-        return data.Split(tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))), len(y),
+        return sources.Split(tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))), len(y),
                           labels=y)
 
-    return data.Source("toy", split(train_x, train_y), split(test_x, test_y), CLASSES), \
+    return sources.Source("toy", split(train_x, train_y), split(test_x, test_y), CLASSES), \
         (train_x, train_y, test_x, test_y)
 
 

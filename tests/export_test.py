@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import augment, builders, export, portable
-from clae_tf.models import bn_layers
+from clae_tf.data import augment
+from clae_tf.job import export, portable
+from clae_tf.method import builders
+from clae_tf.method.models import bn_layers
 from conftest import tiny_config
 
 

@@ -18,7 +18,9 @@ import pytest
 from conftest import REPO, tiny_config
 from subprocs import Program, run_py
 
-from clae_tf import ClaeError, app, files
+from clae_tf import ClaeError
+from clae_tf.job import app
+from clae_tf.runtime import files
 
 
 def test_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
@@ -117,7 +119,7 @@ def test_a_kill_during_the_write_leaves_the_old_file(tmp_path):
     path.write_text('{"knn_top1": 0.5}')
     script = (
         "import os, sys, time\n"
-        "from clae_tf import files\n"
+        "from clae_tf.runtime import files\n"
         "def slow_fsync(fd):\n"
         "    print('writing', flush=True)\n"
         "    time.sleep(60)\n"
@@ -187,7 +189,7 @@ def test_workdir_on_a_read_only_filesystem(tmp_path):
     """A real EROFS: a read-only tmpfs in a private mount namespace (needs root and unshare)."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    check = ("from clae_tf import ClaeError, files\n"
+    check = ("from clae_tf import ClaeError\nfrom clae_tf.runtime import files\n"
              "try:\n"
              f"    files.check_writable({str(ro / 'run')!r})\n"
              "except ClaeError as e:\n"

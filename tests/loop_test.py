@@ -21,7 +21,10 @@ from tensorflow.python.grappler import tf_optimizer
 from conftest import tiny_config
 from subprocs import run_py
 
-from clae_tf import ClaeError, app, checkpoints, data, health, streams, train
+from clae_tf import ClaeError
+from clae_tf.data import sources, streams
+from clae_tf.job import app, checkpoints, health, train
+from clae_tf.method import train_step
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 
@@ -34,15 +37,15 @@ def _run(cfg):
 def _state_and_loop(cfg):
     keras.utils.set_random_seed(cfg.seed)
     state = checkpoints.State(cfg, ONE_DEVICE, 10, 10)
-    step = train.make_train_step(state.model, state.optimizer, cfg, 1, state.method)
-    global_step = train.make_distributed_step(ONE_DEVICE, step, state.method, compiled=False)
+    step = train_step.make_train_step(state.model, state.optimizer, cfg, 1, state.method)
+    global_step = train_step.make_distributed_step(ONE_DEVICE, step, state.method, compiled=False)
     return state, global_step, train.make_train_loop(ONE_DEVICE, global_step, state.model, cfg)
 
 
 @pytest.mark.slow  # > 10 s on the 2 shared cores
 def test_one_call_of_three_steps_equals_three_single_steps():
     cfg = tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=5e-4)
-    batches = list(streams.pretrain_dataset(data.load(cfg).train, cfg, epoch=0).take(3))
+    batches = list(streams.pretrain_dataset(sources.load(cfg).train, cfg, epoch=0).take(3))
     # Reference: three compiled single steps, fed from the host.
     ref_state, ref_step, _ = _state_and_loop(cfg)
     ref_step = tf.function(ref_step)
@@ -113,7 +116,7 @@ def test_the_loop_at_cifar_scale_runs_no_order_of_arrival_sum():
     ctx = context.context()
     ctx.enable_run_metadata()
     try:
-        out = loop(iter(streams.pretrain_dataset(data.load(cfg).train, cfg, epoch=0)),
+        out = loop(iter(streams.pretrain_dataset(sources.load(cfg).train, cfg, epoch=0)),
                    tf.constant(1), w0)
         ran = ctx.export_run_metadata().function_graphs
     finally:
@@ -125,7 +128,7 @@ def test_the_loop_at_cifar_scale_runs_no_order_of_arrival_sum():
 
 def test_loop_stops_at_the_first_unhealthy_step():
     cfg = tiny_config(optimizer="sgd", learning_rate=1e35, weight_decay=0.0)
-    batches = list(streams.pretrain_dataset(data.load(cfg).train, cfg, epoch=0).take(3))
+    batches = list(streams.pretrain_dataset(sources.load(cfg).train, cfg, epoch=0).take(3))
     state, _, loop = _state_and_loop(cfg)
     w0 = health.weight_norm(state.model.trainable_variables)
     out = loop(iter(tf.data.Dataset.from_tensor_slices(

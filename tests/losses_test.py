@@ -1,10 +1,10 @@
-"""Tests of clae_tf.losses: NT-Xent against an independent numpy reference of docs/method.md."""
+"""Tests of clae_tf.method.losses: NT-Xent against an independent numpy reference of docs/method.md."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import losses
+from clae_tf.method import losses
 
 
 def _unit(rng, n, d):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import app, masking, robust
+from clae_tf.evaluation import masking, robust
+from clae_tf.job import app
 
 
 def four_classes(n=40, seed=5):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import losses
+from clae_tf.method import losses
 
 
 def _unit(rng, n, d):

@@ -15,7 +15,8 @@ import tensorflow_datasets as tfds
 
 from conftest import tiny_config
 
-from clae_tf import app, checkpoints, config, distribute, workdir
+from clae_tf.job import app, checkpoints
+from clae_tf.runtime import config, distribute, workdir
 
 
 def _run(cfg):

@@ -1,7 +1,7 @@
 """MoCo: the queue is a ring buffer of the gathered keys, the key encoder follows the query
 encoder by momentum, and both stay identical on every replica and equal to one device.
 
-Steps run eagerly (train.make_distributed_step(compiled=False)): tracing costs more than the
+Steps run eagerly (train_step.make_distributed_step(compiled=False)): tracing costs more than the
 few steps a test runs.
 """
 
@@ -12,7 +12,10 @@ import tensorflow as tf
 
 from conftest import tiny_config
 
-from clae_tf import checkpoints, data, distribute, streams, train
+from clae_tf.data import sources, streams
+from clae_tf.job import checkpoints
+from clae_tf.method import train_step
+from clae_tf.runtime import distribute
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 # SGD without weight decay, and momentum 0.9 so that two steps move the key encoder visibly.
@@ -30,7 +33,7 @@ def _values(variables):
 
 
 def _batches(cfg, n):
-    source = data.load(cfg)
+    source = sources.load(cfg)
     ds = streams.pretrain_dataset(source.train, cfg, epoch=0).take(n)
     return [(x1.numpy(), x2.numpy()) for x1, x2 in ds]
 
@@ -55,8 +58,8 @@ def test_steps_update_key_encoder_by_momentum_and_enqueue_the_keys(adversarial):
     cfg = tiny_config(adversarial=adversarial, **MOCO)
     state = _state(ONE_DEVICE, cfg)
     moco, model = state.method, state.model
-    step = train.make_distributed_step(
-        ONE_DEVICE, train.make_train_step(model, state.optimizer, cfg, 1, moco), moco,
+    step = train_step.make_distributed_step(
+        ONE_DEVICE, train_step.make_train_step(model, state.optimizer, cfg, 1, moco), moco,
         compiled=False)
     # The key encoder starts as a copy of the query encoder, without adversarial BNs.
     assert not any("bn_adv" in v.path for v in moco.key_model.variables)
@@ -97,7 +100,7 @@ def test_two_replicas_hold_the_same_queue_and_key_encoder_as_one_device():
                 v.assign(out["one"]["init"][v.path if v is not state.method.queue else "queue"])
         init = {**_values(state.model.variables), **_values(state.method.key_model.variables),
                 "queue": state.method.queue.numpy()}
-        step = train.make_distributed_step(strategy, train.make_train_step(
+        step = train_step.make_distributed_step(strategy, train_step.make_train_step(
             state.model, state.optimizer, cfg, strategy.num_replicas_in_sync, state.method),
             state.method, compiled=False)
         for x1, x2 in batches:

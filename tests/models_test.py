@@ -1,11 +1,11 @@
-"""Tests of clae_tf.models: ResNet shapes, stems, feature widths and the dual-BN routing."""
+"""Tests of clae_tf.method.models: ResNet shapes, stems, feature widths and the dual-BN routing."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import builders, models
+from clae_tf.method import builders, models
 from conftest import tiny_config
 
 SIZE = 16

@@ -19,7 +19,11 @@ from tensorboard.plugins.projector import projector_plugin
 
 from conftest import numpy_knn_predict, tiny_config
 
-from clae_tf import builders, checkpoints, data, distribute, evaluate, monitor, train, visualize
+from clae_tf.data import sources
+from clae_tf.evaluation import evaluate, monitor, visualize
+from clae_tf.job import checkpoints, train
+from clae_tf.method import builders
+from clae_tf.runtime import distribute
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 
@@ -46,19 +50,19 @@ def _events(logdir):
 
 def test_balanced_subset_is_the_first_of_each_class():
     labels = np.random.default_rng(0).integers(0, 4, size=200)
-    np.testing.assert_array_equal(data.balanced_subset(labels, 40),
+    np.testing.assert_array_equal(sources.balanced_subset(labels, 40),
                                   _first_per_class(labels, 10))
     # Not a multiple of the classes: the lowest labels get the extra one; never more than exist.
-    counts = np.bincount(labels[data.balanced_subset(labels, 42)], minlength=4)
+    counts = np.bincount(labels[sources.balanced_subset(labels, 42)], minlength=4)
     np.testing.assert_array_equal(counts, [11, 11, 10, 10])
-    assert len(data.balanced_subset(labels, 10_000)) == 200
+    assert len(sources.balanced_subset(labels, 10_000)) == 200
 
 
 def test_online_knn_is_the_weighted_knn_of_z_on_the_first_of_each_class(tmp_path):
     cfg = tiny_config(tmp_path, online_eval_examples=50)
     keras.utils.set_random_seed(0)
     model = builders.build_model(cfg)
-    source = data.load(cfg)
+    source = sources.load(cfg)
     logdir = str(tmp_path / "tb")
     writer = tf.summary.create_file_writer(logdir)
     accuracy = monitor.Monitor(cfg, model, source, writer, logdir).online_eval(step=7)
@@ -97,18 +101,18 @@ def test_online_knn_under_mirrored_strategy_reads_the_same_model(tmp_path):
     with strategy.scope():
         mirrored = builders.build_model(cfg)
     mirrored.set_weights(one.get_weights())
-    source = data.load(cfg)
+    source = sources.load(cfg)
     noop = tf.summary.create_noop_writer()
     a = monitor.Monitor(cfg, one, source, noop, str(tmp_path))
     b = monitor.Monitor(cfg, mirrored, source, noop, str(tmp_path))
-    images = data.read_images(source.test)[0][:40]
+    images = sources.read_images(source.test)[0][:40]
     np.testing.assert_allclose(a.features(images)[1], b.features(images)[1], atol=1e-6)
     assert a.online_eval(1) == b.online_eval(1)
 
 
 def _train(cfg, strategy=ONE_DEVICE):
     keras.utils.set_random_seed(cfg.seed)
-    return train.train(cfg, strategy, data.load(cfg))
+    return train.train(cfg, strategy, sources.load(cfg))
 
 
 @pytest.mark.slow
@@ -142,7 +146,7 @@ def test_online_evaluation_during_a_mirrored_run(tmp_path):
     # The same number from the checkpoint, restored on one device.
     state = checkpoints.State(cfg, ONE_DEVICE)
     assert state.restore(model_only=True) and state.step == 3
-    again = monitor.Monitor(cfg, state.model, data.load(cfg), tf.summary.create_noop_writer(),
+    again = monitor.Monitor(cfg, state.model, sources.load(cfg), tf.summary.create_noop_writer(),
                             str(tmp_path)).online_eval(3)
     assert again == pytest.approx(logged)
 

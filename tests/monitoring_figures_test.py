@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import visualize
-from clae_tf.config import Config
+from clae_tf.evaluation import visualize
+from clae_tf.runtime.config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "monitoring_figures.py")

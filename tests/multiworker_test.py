@@ -29,8 +29,9 @@ TIMEOUT = 600  # seconds for both workers: several times what they take on a bus
 def _worker(cfg_path, out_path):
     """One worker process: TF_CONFIG is in the environment; cfg is a JSON of Config fields."""
     # Importing clae_tf must not initialise TF: MultiWorkerMirroredStrategy has to come first
-    # (as in run.py, which imports clae_tf.app before make_strategy).
-    from clae_tf import app, checkpoints, config, distribute, train
+    # (as in run.py, which imports clae_tf.job.app before make_strategy).
+    from clae_tf.job import app, checkpoints, train
+    from clae_tf.runtime import config, distribute
 
     with open(cfg_path) as f:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
@@ -137,7 +138,9 @@ def test_two_workers_train_like_one_process(tmp_path, method, worker_ports):
 
     from conftest import tiny_config
 
-    from clae_tf import checkpoints, data, streams, train
+    from clae_tf.data import sources, streams
+    from clae_tf.job import checkpoints
+    from clae_tf.method import train_step
 
     # lr 0.01 and eps=0 keep the comparison with one process tight (see below). A constant
     # learning rate: the reference below does not know the workers' total steps.
@@ -170,11 +173,11 @@ def test_two_workers_train_like_one_process(tmp_path, method, worker_ports):
         import keras
         one = tf.distribute.OneDeviceStrategy("/cpu:0")
         single = dataclasses.replace(cfg, strategy="one_device", workdir=str(tmp_path / "single"))
-        source = data.load(single)
+        source = sources.load(single)
         keras.utils.set_random_seed(cfg.seed)
         state = checkpoints.State(single, one, 10, 10)
         initial = {v.path: v.numpy() for v in state.model.variables}
-        step = train.make_distributed_step(one, train.make_train_step(
+        step = train_step.make_distributed_step(one, train_step.make_train_step(
             state.model, state.optimizer, single, 1, state.method), state.method, compiled=False)
         for x1, x2 in streams.pretrain_dataset(source.train, single, epoch=0).take(cfg.max_steps):
             step(x1, x2)

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import attacks, builders, checkpoints, data, losses, streams, train
+from clae_tf.data import sources, streams
+from clae_tf.job import checkpoints
+from clae_tf.method import train_step
+from clae_tf.method import attacks, builders, losses
 from conftest import tiny_config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -30,7 +33,7 @@ def _one_step(cfg, batch, weights=None):
     state = checkpoints.State(cfg, ONE_DEVICE, 10, 10)
     if weights is not None:
         state.model.set_weights(weights)
-    step = train.make_train_step(state.model, state.optimizer, cfg, 1, state.method)
+    step = train_step.make_train_step(state.model, state.optimizer, cfg, 1, state.method)
     metrics, _, _ = step(*batch)
     return float(metrics["loss"]), [v.numpy().astype(np.float64) for v in state.model.weights]
 
@@ -38,7 +41,7 @@ def _one_step(cfg, batch, weights=None):
 @pytest.fixture(scope="module")
 def batch():
     cfg = tiny_config()
-    return next(iter(streams.pretrain_dataset(data.load(cfg).train, cfg, epoch=0)))
+    return next(iter(streams.pretrain_dataset(sources.load(cfg).train, cfg, epoch=0)))
 
 
 def _update_error(weights0, ref, other):

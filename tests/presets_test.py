@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, parse_flags
 
-from clae_tf import config
+from clae_tf.runtime import config
 
 PRESETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "flags", "*.cfg")))
 

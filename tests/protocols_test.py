@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from conftest import REPO
 
-from clae_tf.config import Config
+from clae_tf.runtime.config import Config
 
 
 def _load(path, name):

@@ -14,8 +14,12 @@ import tensorflow as tf
 from conftest import parse_flags, tiny_config
 from masking_test import four_classes
 
-from clae_tf import (ClaeError, app, builders, checkpoints, config, data, distribute, evaluate,
-                     export, robust, workdir)
+from clae_tf import ClaeError
+from clae_tf.data import sources
+from clae_tf.evaluation import evaluate, robust
+from clae_tf.job import app, checkpoints, export
+from clae_tf.method import builders
+from clae_tf.runtime import config, distribute, workdir
 
 
 def _linear(w, b):
@@ -327,23 +331,23 @@ def test_robust_flags_never_stop_an_old_run_from_being_evaluated():
 
 def test_balanced_subset():
     labels = np.array([0] * 10 + [1] * 3 + [2] * 7 + [0, 1, 2] * 2)
-    idx = data.balanced_subset(labels, 9)
+    idx = sources.balanced_subset(labels, 9)
     assert np.all(np.diff(idx) > 0)
     assert np.bincount(labels[idx]).tolist() == [3, 3, 3]
     # The first examples of each class, in split order.
     assert idx.tolist() == [0, 1, 2, 10, 11, 12, 13, 14, 15]
-    idx = data.balanced_subset(labels, 14)  # class 1 has only 5: the others fill in
+    idx = sources.balanced_subset(labels, 14)  # class 1 has only 5: the others fill in
     counts = np.bincount(labels[idx]).tolist()
     assert sum(counts) == 14 and counts[1] == 5 and abs(counts[0] - counts[2]) <= 1
-    assert data.balanced_subset(labels, 0).tolist() == []
-    assert data.balanced_subset(labels, 100).tolist() == list(range(len(labels)))
+    assert sources.balanced_subset(labels, 0).tolist() == []
+    assert sources.balanced_subset(labels, 100).tolist() == list(range(len(labels)))
 
 
 def test_load_subset_reads_the_chosen_test_images():
     cfg = tiny_config()
-    split = data.load(cfg).test
+    split = sources.load(cfg).test
     images, labels = robust.load_subset(split, 50)
-    index = data.balanced_subset(split.labels, 50)
+    index = sources.balanced_subset(split.labels, 50)
     assert images.shape == (50, 16, 16, 3) and images.dtype == np.float32
     assert 0.0 <= images.min() and images.max() <= 1.0
     np.testing.assert_array_equal(labels, split.labels[index])

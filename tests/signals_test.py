@@ -15,7 +15,9 @@ import tensorflow as tf
 
 from subprocs import TIMEOUT, Program, run_py
 
-from clae_tf import checkpoints, signals
+from clae_tf.job import checkpoints
+from clae_tf.runtime import workdir as workdir_lib
+from clae_tf.runtime import signals
 
 # ------------------------------------------------------------------------------ in-process
 
@@ -112,7 +114,7 @@ def _saved_at_interrupt(err, why, workdir):
     directory = os.path.join(workdir, "checkpoints")
     assert line == (f"{prefix}{step}; checkpoint saved in {directory}; run the same command to "
                     f"resume")
-    newest = checkpoints.checkpoint_paths(directory)[0]
+    newest = workdir_lib.checkpoint_paths(directory)[0]
     assert newest == os.path.join(directory, f"ckpt-{step}")
     assert checkpoints.unreadable(newest) is None
     assert tf.train.load_checkpoint(newest).get_tensor(

@@ -1,6 +1,6 @@
 """The optimised CLAE train step and optimizer against literal references.
 
-train.make_train_step runs the attack as ONE forward pass of the adversarial branch with an
+train_step.make_train_step runs the attack as ONE forward pass of the adversarial branch with an
 input-only gradient (attacks.fgsm), and BN as one fused op (models.py). Here the whole train step
 (x_adv, the three losses, the weights after the optimizer step) is compared with a straightforward
 version: two forward passes of the adversarial branch, L(model_adv(x1), model_adv(x_adv)),
@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf import builders, losses, methods, models, optim, train
+from clae_tf.method import train_step
+from clae_tf.method import builders, contrastive, losses, models, optim
 from conftest import tiny_config
 from subprocs import Program
 
 
 def code_under_test(cfg, model=None, steps_per_epoch=1, total_steps=1, compiled=False):
-    """The ONE place that calls optim.build_optimizer / train.make_train_step.
+    """The ONE place that calls optim.build_optimizer / train_step.make_train_step.
 
     Returns (step, optimizer): step(x1, x2) -> (metrics, images, keys), or None without a model.
     """
@@ -33,7 +34,7 @@ def code_under_test(cfg, model=None, steps_per_epoch=1, total_steps=1, compiled=
     if model is None:
         return None, optimizer
     optimizer.build(model.trainable_variables)
-    step = train.make_train_step(model, optimizer, cfg, 1, methods.build(cfg, model))
+    step = train_step.make_train_step(model, optimizer, cfg, 1, contrastive.build(cfg, model))
     return (tf.function(step) if compiled else step), optimizer
 
 
@@ -292,13 +293,15 @@ _ODD_BATCH_SCRIPT = """
 import sys
 sys.path.insert(0, "tests")
 from conftest import tiny_config
-from clae_tf import data, distribute, train
+from clae_tf.data import sources
+from clae_tf.job import train
+from clae_tf.runtime import distribute
 for batch, replicas in [(3, 1), (5, 1), (6, 2)]:
     cfg = tiny_config(workdir=f"{sys.argv[1]}/batch{batch}", batch_size=batch, max_steps=4,
                       projector_examples=0, adversarial=True, virtual_cpus=replicas,
                       strategy="mirrored" if replicas > 1 else "one_device")
     strategy = distribute.make_strategy(cfg)
-    summary = train.train(cfg, strategy, data.load(cfg))
+    summary = train.train(cfg, strategy, sources.load(cfg))
     print(f"batch {batch} on {strategy.num_replicas_in_sync}: step {summary.step}", flush=True)
 """
 

@@ -25,9 +25,13 @@ import tensorflow as tf
 
 from conftest import REPO, one_line_error, run_cli, tiny_config
 
-from clae_tf import (ClaeError, app, augment, builders, checkpoints, data, evaluate, export,
-                     files, workdir)
-from clae_tf.config import Config
+from clae_tf import ClaeError
+from clae_tf.data import augment, sources
+from clae_tf.evaluation import evaluate
+from clae_tf.job import app, checkpoints, export
+from clae_tf.method import builders
+from clae_tf.runtime import files, workdir
+from clae_tf.runtime.config import Config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 STEPS_PER_EPOCH = 1437 // 16  # digits' training split at tiny_config's batch size
@@ -234,7 +238,7 @@ def test_signals_are_held_back_until_the_body_is_done():
 # file): SIGTERM then arrives half-way through the export, at a marker.
 _SLOW_EXPORT = textwrap.dedent('''
     import runpy, sys, time
-    from clae_tf import export
+    from clae_tf.job import export
     real = export.export_keras
 
     def slow(*args, **kwargs):
@@ -451,7 +455,7 @@ def test_evaluate_over_a_truncated_results_json(tmp_path, capsys):
     path = os.path.join(cfg.run_dir, "results.json")
     with open(path, "w") as f:
         f.write('{"knn_top1": 0.1, "train_seconds_this_pro')
-    source = data.load(cfg)
+    source = sources.load(cfg)
     model = builders.build_model(cfg)
     results = evaluate.evaluate(cfg, model, source, step=7)
     assert "results.json is unreadable" in capsys.readouterr().err
@@ -477,6 +481,6 @@ def test_eval_mode_with_a_truncated_flags_cfg(tmp_path):
 def test_workdir_regular_file_through_app_run_before_anything_else(tmp_path, monkeypatch):
     path = tmp_path / "not_a_dir"
     path.write_text("x")
-    monkeypatch.setattr(data, "load", lambda cfg: pytest.fail("loaded data before the check"))
+    monkeypatch.setattr(sources, "load", lambda cfg: pytest.fail("loaded data before the check"))
     with pytest.raises(ClaeError, match="^--workdir: .* is a file, not a directory"):
         app.run(tiny_config(workdir=str(path)))

@@ -7,9 +7,12 @@ import time
 
 import keras
 
-from clae_tf import (ClaeError, checkpoints, data, distribute, evaluate, export, robust, signals,
-                     train, workdir)
-from clae_tf.config import Config
+from clae_tf import ClaeError
+from clae_tf.data import sources
+from clae_tf.evaluation import evaluate, robust
+from clae_tf.job import checkpoints, export, train
+from clae_tf.runtime import distribute, signals, workdir
+from clae_tf.runtime.config import Config
 
 # --precision -> the Keras policy: compute in bfloat16/float16, variables in float32.
 POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -49,7 +52,7 @@ def _run(cfg: Config, strategy, timings: dict) -> dict:
     keras.mixed_precision.set_global_policy(POLICIES[cfg.precision])
     workdir.check_workdir(cfg)
     t = time.time()
-    source = data.load(cfg)
+    source = sources.load(cfg)
     timings["data_load_seconds"] = time.time() - t
     suite = robust.Suite.from_config(cfg)
     if cfg.mode != "export" and suite.runs():
@@ -62,7 +65,7 @@ def _run(cfg: Config, strategy, timings: dict) -> dict:
     return out
 
 
-def _train(cfg: Config, strategy, source: data.Source, timings: dict, out: dict):
+def _train(cfg: Config, strategy, source: sources.Source, timings: dict, out: dict):
     """Trains, then (the chief) evaluates and exports; the results with their timings go to
     results.json and `out`."""
     chief = distribute.is_chief(strategy)
@@ -86,7 +89,7 @@ def _train(cfg: Config, strategy, source: data.Source, timings: dict, out: dict)
     workdir.update_results(cfg.run_dir, {"timings": timings})
 
 
-def _evaluate_or_export(cfg: Config, strategy, source: data.Source, out: dict):
+def _evaluate_or_export(cfg: Config, strategy, source: sources.Source, out: dict):
     """--mode=eval or export: the newest checkpoint's model, evaluated or exported."""
     state = checkpoints.State(cfg, strategy)  # no optimizer: eval and export need the model only
     if not state.restore(model_only=True):

@@ -17,7 +17,7 @@ import math
 
 import tensorflow as tf
 
-from clae_tf import config
+from clae_tf.runtime import config
 
 # torchvision's rgb_to_grayscale weights. A tuple, not a tf.constant: a tensor made at import
 # would initialise TF before run.py can set up --virtual_cpus or MultiWorkerMirroredStrategy.

@@ -16,7 +16,7 @@ gradients and never becomes part of a training graph.
 
 import tensorflow as tf
 
-from clae_tf.attacks.common import (_NOT_CONVERTED, _check_norm, _direction, _project, _project_l2,
+from clae_tf.method.attacks.common import (_NOT_CONVERTED, _check_norm, _direction, _project, _project_l2,
                                     _random_start, _rows, _seed, uniform_start)
 
 

@@ -26,7 +26,10 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import ClaeError, attacks, augment, data, masking
+from clae_tf import ClaeError
+from clae_tf.data import augment, sources
+from clae_tf.evaluation import masking
+from clae_tf.method import attacks
 
 PGD_STEPS = 20  # PGD-20, step eps/4, random start (Madry et al. 2018's CIFAR evaluation uses 20)
 NO_L2 = ("fgsm", "square")  # attacks without an L2 version: left out of the L2 chain
@@ -93,10 +96,10 @@ class Suite:
                             f"e.g. --robust_attacks=pgd20,apgd-ce,square")
 
 
-def load_subset(split: data.Split, n: int):
+def load_subset(split: sources.Split, n: int):
     """(images float32 in [0, 1] (n, S, S, 3), labels int32 (n,)) of the fixed class-balanced
-    subset of n examples (data.balanced_subset; 0: all)."""
-    images, labels, _ = data.read_balanced(split, n if n > 0 else split.num_examples)
+    subset of n examples (sources.balanced_subset; 0: all)."""
+    images, labels, _ = sources.read_balanced(split, n if n > 0 else split.num_examples)
     return images.astype(np.float32) / 255.0, labels.astype(np.int32)
 
 
@@ -346,7 +349,7 @@ def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, b
     return out
 
 
-def evaluate(cfg, model, probe, split: data.Split, num_classes: int) -> dict:
+def evaluate(cfg, model, probe, split: sources.Split, num_classes: int) -> dict:
     """Robust evaluation (--robust_*) of encoder + probe on the fixed subset of `split`.
 
     Returns the results.json entries of robust_accuracy and robust_seconds (all of it,

@@ -19,9 +19,9 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import tensorflow as tf
 
-from clae_tf import augment, memory, views as views_lib
-from clae_tf.config import Config
-from clae_tf.data import Split
+from clae_tf.data import augment, memory, views as views_lib
+from clae_tf.runtime.config import Config
+from clae_tf.data.sources import Split
 
 
 def held_in_memory(split: Split, cfg: Config) -> Optional[memory.Images]:
@@ -71,8 +71,8 @@ def epoch_iterators(split: Split, cfg: Config, step: int, total_steps: int,
     Yields (iterator, steps left in its epoch) for each epoch. A split held in memory gives ONE
     iterator for the rest of the run (`pretrain_stream`), handed out again at each epoch (the
     caller still stops at epoch ends, for epoch-end work): building a pipeline and dropping the
-    last one's iterator at each boundary stalled the loop for seconds (BENCHMARKS.md, "Whole
-    run"). Otherwise one per epoch (`pretrain_dataset`).
+    last one's iterator at each boundary costs seconds per epoch (BENCHMARKS.md, "Whole run").
+    Otherwise one per epoch (`pretrain_dataset`).
 
     Args:
       split, cfg: the training split and the run's Config.

@@ -137,8 +137,8 @@ class _Conv2D(keras.layers.Conv2D):
     the same kernel. Sharp edge: TF 2.21's oneDNN CPU kernel for the filter gradient of a
     strided 1x1 conv corrupts the heap at odd batch sizes (a segfault or "double free" in the
     first train step). The subsampling is a 1x1 average pool of stride s (the same pixels): as
-    fast as the strided conv forward and backward, where a strided slice's gradient was 2-3x
-    slower.
+    fast as the strided conv forward and backward; a strided slice's gradient costs 2-3x as
+    much on CPU.
     """
 
     def __init__(self, filters, kernel, stride, **kwargs):

@@ -19,7 +19,7 @@ import tempfile
 import tensorflow as tf
 
 from clae_tf import ClaeError
-from clae_tf.config import Config
+from clae_tf.runtime.config import Config
 
 _strategies_made = itertools.count(1)
 

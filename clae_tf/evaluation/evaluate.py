@@ -12,11 +12,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import data, robust, streams, workdir
-from clae_tf.config import EVAL_FLAGS, Config
+from clae_tf.data import sources, streams
+from clae_tf.evaluation import robust
+from clae_tf.runtime import workdir
+from clae_tf.runtime.config import EVAL_FLAGS, Config
 
 
-def extract(model, split: data.Split, batch_size: int, normalize: str):
+def extract(model, split: sources.Split, batch_size: int, normalize: str):
     """(h, z, y) as numpy arrays for every image of `split`, clean BNs in inference mode."""
     embed = tf.function(lambda x: model(x, training=False))
     hs, zs, ys = [], [], []
@@ -27,7 +29,7 @@ def extract(model, split: data.Split, batch_size: int, normalize: str):
             zs.append(z.numpy())
             ys.append(y.numpy())
     except tf.errors.InvalidArgumentError as e:
-        data.raise_if_unreadable(split, e)
+        sources.raise_if_unreadable(split, e)
     return np.concatenate(hs), np.concatenate(zs), np.concatenate(ys)
 
 
@@ -91,9 +93,9 @@ def linear_probe(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3
     """Logistic regression on frozen features with Adam, float32 whatever the run's precision.
 
     The epochs run in compiled calls of PROBE_EPOCHS_PER_CALL epochs each (a tf.while_loop
-    over epochs and batches, the features on the device): no per-epoch or per-batch return to
-    Python, which is what made the probe cost seconds of overhead (100-1000 epochs) on top of
-    its arithmetic, yet a return often enough for Ctrl-C to stop it.
+    over epochs and batches, the features on the device): a return to Python per epoch or per
+    batch costs seconds of overhead over 100-1000 epochs, more than the arithmetic; a return
+    every PROBE_EPOCHS_PER_CALL epochs is often enough for Ctrl-C to stop it.
 
     Args:
       train_h, train_y, test_h, test_y: features (N, D) and int labels (N,).
@@ -150,7 +152,7 @@ def load_probe(path: str) -> dict:
                 "step": int(f["step"])}
 
 
-def evaluate(cfg: Config, model, source: data.Source, step: int, extra=None,
+def evaluate(cfg: Config, model, source: sources.Source, step: int, extra=None,
              other_data=None) -> dict:
     """kNN, linear probe and robust accuracy; writes the results (<workdir>/results.json), the
     probe's weights (<workdir>/probe.npz, for export) and eval/ scalars to TensorBoard, or with

@@ -22,12 +22,12 @@ trace per call site, whatever the number of iterations, and no host round trip i
 Callers use the names below (`attacks.apgd`, ...), not the modules.
 """
 
-from clae_tf.attacks.auto_pgd import APGD_LOSSES, apgd, apgd_checkpoints, top_targets
-from clae_tf.attacks.common import NORMS, uniform_start
-from clae_tf.attacks.gradient import (auto_step_size, classifier_objective, fgsm, fgsm_classifier,
+from clae_tf.method.attacks.auto_pgd import APGD_LOSSES, apgd, apgd_checkpoints, top_targets
+from clae_tf.method.attacks.common import NORMS, uniform_start
+from clae_tf.method.attacks.gradient import (auto_step_size, classifier_objective, fgsm, fgsm_classifier,
                                       linf_pgd, pgd, pgd_classifier)
-from clae_tf.attacks.logit_losses import ce_loss, dlr_loss, dlr_targeted_loss, margin
-from clae_tf.attacks.square import SQUARE_DRAWS, SQUARE_HALVINGS, square_linf, square_p
+from clae_tf.method.attacks.logit_losses import ce_loss, dlr_loss, dlr_targeted_loss, margin
+from clae_tf.method.attacks.square import SQUARE_DRAWS, SQUARE_HALVINGS, square_linf, square_p
 
 __all__ = ["APGD_LOSSES", "NORMS", "SQUARE_DRAWS", "SQUARE_HALVINGS", "apgd", "apgd_checkpoints",
            "auto_step_size", "ce_loss", "classifier_objective", "dlr_loss", "dlr_targeted_loss",

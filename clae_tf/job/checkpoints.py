@@ -5,9 +5,11 @@ import os
 import keras
 import tensorflow as tf
 
-from clae_tf import ClaeError, builders, distribute, methods, signals, workdir
-from clae_tf.optim import build_optimizer
-from clae_tf.config import Config
+from clae_tf import ClaeError
+from clae_tf.method import builders, contrastive
+from clae_tf.runtime import distribute, signals, workdir
+from clae_tf.method.optim import build_optimizer
+from clae_tf.runtime.config import Config
 
 
 class State:
@@ -20,7 +22,7 @@ class State:
     def __init__(self, cfg: Config, strategy, steps_per_epoch=None, total_steps=None):
         with strategy.scope():
             self.model = builders.build_model(cfg)
-            self.method = methods.build(cfg, self.model)
+            self.method = contrastive.build(cfg, self.model)
             self.optimizer = None
             self._learning_rate = cfg.learning_rate
             if steps_per_epoch is not None:
@@ -48,7 +50,7 @@ class State:
     def latest_checkpoint(self):
         """The newest ckpt-<step> on disk (the files, not the `checkpoint` index file, which a
         crash can leave damaged). Every worker reads the chief's directory."""
-        found = checkpoint_paths(self.directory)
+        found = workdir.checkpoint_paths(self.directory)
         return found[0] if found else None
 
     def save(self, step: int):
@@ -66,7 +68,7 @@ class State:
         not restore into this model is a flag mismatch: an error. model_only: skip what this
         state does not hold (eval, export).
         """
-        for path in checkpoint_paths(self.directory):
+        for path in workdir.checkpoint_paths(self.directory):
             try:
                 status = self.checkpoint.restore(path)
                 if model_only or self.optimizer is None:
@@ -107,7 +109,7 @@ def _manager(checkpoint, directory):
     """tf.train.CheckpointManager of `directory`, over a damaged `checkpoint` index file too.
 
     The manager reads the index only to know which checkpoints it saved before (resume finds
-    them from their files, checkpoint_paths). TensorFlow ignores an index it cannot parse, but
+    them from their files, workdir.checkpoint_paths). TensorFlow ignores an index it cannot parse, but
     raises on one that is not UTF-8 text (UnicodeDecodeError) or names no checkpoint
     (ValueError): such an index is set aside in damaged/, with one line, as a damaged
     checkpoint is, and the manager starts without it.
@@ -125,17 +127,6 @@ def _manager(checkpoint, directory):
         tf.io.gfile.rename(index, os.path.join(directory, "damaged", "checkpoint"),
                            overwrite=True)
         return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
-
-
-def checkpoint_paths(directory):
-    """Every ckpt-<step> prefix in `directory` that has an index file, newest first."""
-    if not tf.io.gfile.isdir(directory):
-        return []
-    steps = []
-    for name in tf.io.gfile.listdir(directory):
-        if name.startswith("ckpt-") and name.endswith(".index") and name[5:-6].isdigit():
-            steps.append(int(name[5:-6]))
-    return [os.path.join(directory, f"ckpt-{step}") for step in sorted(steps, reverse=True)]
 
 
 def unreadable(path):

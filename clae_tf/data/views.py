@@ -6,8 +6,8 @@ them. Both views of a batch depend only on the seed, the epoch and the batch's i
 
 import tensorflow as tf
 
-from clae_tf import augment
-from clae_tf.config import Config
+from clae_tf.data import augment
+from clae_tf.runtime.config import Config
 
 
 class Views:
@@ -18,7 +18,7 @@ class Views:
         self.views = augment.AUGMENTATIONS[cfg.augment]
         self.view = augment.simclr_view
         if cfg.augment_impl == "keras_cv":  # stateful keras-cv layers (augment_kerascv.py)
-            from clae_tf import augment_kerascv
+            from clae_tf.data import augment_kerascv
             self.view = augment_kerascv.view_fn(cfg.seed, self.size, self.views)
 
     def batch_seed(self, epoch, index):

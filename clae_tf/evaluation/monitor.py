@@ -18,8 +18,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import augment, data, evaluate, visualize
-from clae_tf.config import Config
+from clae_tf.data import augment, sources
+from clae_tf.evaluation import evaluate, visualize
+from clae_tf.runtime.config import Config
 
 NEIGHBOUR_ROWS = 10  # test images in the picture: the first of each class (up to 10 classes)
 NEIGHBOURS = 8  # training images after each
@@ -36,7 +37,7 @@ class Monitor:
       logdir: the directory of that writer (the projector's files go there).
     """
 
-    def __init__(self, cfg: Config, model, source: data.Source, writer, logdir):
+    def __init__(self, cfg: Config, model, source: sources.Source, writer, logdir):
         self.cfg, self.source, self.writer, self.logdir = cfg, source, writer, logdir
         size, normalize = cfg.image_size, cfg.normalize
 
@@ -57,14 +58,14 @@ class Monitor:
         """The training images and the test subsets (online kNN and projector), once."""
         if self._train is not None:
             return
-        self._train = data.read_images(self.source.train)
+        self._train = sources.read_images(self.source.train)
         n = max(self.cfg.online_eval_examples, self.cfg.projector_examples)
-        images, labels, keep = data.read_balanced(self.source.test, n)
+        images, labels, keep = sources.read_balanced(self.source.test, n)
         self._test = images, labels, keep
         # Both subsets (each the first of every class) are the first of `keep`'s own balanced
         # order: their positions in `keep`.
-        self._online = data.balanced_subset(labels, self.cfg.online_eval_examples)
-        self._projected = data.balanced_subset(labels, self.cfg.projector_examples)
+        self._online = sources.balanced_subset(labels, self.cfg.online_eval_examples)
+        self._projected = sources.balanced_subset(labels, self.cfg.projector_examples)
 
     def features(self, images):
         """(h, z) float32 numpy arrays of uint8 images (N, S, S, 3), in eval batches."""

@@ -9,9 +9,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import augment, files, portable
-from clae_tf.config import Config
-from clae_tf.workdir import (ENCODER_KERAS, EXPORT_STAGING, EXPORTS, MANIFEST, PROBE_SAVED_MODEL,
+from clae_tf.data import augment
+from clae_tf.job import portable
+from clae_tf.runtime import files
+from clae_tf.runtime.config import Config
+from clae_tf.runtime.workdir import (ENCODER_KERAS, EXPORT_STAGING, EXPORTS, MANIFEST, PROBE_SAVED_MODEL,
                              SAVED_MODEL)
 
 

@@ -3,7 +3,7 @@ Keras allows."""
 
 import keras
 
-from clae_tf.config import Config
+from clae_tf.runtime.config import Config
 
 
 def build_optimizer(cfg: Config, steps_per_epoch: int, total_steps: int):
@@ -13,9 +13,9 @@ def build_optimizer(cfg: Config, steps_per_epoch: int, total_steps: int):
     learning rate inside its momentum (v = m v - lr g; w += v), PyTorch's applies it to the
     buffer (b = m b + g; w -= lr b). They agree while lr is constant; after a step-schedule drop
     Keras goes on applying the old lr's share of the momentum for ~1/(1 - m) steps
-    (tests/train_test.py, a strict xfail). Keras' SGD is kept because a PyTorch-style SGD
-    subclass, which matches the literal step on one device, fails a 2 -> 1 -> 2 replica
-    restore test for a reason not found.
+    (tests/train_test.py, a strict xfail). Keras' SGD stays: a PyTorch-style SGD subclass
+    matches the literal step on one device but fails the 2 -> 1 -> 2 replica restore test
+    (tests/distributed_test.py), which Keras' own optimizers pass; the cause is not known.
 
     Keras calls the schedule with the number of steps done, i.e. the 0-based index of the
     step about to run. The reference's step schedule changes lr at the START of epoch b, so

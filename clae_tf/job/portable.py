@@ -16,8 +16,8 @@ projection}, as ContrastiveModel(normalize(x), training=False).
 import keras
 import numpy as np
 
-from clae_tf import augment
-from clae_tf.models import ContrastiveModel, DualBatchNorm
+from clae_tf.data import augment
+from clae_tf.method.models import ContrastiveModel, DualBatchNorm
 
 # Every layer the copy is made of must be one of these (or models.py's padded conv, with
 # `torch_pad`), rebuilt from its own config; anything else in ContrastiveModel must be

@@ -23,8 +23,9 @@ import shlex
 import sys
 from typing import Optional
 
-from clae_tf import ClaeError, files
-from clae_tf.config import CHECKPOINT_FLAGS, DATA_FLAGS, RESUME_DATA_FLAGS, Config
+from clae_tf import ClaeError
+from clae_tf.runtime import files
+from clae_tf.runtime.config import CHECKPOINT_FLAGS, DATA_FLAGS, RESUME_DATA_FLAGS, Config
 
 FLAGFILE = "flags.cfg"
 CHECKPOINTS = "checkpoints"
@@ -48,6 +49,15 @@ def flagfile(run_dir: str) -> str:
 def checkpoint_dir(run_dir: str) -> str:
     """<run_dir>/checkpoints."""
     return os.path.join(run_dir, CHECKPOINTS)
+
+
+def checkpoint_paths(directory: str) -> list:
+    """Every ckpt-<step> prefix in `directory` that has an index file, newest first."""
+    if not os.path.isdir(directory):
+        return []
+    steps = [int(name[5:-6]) for name in os.listdir(directory)
+             if name.startswith("ckpt-") and name.endswith(".index") and name[5:-6].isdigit()]
+    return [os.path.join(directory, f"ckpt-{step}") for step in sorted(steps, reverse=True)]
 
 
 def tensorboard_dir(run_dir: str) -> str:
@@ -125,10 +135,8 @@ def check_workdir(cfg: Config):
     (checkpoints.State.restore refuses one that does not fit), and flags.cfg is rewritten once
     a training run is accepted.
     """
-    from clae_tf import checkpoints  # TensorFlow: imported when a run starts, not by run.py
-
     path = flagfile(cfg.run_dir)
-    if not checkpoints.checkpoint_paths(checkpoint_dir(cfg.run_dir)):
+    if not checkpoint_paths(checkpoint_dir(cfg.run_dir)):
         return
     saved = saved_flags(cfg.run_dir)
     if saved is None:

@@ -21,8 +21,9 @@ from typing import Callable, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from clae_tf import ClaeError, memory
-from clae_tf.config import Config
+from clae_tf import ClaeError
+from clae_tf.data import memory
+from clae_tf.runtime.config import Config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # tf.data's in-memory cache (host RAM) holds a split's decoded (else its resized) images up to
