@@ -5,10 +5,10 @@ targeted DLR loss (logit_losses.py); `top_targets` picks APGD-T's target classes
 
 import tensorflow as tf
 
-from clae_tf.method.attacks.common import (_NOT_CONVERTED, _check_norm, _count, _direction, _misclassified,
+from clae_tf.method.attacks.common import (_NOT_CONVERTED, _check_norm, _count, _misclassified,
                                     _on_alive, _projection, _random_start, _row_mask, _rows,
                                     _seed, _select)
-from clae_tf.method.attacks.gradient import _input_gradient
+from clae_tf.method.attacks.gradient import _ascent_step, _input_gradient
 from clae_tf.method.attacks.logit_losses import _is_label, ce_loss, dlr_loss, dlr_targeted_loss
 
 
@@ -84,7 +84,7 @@ def _apgd_step(s, project, norm, momentum):
     """Algorithm 1, lines 7-8: z = P(x_k + eta dir(g)), x_{k+1} = P(x_k + a (z - x_k) +
     (1 - a)(x_k - x_{k-1})), a = 1 at the first step (no momentum yet), else `momentum`."""
     a = tf.where(s["k"] == 0, 1.0, momentum)
-    z = project(s["x"] + s["eta"] * _direction(s["grad"], norm))
+    z = _ascent_step(s["x"], s["grad"], s["eta"], norm, project)
     x_next = s["x"] + a * (z - s["x"]) + (1.0 - a) * (s["x"] - s["x_prev"])
     return project(x_next)
 

@@ -70,15 +70,6 @@ def _clip_range(x_adv, clip_min, clip_max):
     return x_adv
 
 
-def _project(x_adv, x, eps, clip_min, clip_max):
-    """Back into the eps-ball around x, then into [clip_min, clip_max] (each bound optional).
-
-    clip_by_value against x -/+ eps (rather than x + clip(x_adv - x)) leaves a point already on
-    the ball's surface bit-for-bit unchanged, so one PGD step of size eps IS the FGSM expression.
-    """
-    return _clip_range(tf.clip_by_value(x_adv, x - eps, x + eps), clip_min, clip_max)
-
-
 def _project_l2(x_adv, x, eps, clip_min, clip_max):
     """Onto the L2 ball of radius eps around x (radial scaling), THEN into [clip_min, clip_max],
     as AutoAttack does. That is not the exact Euclidean projection onto the intersection (which
@@ -90,13 +81,16 @@ def _project_l2(x_adv, x, eps, clip_min, clip_max):
 
 
 def _projection(x, eps, norm, clip_min, clip_max):
-    """v -> P(v), the projection onto the ball around x and the range. L-inf: one clip to the
-    box [max(x - eps, clip_min), min(x + eps, clip_max)], computed once (the same numbers as
-    `_project`'s two clips, as x lies in the range); L2: `_project_l2`."""
+    """v -> P(v): into the eps-ball around x, then into [clip_min, clip_max] (each bound optional).
+
+    L-inf: clip_by_value against x -/+ eps, then the range. Clipping against the ball's bounds
+    (rather than x + clip(v - x)) leaves a point already on the ball's surface bit-for-bit
+    unchanged, so one PGD step of size eps IS the FGSM expression. L2: `_project_l2`.
+    """
     if norm == "l2":
         return lambda v: _project_l2(v, x, eps, clip_min, clip_max)
-    lo, hi = _clip_range(x - eps, clip_min, None), _clip_range(x + eps, None, clip_max)
-    return lambda v: tf.clip_by_value(v, lo, hi)
+    lo, hi = x - eps, x + eps
+    return lambda v: _clip_range(tf.clip_by_value(v, lo, hi), clip_min, clip_max)
 
 
 def _direction(grad, norm):
@@ -122,7 +116,7 @@ def uniform_start(x, eps, seed, clip_min=None, clip_max=None):
     eps = tf.cast(eps, x.dtype)
     noise = tf.random.stateless_uniform(tf.shape(x), seed=seed, minval=-1.0, maxval=1.0,
                                         dtype=x.dtype)
-    return _project(x + eps * noise, x, eps, clip_min, clip_max)
+    return _projection(x, eps, "linf", clip_min, clip_max)(x + eps * noise)
 
 
 def _random_start(x, eps, norm, seed, clip_min, clip_max):
@@ -142,7 +136,7 @@ def _random_start(x, eps, norm, seed, clip_min, clip_max):
     u = tf.random.stateless_uniform(tf.shape(eps), seed=tf.random.experimental.stateless_fold_in(
         seed, 1), dtype=x.dtype)
     delta = eps * u ** (1.0 / d) * direction / (_l2_norm(direction) + 1e-12)
-    return _project_l2(x + delta, x, eps, clip_min, clip_max)
+    return _projection(x, eps, "l2", clip_min, clip_max)(x + delta)
 
 
 def _misclassified(logits, y):

@@ -1,7 +1,8 @@
-"""Signed-gradient attacks: FGSM and PGD on the CLAE training loss and on a classifier.
+"""Gradient attacks: FGSM and PGD on the CLAE training loss and on a classifier.
 
-One core, `linf_pgd(objective, x, ...)`, does k signed-gradient ascent steps on any scalar
-objective of the input. Two front ends build the objective:
+One core, `_pgd(objective, x, ...)`, does k projected steepest-ascent steps (L-inf: signed
+gradient; L2: normalised gradient) on any scalar objective of the input; `linf_pgd` is its
+public L-inf face. Two front ends build the objective:
 
   - `pgd` / `fgsm`: the CLAE training attack (docs/method.md, "The CLAE step", step 3), the
     batch-wide contrastive loss batch_loss(sg z(x1), z(x_adv)) of an embedding function z;
@@ -16,7 +17,7 @@ gradients and never becomes part of a training graph.
 
 import tensorflow as tf
 
-from clae_tf.method.attacks.common import (_NOT_CONVERTED, _check_norm, _direction, _project, _project_l2,
+from clae_tf.method.attacks.common import (_NOT_CONVERTED, _check_norm, _direction, _projection,
                                     _random_start, _rows, _seed, uniform_start)
 
 
@@ -48,14 +49,36 @@ def _scaled(batch_loss, loss_scale):
     return lambda z_anchor, z: batch_loss(z_anchor, z) * tf.cast(loss_scale, tf.float32)
 
 
-def _ascent_step(x_adv, grad, x, eps, step_size, clip_min, clip_max):
-    return _project(x_adv + step_size * tf.sign(tf.cast(grad, x_adv.dtype)), x, eps, clip_min,
-                    clip_max)
+def _ascent_step(x_adv, grad, step_size, norm, project):
+    """P(x_adv + step_size * dir(grad)): one projected steepest-ascent step (`_direction`)."""
+    return project(x_adv + step_size * _direction(tf.cast(grad, x_adv.dtype), norm))
+
+
+def _pgd(objective, x, eps, steps, step_size, norm, x_start, clip_min, clip_max, unroll):
+    """`steps` steps x_adv <- P(x_adv + step_size * dir(g)) on `objective` in the `norm` ball
+    (`_projection`), from x, or from x_start projected; arguments as `linf_pgd`'s."""
+    x = tf.convert_to_tensor(x)
+    eps = tf.cast(eps, x.dtype)
+    step_size = tf.cast(step_size, x.dtype)
+    project = _projection(x, eps, norm, clip_min, clip_max)
+    x_adv = x if x_start is None else project(tf.convert_to_tensor(x_start, x.dtype))
+
+    def step(x_adv):
+        grad, _ = _input_gradient(objective, x_adv)
+        return _ascent_step(x_adv, grad, step_size, norm, project)
+
+    if unroll:
+        for _ in range(steps):
+            x_adv = step(x_adv)
+    elif steps > 0:
+        _, x_adv = tf.while_loop(lambda i, _: i < steps, lambda i, x_adv: (i + 1, step(x_adv)),
+                                 [tf.constant(0), x_adv])
+    return tf.stop_gradient(x_adv)
 
 
 def linf_pgd(objective, x, eps, steps, step_size, x_start=None, clip_min=None, clip_max=None,
              unroll=True):
-    """The core: `steps` signed-gradient ascent steps on `objective` in the L-inf ball around x.
+    """`steps` signed-gradient ascent steps on `objective` in the L-inf ball around x (`_pgd`).
 
     x_adv <- Proj(x_adv + step_size * sign(d objective / d x_adv)), Proj = the eps-ball around x
     intersected with [clip_min, clip_max].
@@ -76,22 +99,7 @@ def linf_pgd(objective, x, eps, steps, step_size, x_start=None, clip_min=None, c
     Returns:
       x_adv, with its gradient stopped.
     """
-    x = tf.convert_to_tensor(x)
-    eps = tf.cast(eps, x.dtype)
-    step_size = tf.cast(step_size, x.dtype)
-    x_adv = x if x_start is None else _project(tf.convert_to_tensor(x_start, x.dtype), x, eps,
-                                               clip_min, clip_max)
-    def step(x_adv):
-        grad, _ = _input_gradient(objective, x_adv)
-        return _ascent_step(x_adv, grad, x, eps, step_size, clip_min, clip_max)
-
-    if unroll:
-        for _ in range(steps):
-            x_adv = step(x_adv)
-    elif steps > 0:
-        _, x_adv = tf.while_loop(lambda i, _: i < steps, lambda i, x_adv: (i + 1, step(x_adv)),
-                                 [tf.constant(0), x_adv])
-    return tf.stop_gradient(x_adv)
+    return _pgd(objective, x, eps, steps, step_size, "linf", x_start, clip_min, clip_max, unroll)
 
 
 def pgd(embed_adv, batch_loss, x1, eps, steps, step_size, random_start=False, seed=None,
@@ -136,7 +144,8 @@ def pgd(embed_adv, batch_loss, x1, eps, steps, step_size, random_start=False, se
             return batch_loss(tf.stop_gradient(z), z), tf.stop_gradient(z)
 
         grad, z_anchor = _input_gradient(self_anchored, x1)
-        x_start = _ascent_step(x1, grad, x1, eps_t, step_t, clip_min, clip_max)
+        project = _projection(x1, eps_t, "linf", clip_min, clip_max)
+        x_start = _ascent_step(x1, grad, step_t, "linf", project)
         steps_left = steps - 1
     return linf_pgd(lambda x: batch_loss(z_anchor, embed_adv(x)), x1, eps, steps_left, step_size,
                     x_start=x_start, clip_min=clip_min, clip_max=clip_max)
@@ -214,36 +223,19 @@ def pgd_classifier(logits_fn, x, y, eps, steps, step_size, random_start=False, s
     """
     _check_norm(norm)
     x = tf.convert_to_tensor(x)
-    objective = classifier_objective(logits_fn, y)
     if norm == "l2":
         eps = _rows(eps, x)
-        x_start = (_random_start(x, eps, norm, _seed(seed), clip_min, clip_max) if random_start
-                   else x)
-        return _l2_pgd(objective, x, eps, steps, step_size, x_start, clip_min, clip_max)
-    x_start = None
+    x_start = None  # L-inf: x itself
     if random_start:
-        x_start = uniform_start(x, eps, _seed(seed), clip_min, clip_max)
+        x_start = _random_start(x, eps, norm, _seed(seed), clip_min, clip_max)
+    elif norm == "l2":
+        x_start = x  # L2: x projected (x + 0, then the range: x again for an x in the range)
     # A tf.while_loop: the objective is stateless (inference mode), and PGD-20 then traces once.
-    return linf_pgd(objective, x, eps, steps, step_size, x_start=x_start, clip_min=clip_min,
-                    clip_max=clip_max, unroll=False)
+    return _pgd(classifier_objective(logits_fn, y), x, eps, steps, step_size, norm, x_start,
+                clip_min, clip_max, unroll=False)
 
 
 def fgsm_classifier(logits_fn, x, y, eps, clip_min=None, clip_max=None):
     """FGSM (Goodfellow et al. 2015): x + eps * sign(d CE / dx), clipped to the range if given."""
     return pgd_classifier(logits_fn, x, y, eps, steps=1, step_size=eps, clip_min=clip_min,
                           clip_max=clip_max)
-
-
-def _l2_pgd(objective, x, eps, steps, step_size, x_start, clip_min, clip_max):
-    """`steps` normalised-gradient ascent steps on `objective` in the L2 ball (tf.while_loop)."""
-    step_size = tf.cast(step_size, x.dtype)
-    x_adv = _project_l2(tf.convert_to_tensor(x_start, x.dtype), x, eps, clip_min, clip_max)
-
-    def step(i, x_adv):
-        grad, _ = _input_gradient(objective, x_adv)
-        x_adv = x_adv + step_size * _direction(tf.cast(grad, x.dtype), "l2")
-        return i + 1, _project_l2(x_adv, x, eps, clip_min, clip_max)
-
-    if steps > 0:
-        _, x_adv = tf.while_loop(lambda i, _: i < steps, step, [tf.constant(0), x_adv])
-    return tf.stop_gradient(x_adv)
