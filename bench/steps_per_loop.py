@@ -24,6 +24,9 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from clae_tf.runtime.workdir import RESULTS_FILE  # noqa: E402  (no TensorFlow: runs are subprocesses)
+
 SETTINGS = [("1 step per call", ["--steps_per_loop=1"]),
             ("default (10 per call)", ["--steps_per_loop=50", "--log_every=10"]),
             ("50 steps per call", ["--steps_per_loop=50", "--log_every=50"])]
@@ -52,7 +55,7 @@ def main():
                             "--robust_attacks=", "--eval_every_epochs=0", "--ckpt_every=100000",
                             "--image_every=100000", f"--workdir={workdir}"] + flags,
                            cwd=REPO, check=True, capture_output=True)
-            with open(os.path.join(workdir, "results.json")) as f:
+            with open(os.path.join(workdir, RESULTS_FILE)) as f:
                 results = json.load(f)
             steps = results["step"]
             times[name].append(per_step(results["timings"], steps))

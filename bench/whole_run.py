@@ -32,7 +32,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from clae_tf.runtime import files  # noqa: E402  (no TensorFlow: the run is a subprocess)
+# No TensorFlow: the run is a subprocess.
+from clae_tf.runtime.workdir import RESULTS_FILE, update_results  # noqa: E402
 
 
 EVAL_PARTS = [("features", "h, z of the train and test splits, once"),
@@ -107,7 +108,8 @@ def main():
         wall = time.time() - t
         load1 = os.getloadavg()[0]
         print(f"1-min load before/after: {load0:.1f}/{load1:.1f}")
-        path = os.path.join(workdir, "results.json")
+        run_dir = os.path.join(REPO, workdir)  # run.py ran in REPO (a relative --workdir)
+        path = os.path.join(run_dir, RESULTS_FILE)
     with open(path) as f:
         results = json.load(f)
     rows = breakdown(results["timings"], results["step"],  # a fresh run: all its steps
@@ -115,9 +117,8 @@ def main():
                      results.get("online_eval_seconds_this_process"))
     if wall is not None:
         rows.append(("wall (outside)", wall, "timed by this script"))
-        results["wall_seconds_outside"] = wall  # for the tables of several runs
-        results["load_before_after"] = [load0, load1]
-        files.write_atomic(path, json.dumps(results, indent=2, sort_keys=True))
+        results = update_results(run_dir, {  # for the tables of several runs
+            "wall_seconds_outside": wall, "load_before_after": [load0, load1]})
     print(table(rows))
     print(f"kNN {100 * results['knn_top1']:.2f}  linear {100 * results['linear_top1']:.2f}")
 

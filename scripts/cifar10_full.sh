@@ -19,9 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/sweep_lib.sh
-ROOT=runs/cifar10_full
-if [[ $# -gt 0 && "$1" != -* ]]; then ROOT="$1"; shift; fi
+sweep_args runs/cifar10_full "$@"
 SEEDS="${SEEDS:-0 1 2}"
-SWEEP_EXTRA=("$@")
 
 sweep_pairs "$ROOT" cifar10_full

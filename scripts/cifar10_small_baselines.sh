@@ -19,11 +19,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/sweep_lib.sh
-ROOT=runs/cifar10_baselines
-if [[ $# -gt 0 && "$1" != -* ]]; then ROOT="$1"; shift; fi
+sweep_args runs/cifar10_baselines "$@"
 SEEDS="${SEEDS:-0 1 2}"
 BASELINES="${BASELINES:-plain uel}"
-SWEEP_EXTRA=("$@")
 
 workdirs=()
 for seed in $SEEDS; do
@@ -37,5 +35,4 @@ for seed in $SEEDS; do
   done
 done
 
-sweep_keep "$ROOT/compare/runs" "${workdirs[@]}"
-"$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$ROOT/compare"
+sweep_compare "$ROOT" "${workdirs[@]}"

@@ -10,37 +10,30 @@
 # Workdirs: ROOT/<method> and ROOT/<method>_clae (SimCLR uses flags/cifar10_small_simclr.cfg,
 # i.e. exactly the runs of scripts/cifar10_small.sh). A run that already has results.json is
 # skipped, an unfinished one resumes. METHODS="plain uel" runs a subset; SEED=1 another seed.
+# Each workdir gets sweep.jsonl (commit, preset, load; scripts/sweep_lib.sh); the table and plot
+# go to ROOT/compare/, the runs' small result files to ROOT/compare/runs/.
 # Run from anywhere; flagfiles are read relative to the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=runs/cifar10_methods
-if [[ $# -gt 0 && "$1" != -* ]]; then ROOT="$1"; shift; fi
+source scripts/sweep_lib.sh
+sweep_args runs/cifar10_methods "$@"
 METHODS="${METHODS:-simclr plain uel moco}"
 SEED="${SEED:-0}"
-PYTHON="${PYTHON:-python}"
 
 workdirs=()
 for method in $METHODS; do
   for clae in "" "_clae"; do
-    workdir="$ROOT/${method}${clae}"
-    workdirs+=("$workdir")
-    if [[ -f "$workdir/results.json" ]]; then
-      echo "== $workdir: done already (results.json), skipping"
-      continue
-    fi
     if [[ "$method" == simclr && -z "$clae" ]]; then
       args=(--flagfile=flags/cifar10_small_simclr.cfg)
     elif [[ "$method" == simclr ]]; then
       args=(--flagfile=flags/cifar10_small_clae.cfg)
     else
       args=(--flagfile=flags/cifar10_small_common.cfg --method="$method")
-      [[ -n "$clae" ]] && args+=(--adversarial)
+      if [[ -n "$clae" ]]; then args+=(--adversarial); fi
     fi
-    echo "== $workdir: start $(date -u +%FT%TZ)"
-    start=$(date +%s)
-    "$PYTHON" run.py "${args[@]}" --seed="$SEED" --workdir="$workdir" "$@"
-    echo "== $workdir: done $(date -u +%FT%TZ), $(( $(date +%s) - start )) s wall (whole process)"
+    workdirs+=("$ROOT/${method}${clae}")
+    sweep_run "${workdirs[-1]}" "${args[@]}" --seed="$SEED"
   done
 done
 
-"$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$ROOT/compare"
+sweep_compare "$ROOT" "${workdirs[@]}"

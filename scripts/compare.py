@@ -10,24 +10,27 @@ one row per run) and writes <out>/comparison.md, <out>/comparison.png (accuracy 
 every seed, and the training-loss curves from the TensorBoard events) and, when the runs have an
 online kNN (--eval_every_epochs), <out>/online_knn.png and its values, <out>/online_knn.json.
 Needs matplotlib for the plots (pip install matplotlib); without it only the table is written.
-Reads TensorBoard events without importing TensorFlow.
+Reads TensorBoard events without importing TensorFlow (scripts/report_lib.py).
 
 An offline tool over finished runs, not part of training: the clae_tf package does not import it.
 """
 
 import argparse
-import glob
 import json
 import math
 import os
-import struct
 import sys
 from typing import Dict, List, Optional
 
-# Run as `python scripts/compare.py` from a checkout: the repository root holds clae_tf.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as `python scripts/compare.py` from a checkout, or loaded from its file (the tests): the
+# repository root holds clae_tf, this folder report_lib.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
 from clae_tf.runtime.config import Config  # noqa: E402  (after the path set-up)
+from clae_tf.runtime.workdir import (  # noqa: E402
+    FLAGFILE, RESULTS_FILE, SWEEP_FILE, tensorboard_dir)
+from report_lib import mean_std, read_scalars  # noqa: E402
 
 METHOD_NAMES = {"simclr": "SimCLR", "plain": "Plain", "uel": "UEL", "moco": "MoCo"}
 # Flags that may differ between the runs of one group (the seeds of one method).
@@ -42,14 +45,14 @@ def method_label(flags: dict) -> str:
 
 def load_run(workdir: str) -> dict:
     """{workdir, label, flags, results} of one finished run; raises SystemExit if unusable."""
-    paths = {name: os.path.join(workdir, name) for name in ("results.json", "flags.cfg")}
+    paths = {name: os.path.join(workdir, name) for name in (RESULTS_FILE, FLAGFILE)}
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
         raise SystemExit(f"error: {workdir}: no {', '.join(os.path.basename(p) for p in missing)}"
                          f" (not a finished clae-tf run?)")
-    with open(paths["results.json"]) as f:
+    with open(paths[RESULTS_FILE]) as f:
         results = json.load(f)
-    with open(paths["flags.cfg"]) as f:
+    with open(paths[FLAGFILE]) as f:
         flags = Config.parse_flagfile(f.read())
     return {"workdir": workdir, "label": method_label(flags), "flags": flags, "results": results,
             "sweep": read_sweep(workdir)}
@@ -69,14 +72,6 @@ def flag_differences(runs: List[dict]) -> List[str]:
     return sorted(n for n in names if len({r["flags"].get(n) for r in runs}) > 1)
 
 
-def mean_std(values: List[float]):
-    """Mean and sample standard deviation (ddof=1; nan for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
-    return mean, std
-
-
 def _pct(mean, std=None):
     if std is None:
         return f"{100 * mean:.2f}"
@@ -85,9 +80,6 @@ def _pct(mean, std=None):
 
 def _minutes(seconds: Optional[float]) -> str:
     return "?" if seconds is None else f"{seconds / 60:.1f}"
-
-
-SIDECAR = "sweep.jsonl"  # written by scripts/sweep_lib.sh beside the run
 
 
 def read_sweep(workdir: str) -> dict:
@@ -100,7 +92,7 @@ def read_sweep(workdir: str) -> dict:
        "load_start", "load_max", "load_end": the 1-minute load at the first start, its largest
        value over every record, at the last end (None if absent), "cores", "processes"}.
     """
-    path = os.path.join(workdir, SIDECAR)
+    path = os.path.join(workdir, SWEEP_FILE)
     if not os.path.exists(path):
         return {}
     events = []
@@ -280,11 +272,11 @@ def markdown_table(groups: Dict[str, List[dict]]) -> str:
                   "= train_seconds_this_process (the train steps alone)."]
     if any(r["sweep"] for r in all_runs):
         lines.append(
-            f"From each workdir's {SIDECAR} (scripts/sweep_lib.sh): preset = run.py's arguments, "
-            "commit (+dirty: tracked files differed from it), whole process = start to exit of "
-            "run.py summed over its processes (training, evaluation with the robust suite, "
-            "export), load = the 1-minute load average at the start / its largest value while "
-            "the run went on (sampled every minute) / at the end, on "
+            f"From each workdir's {SWEEP_FILE} (scripts/sweep_lib.sh): preset = run.py's "
+            "arguments, commit (+dirty: tracked files differed from it), whole process = start "
+            "to exit of run.py summed over its processes (training, evaluation with the robust "
+            "suite, export), load = the 1-minute load average at the start / its largest value "
+            "while the run went on (sampled every minute) / at the end, on "
             f"{','.join(map(str, sorted(cores))) or '?'} cores: a run alone shows about its "
             "own threads' load (about the core count); more means other jobs shared the cores.")
     if robust:
@@ -295,45 +287,6 @@ def markdown_table(groups: Dict[str, List[dict]]) -> str:
         if diff:
             lines.append(f"WARNING: the {label} runs differ in --{', --'.join(diff)}.")
     return "\n".join(lines) + "\n"
-
-
-# ---- TensorBoard events, read without TensorFlow ----
-
-def _records(path: str):
-    """The payloads of a TFRecord file (length, length crc, data, data crc; crcs not checked)."""
-    with open(path, "rb") as f:
-        while True:
-            header = f.read(12)
-            if len(header) < 12:
-                return
-            (length,) = struct.unpack("<Q", header[:8])
-            payload = f.read(length)
-            f.read(4)
-            if len(payload) < length:
-                return  # a file still being written
-            yield payload
-
-
-def read_scalars(logdir: str, tags) -> Dict[str, List[tuple]]:
-    """{tag: [(step, value)]} from every events file under logdir, sorted by step (a step written
-    twice, e.g. after a resume, keeps the last value)."""
-    from tensorboard.compat.proto import event_pb2
-    from tensorboard.util import tensor_util
-
-    found: Dict[str, Dict[int, float]] = {t: {} for t in tags}
-    files = sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True))
-    for path in files:
-        for payload in _records(path):
-            event = event_pb2.Event.FromString(payload)
-            for v in event.summary.value:
-                if v.tag not in found:
-                    continue
-                if v.HasField("tensor"):
-                    value = float(tensor_util.make_ndarray(v.tensor))
-                else:
-                    value = float(v.simple_value)
-                found[v.tag][int(event.step)] = value
-    return {t: sorted(d.items()) for t, d in found.items()}
 
 
 def plot(groups: Dict[str, List[dict]], path: str) -> bool:
@@ -382,7 +335,7 @@ def plot(groups: Dict[str, List[dict]], path: str) -> bool:
     for i, label in enumerate(labels):
         color = colors[i % len(colors)]
         for k, r in enumerate(groups[label]):
-            curves = read_scalars(os.path.join(r["workdir"], "tensorboard"),
+            curves = read_scalars(tensorboard_dir(r["workdir"]),
                                   ("train/loss", "train/clean_loss", "train/adv_loss"))
             clean = curves["train/clean_loss"] or curves["train/loss"]
             if clean:
@@ -407,7 +360,7 @@ def plot(groups: Dict[str, List[dict]], path: str) -> bool:
 def online_curves(run: dict) -> List[tuple]:
     """[(epoch, online kNN top-1)] of a run (eval/knn_top1_online; epoch = step / steps per
     epoch, or the step when results.json does not say)."""
-    curve = read_scalars(os.path.join(run["workdir"], "tensorboard"),
+    curve = read_scalars(tensorboard_dir(run["workdir"]),
                          ("eval/knn_top1_online",))["eval/knn_top1_online"]
     per_epoch = run["results"].get("steps_per_epoch") or 1
     return [(step / per_epoch, value) for step, value in curve]
@@ -467,7 +420,8 @@ def plot_online_knn(curves: Dict[str, Dict[str, List[tuple]]], path: str) -> boo
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python scripts/compare.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("workdirs", nargs="+", help="finished run workdirs (results.json, flags.cfg)")
+    parser.add_argument("workdirs", nargs="+",
+                        help=f"finished run workdirs ({RESULTS_FILE}, {FLAGFILE})")
     parser.add_argument("--out", required=True, help="folder for comparison.md and comparison.png")
     args = parser.parse_args(argv)
     groups = group_runs([load_run(w) for w in args.workdirs])

@@ -11,21 +11,25 @@ Needs matplotlib. An offline tool over finished runs: the clae_tf package does n
 """
 
 import argparse
-import glob
 import json
 import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as `python scripts/monitoring_figures.py` from a checkout, or loaded from its file (the
+# tests): the repository root holds clae_tf, this folder report_lib.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
 from clae_tf.runtime.config import Config  # noqa: E402  (after the path set-up)
+from clae_tf.runtime.workdir import FLAGFILE, RESULTS_FILE, tensorboard_dir  # noqa: E402
+from report_lib import read_scalars, summaries  # noqa: E402
 
 
 def class_names(workdir, num_classes):
     """Folder names of an image-folder dataset (flags.cfg's --dataset), else the numbers."""
-    with open(os.path.join(workdir, "flags.cfg")) as f:
+    with open(os.path.join(workdir, FLAGFILE)) as f:
         dataset = Config.parse_flagfile(f.read()).get("dataset", "")
     train = os.path.join(dataset, "train")
     if os.path.isdir(train):
@@ -58,26 +62,9 @@ def read_projector(logdir):
 def neighbour_pictures(logdir):
     """{step: uint8 picture} of the run's monitor/nearest_neighbours images."""
     import tensorflow as tf
-    out = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == "monitor/nearest_neighbours":
-                    png = tf.make_ndarray(value.tensor)[2]
-                    out[event.step] = tf.io.decode_png(png).numpy()
-    return out
-
-
-def scalars(logdir, tag):
-    """[(step, value)] of a scalar tag of the run's events."""
-    import tensorflow as tf
-    points = []
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    points.append((event.step, float(tf.make_ndarray(value.tensor))))
-    return sorted(points)
+    # An image summary's tensor: width, height, the PNG.
+    return {step: tf.io.decode_png(value[2]).numpy()
+            for _, step, value in summaries(logdir, ("monitor/nearest_neighbours",))}
 
 
 def projector_png(path, features, labels, thumbs, names, title, thumbnails=40):
@@ -141,20 +128,21 @@ def main(argv=None):
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", default="docs/monitoring")
     args = parser.parse_args(argv)
-    logdir = os.path.join(args.workdir, "tensorboard")
+    logdir = tensorboard_dir(args.workdir)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.workdir, "results.json")) as f:
+    with open(os.path.join(args.workdir, RESULTS_FILE)) as f:
         results = json.load(f)
     features, labels, thumbs, name = read_projector(logdir)
     names = class_names(args.workdir, int(results["num_classes"]))
     projector_png(os.path.join(args.out, "projector.png"), features, labels, thumbs, names,
                   f"{len(features)} test embeddings ({name}), 2-D PCA, after step "
                   f"{results['step']}; kNN top-1 {100 * results['knn_top1']:.1f}%")
-    knn = scalars(logdir, "eval/knn_top1_online")
+    curves = read_scalars(logdir, ("eval/knn_top1_online", "eval/online_seconds"))
+    knn = curves["eval/knn_top1_online"]
     neighbours_png(os.path.join(args.out, "nearest_neighbours.png"), neighbour_pictures(logdir),
                    knn)
     print("online kNN top-1:", ", ".join(f"step {s}: {100 * a:.1f}%" for s, a in knn))
-    seconds = scalars(logdir, "eval/online_seconds")
+    seconds = curves["eval/online_seconds"]
     if seconds:
         # The train steps alone (no evaluation, logging or checkpoints), per epoch.
         per_epoch = results["train_seconds_this_process"] / results["epochs"]

@@ -22,8 +22,18 @@ per row with the std over seeds as error bars, one panel per chosen attack.
 import argparse
 import glob
 import json
+import math
 import os
 import statistics as st
+import sys
+
+# Run as `python scripts/robustness_table.py` from a checkout, or loaded from its file (the
+# tests): the repository root holds clae_tf, this folder report_lib.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]
+
+from clae_tf.runtime.workdir import RESULTS_FILE  # noqa: E402  (after the path set-up)
+from report_lib import mean_std  # noqa: E402
 
 
 def load_runs(pattern: str) -> dict:
@@ -31,7 +41,7 @@ def load_runs(pattern: str) -> dict:
     copies kept under docs/results/) or a workdir with a results.json."""
     runs = {}
     for match in sorted(glob.glob(pattern)):
-        path = match if match.endswith(".json") else os.path.join(match, "results.json")
+        path = match if match.endswith(".json") else os.path.join(match, RESULTS_FILE)
         if os.path.isfile(path):
             with open(path) as f:
                 r = json.load(f)
@@ -66,9 +76,10 @@ def missing(r: dict, attacks, norm) -> str:
     return ""
 
 
-def mean_std(values) -> str:
-    return (f"{st.mean(values):.2f} +- {st.stdev(values):.2f}" if len(values) > 1
-            else f"{values[0]:.2f}")
+def _mean_std(values) -> str:
+    """The seeds' values as "mean +- sample std", or the one value."""
+    mean, std = mean_std(values)
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} +- {std:.2f}"
 
 
 def tables(rows, attacks=("worst",), norm="linf") -> str:
@@ -81,7 +92,7 @@ def tables(rows, attacks=("worst",), norm="linf") -> str:
     for label, runs in rows:
         cols = [columns_of(r) for r in runs.values()]
         out.append(f"| {label} | {len(cols)} | " + " | ".join(
-            mean_std([c[n] for c in cols]) for n in names) + " |")
+            _mean_std([c[n] for c in cols]) for n in names) + " |")
     pairs = [(rows[j], rows[i]) for i in range(len(rows)) for j in range(i)]
     for (base_label, base), (label, runs) in pairs:
         seeds = sorted(set(runs) & set(base))

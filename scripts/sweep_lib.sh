@@ -1,6 +1,7 @@
-# Sourced by the protocol scripts (scripts/cifar10_full.sh, scripts/cifar10_small_baselines.sh,
-# scripts/tinyimagenet_small.sh): runs one run.py workdir of a sweep, and records in
-# <workdir>/sweep.jsonl what the results table needs beyond results.json:
+# Sourced by the protocol scripts (scripts/cifar10_small.sh, scripts/cifar10_small_methods.sh,
+# scripts/cifar10_small_baselines.sh, scripts/cifar10_full.sh, scripts/tinyimagenet_small.sh,
+# scripts/tradeoff.sh): runs one run.py workdir of a sweep, and records in <workdir>/sweep.jsonl
+# (clae_tf/runtime/workdir.py's SWEEP_FILE) what the results table needs beyond results.json:
 #   {"event": "start", "unix": ..., "utc": ..., "preset": "<run.py arguments>", "extra": "<the
 #    sweep's extra flags>", "commit": "<git HEAD>", "dirty": true|false, "loadavg": [1, 5, 15 min],
 #    "cores": N}
@@ -8,10 +9,21 @@
 #   {"event": "end", "unix": ..., "utc": ..., "exit": <run.py's exit code>, "loadavg": [...]}
 # A resumed run appends another start ... end. scripts/compare.py reads it (preset, commit, wall
 # time, load at start / during / at the end: whether the machine was otherwise idle).
-# Uses: PYTHON (default python), SWEEP_EXTRA (array: flags added to every run), LOAD_EVERY.
+# Uses: PYTHON (default python), SWEEP_EXTRA (array: flags added to every run; sweep_args
+# sets it), LOAD_EVERY.
 
 PYTHON="${PYTHON:-python}"
 LOAD_EVERY="${LOAD_EVERY:-60}"
+
+# sweep_args DEFAULT_ROOT ARGS...: the protocol scripts' command line, [ROOT] [extra run.py
+# flags...]: sets ROOT (the first argument unless it starts with -, else DEFAULT_ROOT) and
+# SWEEP_EXTRA (the other arguments, added to every run by sweep_run).
+sweep_args() {
+  ROOT=$1
+  shift
+  if [[ $# -gt 0 && "$1" != -* ]]; then ROOT=$1; shift; fi
+  SWEEP_EXTRA=("$@")
+}
 
 _sweep_json_str() {  # a JSON string of $1 (backslashes and double quotes escaped)
   local s=${1//\\/\\\\}
@@ -102,10 +114,18 @@ sweep_keep() {
   done
 }
 
+# sweep_compare ROOT WORKDIR...: the runs' small result files to ROOT/compare/runs/ (sweep_keep),
+# then scripts/compare.py's tables and plots of the runs (rows in the order given) to ROOT/compare/.
+sweep_compare() {
+  local root=$1
+  shift
+  sweep_keep "$root/compare/runs" "$@"
+  "$PYTHON" scripts/compare.py "$@" --out "$root/compare"
+}
+
 # sweep_pairs ROOT PRESET: for each seed of $SEEDS, ROOT/simclr_seed<k> with
 # flags/PRESET_simclr.cfg, then ROOT/clae_seed<k> with flags/PRESET_clae.cfg (complete pairs if
-# interrupted); then their small result files to ROOT/compare/runs/ and scripts/compare.py's
-# tables and plots to ROOT/compare/. Stops at a failed run (sweep_run's exit code, set -e).
+# interrupted); then sweep_compare. Stops at a failed run (sweep_run's exit code, set -e).
 sweep_pairs() {
   local root=$1 preset=$2 seed method
   local workdirs=()
@@ -115,6 +135,5 @@ sweep_pairs() {
       sweep_run "${workdirs[-1]}" --flagfile="flags/${preset}_${method}.cfg" --seed="$seed"
     done
   done
-  sweep_keep "$root/compare/runs" "${workdirs[@]}"
-  "$PYTHON" scripts/compare.py "${workdirs[@]}" --out "$root/compare"
+  sweep_compare "$root" "${workdirs[@]}"
 }

@@ -17,9 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/sweep_lib.sh
-ROOT=runs/tinyimagenet_small
-if [[ $# -gt 0 && "$1" != -* ]]; then ROOT="$1"; shift; fi
+sweep_args runs/tinyimagenet_small "$@"
 SEEDS="${SEEDS:-0 1 2}"
-SWEEP_EXTRA=("$@")
 
 sweep_pairs "$ROOT" tinyimagenet_small

@@ -24,10 +24,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/sweep_lib.sh
-ROOT=runs/tradeoff
-if [[ $# -gt 0 && "$1" != -* ]]; then ROOT="$1"; shift; fi
+sweep_args runs/tradeoff "$@"
 PARTS="${PARTS:-units moco eps schedule}"
-SWEEP_EXTRA=("$@")
 
 units() {
   local dir=$ROOT/units seed method workdirs=()

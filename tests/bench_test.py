@@ -5,7 +5,10 @@
 
 import dataclasses
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -137,6 +140,30 @@ def test_whole_run_breakdown_splits_the_online_eval_out_of_the_host_time():
     assert rows["the rest"][0] == pytest.approx(4.0)
     assert rows["the rest"][1].startswith("2.5% of the loop")  # 4 / 160
     assert "online eval" not in {n.strip() for n, _, _ in whole_run.breakdown(t, 57)}
+
+
+def test_whole_run_adds_its_outside_timing_to_the_runs_results(tmp_path, monkeypatch, capsys):
+    """After the run (here a fake that writes its results.json), its wall time and the load
+    around it are merged into results.json (workdir.update_results): what the run wrote stays."""
+    whole_run = _load_whole_run()
+    workdir = tmp_path / "run"
+    written = {"timings": dict(TIMINGS), "step": 57, "knn_top1": 0.25, "linear_top1": 0.5}
+
+    def fake_run(cmd, cwd, check):
+        assert cmd[1:3] == ["run.py", "--flagfile=flags/cifar10_small_clae.cfg"]
+        assert f"--workdir={workdir}" in cmd and cmd[-1] == "--epochs=1"
+        workdir.mkdir()
+        (workdir / "results.json").write_text(json.dumps(written))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(whole_run.subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["whole_run.py", f"--workdir={workdir}", "--", "--epochs=1"])
+    whole_run.main()
+    results = json.loads((workdir / "results.json").read_text())
+    assert {k: results.pop(k) for k in written} == written
+    assert sorted(results) == ["load_before_after", "wall_seconds_outside"]
+    assert results["wall_seconds_outside"] >= 0 and len(results["load_before_after"]) == 2
+    assert "| wall (outside) |" in capsys.readouterr().out
 
 
 # -------------------------------------------------------- bench/robust_speed.py

@@ -116,6 +116,21 @@ def test_full_sweep_stops_at_a_failed_run_then_resumes_only_it(tmp_path):
 
 
 @pytest.mark.parametrize("script, env, expected", [
+    ("cifar10_small.sh", dict(SEEDS="0 1"), [
+        (f"{m}_seed{s}", [f"--flagfile=flags/cifar10_small_{m}.cfg", f"--seed={s}"])
+        for s in (0, 1) for m in ("simclr", "clae")]),
+    ("cifar10_small_methods.sh", dict(SEED="1"), [
+        ("simclr", ["--flagfile=flags/cifar10_small_simclr.cfg", "--seed=1"]),
+        ("simclr_clae", ["--flagfile=flags/cifar10_small_clae.cfg", "--seed=1"])] + [
+        (f"{m}{c}", ["--flagfile=flags/cifar10_small_common.cfg", f"--method={m}"]
+         + (["--adversarial"] if c else []) + ["--seed=1"])
+        for m in ("plain", "uel", "moco") for c in ("", "_clae")]),
+    ("cifar10_small_methods.sh", dict(METHODS="uel simclr"), [
+        ("uel", ["--flagfile=flags/cifar10_small_common.cfg", "--method=uel", "--seed=0"]),
+        ("uel_clae", ["--flagfile=flags/cifar10_small_common.cfg", "--method=uel",
+                      "--adversarial", "--seed=0"]),
+        ("simclr", ["--flagfile=flags/cifar10_small_simclr.cfg", "--seed=0"]),
+        ("simclr_clae", ["--flagfile=flags/cifar10_small_clae.cfg", "--seed=0"])]),
     ("tinyimagenet_small.sh", dict(SEEDS="0"), [
         ("simclr_seed0", ["--flagfile=flags/tinyimagenet_small_simclr.cfg", "--seed=0"]),
         ("clae_seed0", ["--flagfile=flags/tinyimagenet_small_clae.cfg", "--seed=0"])]),
@@ -135,8 +150,14 @@ def test_sweeps_run_complete_pairs_in_order_and_skip_finished_runs(tmp_path, scr
     assert code == 0
     assert _runs(calls, root) == expected
     assert calls[-1][0] == "scripts/compare.py"
-    for _, args in expected:
+    for name, args in expected:
         assert os.path.exists(os.path.join(REPO, args[0].split("=", 1)[1]))
+        # sweep_run's record of the run, and the run's small files kept beside the table.
+        events = _events(root / name)
+        assert events[0]["preset"] == " ".join(args) and events[0]["extra"] == "--dataset=/data"
+        assert events[-1]["event"] == "end" and events[-1]["exit"] == 0
+        kept = root / "compare" / "runs" / name
+        assert sorted(os.listdir(kept)) == ["results.json", "sweep.jsonl"]
     code, calls, root = _sweep(tmp_path, script, env)
     assert code == 0 and _runs(calls, root) == []  # all finished: only the table again
     assert calls == [["scripts/compare.py", *(str(root / n) for n, _ in expected), "--out",

@@ -115,3 +115,9 @@ def test_results_files_count_like_workdirs(tmp_path):
     assert sorted(from_files) == [0, 1]
     assert [from_files[s]["robust_top1"]["worst"]["8"] for s in (0, 1)] == [0.02, 0.06]
     assert from_files == robustness_table.load_runs(str(tmp_path / "a_seed*"))
+
+
+def test_a_row_of_one_seed_shows_its_values_without_a_spread(tmp_path):
+    _run(tmp_path, "a", 0, 0.05)
+    text = robustness_table.tables([("A", robustness_table.load_runs(str(tmp_path / "a_seed*")))])
+    assert text.splitlines()[2] == "| A | 1 | 30.00 | 40.00 | 40.00 | 10.00 | 5.00 |"

@@ -10,6 +10,7 @@ workdir") and the only writer of its results files:
     results_<data>.json, probe_<data>.npz   an evaluation (--mode=eval) on other data
     saved_model/, encoder.keras, probe_saved_model/, export.json   the exports (export.py)
     .lock                      held by the process that runs in it
+    sweep.jsonl                a protocol sweep's record of the run (scripts/sweep_lib.sh)
 
 No TensorFlow here: run.py reads flags.cfg before importing it.
 """
@@ -39,6 +40,9 @@ PROBE_SAVED_MODEL = "probe_saved_model"
 EXPORTS = (SAVED_MODEL, ENCODER_KERAS, PROBE_SAVED_MODEL)
 MANIFEST = "export.json"
 EXPORT_STAGING = "export"  # the exports are written into export.<pid>.tmp/ first
+# What a protocol sweep records of a run's processes (preset, commit, load); written by
+# scripts/sweep_lib.sh alone (sweep_run), read by scripts/compare.py.
+SWEEP_FILE = "sweep.jsonl"
 
 
 def flagfile(run_dir: str) -> str:
