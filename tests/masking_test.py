@@ -1,5 +1,7 @@
-"""The gradient-masking checks (clae_tf/masking.py) on a deliberately masked model and on the
-same model unmasked, and how the robust results are printed (app.robust_lines, warnings)."""
+"""The gradient-masking checks (clae_tf/evaluation/masking.py) on a deliberately masked model and
+on the same model unmasked, and their warnings as printed after the summary."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import tensorflow as tf
 
 from clae_tf.evaluation import masking, robust
 from clae_tf.job import app
+from clae_tf.runtime import config
 
 
 def four_classes(n=40, seed=5):
@@ -41,8 +44,9 @@ def _model(w, b, scale=1.0):
 # breaks the masked model itself and Square finds nothing more: then only the other checks fire.
 # Between 16 and 64/255, e.g. at 32/255, APGD-CE misses images of the unmasked multi-class
 # linear model that the margin-minimising Square and APGD-T find: CE is not the margin.)
-SUITE = robust.Suite(("pgd20", "apgd-ce", "square"), (16.0, 64.0), (), apgd_steps=10,
-                     square_queries=300, checks=True)
+SUITE = dataclasses.replace(robust.Suite.from_config(config.Config()),
+                            attacks=("pgd20", "apgd-ce", "square"), linf_eps=(16.0, 64.0),
+                            l2_eps=(), apgd_steps=10, square_queries=300, checks=True)
 CHECKS = ("square_beats_gradient", "large_radius", "flat_gradient", "more_steps")
 
 
@@ -102,7 +106,7 @@ def test_checks_stay_silent_on_the_unmasked_model(evaluations):
 
 class _SlowAttacker:
     """Stands in for robust.Attacker: an APGD-CE that fools images 0-2 only with >= 20 steps."""
-    suite = robust.Suite(("apgd-ce",), apgd_steps=10)
+    suite = dataclasses.replace(SUITE, attacks=("apgd-ce",))
 
     def __init__(self):
         self.calls = []
@@ -154,24 +158,3 @@ def test_run_checks_words_a_fired_check_as_one_warning():
     assert out["robust_warnings"][2].startswith(
         "the attack has not converged: APGD-CE with 20 steps fooled 30.0% of the images that 10 "
         "steps left standing at 2/255 (threshold 1%)")
-
-
-def test_printout_of_the_robust_results():
-    r = {"robust_clean_top1": 0.421, "robust_examples": 1000, "robust_seconds": 312.4,
-         "robust_attacks": ["pgd20", "apgd-ce", "apgd-t", "square"],
-         "robust_l2_attacks": ["pgd20", "apgd-ce", "apgd-t"],
-         # As read back from results.json: keys sorted as strings.
-         "robust_top1": {"apgd-ce": {"1": 0.34, "16": 0.0, "2": 0.28},
-                         "pgd20": {"1": 0.35, "16": 0.01, "2": 0.29},
-                         "worst": {"1": 0.33, "16": 0.0, "2": 0.27}},
-         "robust_top1_l2": {"pgd20": {"0.25": 0.3, "0.5": 0.2},
-                            "worst": {"0.25": 0.29, "0.5": 0.125}}}
-    assert app.robust_lines(r) == [
-        "Robust top-1: clean 0.4210 on 1000 images  (pgd20 > apgd-ce > apgd-t > square, 312 s)",
-        "  Linf /255:  worst 1:0.3300 2:0.2700 16:0.0000   pgd20 1:0.3500 2:0.2900 16:0.0100",
-        "  L2:         worst 0.25:0.2900 0.5:0.1250   pgd20 0.25:0.3000 0.5:0.2000"]
-    # One attack: its row is the worst case, printed once.
-    one = dict(r, robust_attacks=["apgd-ce"], robust_top1={"apgd-ce": {"8": 0.5},
-                                                           "worst": {"8": 0.5}})
-    del one["robust_top1_l2"]
-    assert app.robust_lines(one)[1:] == ["  Linf /255:  worst 8:0.5000"]

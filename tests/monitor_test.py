@@ -48,16 +48,6 @@ def _events(logdir):
     return tags
 
 
-def test_balanced_subset_is_the_first_of_each_class():
-    labels = np.random.default_rng(0).integers(0, 4, size=200)
-    np.testing.assert_array_equal(sources.balanced_subset(labels, 40),
-                                  _first_per_class(labels, 10))
-    # Not a multiple of the classes: the lowest labels get the extra one; never more than exist.
-    counts = np.bincount(labels[sources.balanced_subset(labels, 42)], minlength=4)
-    np.testing.assert_array_equal(counts, [11, 11, 10, 10])
-    assert len(sources.balanced_subset(labels, 10_000)) == 200
-
-
 def test_online_knn_is_the_weighted_knn_of_z_on_the_first_of_each_class(tmp_path):
     cfg = tiny_config(tmp_path, online_eval_examples=50)
     keras.utils.set_random_seed(0)

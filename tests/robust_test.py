@@ -1,5 +1,7 @@
-"""Robust evaluation (clae_tf/robust.py): the attack chain's counting, its flags and results, the
-probe's weights and its SavedModel export. The gradient-masking checks: tests/masking_test.py."""
+"""Robust evaluation (clae_tf/evaluation/robust.py): the attack chain's counting, the suite and
+its one check against the dataset, and the results of --mode=eval. The flags themselves:
+tests/config_test.py; the gradient-masking checks: tests/masking_test.py; the probe's
+SavedModel: tests/export_test.py."""
 
 import dataclasses
 import glob
@@ -11,13 +13,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from app_test import count_checks
 from conftest import parse_flags, tiny_config
 from masking_test import four_classes
 
 from clae_tf import ClaeError
 from clae_tf.data import sources
 from clae_tf.evaluation import evaluate, robust
-from clae_tf.job import app, checkpoints, export
+from clae_tf.job import app, checkpoints
 from clae_tf.method import builders
 from clae_tf.runtime import config, distribute, workdir
 
@@ -39,8 +42,13 @@ def _worst_margins(w, b, x, y, eps, norm="linf"):
     return out
 
 
+# The suite of the flags' defaults: every Suite here is it with some fields replaced.
+DEFAULT_SUITE = robust.Suite.from_config(config.Config())
+
+
 def _suite(attacks, linf=(), l2=(), **kw):
-    return robust.Suite(tuple(attacks), tuple(linf), tuple(l2), **{"checks": False, **kw})
+    return dataclasses.replace(DEFAULT_SUITE, attacks=tuple(attacks), linf_eps=tuple(linf),
+                               l2_eps=tuple(l2), **{"checks": False, **kw})
 
 
 def _binary_problem():
@@ -255,7 +263,7 @@ def test_the_default_suite_is_deterministic_and_its_results_complete():
     assert 1 <= r["robust_square_mean_queries"]["16"] <= SMALL["square_queries"]
 
 
-# ---------------------------------------------------------------------------------- the flags
+# ---------------------------------------------------------------------------------- the suite
 
 def test_attack_list_expands_suites_in_place_and_drops_repeats():
     def attacks(text):
@@ -270,78 +278,70 @@ def test_attack_list_expands_suites_in_place_and_drops_repeats():
         config.Config(robust_attacks="fgsm,square", robust_eps="")).runs()
 
 
-@pytest.mark.parametrize("flags, flag, words", [
-    (dict(robust_attacks="pgd20,apgd"), "robust_attacks", "'apgd'"),
-    (dict(robust_attacks="autoatack"), "robust_attacks", "did you mean autoattack"),
-    (dict(robust_square_queries=0), "robust_square_queries", ">= 1"),
-    (dict(robust_apgd_steps=0), "robust_apgd_steps", ">= 1"),
-    (dict(robust_targets=0), "robust_targets", ">= 1"),
-    (dict(robust_l2_eps="0.5,-0.25"), "robust_l2_eps", "-0.25"),
-    (dict(robust_l2_eps="0.5,x"), "robust_l2_eps", "numbers"),
-    (dict(robust_eps="8,300"), "robust_eps", "300"),
-])
-def test_bad_robust_flags_name_the_flag(flags, flag, words):
-    with pytest.raises(ClaeError) as e:
-        config.Config(**flags)
-    assert str(e.value).startswith(f"--{flag}: ") and words in str(e.value)
-    assert "\n" not in str(e.value)
+def test_suite_is_the_flags_and_has_no_defaults_of_its_own():
+    # The flags' defaults as --help documents them (config.py), spelled out by hand.
+    assert robust.Suite.from_config(config.Config()) == robust.Suite(
+        attacks=("pgd20", "fgsm"), linf_eps=(1.0, 2.0, 4.0, 8.0), l2_eps=(0.25, 0.5),
+        apgd_steps=100, targets=3, square_queries=1000, checks=True)
+    cfg = config.Config(robust_attacks="autoattack", robust_eps="16, 4", robust_l2_eps="",
+                        robust_apgd_steps=7, robust_targets=9, robust_square_queries=5000,
+                        robust_checks=False)
+    assert robust.Suite.from_config(cfg) == robust.Suite(
+        ("apgd-ce", "apgd-t", "square"), (16.0, 4.0), (), 7, 9, 5000, False)
+    with pytest.raises(TypeError):  # every field must be given: the flags own the budgets
+        robust.Suite(("apgd-t",), (8.0,), ())
 
 
-def test_dlr_attacks_on_two_classes_fail_before_any_attack():
-    calls = []
+def test_suite_takes_the_radii_config_parsed(monkeypatch):
+    cfg = config.Config(robust_eps="1,2", robust_l2_eps="0.5")
+    monkeypatch.setattr(config, "parse_radii", lambda *a: pytest.fail(f"parsed again: {a}"))
+    suite = robust.Suite.from_config(cfg)
+    assert suite.linf_eps == (1.0, 2.0) and suite.l2_eps == (0.5,)
 
-    def logits_fn(x):
-        calls.append(1)
-        return tf.zeros([tf.shape(x)[0], 2])
 
-    for attacks, words in ((("apgd-dlr",), "(apgd-dlr needs 3)"),
-                           (("pgd20", "apgd-t"), "(apgd-t needs 4)")):
+def test_suite_check_refuses_dlr_attacks_on_too_few_classes():
+    for attacks, classes, words in ((("apgd-dlr",), 2, "(apgd-dlr needs 3)"),
+                                    (("pgd20", "apgd-t"), 2, "(apgd-t needs 4)"),
+                                    (("apgd-dlr", "apgd-t"), 3, "(apgd-t needs 4)")):
         with pytest.raises(ClaeError, match=r"^--robust_attacks: ") as e:
-            robust.robust_accuracy(logits_fn, np.zeros((2, 4, 4, 3), np.float32),
-                                   np.zeros(2, np.int32), _suite(attacks, (8.0,)), 2)
-        assert words in str(e.value) and "the 2 of this dataset" in str(e.value)
-    assert not calls
-    robust.Suite(("pgd20", "apgd-ce", "square")).check(2)  # no DLR: fine on 2 classes
-    robust.Suite(("apgd-dlr",)).check(3)
-    robust.Suite(("apgd-t",)).check(4)  # the targeted DLR loss takes a 4th-largest logit
-    with pytest.raises(ClaeError, match="apgd-t needs 4"):
-        robust.Suite(("apgd-dlr", "apgd-t")).check(3)
+            _suite(attacks).check(classes)
+        assert words in str(e.value) and f"the {classes} of this dataset" in str(e.value)
+    _suite(("pgd20", "apgd-ce", "square")).check(2)  # no DLR: fine on 2 classes
+    _suite(("apgd-dlr",)).check(3)
+    _suite(("apgd-t",)).check(4)  # the targeted DLR loss takes a 4th-largest logit
 
 
-def test_dlr_attack_on_a_two_class_dataset_fails_before_training(tmp_path):
-    for split, per_class in (("train", 8), ("test", 2)):
-        for label in ("cat", "dog"):
-            for i in range(per_class):
-                path = tmp_path / "data" / split / label / f"{i}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(
-                    10 * i, tf.uint8))).numpy())
-    cfg = tiny_config(tmp_path, dataset=str(tmp_path / "data"), robust_attacks="autoattack")
-    with pytest.raises(ClaeError, match=r"^--robust_attacks: .*\(apgd-t needs 4\)"):
-        app.run(cfg)
-    assert not os.path.exists(os.path.join(cfg.run_dir, "checkpoints"))
+def test_robust_accuracy_takes_its_suite_as_checked(monkeypatch):
+    """Suite.check runs once, in app.run (tests/app_test.py): the evaluation does not run it
+    again."""
+    monkeypatch.setattr(robust.Suite, "check", lambda *a: pytest.fail("checked again"))
+    x = np.array([0.5, 0.49, 0.2], np.float32).reshape(-1, 1, 1, 1)
+    out = robust.robust_accuracy(_band_classifier(0.5, 0.6), x, np.zeros(3, np.int32),
+                                 _suite(("fgsm",), (4.0,)), 2)
+    assert out["robust_attacks"] == ["fgsm"]
 
 
-def test_robust_flags_never_stop_an_old_run_from_being_evaluated():
-    assert not [f for f in config.CHECKPOINT_FLAGS + config.RESUME_DATA_FLAGS
-                if f.startswith("robust")]
+def test_robust_flags_never_stop_an_old_run_from_being_evaluated(tmp_path):
+    """A workdir with a checkpoint takes other values of every --robust_* flag, to resume its
+    training or to evaluate it; another --width (the shape of the checkpoint) it refuses."""
+    cfg = tiny_config(tmp_path)
+    workdir.write_flagfile(cfg)
+    index = os.path.join(workdir.checkpoint_dir(cfg.run_dir), "ckpt-3.index")
+    os.makedirs(os.path.dirname(index))
+    open(index, "w").close()
+    other = dict(robust_attacks="apgd-ce,square", robust_eps="2", robust_l2_eps="1",
+                 robust_examples=7, robust_apgd_steps=3, robust_targets=2,
+                 robust_square_queries=9, robust_checks=not cfg.robust_checks)
+    assert set(other) == {f.name for f in dataclasses.fields(config.Config)
+                          if f.name.startswith("robust_")}
+    assert all(getattr(cfg, name) != value for name, value in other.items())
+    for mode in ("train", "eval"):
+        workdir.check_workdir(dataclasses.replace(cfg, mode=mode, **other))
+        with pytest.raises(ClaeError, match="^--workdir: .* --width=0.0625 \\(now 0.125\\)"):
+            workdir.check_workdir(dataclasses.replace(cfg, mode=mode, width=0.125))
 
 
-# ------------------------------------------------------------------------- data and the probe
-
-def test_balanced_subset():
-    labels = np.array([0] * 10 + [1] * 3 + [2] * 7 + [0, 1, 2] * 2)
-    idx = sources.balanced_subset(labels, 9)
-    assert np.all(np.diff(idx) > 0)
-    assert np.bincount(labels[idx]).tolist() == [3, 3, 3]
-    # The first examples of each class, in split order.
-    assert idx.tolist() == [0, 1, 2, 10, 11, 12, 13, 14, 15]
-    idx = sources.balanced_subset(labels, 14)  # class 1 has only 5: the others fill in
-    counts = np.bincount(labels[idx]).tolist()
-    assert sum(counts) == 14 and counts[1] == 5 and abs(counts[0] - counts[2]) <= 1
-    assert sources.balanced_subset(labels, 0).tolist() == []
-    assert sources.balanced_subset(labels, 100).tolist() == list(range(len(labels)))
-
+# ------------------------------------------------------------------------------------ the data
 
 def test_load_subset_reads_the_chosen_test_images():
     cfg = tiny_config()
@@ -357,40 +357,7 @@ def test_load_subset_reads_the_chosen_test_images():
     assert len(robust.load_subset(split, 0)[1]) == split.num_examples  # 0: all
 
 
-@pytest.mark.slow  # an export and load of the probe SavedModel each: ~14 s with the machine shared
-@pytest.mark.parametrize("feature", ["h", "z"])
-def test_probe_saved_model_gives_the_in_memory_logits(tiny, tmp_path, feature):
-    cfg, model, _ = tiny
-    dim = model.feature_dim if feature == "h" else cfg.proj_dim
-    probe = keras.layers.Dense(10)
-    probe.build((None, dim))
-    rng = np.random.default_rng(1)
-    probe.set_weights([rng.normal(size=(dim, 10)).astype(np.float32),
-                       rng.normal(size=10).astype(np.float32)])
-    evaluate.save_probe(str(tmp_path / "probe.npz"), probe, feature, 7)
-    saved = evaluate.load_probe(str(tmp_path / "probe.npz"))
-    assert saved["feature"] == feature and saved["step"] == 7
-    path = str(tmp_path / "probe_saved_model")
-    export.export_probe(cfg, model, saved, path)
-    loaded = tf.saved_model.load(path)
-    images = rng.uniform(0, 1, (5, 16, 16, 3)).astype(np.float32)
-    expected = robust.classifier(model, probe, cfg.normalize, feature)(tf.constant(images))
-    np.testing.assert_allclose(loaded.serve(tf.constant(images)).numpy(), expected.numpy(),
-                               atol=1e-5)
-    assert loaded.serve(tf.zeros([2, 40, 40, 3])).shape == (2, 10)  # any size is resized
-
-
-@pytest.mark.slow  # > 10 s on the 2 shared cores
-def test_export_mode_without_a_probe_says_so(tmp_path):
-    cfg = tiny_config(tmp_path)
-    workdir.write_flagfile(cfg)
-    checkpoints.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
-    out = app.run(dataclasses.replace(cfg, mode="export"))
-    assert os.path.exists(os.path.join(out["saved_model"], "saved_model.pb"))
-    assert "probe_saved_model" not in out
-    assert "no linear probe" in out["probe_note"] and "\n" not in out["probe_note"]
-    assert not os.path.exists(os.path.join(cfg.run_dir, "probe_saved_model"))
-
+# ------------------------------------------------------ --mode=eval, --mode=export, old flags.cfg
 
 def _tags(run_dir):
     tags = {}
@@ -402,53 +369,35 @@ def _tags(run_dir):
     return tags
 
 
-@pytest.mark.slow  # four evaluations of the tiny model on digits and two exports (~60 s alone)
-def test_eval_mode_computes_it_and_export_writes_the_probe(tmp_path, capsys):
-    """--mode=eval on a workdir with a checkpoint (step 0, untrained: no training needed) writes
-    the robust results, scalars and probe.npz; --mode=export then writes probe_saved_model; a
-    flags.cfg from before the attack-chain flags re-evaluates with them."""
-    cfg = tiny_config(tmp_path, robust_eps="0,8", robust_examples=20, linear_epochs=1,
-                      robust_attacks="pgd20,autoattack", robust_l2_eps="0.5", robust_checks=True,
-                      robust_apgd_steps=2, robust_targets=2, robust_square_queries=5)
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """One workdir through four runs, what each wrote read back before the next one runs:
+    --mode=eval on a checkpoint (step 0, untrained: no training needed) with the whole chain;
+    --mode=export; --mode=eval without attacks; and --mode=eval of a flags.cfg from before the
+    chain's flags (its lines removed), with them on the command line as run.py gives them."""
+    cfg = tiny_config(tmp_path_factory.mktemp("evaluated"), robust_eps="0,8",
+                      robust_examples=20, linear_epochs=1, robust_attacks="pgd20,autoattack",
+                      robust_l2_eps="0.5", robust_checks=True, robust_apgd_steps=2,
+                      robust_targets=2, robust_square_queries=5)
     workdir.write_flagfile(cfg)
     checkpoints.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
-    out = app.run(dataclasses.replace(cfg, mode="eval"))
-    r = out["results"]
+    with pytest.MonkeyPatch.context() as patch:
+        checks = count_checks(patch)
+        out = app.run(dataclasses.replace(cfg, mode="eval"))
     with open(os.path.join(cfg.run_dir, "results.json")) as f:
-        assert json.load(f) == json.loads(json.dumps(r))
-    assert r["robust_examples"] == 20 and r["robust_eps"] == [0.0, 8.0]
-    assert r["robust_l2_eps"] == [0.5]
-    chain = ["pgd20", "apgd-ce", "apgd-t", "square"]
-    assert r["robust_attacks"] == chain and r["robust_l2_attacks"] == chain[:3]
-    assert list(r["robust_top1"]) == chain + ["worst"]
-    for row in r["robust_top1"].values():
-        assert set(row) == {"0", "8"} and row["0"] == r["robust_clean_top1"]
-    assert set(r["robust_top1_l2"]) == set(chain[:3] + ["worst"])
-    assert set(r["robust_attack_seconds"]) == {"linf", "l2"}
-    assert set(r["robust_checks"]) == {"square_beats_gradient", "large_radius", "flat_gradient",
-                                       "more_steps"}
-    assert r["robust_checks_seconds"] >= 0 and isinstance(r["robust_warnings"], list)
-    tags = _tags(cfg.run_dir)
-    assert tags["eval/robust_top1/pgd20_8"] == pytest.approx(r["robust_top1"]["pgd20"]["8"])
-    assert tags["eval/robust_top1/worst_8"] == pytest.approx(r["robust_top1"]["worst"]["8"])
-    assert tags["eval/robust_top1_l2/apgd-t_0.5"] == pytest.approx(
-        r["robust_top1_l2"]["apgd-t"]["0.5"])
-    capsys.readouterr()
-    app.print_summary(out)
-    printed = capsys.readouterr()
-    assert "\n".join(app.robust_lines(r)) in printed.out
-    assert printed.err.splitlines() == [f"warning: {w}" for w in r["robust_warnings"]]
-    assert evaluate.load_probe(os.path.join(cfg.run_dir, "probe.npz"))["step"] == 0
+        saved = json.load(f)
+    evaluated = dict(cfg=cfg, out=out, r=out["results"], saved=saved, checks=checks,
+                     tags=_tags(cfg.run_dir),
+                     probe=evaluate.load_probe(os.path.join(cfg.run_dir, "probe.npz")))
+    evaluated["exported"] = app.run(dataclasses.replace(cfg, mode="export"))
+    evaluated["off"] = app.run(dataclasses.replace(cfg, mode="eval", robust_attacks=""))["results"]
+    evaluated["old"] = app.run(_old_flagfile_config(cfg))["results"]
+    return evaluated
 
-    exported = app.run(dataclasses.replace(cfg, mode="export"))
-    assert os.path.exists(os.path.join(exported["probe_saved_model"], "saved_model.pb"))
 
-    # Turned off: no robust results, and none left over from the previous evaluation.
-    off = app.run(dataclasses.replace(cfg, mode="eval", robust_attacks=""))
-    assert not any(k.startswith("robust_") for k in off["results"])
-
-    # A run whose flags.cfg predates the chain's flags: --mode=eval --robust_attacks=... works
-    # as run.py does it (the saved flags, then the command line's).
+def _old_flagfile_config(cfg):
+    """The Config run.py builds for --mode=eval --robust_attacks=autoattack (and the chain's
+    other flags) on the run's flags.cfg with the chain's flags taken out of it."""
     path = os.path.join(cfg.run_dir, workdir.FLAGFILE)
     with open(path) as f:
         lines = f.read().splitlines()
@@ -457,8 +406,84 @@ def test_eval_mode_computes_it_and_export_writes_the_probe(tmp_path, capsys):
     with open(path, "w") as f:
         f.write("\n".join(line for line in lines if not line.lstrip("-").startswith(new)
                           and not line.startswith("--norobust_checks")))
-    again = parse_flags(f"--flagfile={path}", "--mode=eval", "--robust_attacks=autoattack",
-                        "--robust_apgd_steps=2", "--robust_targets=2",
-                        "--robust_square_queries=5", "--robust_l2_eps=", "--norobust_checks")
-    r = app.run(again)["results"]
-    assert r["robust_attacks"] == chain[1:] and "robust_top1_l2" not in r
+    return parse_flags(f"--flagfile={path}", "--mode=eval", "--robust_attacks=autoattack",
+                       "--robust_apgd_steps=2", "--robust_targets=2",
+                       "--robust_square_queries=5", "--robust_l2_eps=", "--norobust_checks")
+
+
+CHAIN = ["pgd20", "apgd-ce", "apgd-t", "square"]
+
+
+@pytest.mark.slow  # the `evaluated` fixture: four runs of the tiny model (~60 s alone)
+def test_eval_mode_checks_the_robust_suite_once(evaluated):
+    assert evaluated["checks"] == [10]  # digits: 10 classes
+
+
+@pytest.mark.slow
+def test_eval_mode_results_json_is_what_it_returns(evaluated):
+    assert evaluated["saved"] == json.loads(json.dumps(evaluated["r"]))
+
+
+@pytest.mark.slow
+def test_eval_mode_robust_tables_have_every_attack_and_radius(evaluated):
+    r = evaluated["r"]
+    assert r["robust_examples"] == 20 and r["robust_eps"] == [0.0, 8.0]
+    assert r["robust_l2_eps"] == [0.5]
+    assert r["robust_attacks"] == CHAIN and r["robust_l2_attacks"] == CHAIN[:3]
+    assert list(r["robust_top1"]) == CHAIN + ["worst"]
+    assert set(r["robust_top1_l2"]) == set(CHAIN[:3] + ["worst"])
+
+
+@pytest.mark.slow
+def test_eval_mode_radius_zero_is_the_clean_accuracy(evaluated):
+    r = evaluated["r"]
+    for row in r["robust_top1"].values():
+        assert set(row) == {"0", "8"} and row["0"] == r["robust_clean_top1"]
+
+
+@pytest.mark.slow
+def test_eval_mode_records_attack_times_and_masking_checks(evaluated):
+    r = evaluated["r"]
+    assert set(r["robust_attack_seconds"]) == {"linf", "l2"}
+    assert set(r["robust_checks"]) == {"square_beats_gradient", "large_radius", "flat_gradient",
+                                       "more_steps"}
+    assert r["robust_checks_seconds"] >= 0 and isinstance(r["robust_warnings"], list)
+
+
+@pytest.mark.slow
+def test_eval_mode_writes_robust_scalars_to_tensorboard(evaluated):
+    r, tags = evaluated["r"], evaluated["tags"]
+    assert tags["eval/robust_top1/pgd20_8"] == pytest.approx(r["robust_top1"]["pgd20"]["8"])
+    assert tags["eval/robust_top1/worst_8"] == pytest.approx(r["robust_top1"]["worst"]["8"])
+    assert tags["eval/robust_top1_l2/apgd-t_0.5"] == pytest.approx(
+        r["robust_top1_l2"]["apgd-t"]["0.5"])
+
+
+@pytest.mark.slow
+def test_eval_mode_summary_prints_the_robust_lines_and_warnings(evaluated, capsys):
+    app.print_summary(evaluated["out"])
+    printed = capsys.readouterr()
+    assert "\n".join(app.robust_lines(evaluated["r"])) in printed.out
+    assert printed.err.splitlines() == [f"warning: {w}" for w in evaluated["r"]["robust_warnings"]]
+
+
+@pytest.mark.slow
+def test_eval_mode_writes_the_probe_of_its_step(evaluated):
+    assert evaluated["probe"]["step"] == 0
+
+
+@pytest.mark.slow
+def test_export_mode_writes_the_probe_saved_model(evaluated):
+    path = evaluated["exported"]["probe_saved_model"]
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
+
+
+@pytest.mark.slow
+def test_eval_without_attacks_leaves_no_stale_robust_results(evaluated):
+    assert not any(k.startswith("robust_") for k in evaluated["off"])
+
+
+@pytest.mark.slow
+def test_old_flagfile_is_evaluated_with_the_chain_flags_of_the_command_line(evaluated):
+    r = evaluated["old"]
+    assert r["robust_attacks"] == CHAIN[1:] and "robust_top1_l2" not in r

@@ -9,12 +9,15 @@ Every source gives its images as decoded (uint8 (H, W, 3), any size) and resized
 (for evaluation: the reference's test transform Resize((size, size))), with int32 labels. What a
 run reads from them (two-view pretraining batches, evaluation batches) is streams.py.
 
-A file that cannot be decoded is named in a ClaeError by `raise_if_unreadable`; every read of a
-split into Python here goes through `_read`, which calls it.
+A file that cannot be decoded is named in a ClaeError by `raise_if_unreadable`. Whatever reads a
+split (`_read` and `check_readable` here, the train loop, evaluate.extract) does it inside
+`unreadable_named`, the one place that tells a decode error (`is_decode_error`) from any other.
 """
 
+import contextlib
 import dataclasses
 import os
+import re
 import sys
 from typing import Callable, List, Optional
 
@@ -31,8 +34,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # pretraining stream captures as constants in its graph (the 2 GB protobuf limit): a split
 # between the two is cached here and streamed one shuffled pipeline per epoch.
 TF_CACHE_BYTES = 4 << 30
-# What a failed read of an image file raises inside tf.data.
+# What a failed read of an image file raises, eagerly or inside tf.data.
 DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError)
+# An op that reads, decodes or parses stored data, as an error's message names it: inside tf.data
+# "[[{{node decode_image/DecodeImage}}]]", eagerly "[Op:DecodeImage]".
+_READ_OP = re.compile(r"(?:\{\{node |\[Op:)(?:[^\s/}\]]+/)*"
+                      r"(?:ReadFile|Decode\w*|Parse\w*Example\w*)(?:\}\}|\])")
+# What TensorFlow says of a file that is not there (a NotFoundError also names missing kernels).
+_NO_FILE = "No such file or directory"
 
 
 @dataclasses.dataclass
@@ -124,10 +133,8 @@ def check_readable(split: Split, what: str):
     """Decodes every image of `split` once, so that a corrupt file stops the run before training
     rather than after it. Small splits are cached as they decode, so evaluation reuses the work.
     """
-    try:
+    with unreadable_named(split, what):
         split.images.batch(256).reduce(0, lambda count, _: count + 1)
-    except DECODE_ERRORS as e:
-        raise_if_unreadable(split, e, what)
 
 
 def _resize(image, size):
@@ -247,7 +254,7 @@ def _folder_bytes(files):
     the error then names the file when the images are read)."""
     try:
         first = _decode(tf.io.read_file(files[0]))
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+    except DECODE_ERRORS:
         return None
     return len(files) * int(np.prod(first.shape))
 
@@ -430,23 +437,37 @@ def find_unreadable(split: Split) -> Optional[str]:
     for path in split.files or []:
         try:
             _decode(tf.io.read_file(path))
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+        except DECODE_ERRORS:
             return path
     return None
+
+
+def is_decode_error(error: BaseException) -> bool:
+    """Whether `error` says that stored data could not be read: a DataLossError (a corrupt file
+    or record), a NotFoundError of a missing file, or a DECODE_ERRORS error raised by an op that
+    reads, decodes or parses data (_READ_OP). Any other InvalidArgumentError (a shape or dtype
+    bug) or NotFoundError (a missing kernel) is not one."""
+    message = str(error)
+    if isinstance(error, tf.errors.DataLossError):
+        return True
+    if isinstance(error, tf.errors.NotFoundError) and _NO_FILE in message:
+        return True
+    return isinstance(error, DECODE_ERRORS) and bool(_READ_OP.search(message))
 
 
 def raise_if_unreadable(split: Split, error: Exception, what: Optional[str] = None):
     """Turns a decode error deep in tf.data into a one-line ClaeError naming the file.
 
-    The one translation of decode errors: every read of a split here (`_read`,
-    `check_readable`) calls it, and so does whoever iterates a stream of the split (the train
-    loop, evaluate.extract), where the error surfaces.
+    The one translation of decode errors (through `unreadable_named`). An error that is not a
+    decode error (is_decode_error) is raised unchanged, without looking at a single file.
 
     Args:
       split: the split being read; error: what reading it raised (DECODE_ERRORS).
       what: names the split when no file of it is to blame (TFDS has no files); None: then
         `error` itself is raised.
     """
+    if not is_decode_error(error):
+        raise error
     path = find_unreadable(split)
     if path is not None:
         raise ClaeError(f"--dataset: cannot read image {path}")
@@ -456,10 +477,19 @@ def raise_if_unreadable(split: Split, error: Exception, what: Optional[str] = No
                     f"{str(error).splitlines()[0][:120]})")
 
 
+@contextlib.contextmanager
+def unreadable_named(split: Split, what: Optional[str] = None):
+    """Runs its body, a read of `split`'s images; a decode error raised there becomes the
+    ClaeError of raise_if_unreadable, any other error leaves it as it came (same object and
+    traceback)."""
+    try:
+        yield
+    except DECODE_ERRORS as e:
+        raise_if_unreadable(split, e, what)
+
+
 def _read(split: Split, ds: tf.data.Dataset) -> list:
     """Every element of `ds`, a dataset of `split`'s images, as numpy, in order; a file that
     cannot be decoded is named in a ClaeError."""
-    try:
+    with unreadable_named(split):
         return list(ds.as_numpy_iterator())
-    except DECODE_ERRORS as e:
-        raise_if_unreadable(split, e)

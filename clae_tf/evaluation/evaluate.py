@@ -22,14 +22,12 @@ def extract(model, split: sources.Split, batch_size: int, normalize: str):
     """(h, z, y) as numpy arrays for every image of `split`, clean BNs in inference mode."""
     embed = tf.function(lambda x: model(x, training=False))
     hs, zs, ys = [], [], []
-    try:
+    with sources.unreadable_named(split):
         for x, y in streams.eval_dataset(split, batch_size, normalize):
             h, z = embed(x)
             hs.append(h.numpy())
             zs.append(z.numpy())
             ys.append(y.numpy())
-    except tf.errors.InvalidArgumentError as e:
-        sources.raise_if_unreadable(split, e)
     return np.concatenate(hs), np.concatenate(zs), np.concatenate(ys)
 
 

@@ -42,11 +42,6 @@ NORMS = {"linf": dict(unit=1 / 255, top1="robust_top1", attacks="robust_attacks"
                     eps="robust_l2_eps")}
 
 
-def parse_eps(text: str):
-    """A comma list of radii ("1,2,4,8"; "" -> none) as a list of floats (validated in config)."""
-    return [float(item) for item in text.split(",") if item.strip()]
-
-
 def eps_key(eps: float) -> str:
     """results.json / TensorBoard name of a radius: 1.0 -> "1", 0.5 -> "0.5"."""
     return f"{eps:g}"
@@ -54,7 +49,7 @@ def eps_key(eps: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    """What a robust evaluation runs (the --robust_* flags).
+    """What a robust evaluation runs: the --robust_* flags (from_config), which own the defaults.
 
     attacks: names in chain order (config.ROBUST_ATTACKS, suites expanded); linf_eps: L-inf
     radii in 1/255; l2_eps: L2 radii in [0, 1]-pixel units; apgd_steps: iterations per APGD run;
@@ -62,18 +57,18 @@ class Suite:
     image; checks: run the gradient-masking checks (masking.py).
     """
     attacks: tuple
-    linf_eps: tuple = ()
-    l2_eps: tuple = ()
-    apgd_steps: int = 100
-    targets: int = 9
-    square_queries: int = 5000
-    checks: bool = True
+    linf_eps: tuple
+    l2_eps: tuple
+    apgd_steps: int
+    targets: int
+    square_queries: int
+    checks: bool
 
     @classmethod
     def from_config(cls, cfg) -> "Suite":
-        return cls(cfg.robust_attack_list, tuple(parse_eps(cfg.robust_eps)),
-                   tuple(parse_eps(cfg.robust_l2_eps)), cfg.robust_apgd_steps,
-                   cfg.robust_targets, cfg.robust_square_queries, cfg.robust_checks)
+        return cls(cfg.robust_attack_list, cfg.robust_eps_list, cfg.robust_l2_eps_list,
+                   cfg.robust_apgd_steps, cfg.robust_targets, cfg.robust_square_queries,
+                   cfg.robust_checks)
 
     def attacks_for(self, norm: str) -> tuple:
         """The attacks the chain of `norm` runs (none without radii)."""
@@ -87,7 +82,11 @@ class Suite:
         return any(self.attacks_for(norm) for norm in NORMS)
 
     def check(self, num_classes: int):
-        """Raises the ClaeError of attacks the dataset cannot take (MIN_CLASSES: the DLR losses)."""
+        """Raises the ClaeError of attacks the dataset cannot take (MIN_CLASSES: the DLR losses).
+
+        app.run calls it once per run, as soon as the dataset's classes are known (before
+        training); the evaluation after it takes the suite as checked.
+        """
         bad = [f"{a} needs {MIN_CLASSES[a]}" for a in self.attacks
                if num_classes < MIN_CLASSES.get(a, 0)]
         if bad:
@@ -311,7 +310,8 @@ def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, b
     Args:
       logits_fn: images in [0, 1] -> logits. Must not change state (inference mode).
       images: float32 (N, H, W, C) in [0, 1]; labels: int (N,).
-      suite: what to run; num_classes: the classifier's classes.
+      suite: what to run, already checked against num_classes (Suite.check); num_classes: the
+        classifier's classes.
       batch_size: images per attacked batch; seed: the run's seed (batch_seed).
       log: optional callable taking a progress line per attack (run_chain).
 
@@ -321,7 +321,6 @@ def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, b
       robust_square_mean_queries (queries per image Square attacked, by radius), and with
       suite.checks robust_checks, robust_checks_seconds and robust_warnings.
     """
-    suite.check(num_classes)
     attacker = Attacker(logits_fn, images, labels, suite, num_classes)
     logits = attacker.clean_logits(batch_size)
     clean = np.argmax(logits, axis=1) == attacker.labels
@@ -350,17 +349,16 @@ def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, b
 
 
 def evaluate(cfg, model, probe, split: sources.Split, num_classes: int) -> dict:
-    """Robust evaluation (--robust_*) of encoder + probe on the fixed subset of `split`.
+    """Robust evaluation (--robust_*) of encoder + probe on the fixed subset of `split`; the
+    suite is checked against num_classes (Suite.check) by app.run.
 
     Returns the results.json entries of robust_accuracy and robust_seconds (all of it,
     loading the images included).
     """
     t0 = time.time()
-    suite = Suite.from_config(cfg)
-    suite.check(num_classes)  # before reading a single image
     images, labels = load_subset(split, cfg.robust_examples)
     out = robust_accuracy(classifier(model, probe, cfg.normalize, cfg.probe), images, labels,
-                          suite, num_classes, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                          log=functools.partial(print, flush=True))
+                          Suite.from_config(cfg), num_classes, batch_size=cfg.eval_batch_size,
+                          seed=cfg.seed, log=functools.partial(print, flush=True))
     out["robust_seconds"] = time.time() - t0
     return out

@@ -54,15 +54,21 @@ def _run(cfg: Config, strategy, timings: dict) -> dict:
     t = time.time()
     source = sources.load(cfg)
     timings["data_load_seconds"] = time.time() - t
-    suite = robust.Suite.from_config(cfg)
-    if cfg.mode != "export" and suite.runs():
-        suite.check(source.num_classes)  # e.g. a DLR attack on 2 classes: before training
+    _check_robust_suite(cfg, source)
     out = {"workdir": cfg.run_dir}
     if cfg.mode == "train":
         _train(cfg, strategy, source, timings, out)
     else:
         _evaluate_or_export(cfg, strategy, source, out)
     return out
+
+
+def _check_robust_suite(cfg: Config, source: sources.Source):
+    """The one check of the robust suite against the dataset (robust.Suite.check, e.g. a DLR
+    attack on 2 classes), for training and --mode=eval alike: before any training or restore."""
+    suite = robust.Suite.from_config(cfg)
+    if cfg.mode != "export" and suite.runs():
+        suite.check(source.num_classes)
 
 
 def _train(cfg: Config, strategy, source: sources.Source, timings: dict, out: dict):

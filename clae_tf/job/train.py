@@ -202,10 +202,8 @@ class _Loop:
     def call(self, iterator, n: int) -> dict:
         """One call of the compiled loop, up to n steps; its outputs as numpy (train_loop)."""
         t = time.time()
-        try:
+        with sources.unreadable_named(self.source.train):  # names a file tf.data cannot decode
             out = self.train_loop(iterator, tf.constant(n), self.w_norm0)
-        except tf.errors.InvalidArgumentError as e:  # a decode error deep in tf.data
-            sources.raise_if_unreadable(self.source.train, e)
         out = tf.nest.map_structure(lambda v: v.numpy(), out)  # the one round trip
         self.train_seconds += time.time() - t
         if not self.timings["first_call"]:

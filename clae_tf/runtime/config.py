@@ -10,6 +10,7 @@ field (`_flag` below); define_flags, from_flags and the method defaults are deri
 
 import dataclasses
 import difflib
+import functools
 import os
 import typing
 from typing import Optional, Tuple
@@ -284,6 +285,7 @@ class Config:
         self._check_eps_range()
         self._check_optimizer()
         self._check_robust()
+        self._check_strategy()
 
     def _check_choices(self):
         for f in dataclasses.fields(self):
@@ -381,18 +383,8 @@ class Config:
 
     def _check_robust(self):
         """The robust evaluation's radii and attacks, and the training attack's step size."""
-        for name, unit in (("robust_eps", " (in 1/255)"), ("robust_l2_eps", "")):
-            for item in _items(getattr(self, name)):
-                try:
-                    value = float(item)
-                except ValueError:
-                    _bad(name, f"expected comma-separated numbers{unit}, got "
-                               f"{getattr(self, name)!r}")
-                if not value >= 0:  # also rejects nan
-                    _bad(name, f"must be >= 0{unit}, got {item}")
-                if name == "robust_eps" and value > 255:
-                    _bad(name, f"{item} is more than the whole [0, 1] pixel range (255/255); "
-                               f"the radii are in 1/255")
+        for radii in ("robust_eps_list", "robust_l2_eps_list"):
+            getattr(self, radii)  # parsed here, once (parse_radii refuses a bad radius)
         try:
             self.robust_attack_list
         except ValueError as e:
@@ -400,6 +392,16 @@ class Config:
         if self.attack_step_size < 0:
             _bad("attack_step_size", f"must be > 0 (or 0: 2.5 * eps / steps), got "
                                      f"{self.attack_step_size}")
+
+    def _check_strategy(self):
+        """--virtual_cpus against --strategy: the virtual CPUs are mirrored over in-process."""
+        if self.virtual_cpus <= 1:
+            return
+        if self.strategy == "multiworker":
+            _bad("virtual_cpus", "not with --strategy=multiworker (each worker process uses its "
+                                 "GPUs, or one CPU device)")
+        if self.strategy == "one_device":
+            _bad("virtual_cpus", "needs --strategy=auto or mirrored, not one_device")
 
     @property
     def run_dir(self) -> str:
@@ -412,6 +414,17 @@ class Config:
     @property
     def sigma(self) -> float:
         return self.knn_sigma or self.temperature
+
+    # Parsed once, by validate(), and kept (the fields are frozen).
+    @functools.cached_property
+    def robust_eps_list(self) -> Tuple[float, ...]:
+        """--robust_eps as numbers, in 1/255 (parse_radii)."""
+        return parse_radii("robust_eps", self.robust_eps)
+
+    @functools.cached_property
+    def robust_l2_eps_list(self) -> Tuple[float, ...]:
+        """--robust_l2_eps as numbers, in [0, 1]-pixel units (parse_radii)."""
+        return parse_radii("robust_l2_eps", self.robust_l2_eps)
 
     @property
     def robust_attack_list(self) -> Tuple[str, ...]:
@@ -523,6 +536,26 @@ def _bad(flag: str, why: str):
 def _items(text: str):
     """The non-empty items of a comma list ("1, 2," -> ["1", "2"])."""
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_radii(name: str, text: str) -> Tuple[float, ...]:
+    """The radii of --robust_eps or --robust_l2_eps (`name`): a comma list ("1,2,4,8"; "" -> none)
+    as floats, in the order given. Raises ClaeError(`--name: why`) for an item that is not a
+    number, is negative or nan, or (--robust_eps, in 1/255) is more than 255."""
+    unit = " (in 1/255)" if name == "robust_eps" else ""
+    radii = []
+    for item in _items(text):
+        try:
+            value = float(item)
+        except ValueError:
+            _bad(name, f"expected comma-separated numbers{unit}, got {text!r}")
+        if not value >= 0:  # also rejects nan
+            _bad(name, f"must be >= 0{unit}, got {item}")
+        if name == "robust_eps" and value > 255:
+            _bad(name, f"{item} is more than the whole [0, 1] pixel range (255/255); the radii "
+                       f"are in 1/255")
+        radii.append(value)
+    return tuple(radii)
 
 
 def _parse_numbers(name, items, kind):
