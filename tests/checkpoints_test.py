@@ -1,8 +1,9 @@
 """Resume finds the newest checkpoint that can be read: a damaged index file, a deleted or
 truncated newest checkpoint each fall back (with one line) instead of restarting or crashing;
-a readable checkpoint that does not fit is still a flag error."""
+a checkpoint of other flags is a flag error, found by flags.cfg or by the checkpoint itself."""
 
 import contextlib
+import dataclasses
 import io
 import os
 
@@ -13,7 +14,7 @@ import tensorflow as tf
 from conftest import tiny_config
 
 from clae_tf import ClaeError
-from clae_tf.job import checkpoints
+from clae_tf.job import app, checkpoints
 from clae_tf.runtime import workdir
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -113,7 +114,29 @@ def test_every_checkpoint_damaged_means_no_checkpoint(saved):
     assert not ok and printed.count("is damaged") == 3
 
 
-def test_readable_checkpoint_of_other_flags_is_a_flag_error(saved, tmp_path):
+def test_a_checkpoint_of_other_flags_is_refused_with_one_line(saved, tmp_path):
+    """With flags.cfg, app.run first compares the flags that shape the checkpoint with it
+    (workdir.check_workdir): one line naming the flag, flags.cfg left as it was. Without it, the
+    checkpoint itself does not fit (State.restore): a flag error too."""
+    workdir.write_flagfile(saved)
+    flagfile = os.path.join(saved.run_dir, "flags.cfg")
+    with open(flagfile) as f:
+        before = f.read()
+    messages = {}
+    for flag, change in (("--width", dict(width=0.125)), ("--adversarial", dict(adversarial=True)),
+                         ("--image_size", dict(image_size=24)), ("--arch", dict(arch="resnet18"))):
+        with pytest.raises(ClaeError) as e:
+            app.run(dataclasses.replace(saved, **change))
+        messages[flag] = str(e.value)
+    for flag, message in messages.items():
+        assert message.startswith(f"--workdir: {saved.run_dir} holds a checkpoint made with "
+                                  f"{flag}="), message
+        assert "\n" not in message, message
+    assert "--width=0.0625 (now 0.125)" in messages["--width"]
+    with open(flagfile) as f:
+        assert f.read() == before
+
+    os.remove(flagfile)
     other = tiny_config(tmp_path, adversarial=False, proj_dim=8)  # same workdir, other head
     with pytest.raises(ClaeError, match="does not fit these flags"):
         _restore(other)

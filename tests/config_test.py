@@ -13,21 +13,26 @@ from clae_tf.data import augment
 from clae_tf.runtime import config
 from clae_tf.runtime.config import Config
 
-AUTO = {"temperature", "head", "proj_dim", "augment", "normalize", "optimizer", "learning_rate",
-        "weight_decay", "lr_schedule", "lr_boundaries", "lr_factors", "probe", "linear_batch_size"}
-
-
 _flags = parse_flags
 
 
-def test_auto_flags_and_method_rows_agree():
-    auto = {f.name for f in dataclasses.fields(config.Config) if f.metadata["auto"]}
-    assert auto == AUTO
+def test_auto_flags_take_the_methods_values_and_the_others_their_defaults():
+    """An auto flag left at its default stands for the method's value (its row in
+    METHOD_DEFAULTS): every name in a row is a flag marked auto, and `--method=<m>` alone gives
+    each flag the row's value, or its own default where the row has none."""
+    config.define_flags()
+    fields = {f.name: f for f in dataclasses.fields(config.Config)}
+    auto = {name for name, f in fields.items() if f.metadata["auto"]}
     assert set(config.METHOD_DEFAULTS) == set(config.METHODS)
     for method, row in config.METHOD_DEFAULTS.items():
+        assert all(name in flags.FLAGS and name in auto for name in row), method
         # The step schedule's boundaries and factors are in a row only with a step schedule.
         step = {"lr_boundaries", "lr_factors"} if row["lr_schedule"] == "step" else set()
-        assert set(row) == AUTO - {"lr_boundaries", "lr_factors"} | step, method
+        assert set(row) == auto - {"lr_boundaries", "lr_factors"} | step, method
+        cfg = _flags(f"--method={method}")
+        for name, f in fields.items():
+            if name != "method":
+                assert getattr(cfg, name) == row.get(name, f.default), (method, name)
 
 
 def test_every_flag_has_help_and_enum_defaults_are_choices():
@@ -188,9 +193,96 @@ def test_eps_message_explains_the_units():
     (["--eps=100"], "--eps"),
     (["--temperature=1e-45"], "--temperature"),
     (["--eps=nan"], "--eps"),
+    (["--strategy=one_device", "--virtual_cpus=2"], "--virtual_cpus"),
+    (["--robust_eps=8,x"], "--robust_eps"),
+    (["--eps=-1"], "--eps"),
+    (["--alpha=-1"], "--alpha"),
+    (["--batch_size=1"], "--batch_size"),
+    (["--robust_eps=1,-2"], "--robust_eps"),
+    (["--robust_examples=-1"], "--robust_examples"),
+    (["--robust_attacks=pgd20,autoatack"], "--robust_attacks"),
+    (["--robust_l2_eps=0.5,-1"], "--robust_l2_eps"),
+    (["--attack=nope"], "--attack"),
+    (["--attack_steps=0"], "--attack_steps"),
+    (["--attack_step_size=-0.01"], "--attack_step_size"),
 ])
 def test_bad_values_fail_before_tensorflow(tmp_path, args, flag):
     proc = run_cli(["--flagfile=flags/smoke.cfg", "--epochs=1", "--linear_epochs=2",
                     f"--workdir={tmp_path / 'run'}"] + args, tmp_path, tensorflow=False)
     one_line_error(proc, flag)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The robust evaluation's flags: radii parsed once (config.parse_radii), attacks by name.
+
+
+@pytest.mark.parametrize("flags, flag, words", [
+    (dict(robust_attacks="pgd20,apgd"), "robust_attacks", "'apgd'"),
+    (dict(robust_attacks="autoatack"), "robust_attacks", "did you mean autoattack"),
+    (dict(robust_square_queries=0), "robust_square_queries", ">= 1"),
+    (dict(robust_apgd_steps=0), "robust_apgd_steps", ">= 1"),
+    (dict(robust_targets=0), "robust_targets", ">= 1"),
+])  # the radii: below, message by message
+def test_bad_robust_flags_name_the_flag(flags, flag, words):
+    with pytest.raises(ClaeError) as e:
+        Config(**flags)
+    assert str(e.value).startswith(f"--{flag}: ") and words in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(robust_eps="1,x"),
+     "--robust_eps: expected comma-separated numbers (in 1/255), got '1,x'"),
+    (dict(robust_eps="nan"), "--robust_eps: must be >= 0 (in 1/255), got nan"),
+    (dict(robust_eps="8,300"), "--robust_eps: 300 is more than the whole [0, 1] pixel range "
+                               "(255/255); the radii are in 1/255"),
+    (dict(robust_l2_eps="0.5,-0.25"), "--robust_l2_eps: must be >= 0, got -0.25"),
+    (dict(robust_l2_eps="a"), "--robust_l2_eps: expected comma-separated numbers, got 'a'"),
+])
+def test_a_bad_radius_is_refused_once_with_its_message(monkeypatch, flags, message):
+    calls = []
+    parse = config.parse_radii
+    monkeypatch.setattr(config, "parse_radii", lambda *a: calls.append(a) or parse(*a))
+    with pytest.raises(ClaeError) as e:
+        Config(**flags)
+    assert str(e.value) == message
+    bad = next(iter(flags))
+    assert [name for name, _ in calls].count(bad) == 1  # refused on its first parse
+
+
+def test_radii_are_parsed_once_into_numbers(monkeypatch):
+    calls = []
+    parse = config.parse_radii
+    monkeypatch.setattr(config, "parse_radii", lambda *a: calls.append(a) or parse(*a))
+    cfg = Config(robust_eps=" 1, 2,4 ,0.5", robust_l2_eps="")
+    assert sorted(calls) == [("robust_eps", " 1, 2,4 ,0.5"), ("robust_l2_eps", "")]
+    assert cfg.robust_eps_list == (1.0, 2.0, 4.0, 0.5) and cfg.robust_l2_eps_list == ()
+    assert Config().robust_l2_eps_list == (0.25, 0.5)  # the flag's default, "0.25,0.5"
+    calls.clear()
+    assert cfg.robust_eps_list == (1.0, 2.0, 4.0, 0.5) and not calls  # kept, not parsed again
+    # The parsed radii are not flags: a flagfile and Config's equality know only the strings.
+    assert "robust_eps_list" not in cfg.to_flagfile()
+    assert cfg == Config(robust_eps=" 1, 2,4 ,0.5", robust_l2_eps="")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags that only make sense together: refused by Config, before TensorFlow starts.
+
+
+@pytest.mark.parametrize("strategy, message", [
+    ("multiworker", "--virtual_cpus: not with --strategy=multiworker (each worker process uses "
+                    "its GPUs, or one CPU device)"),
+    ("one_device", "--virtual_cpus: needs --strategy=auto or mirrored, not one_device"),
+])
+def test_virtual_cpus_need_a_mirrored_strategy(strategy, message):
+    with pytest.raises(ClaeError) as e:
+        Config(strategy=strategy, virtual_cpus=2)
+    assert str(e.value) == message
+    Config(strategy=strategy, virtual_cpus=1)  # one CPU device: nothing to mirror over
+    Config(strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "mirrored"])
+def test_virtual_cpus_with_a_mirrored_strategy_pass(strategy):
+    assert Config(strategy=strategy, virtual_cpus=4).virtual_cpus == 4

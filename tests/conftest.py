@@ -1,5 +1,5 @@
-"""Shared test setup: 4 virtual CPU devices (for the multi-replica tests), a tiny config and a
-numpy reference of the weighted kNN."""
+"""Shared test setup: 4 virtual CPU devices (for the multi-replica tests), a tiny config, the
+first batches of the pretraining stream and a numpy reference of the weighted kNN."""
 
 import os
 import subprocess
@@ -14,6 +14,7 @@ import tensorflow as tf  # noqa: E402
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
 
+from clae_tf.data import streams  # noqa: E402
 from clae_tf.runtime.config import Config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +76,13 @@ def tiny_config(tmp_path=None, **overrides) -> Config:
         values["workdir"] = str(tmp_path / "run")
     values.update(overrides)
     return Config(**values)
+
+
+def pretrain_batches(split, cfg, epoch, start_batch=0, n=3):
+    """The (x1, x2) batches of streams.pretrain_dataset from `start_batch` on, `n` of them, as
+    numpy arrays."""
+    return [(a.numpy(), b.numpy()) for a, b in
+            streams.pretrain_dataset(split, cfg, epoch, start_batch).take(n)]
 
 
 def numpy_knn_predict(train_z, train_y, test_z, num_classes, k, sigma):

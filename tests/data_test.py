@@ -1,4 +1,4 @@
-"""Input pipelines: image folders, TFDS names, subsets, errors and the two-view stream."""
+"""Input pipelines: image folders, TFDS names, subsets and errors."""
 
 import os
 import time
@@ -263,6 +263,71 @@ def test_corrupt_image_with_examples_per_class_is_named(tmp_path):
     assert "--dataset" in str(e.value) and bad in str(e.value)
 
 
+def _read_error(ds):
+    """What reading `ds` raises."""
+    try:
+        list(ds.as_numpy_iterator())
+    except Exception as e:  # the error is what the test looks at
+        return e
+    raise AssertionError("read without an error")
+
+
+def test_decode_errors_are_told_from_other_errors_of_the_same_types(tmp_path):
+    root = str(tmp_path / "corrupt")
+    bad = _folder_with_corrupt_image(root)
+    gone = str(tmp_path / "gone.png")
+    decode_ds = tf.data.Dataset.from_tensor_slices([bad]).map(
+        lambda f: sources._decode(tf.io.read_file(f)))
+    decode_errors = {
+        "tf.data decode": _read_error(decode_ds),
+        "tf.data read": _read_error(tf.data.Dataset.from_tensor_slices([gone]).map(
+            tf.io.read_file)),
+        "record": tf.errors.DataLossError(None, None, "corrupted record at 12"),
+    }
+    with pytest.raises(tf.errors.InvalidArgumentError) as eager:
+        sources._decode(tf.io.read_file(bad))
+    decode_errors["eager decode"] = eager.value
+    others = {
+        "tf.data shape": _read_error(tf.data.Dataset.range(1, 3).map(
+            lambda n: tf.reshape(tf.zeros([n]), [2, 2]))),
+        "kernel": tf.errors.NotFoundError(None, None, "No registered 'Foo' OpKernel for 'GPU'"),
+        "value": ValueError("Unknown image file format"),
+    }
+    with pytest.raises(tf.errors.InvalidArgumentError) as eager:
+        tf.reshape(tf.zeros([5]), [2, 2])
+    others["eager shape"] = eager.value
+    assert isinstance(decode_errors["tf.data read"], tf.errors.NotFoundError)
+    assert isinstance(others["tf.data shape"], tf.errors.InvalidArgumentError)
+    assert {k: sources.is_decode_error(e) for k, e in decode_errors.items()} == dict.fromkeys(
+        decode_errors, True)
+    assert {k: sources.is_decode_error(e) for k, e in others.items()} == dict.fromkeys(
+        others, False)
+
+
+def test_other_errors_of_a_read_come_out_as_they_came_without_a_scan(tmp_path, monkeypatch):
+    """A shape bug is an InvalidArgumentError too: raised as it came (the same object, its
+    traceback), never blamed on a file, and no file is decoded to find one."""
+    root = str(tmp_path / "corrupt")
+    _folder_with_corrupt_image(root)  # a scan would find this file and blame it
+    source = sources.load(_cfg(root))
+    monkeypatch.setattr(sources, "find_unreadable", lambda split: pytest.fail("scanned"))
+    original = tf.errors.InvalidArgumentError(None, None, "Incompatible shapes: [4,3] vs. [5,3]")
+
+    def buggy_step():
+        raise original
+
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        with sources.unreadable_named(source.train, "the training split"):
+            buggy_step()
+    assert e.value is original and "buggy_step" in [entry.name for entry in e.traceback]
+    # A real one, raised inside tf.data by a read of the split.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Input to reshape"):
+        sources._read(source.train, tf.data.Dataset.range(1, 3).map(
+            lambda n: tf.reshape(tf.zeros([n]), [2, 2])))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Incompatible shapes"):
+        sources.raise_if_unreadable(source.train, original, "the training split")
+
+
 def _first_per_class(examples, k):
     counts, out = {}, []
     for x, y in examples:
@@ -323,6 +388,29 @@ def test_digits_subsets(tmp_path):
     assert len(got) == 20
 
 
+def _classes_taking_turns(labels, n):
+    """Literal version of the class-balanced subset: the classes, in label order, take turns to
+    give their next example (in split order) until n are taken or none is left; sorted."""
+    queues = {c: [i for i, y in enumerate(labels) if y == c] for c in sorted(set(labels))}
+    taken = []
+    while len(taken) < n and any(queues.values()):
+        for queue in queues.values():
+            if queue and len(taken) < n:
+                taken.append(queue.pop(0))
+    return sorted(taken)
+
+
+def test_balanced_subset_is_the_classes_taking_turns():
+    uneven = [0] * 10 + [1] * 3 + [2] * 7 + [0, 1, 2] * 2  # class 1 has 5 images
+    # By hand: turn 1 takes 0, 10, 13, turn 2 1, 11, 14, turn 3 2, 12, 15.
+    assert _classes_taking_turns(uneven, 9) == [0, 1, 2, 10, 11, 12, 13, 14, 15]
+    for labels in (uneven, np.random.default_rng(0).integers(0, 4, 200).tolist(),
+                   [7, 3, 3, 7, 9, 3, 3]):  # labels that are not 0..C-1
+        for n in (0, 1, 9, 14, 42, 10_000):
+            got = sources.balanced_subset(np.array(labels), n)
+            assert got.tolist() == _classes_taking_turns(labels, n), (labels, n)
+
+
 def test_batch_size_larger_than_the_training_set(tmp_path):
     message = _error(tiny_config(train_examples=10, batch_size=16))
     assert "--batch_size" in message and "10" in message
@@ -363,189 +451,6 @@ def test_tfds_dataset_not_prepared_offline(tmp_path):
     assert ("could not be downloaded" in message and "image folder" in message) or (
         "pip install" in message and "could not be downloaded" not in message)
     assert elapsed < 60, f"the offline failure took {elapsed:.0f} s"
-
-
-# ---------------------------------------------------------------------------------------------
-# The pretraining stream.
-
-
-def _batches(split, cfg, epoch, start_batch=0, n=3):
-    return [(a.numpy(), b.numpy()) for a, b in
-            streams.pretrain_dataset(split, cfg, epoch, start_batch).take(n)]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return sources.load(tiny_config())
-
-
-def test_pretrain_dataset_views(digits):
-    cfg = tiny_config()
-    batches = _batches(digits.train, cfg, epoch=0, n=2)
-    assert len(batches) == 2
-    for x1, x2 in batches:
-        for x in (x1, x2):
-            assert x.shape == (16, 16, 16, 3)
-            assert x.dtype == np.float32
-            assert x.min() >= -1.0 and x.max() <= 1.0
-            assert x.max() - x.min() > 0.5  # not a blank image: actually normalised to [-1, 1]
-        assert not np.allclose(x1, x2)
-        # Each image's two views differ (independent augmentations per view).
-        assert all(not np.allclose(x1[i], x2[i]) for i in range(len(x1)))
-    assert not np.allclose(batches[0][0], batches[1][0])
-    # drop_remainder: steps_per_epoch full batches.
-    n = sum(1 for _ in streams.pretrain_dataset(digits.train, cfg, 0).map(lambda a, b: 0))
-    assert n == digits.train.num_examples // cfg.batch_size
-
-
-def test_pretrain_dataset_is_a_function_of_seed_epoch_and_batch(digits):
-    cfg = tiny_config()
-    full = _batches(digits.train, cfg, epoch=1, n=4)
-    again = _batches(digits.train, cfg, epoch=1, n=4)
-    for (a1, a2), (b1, b2) in zip(full, again):
-        np.testing.assert_array_equal(a1, b1)
-        np.testing.assert_array_equal(a2, b2)
-    # Resuming at batch k gives the k-th batch of a full pass, and the ones after it.
-    resumed = _batches(digits.train, cfg, epoch=1, start_batch=2, n=2)
-    for (a1, a2), (b1, b2) in zip(full[2:], resumed):
-        np.testing.assert_array_equal(a1, b1)
-        np.testing.assert_array_equal(a2, b2)
-    # Another epoch or another seed: other batches.
-    other_epoch = _batches(digits.train, cfg, epoch=2, n=1)[0]
-    other_seed = _batches(digits.train, tiny_config(seed=1), epoch=1, n=1)[0]
-    assert not np.allclose(other_epoch[0], full[0][0])
-    assert not np.allclose(other_seed[0], full[0][0])
-
-
-# ---------------------------------------------------------------------------------------------
-# ImageNet-size data: crops from the decoded image as it is, the reference's test transform.
-
-
-def _ramp_folder(root, sizes=((60, 120), (100, 50), (60, 120), (90, 70))):
-    """Images whose red channel is 2 x column and green 2 x row: a crop's box can be read back
-    from its pixels. Sizes (H, W) of different aspect ratios (none square)."""
-    for i, (h, w) in enumerate(sizes * 2):
-        rows, cols = np.mgrid[0:h, 0:w]
-        image = np.stack([2 * cols, 2 * rows, np.full_like(rows, 128)], -1).astype(np.uint8)
-        for split in ("train", "test"):
-            path = os.path.join(root, split, f"c{i % 2}", f"{i}.png")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tf.io.write_file(path, tf.io.encode_png(image))
-
-
-def _crop_only(monkeypatch):
-    """--augment=uel without colour jitter and grayscale: views are crop + flip only."""
-    monkeypatch.setitem(streams.augment.AUGMENTATIONS, "uel", dict(
-        crop_scale=(0.2, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_prob=0.0, gray_prob=0.0))
-
-
-def test_pretrain_crops_keep_the_aspect_ratio_of_non_square_images(tmp_path, monkeypatch):
-    """The reference's RandomResizedCrop sees the loaded image: a crop's aspect ratio is in
-    [3/4, 4/3] in the image's own pixels (a crop of a copy squashed to a square would be
-    stretched by the image's aspect ratio, 2:1 here)."""
-    root = tmp_path / "ramps"
-    _ramp_folder(str(root))
-    _crop_only(monkeypatch)
-    cfg = _cfg(root, image_size=16, batch_size=4, augment="uel", normalize="half")
-    source = sources.load(cfg)
-    ratios = []
-    for x1, x2 in _batches(source.train, cfg, epoch=0, n=2):
-        for view in np.concatenate([x1, x2]) * 0.5 + 0.5:  # back to [0, 1]
-            col = view[..., 0] * 255 / 2  # the column of the original image each pixel shows
-            row = view[..., 1] * 255 / 2
-            mid = slice(4, 12)  # away from the borders (antialiasing filter edge effects)
-            cw = abs(np.polyfit(np.arange(16)[mid], col[8, mid], 1)[0]) * 16
-            ch = abs(np.polyfit(np.arange(16)[mid], row[mid, 8], 1)[0]) * 16
-            ratios.append(cw / ch)
-            assert col.min() >= -0.5 and row.min() >= -0.5
-    ratios = np.array(ratios)
-    assert len(ratios) == 16
-    assert np.all((ratios > 0.75 * 0.9) & (ratios < 4 / 3 * 1.1)), ratios
-
-
-def test_pretrain_views_of_images_of_many_sizes_resume_exactly(tmp_path):
-    root = tmp_path / "ramps"
-    _ramp_folder(str(root))
-    cfg = _cfg(root, image_size=16, batch_size=2)
-    source = sources.load(cfg)
-    full = _batches(source.train, cfg, epoch=1, n=4)
-    resumed = _batches(source.train, cfg, epoch=1, start_batch=2, n=2)
-    assert len(full) == 4 and all(x.shape == (2, 16, 16, 3) for b in full for x in b)
-    for (a1, a2), (b1, b2) in zip(full[2:], resumed):
-        np.testing.assert_array_equal(a1, b1)
-        np.testing.assert_array_equal(a2, b2)
-    assert not np.allclose(full[0][0], full[0][1])
-
-
-def test_square_images_at_image_size_keep_their_batch_crops(tmp_path):
-    """A folder of image_size-square images (CIFAR as PNGs) goes through the per-image path,
-    which must give exactly the views of a dataset known to be square (TFDS CIFAR), i.e. the
-    crops of whole batches as before per-image crops existed."""
-    root = tmp_path / "squares"
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        for i in range(6):
-            for split in ("train", "test"):
-                path = os.path.join(root, split, f"c{c}", f"{i}.png")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tf.io.write_file(path, tf.io.encode_png(
-                    rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)))
-    cfg = _cfg(root, image_size=16, batch_size=4)
-    folder = sources.load(cfg).train
-    assert folder.decoded.element_spec[0].shape.as_list() == [None, None, 3]
-    images = np.stack([x for x, _ in _examples(folder)])
-    labels = np.array([y for _, y in _examples(folder)], np.int32)
-    static = sources.Split(tf.data.Dataset.from_tensor_slices((images, labels)), len(labels))
-    for start in (0, 1):
-        for (a1, a2), (b1, b2) in zip(_batches(folder, cfg, 1, start), _batches(static, cfg, 1, start)):
-            np.testing.assert_array_equal(a1, b1)
-            np.testing.assert_array_equal(a2, b2)
-
-
-def test_eval_images_are_the_reference_test_transform(tmp_path):
-    """torchvision Resize((S, S)) on the PIL image, ToTensor, Normalize(ImageNet mean/std)."""
-    from PIL import Image
-    root = tmp_path / "photos"
-    rng = np.random.default_rng(1)
-    originals = {}
-    for c, (h, w) in enumerate([(30, 50), (120, 90)]):  # upsampled and downsampled
-        image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
-        for split in ("train", "test"):
-            path = os.path.join(root, split, f"c{c}", "0.png")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tf.io.write_file(path, tf.io.encode_png(image))
-        originals[c] = image
-    source = sources.load(_cfg(root, image_size=40, batch_size=2))
-    (x, y), = list(streams.eval_dataset(source.test, 2, "imagenet"))
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    for image, label in zip(x.numpy(), y.numpy()):
-        pil = Image.fromarray(originals[int(label)]).resize((40, 40), Image.BILINEAR)
-        want = (np.asarray(pil, np.float64) / 255.0 - mean) / std
-        np.testing.assert_allclose(image, want, atol=1.01 / 255 / 0.224)
-
-
-def test_each_epoch_is_a_permutation_of_its_own():
-    from clae_tf.data import memory
-    n = 1437
-    orders = [memory.permuted(seed, epoch, tf.range(n, dtype=tf.int64), n).numpy()
-              for seed, epoch in ((0, 0), (0, 1), (1, 0))]
-    for order in orders:
-        np.testing.assert_array_equal(np.sort(order), np.arange(n))  # every image once
-    assert np.mean(orders[0] == orders[1]) < 0.01 and np.mean(orders[0] == orders[2]) < 0.01
-
-
-def test_the_run_long_stream_is_the_epochs_one_after_another(digits):
-    """The train loop reads one stream across epochs; it must be the batches of each epoch's
-    pretrain_dataset in turn (what resuming and the tests above rely on)."""
-    cfg = tiny_config()
-    spe = digits.train.num_examples // cfg.batch_size
-    stream = [(a.numpy(), b.numpy()) for a, b in
-              streams.pretrain_stream(digits.train, cfg, spe - 1, spe + 1)]
-    want = _batches(digits.train, cfg, 0, spe - 1, n=1) + _batches(digits.train, cfg, 1, n=1)
-    assert len(stream) == 2
-    for (a1, a2), (b1, b2) in zip(stream, want):
-        np.testing.assert_array_equal(a1, b1)
-        np.testing.assert_array_equal(a2, b2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -282,28 +282,6 @@ def test_resumed_run_equals_the_uninterrupted_one(full, resumed):
         full_result["results"]["linear_top1"], abs=0.02)
 
 
-@pytest.mark.slow
-def test_incompatible_checkpoint_flags(full, tmp_path):
-    cfg, _, _ = full
-    flagfile = os.path.join(cfg.run_dir, "flags.cfg")
-    with open(flagfile) as f:
-        before = f.read()
-    for change, flag in ((dict(width=0.125), "--width"), (dict(adversarial=False), "--adversarial"),
-                         (dict(image_size=24), "--image_size"), (dict(arch="resnet18"), "--arch")):
-        with pytest.raises(ClaeError) as e:
-            app.run(dataclasses.replace(cfg, **change))
-        message = str(e.value)
-        assert flag in message and cfg.run_dir in message and "\n" not in message, message
-    with open(flagfile) as f:
-        assert f.read() == before  # refused before touching the workdir
-
-    # Without flags.cfg, the checkpoint itself does not fit: still a ClaeError, not a traceback.
-    copy = tmp_path / "copy"
-    shutil.copytree(os.path.join(cfg.run_dir, "checkpoints"), copy / "checkpoints")
-    with pytest.raises(ClaeError, match="--workdir"):
-        app.run(dataclasses.replace(cfg, workdir=str(copy), width=0.125))
-
-
 def _image_folder(root, classes=3, per_class=6):
     """A small folder dataset with PNG/JPEG, grayscale and odd sizes."""
     rng = np.random.default_rng(0)

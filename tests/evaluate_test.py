@@ -14,8 +14,13 @@ and one changed label must cost exactly 1 / n.
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from sklearn.linear_model import LogisticRegression
 
+from conftest import tiny_config
+
+from clae_tf import ClaeError
+from clae_tf.data import sources
 from clae_tf.evaluation import evaluate
 from clae_tf.evaluation.evaluate import knn_top1, linear_probe
 
@@ -111,12 +116,31 @@ def test_knn_equal_class_scores_go_to_the_lowest_class(num_classes):
 
 
 def test_knn_small_sigma_does_not_overflow():
-    # exp(1 / 0.01) = e^100 overflows float32 (max ~e^88.7); the votes must stay comparable.
-    # Class 1 has the nearest neighbour (1.0) and the 4th (0.9); class 0 the 2nd and 3rd
-    # (0.99, 0.98): class 1 wins, e^100 + e^90 > e^99 + e^98.
+    """exp(s / sigma) overflows float32 below sigma ~0.0113 (max ~e^88.7), where inf * 0 makes
+    nan votes: the votes must stay comparable."""
+    # exp(1 / 0.01) = e^100. Class 1 has the nearest neighbour (1.0) and the 4th (0.9); class 0
+    # the 2nd and 3rd (0.99, 0.98): class 1 wins, e^100 + e^90 > e^99 + e^98.
     bank, bank_y = _on_circle([1.0, 0.99, 0.98, 0.9]), np.array([1, 0, 0, 1])
     assert reference_knn_predict(bank, bank_y, E1, 2, 4, 0.01)[0] == 1
     assert knn_top1(bank, bank_y, E1, np.array([1]), 2, k=4, sigma=0.01) == 1.0
+    # Random embeddings down to sigma 1e-3, where exp(s / sigma) overflows float64 too: against
+    # a weighted kNN with the weights exp((s - max) / sigma) in float64, on the float32
+    # similarities that knn_top1 ranks.
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(60, 8))
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    test = rng.normal(size=(25, 8))
+    test /= np.linalg.norm(test, axis=1, keepdims=True)
+    train_y, test_y = rng.integers(0, 3, 60), rng.integers(0, 3, 25)
+    for sigma in (0.5, 0.005, 1e-3):
+        sim = (test.astype(np.float32) @ train.astype(np.float32).T).astype(np.float64)
+        top = np.argsort(-sim, axis=1)[:, :7]
+        s = np.take_along_axis(sim, top, 1)
+        w = np.exp((s - s[:, :1]) / sigma)
+        scores = np.stack([(w * (train_y[top] == c)).sum(1) for c in range(3)], 1)
+        expected = np.mean(scores.argmax(1) == test_y)
+        got = evaluate.knn_top1(train, train_y, test, test_y, 3, k=7, sigma=sigma)
+        assert got == pytest.approx(expected), sigma
 
 
 # ------------------------------------------------------------------ linear probe
@@ -210,21 +234,32 @@ def test_linear_probe_is_adam_softmax_regression_over_its_epoch_orders(n, batch_
     assert acc == pytest.approx(want_acc)
 
 
-def test_knn_weights_do_not_overflow_at_small_sigma():
-    """exp(s / sigma) overflowed float32 below sigma ~0.0113 (inf * 0 = nan votes); compare with
-    a float64 numpy weighted kNN on the same data (exp((s - max) / sigma) in float64)."""
-    rng = np.random.default_rng(0)
-    train = rng.normal(size=(60, 8))
-    train /= np.linalg.norm(train, axis=1, keepdims=True)
-    test = rng.normal(size=(25, 8))
-    test /= np.linalg.norm(test, axis=1, keepdims=True)
-    train_y, test_y = rng.integers(0, 3, 60), rng.integers(0, 3, 25)
-    for sigma in (0.5, 0.005, 1e-3):
-        sim = (test.astype(np.float32) @ train.astype(np.float32).T).astype(np.float64)
-        top = np.argsort(-sim, axis=1)[:, :7]
-        s = np.take_along_axis(sim, top, 1)
-        w = np.exp((s - s[:, :1]) / sigma)
-        scores = np.stack([(w * (train_y[top] == c)).sum(1) for c in range(3)], 1)
-        expected = np.mean(scores.argmax(1) == test_y)
-        got = evaluate.knn_top1(train, train_y, test, test_y, 3, k=7, sigma=sigma)
-        assert got == pytest.approx(expected), sigma
+# ---------------------------------------------------------------------------------------------
+# Feature extraction: a file that cannot be decoded is named; any other error is left alone.
+
+
+def _shape_bug(x, training):
+    """A model whose reshape fails at run time on every batch (7 rows: no batch of 16x16x3
+    images divides into them; from the data, so no shape inference sees it while tracing)."""
+    rows = tf.cast(tf.reduce_sum(x * 0.0), tf.int32) + 7
+    bad = tf.reshape(x, [rows, -1])
+    return bad, bad
+
+
+def test_extract_raises_a_shape_bug_as_it_came_without_a_scan(monkeypatch):
+    split = sources.load(tiny_config()).test
+    monkeypatch.setattr(sources, "find_unreadable", lambda split: pytest.fail("scanned"))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Input to reshape"):
+        evaluate.extract(_shape_bug, split, 64, "half")
+
+
+def test_extract_names_a_file_that_cannot_be_decoded(tmp_path):
+    files = []
+    for i, data in enumerate((tf.io.encode_png(tf.zeros([4, 4, 3], tf.uint8)).numpy(),
+                              b"this is not a png")):
+        files.append(str(tmp_path / f"{i}.png"))
+        with open(files[-1], "wb") as f:
+            f.write(data)
+    split = sources._file_split(files, np.zeros(2, np.int32), 8)
+    with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {files[1]}$"):
+        evaluate.extract(lambda x, training: (x, x), split, 2, "half")

@@ -1,5 +1,6 @@
 """The exports as a downstream user meets them: the functional copy of the clean encoder
-(portable.py), the `.keras` file and the SavedModel, loaded and fine-tuned without clae_tf."""
+(portable.py), the `.keras` file and the SavedModel, loaded and fine-tuned without clae_tf; the
+SavedModel of encoder + linear probe, whose logits are the robust evaluation's."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from clae_tf.data import augment
+from clae_tf.evaluation import evaluate, robust
 from clae_tf.job import export, portable
 from clae_tf.method import builders
 from clae_tf.method.models import bn_layers
@@ -367,3 +369,33 @@ def test_serve_refuses_0_255_values_even_when_cast(exported):
     with pytest.raises(tf.errors.InvalidArgumentError, match="got values from"):
         loaded.serve(_images().astype(np.float32))
     loaded.serve(np.full((1, 16, 16, 3), 1.005, np.float32))  # a resampling overshoot
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe's SavedModel: encoder + the linear probe of probe.npz, the robust evaluation's
+# classifier.
+
+
+@pytest.mark.slow  # an export and load of the probe SavedModel each: ~14 s with the machine shared
+@pytest.mark.parametrize("feature", ["h", "z"])
+def test_probe_saved_model_gives_the_in_memory_logits(tmp_path, feature):
+    cfg = tiny_config(adversarial=False)
+    tf.keras.utils.set_random_seed(0)
+    model = builders.build_model(cfg)
+    dim = model.feature_dim if feature == "h" else cfg.proj_dim
+    probe = keras.layers.Dense(10)
+    probe.build((None, dim))
+    rng = np.random.default_rng(1)
+    probe.set_weights([rng.normal(size=(dim, 10)).astype(np.float32),
+                       rng.normal(size=10).astype(np.float32)])
+    evaluate.save_probe(str(tmp_path / "probe.npz"), probe, feature, 7)
+    saved = evaluate.load_probe(str(tmp_path / "probe.npz"))
+    assert saved["feature"] == feature and saved["step"] == 7
+    path = str(tmp_path / "probe_saved_model")
+    export.export_probe(cfg, model, saved, path)
+    loaded = tf.saved_model.load(path)
+    images = rng.uniform(0, 1, (5, 16, 16, 3)).astype(np.float32)
+    expected = robust.classifier(model, probe, cfg.normalize, feature)(tf.constant(images))
+    np.testing.assert_allclose(loaded.serve(tf.constant(images)).numpy(), expected.numpy(),
+                               atol=1e-5)
+    assert loaded.serve(tf.zeros([2, 40, 40, 3])).shape == (2, 10)  # any size is resized

@@ -1,7 +1,9 @@
-"""The workdir lock (files.workdir_lock): one run at a time on a workdir, in every mode.
+"""The file primitives of a workdir (files.py): the lock, atomic writes, the check that a workdir
+can be written, and putting a file or a directory in place whole.
 
-In-process first: flock locks belong to an open file, so a second open in the same process is
-refused as another process would be. Then two run.py processes on one workdir.
+The lock (files.workdir_lock) keeps one run at a time on a workdir, in every mode. In-process
+first: flock locks belong to an open file, so a second open in the same process is refused as
+another process would be. Then two run.py processes on one workdir.
 """
 
 import dataclasses
@@ -228,3 +230,56 @@ def test_writable_workdir_is_created_and_left_clean(tmp_path):
     workdir = tmp_path / "a" / "b"
     files.check_writable(str(workdir))
     assert os.listdir(workdir) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Replacing a file or a directory whole (exports); the leftovers of killed processes.
+
+
+def test_replace_path_puts_a_directory_in_place_whole(tmp_path):
+    target, new = tmp_path / "saved_model", tmp_path / "staging"
+    for d, text in ((target, "old"), (new, "new")):
+        (d / "variables").mkdir(parents=True)
+        (d / "saved_model.pb").write_text(text)
+    files.replace_path(str(new), str(target))
+    assert (target / "saved_model.pb").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["saved_model"]  # the old one is gone, no leftover
+    # And a file over a file.
+    (tmp_path / "encoder.keras").write_text("old")
+    (tmp_path / "new.keras").write_text("new")
+    files.replace_path(str(tmp_path / "new.keras"), str(tmp_path / "encoder.keras"))
+    assert (tmp_path / "encoder.keras").read_text() == "new"
+
+
+def test_replace_path_interrupted_between_the_renames_puts_the_old_one_back(tmp_path,
+                                                                             monkeypatch):
+    target, new = tmp_path / "saved_model", tmp_path / "staging"
+    target.mkdir()
+    (target / "saved_model.pb").write_text("old")
+    new.mkdir()
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new one into place
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        files.replace_path(str(new), str(target))
+    assert (target / "saved_model.pb").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["saved_model", "staging"]
+
+
+def test_leftovers_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    alive = str(os.getppid())
+    for name in (f"export.{dead}.tmp", f"saved_model.{dead}.old", f"export.{alive}.tmp"):
+        (tmp_path / name / "variables").mkdir(parents=True)
+    (tmp_path / f"export.json.{dead}.tmp").write_text("{")
+    (tmp_path / "saved_model").mkdir()
+    for name in ("export", "saved_model", "export.json"):
+        files.remove_leftovers(str(tmp_path / name))
+    assert sorted(os.listdir(tmp_path)) == [f"export.{alive}.tmp", "saved_model"]

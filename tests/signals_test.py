@@ -1,13 +1,15 @@
-"""Ctrl-C (SIGINT) and SIGTERM in every phase of a run (clae_tf/signals.py, run.py).
+"""Ctrl-C (SIGINT) and SIGTERM in every phase of a run (clae_tf/runtime/signals.py, run.py).
 
-The handlers in-process first (signal.raise_signal delivers at once), then run.py in a child
-process, signalled once it has printed the line that says which phase it is in: a run started
-with SIGINT ignored (as `nohup ... &` starts it), SIGTERM during evaluation and export, and
-Ctrl-C pressed again and again while the interrupt's checkpoint is being saved.
+The handlers and held() in-process first (signal.raise_signal delivers at once), then run.py in
+a child process, signalled once it has printed the line that says which phase it is in: a run
+started with SIGINT ignored (as `nohup ... &` starts it), SIGTERM during training (the same
+command then resumes), Ctrl-C and SIGTERM during evaluation and export, and Ctrl-C pressed
+again and again while the interrupt's checkpoint is being saved.
 """
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -80,6 +82,51 @@ def test_a_signal_during_held_waits_for_its_end():
             assert _deliver(signal.SIGINT) is None
     with signals.handling():  # a new run starts afresh (not stopping)
         assert isinstance(_deliver(signal.SIGINT), signals.Interrupted)
+
+
+def test_held_hands_the_signal_to_the_handler_in_place_when_the_block_ends():
+    """Without this module's handlers (library callers): the handler that was in place gets the
+    signal once the block has completed, and is in place again."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    done = False
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals.held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100):  # time for the handler to run, were it not held back
+                    time.sleep(0.001)
+                done = True
+        assert done
+        assert signal.getsignal(signal.SIGTERM) is interrupt
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_during_a_held_block_that_raises_is_dropped():
+    with signals.handling():
+        with pytest.raises(ValueError):
+            with signals.held():
+                assert _deliver(signal.SIGTERM) is None
+                raise ValueError("the write failed")
+        assert isinstance(_deliver(signal.SIGINT), signals.Interrupted)  # handlers back
+
+
+def test_held_outside_the_main_thread_runs_the_block_unprotected():
+    """Python allows no handlers there: held() neither fails nor touches them."""
+    seen = []
+
+    def body():
+        with signals.held():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    before = signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [before]
 
 
 # ----------------------------------------------------------------------- run.py, in a child
@@ -179,3 +226,40 @@ def test_sigterm_during_evaluation_and_export_is_one_line(tmp_path):
         code, out, err = run.finish()
     assert code == 2, _tail(err)
     assert _error_line(err) == f"error: terminated (SIGTERM){where}"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    # One epoch (22 steps) leaves many steps after the marker; the evaluation at the end is
+    # cut to kNN and a one-epoch probe (no robust suite, no online kNN): only the resume counts.
+    args = ["--flagfile=flags/smoke.cfg", "--epochs=1", "--linear_epochs=1", "--noexport",
+            f"--workdir={workdir}", "--log_every=1", "--steps_per_loop=1", "--ckpt_every=1000",
+            "--robust_attacks=", "--eval_every_epochs=0"]
+    with run_py(*args) as run:
+        run.wait_for(r"step 3/")  # a few steps have run
+        run.send(signal.SIGTERM)
+        code, _, err = run.finish()
+    assert code == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: terminated (SIGTERM) at step ") and "resume" in last
+    saved = int(last.split("at step ")[1].split(";")[0])
+    assert saved >= 3
+    assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith(f"-{saved}")
+    # The same command resumes from there and finishes.
+    with run_py(*args) as run:
+        code, out, err = run.finish()
+    assert code == 0, err[-2000:]
+    assert "Resuming from" in out and f"at step {saved}." in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_evaluation_is_one_line(tmp_path):
+    with run_py("--flagfile=flags/smoke.cfg", "--epochs=1", "--max_steps=2",
+                "--linear_epochs=100000", "--noexport", f"--workdir={tmp_path / 'run'}") as run:
+        run.wait_for(r"Evaluating step 2: ")  # the probe runs for much longer than this test
+        run.send(signal.SIGINT)
+        code, _, err = run.finish()
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted; checkpoints so far")

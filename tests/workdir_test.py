@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import keras
 import numpy as np
@@ -30,7 +29,7 @@ from clae_tf.data import augment, sources
 from clae_tf.evaluation import evaluate
 from clae_tf.job import app, checkpoints, export
 from clae_tf.method import builders
-from clae_tf.runtime import files, workdir
+from clae_tf.runtime import workdir
 from clae_tf.runtime.config import Config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -164,74 +163,6 @@ def test_eval_on_other_data_leaves_the_runs_results_and_probe_alone(tmp_path, mo
 
 # ---------------------------------------------------------------------------------------------
 # Exports: whole or not at all, and all of one step.
-
-
-def test_replace_path_puts_a_directory_in_place_whole(tmp_path):
-    target, new = tmp_path / "saved_model", tmp_path / "staging"
-    for d, text in ((target, "old"), (new, "new")):
-        (d / "variables").mkdir(parents=True)
-        (d / "saved_model.pb").write_text(text)
-    files.replace_path(str(new), str(target))
-    assert (target / "saved_model.pb").read_text() == "new"
-    assert sorted(os.listdir(tmp_path)) == ["saved_model"]  # the old one is gone, no leftover
-    # And a file over a file.
-    (tmp_path / "encoder.keras").write_text("old")
-    (tmp_path / "new.keras").write_text("new")
-    files.replace_path(str(tmp_path / "new.keras"), str(tmp_path / "encoder.keras"))
-    assert (tmp_path / "encoder.keras").read_text() == "new"
-
-
-def test_replace_path_interrupted_between_the_renames_puts_the_old_one_back(tmp_path,
-                                                                             monkeypatch):
-    target, new = tmp_path / "saved_model", tmp_path / "staging"
-    target.mkdir()
-    (target / "saved_model.pb").write_text("old")
-    new.mkdir()
-    real_rename, calls = os.rename, []
-
-    def rename(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:  # the new one into place
-            raise KeyboardInterrupt
-        real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(KeyboardInterrupt):
-        files.replace_path(str(new), str(target))
-    assert (target / "saved_model.pb").read_text() == "old"
-    assert sorted(os.listdir(tmp_path)) == ["saved_model", "staging"]
-
-
-def test_leftovers_of_dead_processes_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    alive = str(os.getppid())
-    for name in (f"export.{dead}.tmp", f"saved_model.{dead}.old", f"export.{alive}.tmp"):
-        (tmp_path / name / "variables").mkdir(parents=True)
-    (tmp_path / f"export.json.{dead}.tmp").write_text("{")
-    (tmp_path / "saved_model").mkdir()
-    for name in ("export", "saved_model", "export.json"):
-        files.remove_leftovers(str(tmp_path / name))
-    assert sorted(os.listdir(tmp_path)) == [f"export.{alive}.tmp", "saved_model"]
-
-
-def test_signals_are_held_back_until_the_body_is_done():
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    done = False
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with files.signals_deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(100):  # time for the handler to run, were it not held back
-                    time.sleep(0.001)
-                done = True
-        assert done
-        assert signal.getsignal(signal.SIGTERM) is interrupt
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # Runs `python run.py --mode=export` with export_keras made slow (after it has written its

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from clae_tf.data import augment
 from clae_tf.job import portable
-from clae_tf.runtime import files
+from clae_tf.runtime import files, signals
 from clae_tf.runtime.config import Config
 from clae_tf.runtime.workdir import (ENCODER_KERAS, EXPORT_STAGING, EXPORTS, MANIFEST, PROBE_SAVED_MODEL,
                              SAVED_MODEL)
@@ -158,7 +158,7 @@ def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[d
 
     Everything is written into a staging directory beside them first (`export.<pid>.tmp`; a kill
     meanwhile leaves the previous exports as they were, and the next export removes the
-    leftover), then renamed into place with Ctrl-C and SIGTERM held back (files.signals_deferred),
+    leftover), then renamed into place with Ctrl-C and SIGTERM held back (signals.held),
     and the manifest (export.json: the step and the exports of it) is written last. Without a
     probe, a probe export left by an earlier export is kept if the manifest says it is of this
     step, else removed in the same go: it would classify with another encoder than
@@ -189,7 +189,7 @@ def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[d
         removed = {name: previous.get("step") for name in EXPORTS
                    if name not in written + kept and os.path.lexists(os.path.join(run_dir, name))}
         manifest = os.path.join(run_dir, MANIFEST)
-        with files.signals_deferred():
+        with signals.held():
             # No manifest while the exports are being swapped: one that failed (or was killed
             # -9) halfway leaves exports whose step nothing claims, never a wrong claim.
             if os.path.lexists(manifest):

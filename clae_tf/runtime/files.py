@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 from typing import Optional
 
@@ -179,28 +178,3 @@ def _remove(path: str):
     elif os.path.lexists(path):
         os.remove(path)
 
-
-@contextlib.contextmanager
-def signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)):
-    """Holds back Ctrl-C and SIGTERM for the body: a signal that arrives meanwhile is delivered
-    (to whatever handler was installed before) when the body has finished.
-
-    For short sequences of renames that must happen together. The handlers are swapped at the
-    Python level (blocking the signal with pthread_sigmask would not do: TensorFlow's threads
-    would take it and Python would still run its handler in the main thread). Outside the main
-    thread, where handlers cannot be installed, the body runs unprotected.
-    """
-    pending = []
-    try:
-        previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
-                    for s in signums}
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        for s in dict.fromkeys(pending):
-            signal.raise_signal(s)

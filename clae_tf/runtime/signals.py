@@ -10,8 +10,8 @@ Whoever handles the interrupt (the train loop saving its checkpoint, run.py prin
 error) calls `stopping()` first: from then on the process is on its way out and later signals
 are dropped, so a second Ctrl-C cannot cut short the checkpoint nor the message. Until then
 every signal raises, so an interrupt that some code swallowed (an exception inside a __del__
-is only printed) is not the last one. Inside `held()` (a checkpoint being written) a signal
-waits until the block ends.
+is only printed) is not the last one. Inside `held()` (a checkpoint being written, an export's
+renames) a signal waits until the block ends.
 
 No TensorFlow here: run.py installs the handlers before it imports TensorFlow.
 """
@@ -33,8 +33,6 @@ class Interrupted(KeyboardInterrupt):
 
 class _State:
     stopping = False  # an interrupt is being handled: drop the signals that follow
-    holding = 0  # depth of held() blocks
-    held = None  # the first signal that arrived inside held()
 
 
 _state = _State()
@@ -49,9 +47,6 @@ def describe(e: KeyboardInterrupt) -> str:
 
 def _handler(signum, frame):
     if _state.stopping:
-        return
-    if _state.holding:
-        _state.held = _state.held or signum
         return
     raise Interrupted(signum)
 
@@ -82,26 +77,37 @@ def handling():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _state.stopping, _state.held = False, None
+        _state.stopping = False
 
 
 @contextlib.contextmanager
 def held():
-    """Defers SIGINT and SIGTERM to the end of the block (a write that must not be cut short);
-    one that arrived meanwhile is raised then, unless the process is already stopping.
+    """Holds SIGINT and SIGTERM back for the block (a write that must not be cut short: a
+    checkpoint, an export's renames). A signal that arrives meanwhile is delivered when the block
+    has completed, to the handler that was in place: this module's raises Interrupted (or drops
+    it once the process is stopping), another one runs as it would have, the default one ends
+    the process. Each signal is delivered once, in the order they came (a handler that raises
+    ends the delivery: the first one raises). Blocks nest: an inner one hands its signals on to
+    the outer one.
 
-    Only with the handlers installed (install, handling); otherwise the block is interruptible
-    as any other code.
+    If the block raises, its exception goes on and the signal is dropped: what the block was
+    guarding is abandoned anyway. Outside the main thread, where Python allows no handlers, the
+    block runs unprotected.
+
+    The handlers are swapped at the Python level: blocking the signals (pthread_sigmask) would
+    not do, TensorFlow's threads would take them and Python still runs its handlers in the main
+    thread.
     """
-    _state.holding += 1
-    done = False
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in SIGNALS}
     try:
         yield
-        done = True
     finally:
-        _state.holding -= 1
-        signum = _state.held if not _state.holding else None
-        if signum is not None:
-            _state.held = None
-    if done and signum is not None and not _state.stopping:
-        raise Interrupted(signum)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    for sig in dict.fromkeys(pending):
+        signal.raise_signal(sig)
