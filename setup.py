@@ -19,7 +19,8 @@ setup(
     extras_require={
         # keras-cv 0.9.0 checked with TF 2.21 / Keras 3.15 (it pulls keras-core and kagglehub).
         "keras-cv": ["keras-cv==0.9.0"],
-        "test": ["pytest>=7", "pytest-xdist>=3.6.1,<4", "matplotlib>=3.7", "keras-cv==0.9.0"],
+        "test": ["pytest>=7", "pytest-xdist>=3.6.1,<4", "matplotlib>=3.7", "keras-cv==0.9.0",
+                 "ruff>=0.17,<0.18"],  # ruff.toml
         "plot": ["matplotlib>=3.7"],
         # bench/robust_speed.py's reference attack library (APGD, Square); never needed by tests.
         "bench": ["adversarial-robustness-toolbox>=1.20,<1.21"],

@@ -34,14 +34,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import keras  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clae_tf.data import sources, streams
-from clae_tf.method import train_step
-from clae_tf.method import builders, contrastive, optim  # noqa: E402
+from clae_tf.method import builders, contrastive, optim, train_step  # noqa: E402
 from clae_tf.runtime.config import Config  # noqa: E402
 
 POLICIES = {"float32": "float32", "bf16": "mixed_bfloat16"}
@@ -113,7 +112,8 @@ def compiled_step(cfg: Config):
     model = builders.build_model(cfg)
     optimizer = optim.build_optimizer(cfg, 1, 1)
     optimizer.build(model.trainable_variables)
-    return tf.function(train_step.make_train_step(model, optimizer, cfg, 1, contrastive.build(cfg, model)))
+    return tf.function(train_step.make_train_step(model, optimizer, cfg, 1,
+                                                  contrastive.build(cfg, model)))
 
 
 def build_step(cfg: Config):
@@ -233,6 +233,7 @@ OP_GROUPS = (("conv forward", ("Conv2D",)), ("conv input-grad", ("Conv2DBackprop
 def op_profile(fn, logdir: str) -> dict:
     """Seconds per op group of one call of fn, from a tf.profiler trace (CPU op durations)."""
     import glob
+
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
     tf.profiler.experimental.start(logdir)
     fn()

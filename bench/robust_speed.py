@@ -47,7 +47,7 @@ import tensorflow as tf  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from clae_tf.data import sources
+from clae_tf.data import sources  # noqa: E402 (needs REPO on sys.path, above)
 from clae_tf.method import attacks  # noqa: E402
 
 SMOKE = dict(images=16, steps=5, queries=20, repeats=2, eps=8.0, batch_size=16)
@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--image_folder", default="/tmp/cifar10/test",
                    help="test images as <folder>/<class>/<image>; classes in sorted order")
     p.add_argument("--images", type=int, default=500,
-                   help="a fixed class-balanced subset of this many images (clae_tf.data.sources.balanced_subset, as the robust evaluation)")
+                   help="a fixed class-balanced subset of this many images "
+                        "(clae_tf.data.sources.balanced_subset, as the robust evaluation)")
     p.add_argument("--eps", type=float, default=8.0, help="L-inf radius in 1/255")
     p.add_argument("--steps", type=int, default=100, help="APGD iterations (0: skip APGD)")
     p.add_argument("--queries", type=int, default=1000, help="Square queries (0: skip Square)")

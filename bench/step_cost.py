@@ -30,6 +30,7 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.dirname(BENCH))
 
 import benchmark  # noqa: E402  (bench/benchmark.py: the steps, FLOPs, interleaved rounds)
+
 from clae_tf.data import streams  # noqa: E402
 
 METHODS = ("simclr", "clae")

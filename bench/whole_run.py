@@ -35,7 +35,6 @@ sys.path.insert(0, REPO)
 # No TensorFlow: the run is a subprocess.
 from clae_tf.runtime.workdir import RESULTS_FILE, update_results  # noqa: E402
 
-
 EVAL_PARTS = [("features", "h, z of the train and test splits, once"),
               ("probe", "linear probe, compiled calls of 10 epochs"),
               ("knn", "weighted kNN on z"),

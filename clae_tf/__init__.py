@@ -1,4 +1,5 @@
-"""clae-tf: Contrastive Learning with Adversarial Examples (Ho & Vasconcelos, NeurIPS 2020) in TF/Keras.
+"""clae-tf: Contrastive Learning with Adversarial Examples (Ho & Vasconcelos, NeurIPS 2020) in
+TF/Keras.
 
 The package is in layers; a module imports only from its own layer and the layers below it
 (tests/layers_test.py holds the code to this):

@@ -27,10 +27,10 @@ from typing import Dict, List, Optional
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
-from clae_tf.runtime.config import Config  # noqa: E402  (after the path set-up)
-from clae_tf.runtime.workdir import (  # noqa: E402
-    FLAGFILE, RESULTS_FILE, SWEEP_FILE, tensorboard_dir)
 from report_lib import mean_std, read_scalars  # noqa: E402
+
+from clae_tf.runtime.config import Config  # noqa: E402  (after the path set-up)
+from clae_tf.runtime.workdir import FLAGFILE, RESULTS_FILE, SWEEP_FILE, tensorboard_dir  # noqa: E402
 
 METHOD_NAMES = {"simclr": "SimCLR", "plain": "Plain", "uel": "UEL", "moco": "MoCo"}
 # Flags that may differ between the runs of one group (the seeds of one method).

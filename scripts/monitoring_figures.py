@@ -22,9 +22,10 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
+from report_lib import read_scalars, summaries  # noqa: E402
+
 from clae_tf.runtime.config import Config  # noqa: E402  (after the path set-up)
 from clae_tf.runtime.workdir import FLAGFILE, RESULTS_FILE, tensorboard_dir  # noqa: E402
-from report_lib import read_scalars, summaries  # noqa: E402
 
 
 def class_names(workdir, num_classes):

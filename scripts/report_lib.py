@@ -47,9 +47,9 @@ def summaries(logdir: str, tags):
     """(tag, step, value) of every summary of `tags` in the events files under logdir, file by
     file in name order (the order they were written), each file in its order; value: a numpy
     array (a scalar's is 0-d; an image's holds width, height and the PNG bytes)."""
+    import numpy as np
     from tensorboard.compat.proto import event_pb2
     from tensorboard.util import tensor_util
-    import numpy as np
 
     tags = set(tags)
     paths = sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True))

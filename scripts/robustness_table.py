@@ -6,10 +6,10 @@
         --run="SimCLR + CLAE (PGD-3)=runs/cifar10_small/clae_pgd_seed*" \
         --attack=worst --attack=pgd20 --figure=docs/results/robustness.png
 
-Each --run is "label=glob" of workdirs or of results files (*.json), one per seed. --attack picks the rows of the
-robust evaluation to show (an attack of its chain, e.g. pgd20, apgd-t, or "worst": the worst case
-over the whole chain; default worst), --norm the threat model (linf: robust_top1, radii in
-1/255; l2: robust_top1_l2). Prints, as markdown:
+Each --run is "label=glob" of workdirs or of results files (*.json), one per seed. --attack picks
+the rows of the robust evaluation to show (an attack of its chain, e.g. pgd20, apgd-t, or
+"worst": the worst case over the whole chain; default worst), --norm the threat model (linf:
+robust_top1, radii in 1/255; l2: robust_top1_l2). Prints, as markdown:
   - clean kNN and linear top-1 (all test images) and robust top-1 on the robust subset (clean,
     then each chosen attack at each radius), mean +- sample std over the seeds of each row;
   - for every pair of rows, the later row minus the earlier one, seed by seed (the seeds both
@@ -32,8 +32,9 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
-from clae_tf.runtime.workdir import RESULTS_FILE  # noqa: E402  (after the path set-up)
 from report_lib import mean_std  # noqa: E402
+
+from clae_tf.runtime.workdir import RESULTS_FILE  # noqa: E402  (after the path set-up)
 
 
 def load_runs(pattern: str) -> dict:

@@ -7,12 +7,12 @@ import os
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_config
-
 from clae_tf import ClaeError
 from clae_tf.evaluation import robust
 from clae_tf.job import app, checkpoints
 from clae_tf.runtime import distribute, workdir
+
+from conftest import tiny_config
 
 
 def count_checks(monkeypatch):

@@ -1,4 +1,5 @@
-"""Tests of clae_tf.method.attacks.fgsm with the tiny dual-BN model (docs/method.md, "The CLAE step", step 3)."""
+"""Tests of clae_tf.method.attacks.fgsm with the tiny dual-BN model (docs/method.md, "The CLAE
+step", step 3)."""
 
 import numpy as np
 import pytest
@@ -6,6 +7,7 @@ import tensorflow as tf
 
 from clae_tf.method import attacks, builders, losses
 from clae_tf.method.attacks import auto_pgd
+
 from conftest import tiny_config
 
 T = 0.5
@@ -62,8 +64,8 @@ def _input_grad(embed, x):
 
 def test_step_is_eps_where_gradient_nonzero_and_zero_elsewhere(model, x1):
     # Mask out part of the input inside the embedding so that its gradient is EXACTLY zero there
-    # (channel 2 everywhere, and the top-left 4x4 corner of every channel); elsewhere a training-mode
-    # BN network makes every input pixel matter.
+    # (channel 2 everywhere, and the top-left 4x4 corner of every channel); elsewhere a
+    # training-mode BN network makes every input pixel matter.
     mask = np.ones(x1.shape, np.float32)
     mask[..., 2] = 0.0
     mask[:, :4, :4, :] = 0.0
@@ -100,12 +102,13 @@ def test_eps_zero_is_identity(model, x1):
 @pytest.mark.parametrize("eps", [1e-3, 0.03])
 def test_attack_increases_the_loss_it_attacks(model, x1, eps):
     # The attacked objective is x -> L(sg z_adv(x1), z_adv(x)) with the adversarial BNs in TRAINING
-    # mode, i.e. each forward normalises with its own batch's statistics (FGSM differentiates through
-    # those statistics). So both loss evaluations below use training mode too: at x1 the second
-    # forward sees the batch x1, at x_adv the batch x_adv, exactly the function whose gradient the
-    # attack followed. (Inference mode would evaluate a different function, with the near-initial
-    # moving statistics.) The anchor is the training-mode embedding of x1, as in the attack.
-    # The adversarial BN moving statistics are restored afterwards so other tests see the same state.
+    # mode, i.e. each forward normalises with its own batch's statistics (FGSM differentiates
+    # through those statistics). So both loss evaluations below use training mode too: at x1 the
+    # second forward sees the batch x1, at x_adv the batch x_adv, exactly the function whose
+    # gradient the attack followed. (Inference mode would evaluate a different function, with the
+    # near-initial moving statistics.) The anchor is the training-mode embedding of x1, as in the
+    # attack. The adversarial BN moving statistics are restored afterwards so other tests see the
+    # same state.
     stats = _adv_bn_stats(model)
     saved = _snapshot(stats)
     embed = _embed_adv(model)
@@ -134,7 +137,8 @@ def test_attack_touches_only_the_adversarial_bn_statistics(model, x1):
     x_adv = attacks.fgsm(_embed_adv(model), _batch_loss, x1, 0.03)
     assert np.abs(x_adv.numpy() - x1.numpy()).max() > 0
 
-    for v, before in zip(others, saved_others):  # clean BN stats, conv/dense weights, clean gamma/beta
+    # clean BN stats, conv/dense weights, clean gamma/beta
+    for v, before in zip(others, saved_others):
         np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)
     for v, before in zip(trainable, saved_trainable):  # includes the adversarial gamma/beta
         np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)

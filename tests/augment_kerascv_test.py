@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from clae_tf import ClaeError
 from clae_tf.data import augment, augment_kerascv, sources, streams
+
 from conftest import tiny_config
 
 pytest.importorskip("keras_cv")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_config
-
 from clae_tf import ClaeError
 from clae_tf.job import app, checkpoints
 from clae_tf.runtime import workdir
+
+from conftest import tiny_config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 
@@ -26,7 +26,8 @@ def saved(tmp_path):
     cfg = tiny_config(tmp_path, adversarial=False)
     state = checkpoints.State(cfg, ONE_DEVICE, 10, 10)
     for step in (1, 2, 3):
-        state.model.stem_conv.kernel.assign(tf.fill(state.model.stem_conv.kernel.shape, float(step)))
+        state.model.stem_conv.kernel.assign(tf.fill(state.model.stem_conv.kernel.shape,
+                                                    float(step)))
         state.optimizer.iterations.assign(step)
         state.save(step)
     return cfg

@@ -6,12 +6,12 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from conftest import one_line_error, parse_flags, run_cli
-
 from clae_tf import ClaeError
 from clae_tf.data import augment
 from clae_tf.runtime import config
 from clae_tf.runtime.config import Config
+
+from conftest import one_line_error, parse_flags, run_cli
 
 _flags = parse_flags
 

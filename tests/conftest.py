@@ -55,6 +55,7 @@ def one_line_error(proc, flag, tensorflow=False):
 def parse_flags(*args):
     """run.py's parsing of `args` into a Config (flagfile paths relative to the cwd)."""
     from absl import flags
+
     from clae_tf.runtime import config
     config.define_flags()
     flags.FLAGS.unparse_flags()

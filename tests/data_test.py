@@ -8,12 +8,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import tiny_config
-
 from clae_tf import ClaeError
 from clae_tf.data import sources, streams
 from clae_tf.job import app
 
+from conftest import tiny_config
 
 # ---------------------------------------------------------------------------------------------
 # Generated image folders. Every image is one constant colour, so an image can be recognised

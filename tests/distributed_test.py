@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_config
-
 from clae_tf.data import sources, streams
 from clae_tf.job import checkpoints, export
-from clae_tf.method import train_step
-from clae_tf.method import attacks, builders, contrastive, losses, optim
+from clae_tf.method import attacks, builders, contrastive, losses, optim, train_step
 from clae_tf.runtime import distribute
+
+from conftest import tiny_config
 
 # SGD (not Adam) so the weight update is proportional to the gradient: a wrong loss scale, a
 # missing negative or an unsynchronised statistic shows up in the weights, and coupled weight
@@ -165,8 +164,8 @@ def _compare(cfg, replicas, initial, views, monkeypatch):
         # would single out a zero-initialised beta whose gradient nearly cancels); and the
         # largest element difference relative to the largest element of the update
         # w_one - w_initial, i.e. how well the gradients agree.
-        "weight_rel_diff": {k: float(np.linalg.norm(wn[k] - w1[k]) / (np.linalg.norm(w1[k]) + 1e-12))
-                            for k in w1},
+        "weight_rel_diff": {k: float(np.linalg.norm(wn[k] - w1[k]) /
+                                     (np.linalg.norm(w1[k]) + 1e-12)) for k in w1},
         "update_rel_diff": {k: float(np.abs(wn[k] - w1[k]).max() /
                                      (np.abs(w1[k] - initial[k]).max() + 1e-12)) for k in w1},
         "replica_spread": many["replica_spread"],
@@ -189,7 +188,8 @@ def _compare(cfg, replicas, initial, views, monkeypatch):
 @pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_step_on_replicas_equals_one_device(replicas, initial, views, monkeypatch):
     d = _compare(tiny_config(**SGD), replicas, initial, views, monkeypatch)
-    assert d["x_adv_differs_off_ties"] == 0, "x_adv must be bit-for-bit equal where sign(g) is defined"
+    assert d["x_adv_differs_off_ties"] == 0, (
+        "x_adv must be bit-for-bit equal where sign(g) is defined")
     assert d["x_adv_differs"] <= 0.001 * d["pixels"]
     assert d["loss_rel_diff"] < 1e-6
     # Every variable, incl. both BN paths' moving statistics. A zero-initialised one (BN beta,
@@ -252,8 +252,8 @@ def test_multiworker_needs_a_valid_tf_config(tmp_path, monkeypatch):
 
 def _train_steps(state, strategy, cfg, source, n):
     """n eager steps on the pipeline's batches from state.step on; then a checkpoint."""
-    step = train_step.make_train_step(state.model, state.optimizer, cfg, strategy.num_replicas_in_sync,
-                                 state.method)
+    step = train_step.make_train_step(state.model, state.optimizer, cfg,
+                                      strategy.num_replicas_in_sync, state.method)
     batches = iter(distribute.distribute_batches(
         strategy, streams.pretrain_dataset(source.train, cfg, epoch=0, start_batch=state.step)))
     for _ in range(n):
@@ -296,7 +296,8 @@ def test_checkpoint_cross_restore_and_export(tmp_path, source):
     # 2 after another module's tests under pytest -n 2; seeds 0-7: at most 9.8e-7).
     keras.utils.set_random_seed(0)
     cfg = tiny_config(tmp_path, **MULTI_STEP)
-    reference = checkpoints.State(tiny_config(tmp_path / "reference", **MULTI_STEP), ONE_DEVICE, 50, 50)
+    reference = checkpoints.State(tiny_config(tmp_path / "reference", **MULTI_STEP), ONE_DEVICE,
+                                  50, 50)
     saved = None
     for phase, strategy in enumerate([_mirrored(2), ONE_DEVICE, _mirrored(2)]):
         state = checkpoints.State(cfg, strategy, steps_per_epoch=50, total_steps=50)
@@ -315,8 +316,8 @@ def test_checkpoint_cross_restore_and_export(tmp_path, source):
         w = _step_on_one_device(reference, before, cfg, source, phase)
         diff = np.sqrt(sum(np.sum((saved[k][0] - w[k]) ** 2) for k in w))
         change = np.sqrt(sum(np.sum((w[k] - before[k][0]) ** 2) for k in w))
-        print(f"\nphase {phase} (replicas: {strategy.num_replicas_in_sync}) vs one device, one step: "
-              f"|dw| / |w - w_before| = {diff / change:.2e}")
+        print(f"\nphase {phase} (replicas: {strategy.num_replicas_in_sync}) vs one device, "
+              f"one step: |dw| / |w - w_before| = {diff / change:.2e}")
         assert change > 0
         assert diff / change < 1e-5  # one step: round-off only (a wrong restore is O(1))
 

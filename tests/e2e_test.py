@@ -19,12 +19,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import flags
 
-from conftest import tiny_config
-
 from clae_tf import ClaeError
 from clae_tf.data import augment
 from clae_tf.job import app, checkpoints, export
 from clae_tf.runtime import config, distribute
+
+from conftest import tiny_config
 
 
 def _run(cfg):
@@ -142,6 +142,20 @@ def test_flagfile_reproduces_the_config(full):
 def _images(seed=0, n=6, size=16):
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.slow
+def test_the_exports_have_a_model_card_of_the_runs_numbers(full):
+    cfg, result, _ = full
+    with open(os.path.join(cfg.run_dir, "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    with open(os.path.join(cfg.run_dir, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    assert card.startswith("---\nlibrary_name: keras\n")
+    assert "these exports are of step 4." in card
+    assert f"| {100 * results['knn_top1']:.2f} |" in card
+    assert f"| {100 * results['linear_top1']:.2f} |" in card
+    assert "- `saved_model`: " in card and "- `encoder.keras`: " in card
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """Evaluation against references: weighted kNN against numpy, the linear probe against scikit-learn.
 
-kNN (docs/method.md, "Evaluation protocol"): each of the k training embeddings most similar (cosine) to
-a test embedding votes for its class with weight exp(similarity / sigma); the prediction is the
-class with the largest summed vote. The reference code leaves ties to torch.topk / torch.sort
-(unspecified order); clae-tf defines them, and these tests pin exactly that:
+kNN (docs/method.md, "Evaluation protocol"): each of the k training embeddings most similar
+(cosine) to a test embedding votes for its class with weight exp(similarity / sigma); the
+prediction is the class with the largest summed vote. The reference code leaves ties to
+torch.topk / torch.sort (unspecified order); clae-tf defines them, and these tests pin exactly
+that:
   - equal similarities at the k-th place: the training example that comes FIRST in the bank
     is among the k neighbours (tf.math.top_k keeps the lower index first);
   - equal class scores: the LOWEST class index wins (tf.argmax returns the first maximum).
@@ -17,16 +18,17 @@ import pytest
 import tensorflow as tf
 from sklearn.linear_model import LogisticRegression
 
-from conftest import tiny_config
-
 from clae_tf import ClaeError
 from clae_tf.data import sources
 from clae_tf.evaluation import evaluate
 from clae_tf.evaluation.evaluate import knn_top1, linear_probe
 
+from conftest import tiny_config
+
 
 def reference_knn_predict(train_z, train_y, test_z, num_classes, k, sigma):
-    """docs/method.md's weighted kNN in float64 numpy, with the tie rules of the module docstring."""
+    """docs/method.md's weighted kNN in float64 numpy, with the tie rules of
+    the module docstring."""
     k = min(k, len(train_z))
     sim = test_z.astype(np.float64) @ train_z.astype(np.float64).T  # (n_test, n_train)
     pred = []

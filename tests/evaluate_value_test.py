@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import numpy_knn_predict
-
 from clae_tf.data import sources
 from clae_tf.evaluation import evaluate
 from clae_tf.runtime import config, workdir
+
+from conftest import numpy_knn_predict
 
 S = 8  # image side
 CLASSES = 4

@@ -18,6 +18,7 @@ from clae_tf.evaluation import evaluate, robust
 from clae_tf.job import export, portable
 from clae_tf.method import builders
 from clae_tf.method.models import bn_layers
+
 from conftest import tiny_config
 
 

@@ -17,12 +17,12 @@ import time
 
 import pytest
 
-from conftest import REPO, tiny_config
-from subprocs import Program, run_py
-
 from clae_tf import ClaeError
 from clae_tf.job import app
 from clae_tf.runtime import files
+
+from conftest import REPO, tiny_config
+from subprocs import Program, run_py
 
 
 def test_second_holder_is_refused_with_the_first_ones_pid(tmp_path):

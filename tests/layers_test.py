@@ -91,6 +91,7 @@ def test_no_import_cycle():
 def test_the_checker_sees_an_upward_import(tmp_path):
     # The rule itself, on a file that imports upward: the test above would fail for it.
     path = tmp_path / "bad.py"
-    path.write_text("def f():\n    from clae_tf.job import app\n    from clae_tf import ClaeError\n")
+    path.write_text("def f():\n    from clae_tf.job import app\n"
+                    "    from clae_tf import ClaeError\n")
     assert _imports(str(path)) == {"clae_tf.job.app", "clae_tf"}
     assert "job" not in ALLOWED["method"]

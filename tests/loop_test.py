@@ -18,12 +18,12 @@ from tensorflow.python.eager import context
 from tensorflow.python.grappler import cluster as grappler_cluster
 from tensorflow.python.grappler import tf_optimizer
 
-from conftest import tiny_config
-
 from clae_tf import ClaeError
 from clae_tf.data import sources, streams
 from clae_tf.job import app, checkpoints, health, train
 from clae_tf.method import train_step
+
+from conftest import tiny_config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 

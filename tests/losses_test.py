@@ -135,7 +135,8 @@ def test_nt_xent_gradient_matches_finite_differences(temperature):
             zp, zm = z1.copy(), z1.copy()
             zp[i, j] += h
             zm[i, j] -= h
-            fd[i, j] = (_np_nt_xent(zp, z2, temperature) - _np_nt_xent(zm, z2, temperature)) / (2 * h)
+            fd[i, j] = ((_np_nt_xent(zp, z2, temperature) - _np_nt_xent(zm, z2, temperature)) /
+                        (2 * h))
     assert np.abs(fd).max() > 1e-2  # not a vacuous comparison
     np.testing.assert_allclose(grad, fd, rtol=1e-3, atol=2e-5 / temperature)
 

@@ -13,10 +13,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import tiny_config
-
 from clae_tf.job import app, checkpoints
 from clae_tf.runtime import config, distribute, workdir
+
+from conftest import tiny_config
 
 
 def _run(cfg):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_config
-
 from clae_tf.data import sources, streams
 from clae_tf.job import checkpoints
 from clae_tf.method import train_step
 from clae_tf.runtime import distribute
+
+from conftest import tiny_config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 # SGD without weight decay, and momentum 0.9 so that two steps move the key encoder visibly.
@@ -73,7 +73,7 @@ def test_steps_update_key_encoder_by_momentum_and_enqueue_the_keys(adversarial):
         metrics, _ = step(tf.constant(x1), tf.constant(x2))
         assert np.isfinite(float(metrics["loss"]))
         # key = m * key + (1 - m) * query, with the query parameters from BEFORE this step.
-        for (k, q), k0, q0 in zip(moco.pairs, keys_before, query_before):
+        for (k, _q), k0, q0 in zip(moco.pairs, keys_before, query_before):
             np.testing.assert_allclose(k.numpy(), m * k0 + (1 - m) * q0, rtol=1e-5, atol=1e-7)
         keys_before = [k.numpy() for k, _ in moco.pairs]
         # This step's keys (x2 through the key encoder as it was during the step) are now in
@@ -96,7 +96,8 @@ def test_two_replicas_hold_the_same_queue_and_key_encoder_as_one_device():
                                                         tf.config.list_logical_devices("CPU")][:2]))):
         state = _state(strategy, cfg)
         if name == "two":  # the same starting point as the single device, whatever the RNG did
-            for v in state.model.variables + state.method.key_model.variables + [state.method.queue]:
+            for v in (state.model.variables + state.method.key_model.variables +
+                      [state.method.queue]):
                 v.assign(out["one"]["init"][v.path if v is not state.method.queue else "queue"])
         init = {**_values(state.model.variables), **_values(state.method.key_model.variables),
                 "queue": state.method.queue.numpy()}
@@ -106,7 +107,7 @@ def test_two_replicas_hold_the_same_queue_and_key_encoder_as_one_device():
         for x1, x2 in batches:
             b = len(x1) // strategy.num_replicas_in_sync
 
-            def value_fn(ctx, x1=x1, x2=x2):  # replica r: rows [r*b, (r+1)*b), as in training
+            def value_fn(ctx, x1=x1, x2=x2, b=b):  # replica r: rows [r*b, (r+1)*b), as in training
                 r = ctx.replica_id_in_sync_group
                 return tf.constant(x1[r * b:(r + 1) * b]), tf.constant(x2[r * b:(r + 1) * b])
 

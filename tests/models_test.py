@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from clae_tf.method import builders, models
+
 from conftest import tiny_config
 
 SIZE = 16
@@ -270,7 +271,7 @@ def _np_bn(x, bn):
 
 def _randomise_bns(layer, seed):
     rng = np.random.default_rng(seed)
-    for bn in [l for l in layer._flatten_layers() if isinstance(l, models.DualBatchNorm)]:
+    for bn in [sub for sub in layer._flatten_layers() if isinstance(sub, models.DualBatchNorm)]:
         n = bn.clean.gamma.shape[0]
         bn.clean.moving_mean.assign(rng.normal(0, 0.5, n))
         bn.clean.moving_variance.assign(rng.uniform(0.5, 2.0, n))

@@ -17,13 +17,13 @@ from google.protobuf import text_format
 from tensorboard.plugins import projector
 from tensorboard.plugins.projector import projector_plugin
 
-from conftest import numpy_knn_predict, tiny_config
-
 from clae_tf.data import sources
 from clae_tf.evaluation import evaluate, monitor, visualize
 from clae_tf.job import checkpoints, train
 from clae_tf.method import builders
 from clae_tf.runtime import distribute
+
+from conftest import numpy_knn_predict, tiny_config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 

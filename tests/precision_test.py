@@ -10,8 +10,8 @@ import tensorflow as tf
 
 from clae_tf.data import sources, streams
 from clae_tf.job import checkpoints
-from clae_tf.method import train_step
-from clae_tf.method import attacks, builders, losses
+from clae_tf.method import attacks, builders, losses, train_step
+
 from conftest import tiny_config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")

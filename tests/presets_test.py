@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from conftest import REPO, parse_flags
-
 from clae_tf.runtime import config
+
+from conftest import REPO, parse_flags
 
 PRESETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "flags", "*.cfg")))
 

@@ -10,9 +10,9 @@ import subprocess
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
-
 from clae_tf.runtime.config import Config
+
+from conftest import REPO
 
 
 def _load(path, name):

@@ -7,7 +7,6 @@ Literal values from chihhuiho/CLAE: SimCLR/run_tinyImagenet.sh (batch 128), SimC
 """
 
 import pytest
-
 from presets_test import _parse
 
 IMAGENET = dict(dataset="/path/to/tiny-imagenet", image_size=224, stem="imagenet",

@@ -12,9 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from app_test import count_checks
-from conftest import parse_flags, tiny_config
 from masking_test import four_classes
 
 from clae_tf import ClaeError
@@ -23,6 +21,8 @@ from clae_tf.evaluation import evaluate, robust
 from clae_tf.job import app, checkpoints
 from clae_tf.method import builders
 from clae_tf.runtime import config, distribute, workdir
+
+from conftest import parse_flags, tiny_config
 
 
 def _linear(w, b):

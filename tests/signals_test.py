@@ -15,11 +15,11 @@ import time
 import pytest
 import tensorflow as tf
 
-from subprocs import TIMEOUT, Program, run_py
-
 from clae_tf.job import checkpoints
-from clae_tf.runtime import workdir as workdir_lib
 from clae_tf.runtime import signals
+from clae_tf.runtime import workdir as workdir_lib
+
+from subprocs import TIMEOUT, Program, run_py
 
 # ------------------------------------------------------------------------------ in-process
 

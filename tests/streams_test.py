@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import pretrain_batches, tiny_config
-
 from clae_tf.data import sources, streams
+
+from conftest import pretrain_batches, tiny_config
 
 
 @pytest.fixture(scope="module")

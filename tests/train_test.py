@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clae_tf.method import train_step
-from clae_tf.method import builders, contrastive, losses, models, optim
+from clae_tf.method import builders, contrastive, losses, models, optim, train_step
+
 from conftest import tiny_config
 from subprocs import Program
 

@@ -9,9 +9,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from conftest import pretrain_batches, tiny_config
-
 from clae_tf.data import augment, sources
+
+from conftest import pretrain_batches, tiny_config
 
 
 def _ramp_folder(root, sizes=((60, 120), (100, 50), (60, 120), (90, 70))):

@@ -22,8 +22,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, one_line_error, run_cli, tiny_config
-
 from clae_tf import ClaeError
 from clae_tf.data import augment, sources
 from clae_tf.evaluation import evaluate
@@ -31,6 +29,8 @@ from clae_tf.job import app, checkpoints, export
 from clae_tf.method import builders
 from clae_tf.runtime import workdir
 from clae_tf.runtime.config import Config
+
+from conftest import REPO, one_line_error, run_cli, tiny_config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 STEPS_PER_EPOCH = 1437 // 16  # digits' training split at tiny_config's batch size

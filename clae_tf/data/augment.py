@@ -9,8 +9,9 @@ Why these ops by default rather than the keras-cv (or Keras 3) layers (which
 --augment_impl=keras_cv offers, augment_kerascv.py): (1) their colour jitter does not follow
 torchvision's ColorJitter (additive brightness, other factor ranges, fixed order), which the
 paper uses; (2) their random generators are stateful, so a parallel tf.data map is not
-reproducible and a resumed run would not see the same views. Every op here is a stateless function of a per-batch seed, so a
-given (seed, epoch, batch) always gives the same views, in any pipeline and after a resume.
+reproducible and a resumed run would not see the same views. Every op here is a stateless
+function of a per-batch seed, so a given (seed, epoch, batch) always gives the same views, in
+any pipeline and after a resume.
 """
 
 import math
@@ -124,7 +125,8 @@ def color_jitter(x, seed, brightness, contrast, saturation, hue):
     def factor(s, amount):
         return tf.random.stateless_uniform([b], s, max(0.0, 1 - amount), 1 + amount)
 
-    fb, fc, fs = factor(seeds[0], brightness), factor(seeds[1], contrast), factor(seeds[2], saturation)
+    fb, fc, fs = (factor(seeds[0], brightness), factor(seeds[1], contrast),
+                  factor(seeds[2], saturation))
     dh = tf.random.stateless_uniform([b], seeds[3], -hue, hue)
     # Each op takes a sub-batch and the per-image parameters of those images.
     ops = [

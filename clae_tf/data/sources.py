@@ -101,13 +101,13 @@ def load(cfg: Config) -> Source:
         source = _tfds(cfg.dataset, cfg.data_dir, cfg.image_size)
     if source.num_classes < 2:
         raise ClaeError(f"--dataset: {cfg.dataset} has only {source.num_classes} class(es); kNN "
-                        f"and linear accuracy need at least 2 (with one, every prediction is right)")
+                        "and linear accuracy need at least 2 (with one, every prediction is right)")
     source.train = _subset(source.train, source.num_classes, cfg.train_examples,
                            cfg.examples_per_class)
     _check_train_classes(source, cfg)
     if source.train.num_examples < cfg.batch_size:
-        raise ClaeError(f"--batch_size: {cfg.batch_size} is larger than the {source.train.num_examples} "
-                        f"training images of {cfg.dataset}")
+        raise ClaeError(f"--batch_size: {cfg.batch_size} is larger than the "
+                        f"{source.train.num_examples} training images of {cfg.dataset}")
     check_readable(source.test, f"the test split of {cfg.dataset}")
     return source
 

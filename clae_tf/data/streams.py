@@ -19,9 +19,10 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import tensorflow as tf
 
-from clae_tf.data import augment, memory, views as views_lib
-from clae_tf.runtime.config import Config
+from clae_tf.data import augment, memory
+from clae_tf.data import views as views_lib
 from clae_tf.data.sources import Split
+from clae_tf.runtime.config import Config
 
 
 def held_in_memory(split: Split, cfg: Config) -> Optional[memory.Images]:
@@ -114,7 +115,8 @@ def _stream(images: memory.Images, cfg: Config, start_step: int, end_step: int):
         @tf.autograph.experimental.do_not_convert
         def batch_of_views(step):
             epoch, index = step // steps_per_epoch, step % steps_per_epoch
-            x = images.gather(memory.permuted(cfg.seed, epoch, index * b + tf.range(b, dtype=tf.int64), n))
+            x = images.gather(memory.permuted(cfg.seed, epoch,
+                                              index * b + tf.range(b, dtype=tf.int64), n))
             return views.of_batch(epoch, index, tf.cast(x, tf.float32) / 255.0)
 
         ds = tf.data.Dataset.range(start_step, end_step).map(

@@ -31,7 +31,8 @@ class Views:
 
     def of_batch(self, epoch, index, x):
         """Both views of a batch x (B, S, S, 3) in [0, 1]."""
-        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(self.batch_seed(epoch, index), 2))
+        seed = self.batch_seed(epoch, index)
+        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         return self._finish(self.view(x, s1, self.size, **self.views),
                             self.view(x, s2, self.size, **self.views))
 
@@ -65,7 +66,8 @@ class Views:
 
     def of_crops(self, epoch, index, x1, x2, square):
         """Both views of a batch of crop pairs (the square ones still to be cropped)."""
-        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(self.batch_seed(epoch, index), 2))
+        seed = self.batch_seed(epoch, index)
+        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         return self._finish(
             augment.simclr_view(x1, s1, self.size, crop=square, **self.views),
             augment.simclr_view(x2, s2, self.size, crop=square, **self.views))

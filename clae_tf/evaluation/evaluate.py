@@ -163,7 +163,8 @@ def evaluate(cfg: Config, model, source: sources.Source, step: int, extra=None,
     train_h, train_z, train_y = extract(model, source.train, cfg.eval_batch_size, cfg.normalize)
     test_h, test_z, test_y = extract(model, source.test, cfg.eval_batch_size, cfg.normalize)
     seconds = {"features": time.time() - t}  # where evaluation's time goes (bench/whole_run.py)
-    # The probe's features: h for SimCLR and MoCo, the 128-d embedding z for Plain/UEL (docs/method.md).
+    # The probe's features: h for SimCLR and MoCo, the 128-d embedding z for Plain/UEL
+    # (docs/method.md).
     train_f, test_f = (train_h, test_h) if cfg.probe == "h" else (train_z, test_z)
     t = time.time()
     linear, probe = linear_probe(train_f, train_y, test_f, test_y, source.num_classes,

@@ -103,7 +103,8 @@ def load_subset(split: sources.Split, n: int):
 
 
 def classifier(model, probe, normalize: str, feature: str = "h"):
-    """images in [0, 1] -> logits: normalise, encoder (clean BNs, inference mode), probe on h or z."""
+    """images in [0, 1] -> logits: normalise, encoder (clean BNs, inference mode), probe on h
+    or z."""
     index = {"h": 0, "z": 1}[feature]
 
     def logits_fn(images01):

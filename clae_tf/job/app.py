@@ -166,11 +166,13 @@ def print_summary(out: dict):
     logdir = shlex.quote("--logdir=" + workdir.tensorboard_dir(d))
     lines.append(f"TensorBoard:  tensorboard {logdir}")
     if "saved_model" in out:
-        lines.append(f"SavedModel:   {out['saved_model']}  (m = tf.saved_model.load(path); m.serve(images))")
+        lines.append(f"SavedModel:   {out['saved_model']}  "
+                     f"(m = tf.saved_model.load(path); m.serve(images))")
     if "encoder_keras" in out:
         lines.append(f"Keras model:  {out['encoder_keras']}  (keras.models.load_model(path))")
     if "probe_saved_model" in out:
-        lines.append(f"Probe:        {out['probe_saved_model']}  (logits = m.serve(images in [0, 1]))")
+        lines.append(f"Probe:        {out['probe_saved_model']}  "
+                     f"(logits = m.serve(images in [0, 1]))")
     elif "probe_note" in out:
         lines.append(f"Probe:        {out['probe_note']}")
     lines.append(f"Reproduce:    {workdir.reproduce_command(d)}")

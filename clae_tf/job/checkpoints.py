@@ -7,8 +7,8 @@ import tensorflow as tf
 
 from clae_tf import ClaeError
 from clae_tf.method import builders, contrastive
-from clae_tf.runtime import distribute, signals, workdir
 from clae_tf.method.optim import build_optimizer
+from clae_tf.runtime import distribute, signals, workdir
 from clae_tf.runtime.config import Config
 
 
@@ -109,8 +109,8 @@ def _manager(checkpoint, directory):
     """tf.train.CheckpointManager of `directory`, over a damaged `checkpoint` index file too.
 
     The manager reads the index only to know which checkpoints it saved before (resume finds
-    them from their files, workdir.checkpoint_paths). TensorFlow ignores an index it cannot parse, but
-    raises on one that is not UTF-8 text (UnicodeDecodeError) or names no checkpoint
+    them from their files, workdir.checkpoint_paths). TensorFlow ignores an index it cannot
+    parse, but raises on one that is not UTF-8 text (UnicodeDecodeError) or names no checkpoint
     (ValueError): such an index is set aside in damaged/, with one line, as a damaged
     checkpoint is, and the manager starts without it.
     """

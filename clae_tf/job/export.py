@@ -10,12 +10,17 @@ import numpy as np
 import tensorflow as tf
 
 from clae_tf.data import augment
-from clae_tf.job import portable
+from clae_tf.job import model_card, portable
 from clae_tf.runtime import files, signals
 from clae_tf.runtime.config import Config
-from clae_tf.runtime.workdir import (ENCODER_KERAS, EXPORT_STAGING, EXPORTS, MANIFEST, PROBE_SAVED_MODEL,
-                             SAVED_MODEL)
-
+from clae_tf.runtime.workdir import (
+    ENCODER_KERAS,
+    EXPORT_STAGING,
+    EXPORTS,
+    MANIFEST,
+    PROBE_SAVED_MODEL,
+    SAVED_MODEL,
+)
 
 # Dtypes each endpoint is traced for. A SavedModel endpoint converts a NumPy argument to its
 # signature's dtype without a word (measured, TF 2.21: serve(uint8 array) ran on 0..255 as if
@@ -159,7 +164,8 @@ def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[d
     Everything is written into a staging directory beside them first (`export.<pid>.tmp`; a kill
     meanwhile leaves the previous exports as they were, and the next export removes the
     leftover), then renamed into place with Ctrl-C and SIGTERM held back (signals.held),
-    and the manifest (export.json: the step and the exports of it) is written last. Without a
+    and the manifest (export.json: the step and the exports of it) is written last, then the
+    model card (README.md, model_card.py) from the run's flags and results. Without a
     probe, a probe export left by an earlier export is kept if the manifest says it is of this
     step, else removed in the same go: it would classify with another encoder than
     saved_model's.
@@ -200,6 +206,7 @@ def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[d
                 files.remove_path(os.path.join(run_dir, name))
             files.write_atomic(manifest, json.dumps({"step": step, "exports": written + kept},
                                                     indent=2))
+        model_card.write(run_dir, step, written + kept)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # empty unless something failed
     return {"paths": {name: os.path.join(run_dir, name) for name in written + kept},

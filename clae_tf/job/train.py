@@ -8,6 +8,7 @@ import time
 import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+
 # Private, but the only way in: tf.config has no switch for Grappler's memory optimizer
 # (tf.experimental.function_executor_type sets these same call options).
 from tensorflow.python.eager import context as tf_context
@@ -20,6 +21,7 @@ from clae_tf.method import train_step
 from clae_tf.runtime import distribute, signals, workdir
 from clae_tf.runtime.config import Config
 from clae_tf.runtime.progress import Progress
+
 
 def make_train_loop(strategy, distributed_step, model, cfg: Config):
     """Up to `num_steps` global steps in ONE compiled call, on the device.
@@ -182,7 +184,8 @@ class _Loop:
         replica_step = train_step.make_train_step(state.model, state.optimizer, cfg,
                                        strategy.num_replicas_in_sync, state.method)
         self.train_loop = make_train_loop(
-            strategy, train_step.make_distributed_step(strategy, replica_step, state.method, compiled=False),
+            strategy, train_step.make_distributed_step(strategy, replica_step, state.method,
+                                                       compiled=False),
             state.model, cfg)
         logdir = workdir.tensorboard_dir(cfg.run_dir)
         chief = distribute.is_chief(strategy)

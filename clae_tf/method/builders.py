@@ -4,8 +4,8 @@ from typing import Optional
 
 import tensorflow as tf
 
-from clae_tf.runtime.config import Config
 from clae_tf.method.models import ContrastiveModel
+from clae_tf.runtime.config import Config
 
 
 def build_model(cfg: Config, name: str = "clae_model", adversarial: Optional[bool] = None,

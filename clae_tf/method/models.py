@@ -9,6 +9,7 @@ the clean BNs. Convolutions and dense layers are shared between the two paths.
 import keras
 import tensorflow as tf
 
+
 # PyTorch's default init for conv and linear weights, kaiming_uniform(a=sqrt(5)), is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)): exactly this VarianceScaling. Matching it keeps the
 # reference's early-training behaviour.
@@ -214,8 +215,8 @@ class ContrastiveModel(keras.Model):
                                           name=f"stage{stage + 1}_block{i + 1}"))
         self.feature_dim = base * 8 * (4 if bottleneck else 1)
         hidden = proj_hidden or self.feature_dim
-        # The heads have no BN (docs/method.md), so they are shared by both paths. "mlp": SimCLR's and
-        # MoCo v2's h -> hidden -> ReLU -> z; "linear": Plain/UEL's h -> 128-d embedding.
+        # The heads have no BN (docs/method.md), so they are shared by both paths. "mlp": SimCLR's
+        # and MoCo v2's h -> hidden -> ReLU -> z; "linear": Plain/UEL's h -> 128-d embedding.
         self.proj_hidden = keras.layers.Dense(
             hidden, activation="relu", kernel_initializer=_torch_init(),
             name="proj_hidden") if head == "mlp" else None
@@ -223,7 +224,8 @@ class ContrastiveModel(keras.Model):
                                            name="proj_out")
 
     def call(self, x, training=False, adversarial=False):
-        out = tf.nn.relu(self.stem_bn(self.stem_conv(x), training=training, adversarial=adversarial))
+        out = tf.nn.relu(self.stem_bn(self.stem_conv(x), training=training,
+                                      adversarial=adversarial))
         if self.stem_pool is not None:
             out = self.stem_pool(out)
         for block in self.blocks:

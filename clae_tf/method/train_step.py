@@ -38,9 +38,10 @@ def make_train_step(model, optimizer, cfg: Config, num_replicas: int, method):
                 # The attack is not part of the training graph: the outer tape stops recording,
                 # and the nested tape inside the attack differentiates w.r.t. the input only.
                 with tape.stop_recording():
-                    x_adv = attack(embed_adv,
-                                   lambda z_anchor, z: method.adversarial_loss(consts, z_anchor, z)[0],
-                                   x1, optimizer.dynamic_scale if loss_scale else None)
+                    x_adv = attack(
+                        embed_adv,
+                        lambda z_anchor, z: method.adversarial_loss(consts, z_anchor, z)[0],
+                        x1, optimizer.dynamic_scale if loss_scale else None)
             (clean_loss, logits, labels), anchor = method.clean_loss(model, consts, x1, x2)
             loss, adv_loss = clean_loss, tf.constant(0.0)
             if cfg.adversarial:

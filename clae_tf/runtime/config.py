@@ -39,10 +39,11 @@ EVAL_FLAGS = DATA_FLAGS + ("knn_k", "knn_sigma", "probe", "linear_epochs", "line
                            "robust_examples", "robust_apgd_steps", "robust_targets",
                            "robust_square_queries", "robust_checks")
 
-# Each method's paper settings (docs/method.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale):
-# one row per method, one entry per auto flag. A flag left at its auto default (auto, 0, or -1
-# for weight_decay) takes the method's value, so `--method=uel` alone trains UEL as published;
-# any flag given explicitly wins. lr_boundaries/lr_factors come only with a step schedule.
+# Each method's paper settings (docs/method.md, "Reference hyper-parameters"; MoCo v2 at CIFAR
+# scale): one row per method, one entry per auto flag. A flag left at its auto default (auto, 0,
+# or -1 for weight_decay) takes the method's value, so `--method=uel` alone trains UEL as
+# published; any flag given explicitly wins. lr_boundaries/lr_factors come only with a step
+# schedule.
 _STEP = dict(lr_schedule="step", lr_boundaries=(120, 160, 200), lr_factors=(0.1, 0.05, 0.01))
 METHOD_DEFAULTS = {
     # NT-Xent; MLP head 512-512-64 (x width); Adam 3e-4; inputs in [-1, 1].
@@ -116,8 +117,8 @@ class Config:
                        "--normalize=half, ~1.5/255 with cifar).")
     alpha: float = _flag(1.0, "Weight of the adversarial loss: L = L_clean + alpha * L_adv.")
     attack: str = _flag("fgsm", "Training attack: fgsm (the paper's: one step of --eps) or pgd "
-                        "(--attack_steps steps of --attack_step_size in the --eps ball, against the "
-                        "same batch-wide loss through the adversarial BNs).",
+                        "(--attack_steps steps of --attack_step_size in the --eps ball, against "
+                        "the same batch-wide loss through the adversarial BNs).",
                         choices=("fgsm", "pgd"))
     attack_steps: int = _flag(3, "--attack=pgd: number of steps.")
     attack_step_size: float = _flag(0.0, "--attack=pgd: step size in normalised-input units (as "
@@ -386,7 +387,7 @@ class Config:
         for radii in ("robust_eps_list", "robust_l2_eps_list"):
             getattr(self, radii)  # parsed here, once (parse_radii refuses a bad radius)
         try:
-            self.robust_attack_list
+            _ = self.robust_attack_list  # evaluated only to validate: raises on a bad name
         except ValueError as e:
             _bad("robust_attacks", str(e))
         if self.attack_step_size < 0:

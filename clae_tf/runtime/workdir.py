@@ -9,6 +9,7 @@ workdir") and the only writer of its results files:
     results.json, probe.npz    the evaluation on the run's own data
     results_<data>.json, probe_<data>.npz   an evaluation (--mode=eval) on other data
     saved_model/, encoder.keras, probe_saved_model/, export.json   the exports (export.py)
+    README.md                  the exports' model card (model_card.py)
     .lock                      held by the process that runs in it
     sweep.jsonl                a protocol sweep's record of the run (scripts/sweep_lib.sh)
 
@@ -39,6 +40,7 @@ SAVED_MODEL, ENCODER_KERAS = "saved_model", "encoder.keras"
 PROBE_SAVED_MODEL = "probe_saved_model"
 EXPORTS = (SAVED_MODEL, ENCODER_KERAS, PROBE_SAVED_MODEL)
 MANIFEST = "export.json"
+MODEL_CARD = "README.md"  # a model hub's README: metadata block, then the card
 EXPORT_STAGING = "export"  # the exports are written into export.<pid>.tmp/ first
 # What a protocol sweep records of a run's processes (preset, commit, load); written by
 # scripts/sweep_lib.sh alone (sweep_run), read by scripts/compare.py.

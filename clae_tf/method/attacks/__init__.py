@@ -24,8 +24,15 @@ Callers use the names below (`attacks.apgd`, ...), not the modules.
 
 from clae_tf.method.attacks.auto_pgd import APGD_LOSSES, apgd, apgd_checkpoints, top_targets
 from clae_tf.method.attacks.common import NORMS, uniform_start
-from clae_tf.method.attacks.gradient import (auto_step_size, classifier_objective, fgsm, fgsm_classifier,
-                                      linf_pgd, pgd, pgd_classifier)
+from clae_tf.method.attacks.gradient import (
+                                      auto_step_size,
+                                      classifier_objective,
+                                      fgsm,
+                                      fgsm_classifier,
+                                      linf_pgd,
+                                      pgd,
+                                      pgd_classifier,
+)
 from clae_tf.method.attacks.logit_losses import ce_loss, dlr_loss, dlr_targeted_loss, margin
 from clae_tf.method.attacks.square import SQUARE_DRAWS, SQUARE_HALVINGS, square_linf, square_p
 

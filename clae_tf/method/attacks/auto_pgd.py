@@ -5,12 +5,21 @@ targeted DLR loss (logit_losses.py); `top_targets` picks APGD-T's target classes
 
 import tensorflow as tf
 
-from clae_tf.method.attacks.common import (_NOT_CONVERTED, _check_norm, _count, _misclassified,
-                                    _on_alive, _projection, _random_start, _row_mask, _rows,
-                                    _seed, _select)
+from clae_tf.method.attacks.common import (
+    _NOT_CONVERTED,
+    _check_norm,
+    _count,
+    _misclassified,
+    _on_alive,
+    _projection,
+    _random_start,
+    _row_mask,
+    _rows,
+    _seed,
+    _select,
+)
 from clae_tf.method.attacks.gradient import _ascent_step, _input_gradient
 from clae_tf.method.attacks.logit_losses import _is_label, ce_loss, dlr_loss, dlr_targeted_loss
-
 
 APGD_LOSSES = ("ce", "dlr", "dlr_targeted")
 

@@ -6,7 +6,6 @@ Package-internal (hence the underscores) but for NORMS and uniform_start.
 
 import tensorflow as tf
 
-
 # The evaluation attacks are tf.while_loops with no Python control flow on tensors: autograph
 # (a caller's tf.function) has nothing to convert in them, and converting them the first time
 # costs seconds of tracing.

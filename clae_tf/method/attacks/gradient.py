@@ -17,8 +17,16 @@ gradients and never becomes part of a training graph.
 
 import tensorflow as tf
 
-from clae_tf.method.attacks.common import (_NOT_CONVERTED, _check_norm, _direction, _projection,
-                                    _random_start, _rows, _seed, uniform_start)
+from clae_tf.method.attacks.common import (
+    _NOT_CONVERTED,
+    _check_norm,
+    _direction,
+    _projection,
+    _random_start,
+    _rows,
+    _seed,
+    uniform_start,
+)
 
 
 def _input_gradient(objective, x, finite=False):

@@ -5,10 +5,18 @@ score-based, never a gradient.
 
 import tensorflow as tf
 
-from clae_tf.method.attacks.common import (_NOT_CONVERTED, _clip_range, _count, _misclassified, _on_alive,
-                                    _row_mask, _rows, _seed, _select)
+from clae_tf.method.attacks.common import (
+    _NOT_CONVERTED,
+    _clip_range,
+    _count,
+    _misclassified,
+    _on_alive,
+    _row_mask,
+    _rows,
+    _seed,
+    _select,
+)
 from clae_tf.method.attacks.logit_losses import margin
-
 
 # The official code's schedule of the square's share p: halved after each of these iteration
 # counts, given on a 10,000-query budget and scaled to the actual one.

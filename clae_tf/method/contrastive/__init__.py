@@ -1,10 +1,10 @@
 """Contrastive methods behind one interface (methods/base.py): SimCLR, Plain, UEL, MoCo v2."""
 
 from clae_tf.method import losses
-from clae_tf.runtime.config import Config
 from clae_tf.method.contrastive.base import Method
 from clae_tf.method.contrastive.moco import MoCo
 from clae_tf.method.contrastive.pair import PairMethod
+from clae_tf.runtime.config import Config
 
 # --method -> builder(cfg, model). Methods with state (MoCo) are built inside strategy.scope().
 BUILDERS = {

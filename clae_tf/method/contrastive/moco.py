@@ -29,9 +29,9 @@ to a single device.
 import tensorflow as tf
 
 from clae_tf.method import builders, losses
+from clae_tf.method.contrastive.base import Method
 from clae_tf.runtime.config import Config
 from clae_tf.runtime.distribute import gather
-from clae_tf.method.contrastive.base import Method
 
 
 class MoCo(Method):

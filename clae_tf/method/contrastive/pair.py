@@ -5,8 +5,8 @@ x_adv is the positive of its own view 1 and, for every other image, a negative (
 classifier weight).
 """
 
-from clae_tf.runtime.distribute import gather
 from clae_tf.method.contrastive.base import Method
+from clae_tf.runtime.distribute import gather
 
 
 class PairMethod(Method):
