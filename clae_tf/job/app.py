@@ -175,6 +175,8 @@ def print_summary(out: dict):
                      f"(logits = m.serve(images in [0, 1]))")
     elif "probe_note" in out:
         lines.append(f"Probe:        {out['probe_note']}")
+    if "saved_model" in out:
+        lines.append(f"Model card:   {os.path.join(d, workdir.MODEL_CARD)}  (to share the exports)")
     lines.append(f"Reproduce:    {workdir.reproduce_command(d)}")
     print("\n".join(lines))
     for warning in out.get("results", {}).get("robust_warnings", []):  # gradient masking
