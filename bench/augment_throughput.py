@@ -1,6 +1,6 @@
 """Input pipeline throughput of --augment_impl=tf (augment.py) and keras_cv (augment_kerascv.py).
 
-    python bench/augment_throughput.py                      # CIFAR-10 folder at /tmp/cifar10
+    python bench/augment_throughput.py                      # CIFAR-10 from TFDS
     python bench/augment_throughput.py --dataset=digits --examples_per_class=0 --rounds=2
 
 What is timed: iterating streams.pretrain_dataset (two views of every image, normalised, batches of
@@ -35,7 +35,7 @@ def epoch_time(split, cfg, epoch):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="/tmp/cifar10")
+    parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--examples_per_class", type=int, default=500)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--image_size", type=int, default=32)

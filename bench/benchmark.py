@@ -29,6 +29,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -264,7 +265,8 @@ def bench_profile(args, width: float, precision: str) -> dict:
     for r in range(args.profile_reps):  # interleaved, median per op group
         for m, fn in (fns.items() if r % 2 == 0 else reversed(fns.items())):
             fn()
-            runs[m].append(op_profile(fn, f"/tmp/clae_bench_profile_{os.getpid()}_{m}_{r}"))
+            runs[m].append(op_profile(fn, os.path.join(tempfile.gettempdir(),
+                                                     f"clae_bench_profile_{os.getpid()}_{m}_{r}")))
     return {m: {g: statistics.median(p[g] for p in profiles) for g in profiles[0]}
             for m, profiles in runs.items()}
 

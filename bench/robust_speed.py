@@ -56,7 +56,7 @@ SMOKE = dict(images=16, steps=5, queries=20, repeats=2, eps=8.0, batch_size=16)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--saved_model", help="probe_saved_model directory (m.serve -> logits)")
-    p.add_argument("--image_folder", default="/tmp/cifar10/test",
+    p.add_argument("--image_folder",
                    help="test images as <folder>/<class>/<image>; classes in sorted order")
     p.add_argument("--images", type=int, default=500,
                    help="a fixed class-balanced subset of this many images "
@@ -80,6 +80,8 @@ def parse_args(argv=None):
             setattr(args, name, value)
     elif not args.saved_model:
         p.error("--saved_model: required (or --smoke)")
+    elif not args.image_folder:
+        p.error("--image_folder: required (or --smoke)")
     return args
 
 

@@ -1,6 +1,7 @@
 """PNG pictures of a finished run's monitoring, for the README (docs/monitoring/).
 
-    python scripts/monitoring_figures.py --workdir=/tmp/v14run --out=docs/monitoring
+    python scripts/monitoring_figures.py --workdir=runs/digits_simclr_clae_seed0 \
+        --out=docs/monitoring
 
 Writes <out>/projector.png, a Projector-like view of the test embeddings the run wrote for
 TensorBoard (<workdir>/tensorboard/projector: a 2-D PCA of the points, coloured by label, with a

@@ -7,8 +7,8 @@
 #   scripts/tinyimagenet_small.sh [ROOT] [extra run.py flags...]
 #   e.g. scripts/tinyimagenet_small.sh runs/tinyimagenet_small --dataset=/data/tinyimagenet
 #
-# Data: bash ../shared/data/tinyimagenet.sh <snapshot folder> /tmp/tinyimagenet (see
-# ../shared/data/README.md). Workdirs: ROOT/<simclr|clae>_seed<k> (ROOT defaults to
+# Data: bash scripts/tinyimagenet_folder.sh <tiny-imagenet-200.zip> <folder>, then pass
+# --dataset=<folder> (docs/data.md). Workdirs: ROOT/<simclr|clae>_seed<k> (ROOT defaults to
 # runs/tinyimagenet_small), seed by seed, SimCLR then CLAE (complete pairs if interrupted); a run
 # with results.json is skipped, an unfinished one resumes. Each workdir gets sweep.jsonl (commit,
 # preset, load; scripts/sweep_lib.sh). Table and plots: ROOT/compare/; the runs' small result

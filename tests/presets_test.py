@@ -59,7 +59,7 @@ PAPER_UEL = dict(PAPER_PLAIN, method="uel")
 PAPER_MOCO = dict(MOCO, dataset="cifar10", width=1.0, proj_hidden=512, epochs=200,
                   knn_sigma=0.2, linear_epochs=1000, ckpt_every=2000, log_every=50,
                   image_every=1000, eval_every_epochs=10)
-SMALL = dict(dataset="/tmp/cifar10", examples_per_class=500, epochs=15, linear_epochs=500,
+SMALL = dict(dataset="cifar10", examples_per_class=500, epochs=15, linear_epochs=500,
              eval_every_epochs=3, robust_attacks="pgd20,autoattack")
 
 # {preset: every field of its resolved Config}, as the presets resolved before they were cut
@@ -152,9 +152,9 @@ def test_small_common_preset_takes_each_methods_settings(monkeypatch, method, se
 
 
 # ---- The larger CPU protocols: all of CIFAR-10 and the small Tiny-ImageNet protocol.
-FULL = dict(dataset="/tmp/cifar10", epochs=10, precision="bf16", linear_epochs=1000,
+FULL = dict(dataset="cifar10", epochs=10, precision="bf16", linear_epochs=1000,
             ckpt_every=195, eval_every_epochs=5, robust_attacks="pgd20,autoattack")
-TINY_SMALL = dict(dataset="/tmp/tinyimagenet", examples_per_class=100, stem="imagenet",
+TINY_SMALL = dict(dataset="/path/to/tiny-imagenet", examples_per_class=100, stem="imagenet",
                   normalize="imagenet", image_size=64, epochs=25, precision="bf16",
                   linear_epochs=1000, ckpt_every=78, eval_every_epochs=5,
                   online_eval_examples=2000, robust_attacks="pgd20,autoattack")

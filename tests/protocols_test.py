@@ -5,6 +5,7 @@ hand-computed numbers, and bench/step_cost.py's arithmetic."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -381,3 +382,57 @@ def test_step_cost_builds_the_stem_it_is_given():
     assert imagenet["stem"] == 2 * 32 * 32 * 7 * 7 * 3 * channels
     assert cifar["stem"] == 2 * 16 * 16 * 3 * 3 * 3 * channels
     assert imagenet["forward"] - imagenet["stem"] == cifar["forward"] - cifar["stem"]
+
+
+# ---------------------------------------------------------------- scripts/tinyimagenet_folder.sh
+
+def _tiny_source(root):
+    """A two-class tiny-imagenet-200 tree as the official zip extracts it."""
+    src = root / "tiny-imagenet-200"
+    for wnid, n in (("n01", 2), ("n02", 3)):
+        images = src / "train" / wnid / "images"
+        images.mkdir(parents=True)
+        for k in range(n):
+            (images / f"{wnid}_{k}.JPEG").write_bytes(f"{wnid}{k}".encode())
+    (src / "val" / "images").mkdir(parents=True)
+    rows = [("val_0.JPEG", "n02"), ("val_1.JPEG", "n01"), ("val_2.JPEG", "n02")]
+    for name, _ in rows:
+        (src / "val" / "images" / name).write_bytes(name.encode())
+    (src / "val" / "val_annotations.txt").write_text(
+        "".join(f"{name}\t{wnid}\t0\t0\t63\t63\n" for name, wnid in rows))
+    return src
+
+
+def _layout(dest):
+    return {str(p.relative_to(dest)): p.read_bytes() for p in sorted(dest.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("form", ["folder", "parent", "zip"])
+def test_tinyimagenet_folder_lays_out_train_and_test_by_class(tmp_path, form):
+    src = _tiny_source(tmp_path / "src")
+    if form == "parent":
+        src = src.parent
+    elif form == "zip":
+        src = shutil.make_archive(str(tmp_path / "tiny-imagenet-200"), "zip", src.parent)
+    dest = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "tinyimagenet_folder.sh"),
+                           str(src), str(dest)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert _layout(dest) == {
+        "train/n01/n01_0.JPEG": b"n010", "train/n01/n01_1.JPEG": b"n011",
+        "train/n02/n02_0.JPEG": b"n020", "train/n02/n02_1.JPEG": b"n021",
+        "train/n02/n02_2.JPEG": b"n022",
+        "test/n01/val_1.JPEG": b"val_1.JPEG", "test/n02/val_0.JPEG": b"val_0.JPEG",
+        "test/n02/val_2.JPEG": b"val_2.JPEG"}
+    assert proc.stdout.strip().endswith("train 5 images, test 3, classes 2")
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_tinyimagenet_folder_refuses_a_source_without_the_set(tmp_path):
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "tinyimagenet_folder.sh"),
+                           str(tmp_path), str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "holds no tiny-imagenet-200" in proc.stderr
+    assert not (tmp_path / "out").exists()
