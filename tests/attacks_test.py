@@ -966,3 +966,249 @@ def test_apgd_ce_is_at_least_as_strong_as_pgd20_on_a_trained_model():
             counts.append(standing)
     counts = np.array(counts)
     assert counts.max() > 48 and counts.min() < 16  # the radii span robust to broken
+
+
+# --- FAB-T (attacks.fab_t) -----------------------------------------------------------------------
+#
+# FAB-T is a minimal-distortion attack counted within eps: on a linear model its linearisation is
+# exact, so the projection of x onto the target's hyperplane (within the box) IS the closest
+# point of the target's boundary, and the iterates settle just past it (overshoot eta).
+
+def _box_projection_numpy(t, w, c, norm, lo=0.0, hi=1.0):
+    """The least L-inf / L2 step d with w.d = c and lo <= t + d <= hi, for ONE row, by bisection
+    on the level of the parametric family d(l)_i = sign(w_i) min(l * (1 or |w_i|), room_i) (the
+    KKT form), in float64. Returns (d, feasible)."""
+    sign = 1.0 if c >= 0 else -1.0
+    w, c = w * sign, c * sign
+    room = np.where(w > 0, hi - t, t - lo)
+
+    def step(level):
+        scale = 1.0 if norm == "linf" else np.abs(w)
+        return np.sign(w) * np.minimum(level * scale, room)
+
+    if step(1e9) @ w < c:
+        return step(1e9), False
+    lo_l, hi_l = 0.0, 1e9
+    for _ in range(80):  # to 1e9 / 2^80 < 1e-15
+        mid = (lo_l + hi_l) / 2
+        lo_l, hi_l = (mid, hi_l) if step(mid) @ w < c else (lo_l, mid)
+    return step(hi_l), True
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_projection_matches_a_bisection(norm):
+    """The sorted-breakpoint search (`fab._project`) against a plain bisection, with the box
+    binding on many coordinates, zero weights, and hyperplanes out of the box's reach (every
+    coordinate then goes to its bound); unbounded, the step lands on the hyperplane."""
+    from clae_tf.method.attacks import fab
+    rng = np.random.default_rng(10)
+    t = rng.uniform(0, 1, (48, 30))
+    w = rng.normal(size=(48, 30))
+    w[:, :4] = 0.0
+    c = rng.normal(size=48) * np.r_[np.full(32, 3.0), np.full(16, 30.0)]  # the last: out of reach
+    d = fab._project(*(tf.constant(v, tf.float32) for v in (t, w, c)), norm, 0.0, 1.0).numpy()
+    feasible = []
+    for i in range(48):
+        want, ok = _box_projection_numpy(t[i], w[i], c[i], norm)
+        np.testing.assert_allclose(d[i], want, atol=1e-5)
+        feasible.append(ok)
+    assert 16 <= sum(feasible) < 48
+    assert np.all((t + d >= -1e-6) & (t + d <= 1 + 1e-6))
+    free = fab._project(*(tf.constant(v, tf.float32) for v in (t, w, c)), norm, -np.inf,
+                        np.inf).numpy()
+    np.testing.assert_allclose((free * w).sum(1), c, rtol=1e-5, atol=1e-4)
+    dual = {"linf": 1, "l2": 2}[norm]  # the least norm, unbounded: |c| / ||w||_dual
+    size = np.linalg.norm(free, ord=np.inf if norm == "linf" else 2, axis=1)
+    np.testing.assert_allclose(size, np.abs(c) / np.linalg.norm(w, ord=dual, axis=1), rtol=1e-5)
+
+
+def _linear_binary_case(norm, n=48, dim=10, seed=0, lo=0.2, hi=0.8, near=0.15):
+    """2 classes, f(x) = W x + b, n inputs in [lo, hi] labelled with their clean class, each
+    within `near` of the boundary: the closed-form distance |(w_y - w_j).x + b_y - b_j| /
+    ||w_y - w_j||_dual (L-inf: L1; L2: L2). Returns (logits_fn, x, y, distance (n,))."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(2, dim)).astype(np.float32)
+    b = (0.1 * rng.normal(size=2) - 0.5 * w.sum(1)).astype(np.float32)
+    x = rng.uniform(lo, hi, (40 * n, dim)).astype(np.float32)
+    z = x.astype(np.float64) @ w.T + b
+    y = np.argmax(z, 1)
+    rows = np.arange(len(x))
+    distance = (z[rows, y] - z[rows, 1 - y]) / np.linalg.norm(w[y] - w[1 - y], ord=DUAL[norm],
+                                                              axis=1)
+    keep = np.flatnonzero(distance < near)[:n]
+    assert len(keep) == n
+    logits_fn = lambda v: tf.matmul(v, w.T) + b  # noqa: E731
+    return logits_fn, x[keep], y[keep].astype(np.int32), distance[keep]
+
+
+def _size(delta, norm):
+    delta = delta.reshape(len(delta), -1)
+    return np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_t_finds_the_closed_form_distance_on_two_classes(norm):
+    """Inputs in [0.2, 0.8] and distances below 0.15: the box never binds, and the least
+    distortion is the closed form. FAB-T finds a fooling point at 1 to 1.01 times it when eps is
+    larger (with or without the box), and none when eps (per example) is 1% below it: then it
+    returns x itself."""
+    logits_fn, x, y, distance = _linear_binary_case(norm)
+    run = tf.function(lambda eps: attacks.fab_t(logits_fn, x, y, eps, norm, steps=20))
+    x_adv, fooled = (v.numpy() for v in run(tf.fill([48], 0.2)))
+    assert np.all(fooled)
+    np.testing.assert_array_equal(_predict(logits_fn, x_adv) != y, True)
+    ratio = _size(x_adv - x, norm) / distance
+    assert np.all((ratio >= 1 - 1e-4) & (ratio <= 1.01)), (ratio.min(), ratio.max())
+    x_adv, fooled = (v.numpy() for v in run(tf.constant(0.99 * distance, tf.float32)))
+    assert not np.any(fooled)
+    np.testing.assert_array_equal(x_adv, x)
+    _, fooled = run(tf.constant(1.02 * distance, tf.float32))
+    assert np.all(fooled.numpy())
+    assert run.experimental_get_tracing_count() == 1  # eps (N,) is an input, not a constant
+    x_free, fooled = attacks.fab_t(logits_fn, x, y, 0.2, norm, steps=3, clip_min=None,
+                                   clip_max=None)  # no box: the same points
+    assert np.all(fooled.numpy())
+    np.testing.assert_allclose(_size(x_free.numpy() - x, norm) / distance, ratio, rtol=1e-3)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_t_finds_the_box_constrained_distance(norm):
+    """Inputs spread over [0, 1], up to 0.4 from the boundary: the box binds, and the least
+    distortion is the box-constrained projection onto the hyperplane (a numpy bisection here),
+    above the box-free closed form for many examples."""
+    logits_fn, x, y, free = _linear_binary_case(norm, lo=0.0, hi=1.0, near=0.4, seed=1)
+    w = (logits_fn(tf.eye(10)) - logits_fn(tf.zeros([1, 10]))).numpy()  # (dim, 2): W^T
+    d = w[:, 1 - y].T - w[:, y].T  # the target's gap grows along d
+    gap = (logits_fn(x).numpy()[np.arange(len(y)), y] - logits_fn(x).numpy()[np.arange(len(y)),
+                                                                               1 - y])
+    boxed = np.array([_size(_box_projection_numpy(x[i].astype(np.float64), d[i], gap[i],
+                                                  norm)[0][None], norm)[0] for i in range(48)])
+    assert np.sum(boxed > 1.01 * free) >= 5  # the box does bind
+    x_adv, fooled = attacks.fab_t(logits_fn, x, y, 1.0, norm, steps=20)
+    _in_ball(x_adv.numpy(), x, 1.0, norm)
+    ratio = _size(x_adv.numpy() - x, norm) / boxed
+    assert np.all(fooled.numpy())
+    assert np.all((ratio >= 1 - 1e-4) & (ratio <= 1.01)), (ratio.min(), ratio.max())
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.03), ("l2", 0.3)])
+def test_fab_t_stays_in_the_ball_and_the_range(norm, eps):
+    """A ReLU network on images filling [0, 1] (the range binds), 4 classes (3 targets): every
+    x_adv is in the eps-ball and the range, the fooled ones are misclassified, the others are
+    x; and the attack is a pure function of its inputs (the same call twice: the same bits)."""
+    rng = np.random.default_rng(11)
+    x = rng.uniform(0, 1, (16, 6, 6, 3)).astype(np.float32)
+    net = _small_net()
+    y = tf.constant(_predict(net, x).astype(np.int32))
+    run = tf.function(lambda: attacks.fab_t(net, x, y, eps, norm, steps=15))
+    x_adv, fooled = (v.numpy() for v in run())
+    _in_ball(x_adv, x, eps, norm)
+    assert 0 < fooled.sum() < 16
+    np.testing.assert_array_equal(_predict(net, x_adv) != y.numpy(), fooled)
+    np.testing.assert_array_equal(x_adv[~fooled], x[~fooled])
+    again, fooled_again = run()
+    np.testing.assert_array_equal(again.numpy(), x_adv)
+    np.testing.assert_array_equal(fooled_again.numpy(), fooled)
+
+
+def test_fab_t_leaves_misclassified_inputs_alone():
+    """Examples the model already gets wrong are fooled at x: returned as x, bit for bit, and
+    never attacked (a model that records what it sees gets them once, in the clean pass)."""
+    logits_fn, x, clean, _ = _linear_binary_case("linf", n=8)
+    y = clean.copy()
+    y[:3] = 1 - y[:3]  # wrong labels: misclassified on x
+    seen = []
+
+    def recorded(v):
+        tf.py_function(lambda v: seen.append(v.numpy()), [v], [])
+        return logits_fn(v)
+
+    x_adv, fooled = tf.function(lambda: attacks.fab_t(recorded, x, y, 0.01, "linf", steps=5))()
+    np.testing.assert_array_equal(fooled.numpy()[:3], True)
+    np.testing.assert_array_equal(x_adv.numpy()[:3], x[:3])
+    assert len(seen) == 1 + 2 * 5 and all(len(v) == 5 for v in seen[1:])
+    x_all, fooled_all = attacks.fab_t(logits_fn, x, 1 - clean, 0.01, "l2", steps=5)
+    assert np.all(fooled_all.numpy())
+    np.testing.assert_array_equal(x_all.numpy(), x)
+
+
+def test_fab_t_is_not_fooled_by_gradient_masking():
+    """The masked model of test_gradient_masking_...: logits x 1e4. FAB-T works on logit gaps
+    and their gradients, whose hyperplanes do not change with the scale: over the 3 targets it
+    breaks exactly the examples the closed form says can be broken, masked or not."""
+    logits_fn, x, y, robust = _image_linear_case()
+    eps = 0.02
+    scale = tf.Variable(1e4)
+    masked = lambda v: scale * logits_fn(v)  # noqa: E731
+    run = tf.function(lambda: attacks.fab_t(masked, x, y, eps, "linf", steps=10))
+    for value in (1e4, 1.0):
+        scale.assign(value)
+        x_adv, fooled = (v.numpy() for v in run())
+        np.testing.assert_array_equal(fooled, ~robust)
+        np.testing.assert_array_equal(_predict(logits_fn, x_adv) != y, ~robust)
+        _in_ball(x_adv, x, eps, "linf")
+
+
+def test_fab_t_aims_at_the_top_targets_in_turn():
+    """5 classes: FAB-T with n_targets=k breaks exactly the examples for which one of their k
+    most likely other classes (top_targets) can beat the label within eps (the closed form);
+    k = 9 > classes - 1 takes all 4. Here 3 examples need their second target."""
+    logits_fn, _, _, x, y, reachable = _linear_case(5, "linf", n=96, seed=3)
+    eps = LINEAR_EPS["linf"]
+    run = tf.function(lambda k: attacks.fab_t(logits_fn, x, y, eps, "linf", steps=5,
+                                              n_targets=k)[1])
+    targets = attacks.top_targets(logits_fn(x), y, 4).numpy()
+    by_rank = reachable[np.arange(96)[:, None], targets]  # (n, 4): target of rank r reachable
+    assert by_rank[:, 0].sum() < by_rank[:, :2].any(1).sum() == reachable.any(1).sum()
+    for k in (1, 2, 9):
+        np.testing.assert_array_equal(run(k).numpy(), by_rank[:, :k].any(1), err_msg=str(k))
+
+
+def test_fab_t_bad_inputs_raise_clear_errors():
+    x, y = tf.fill([4, 5], 0.5), tf.zeros([4], tf.int32)
+    model = lambda v: tf.matmul(v, tf.ones([5, 3]))  # noqa: E731
+    with pytest.raises(ValueError, match="norm must be one of"):
+        attacks.fab_t(model, x, y, 0.1, "l1")
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        attacks.fab_t(model, x, y, 0.1, steps=0)
+
+
+def _fab_literal(weights, x, y, targets, eps, steps, norm, alpha_max=0.1, eta=1.05, beta=0.9):
+    """FAB-T for ONE example of `_tanh_case`, transcribed from Algorithm 1 of Croce & Hein (ICML
+    2020) in float64 numpy (the gradient of z_t - z_y by hand, the projection by bisection), one
+    run of `steps` iterations per target until one breaks the example within eps.
+    Returns (x_adv, fooled)."""
+    w1, b1, w2 = (v.astype(np.float64) for v in weights)
+    x = x.astype(np.float64)
+    for t in targets:
+        x_k, x_out, best = x, x, np.inf
+        for _ in range(steps):
+            h = np.tanh(w1 @ x_k + b1)
+            f = w2[t] @ h - w2[y] @ h  # f_s(x_k)
+            g = w1.T @ ((1 - h * h) * (w2[t] - w2[y]))
+            delta = _box_projection_numpy(x_k, g, -f, norm)[0]
+            delta_orig = _box_projection_numpy(x, g, -f - g @ (x - x_k), norm)[0]
+            a, a_orig = (max(_size(v[None], norm)[0], 1e-8) for v in (delta, delta_orig))
+            alpha = min(a / (a + a_orig), alpha_max)
+            x_k = np.clip((1 - alpha) * (x_k + eta * delta) + alpha * (x + eta * delta_orig), 0, 1)
+            if np.argmax(w2 @ np.tanh(w1 @ x_k + b1)) != y:
+                size = _size((x_k - x)[None], norm)[0]
+                if size < best:
+                    x_out, best = x_k, size
+                x_k = x + beta * (x_k - x)
+        if best <= eps:
+            return x_out, True
+    return x, False
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.02), ("l2", 0.05)])
+def test_fab_t_matches_a_literal_transcription_of_algorithm_1(norm, eps):
+    """A nonlinear (tanh) network, 3 targets, 20 iterations each: the batched TF attack breaks
+    the same examples as the one-example float64 transcription, at the same points."""
+    logits_fn, weights, x, y = _tanh_case()
+    x_adv, fooled = tf.function(lambda: attacks.fab_t(logits_fn, x, y, eps, norm, steps=20))()
+    targets = attacks.top_targets(logits_fn(x), y, 3).numpy()
+    want = [_fab_literal(weights, x[i], y[i], targets[i], eps, 20, norm) for i in range(len(y))]
+    np.testing.assert_array_equal(fooled.numpy(), [fooled_i for _, fooled_i in want])
+    assert 0.2 < fooled.numpy().mean() < 0.9, fooled.numpy().mean()
+    np.testing.assert_allclose(x_adv.numpy(), np.stack([x_i for x_i, _ in want]), atol=1e-4)

@@ -12,18 +12,32 @@ Map of the attacks, their modules and sources:
     L-inf or L2, on `ce_loss`, `dlr_loss` or `dlr_targeted_loss` (logit_losses.py, the same
     paper, Sec. 4); `top_targets` picks APGD-T's target classes. AutoAttack = APGD-CE, APGD-T,
     (FAB-T,) Square, each on the survivors.
+  - fab.py, `fab_t`: FAB-T, the targeted Fast Adaptive Boundary attack, L-inf or L2: Algorithm 1
+    of Croce & Hein, "Minimally distorted adversarial examples with a fast adaptive boundary
+    attack" (ICML 2020), with its projection onto a hyperplane within the box, aimed at the
+    top_targets classes in turn as AutoAttack's FAB-T; a minimal-distortion attack, counted
+    within a radius eps.
   - square.py, `square_linf`: the L-inf Square attack, Andriushchenko et al., "Square Attack: a
     query-efficient black-box adversarial attack via random search" (ECCV 2020), Algorithm 1
     and its L-inf proposal; score-based, never a gradient.
   - common.py: the balls, random starts and per-example bookkeeping they share.
 
-The evaluation attacks (`apgd`, `square_linf`, `pgd_classifier`) loop with tf.while_loop: one
-trace per call site, whatever the number of iterations, and no host round trip inside the loop.
+The evaluation attacks (`apgd`, `fab_t`, `square_linf`, `pgd_classifier`) loop with
+tf.while_loop: one trace per call site, whatever the number of iterations, and no host round trip
+inside the loop.
 Callers use the names below (`attacks.apgd`, ...), not the modules.
 """
 
 from clae_tf.method.attacks.auto_pgd import APGD_LOSSES, apgd, apgd_checkpoints, top_targets
 from clae_tf.method.attacks.common import NORMS, uniform_start
+from clae_tf.method.attacks.fab import (
+                                      FAB_ALPHA_MAX,
+                                      FAB_BETA,
+                                      FAB_ETA,
+                                      FAB_STEPS,
+                                      FAB_TARGETS,
+                                      fab_t,
+)
 from clae_tf.method.attacks.gradient import (
                                       auto_step_size,
                                       classifier_objective,
@@ -36,7 +50,8 @@ from clae_tf.method.attacks.gradient import (
 from clae_tf.method.attacks.logit_losses import ce_loss, dlr_loss, dlr_targeted_loss, margin
 from clae_tf.method.attacks.square import SQUARE_DRAWS, SQUARE_HALVINGS, square_linf, square_p
 
-__all__ = ["APGD_LOSSES", "NORMS", "SQUARE_DRAWS", "SQUARE_HALVINGS", "apgd", "apgd_checkpoints",
+__all__ = ["APGD_LOSSES", "FAB_ALPHA_MAX", "FAB_BETA", "FAB_ETA", "FAB_STEPS", "FAB_TARGETS",
+           "NORMS", "SQUARE_DRAWS", "SQUARE_HALVINGS", "apgd", "apgd_checkpoints",
            "auto_step_size", "ce_loss", "classifier_objective", "dlr_loss", "dlr_targeted_loss",
-           "fgsm", "fgsm_classifier", "linf_pgd", "margin", "pgd", "pgd_classifier", "square_linf",
-           "square_p", "top_targets", "uniform_start"]
+           "fab_t", "fgsm", "fgsm_classifier", "linf_pgd", "margin", "pgd", "pgd_classifier",
+           "square_linf", "square_p", "top_targets", "uniform_start"]
