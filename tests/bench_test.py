@@ -322,3 +322,86 @@ def test_robust_speed_smoke_runs_our_attacks_and_the_library_if_installed(tmp_pa
     if has_art:
         assert "ratio" in rows[0] and "ratio" in rows[2]
         assert all(isinstance(r["fooled_only"], int) for r in rows)
+
+
+# -------------------------------------------------------- bench/gpu_check.py
+
+def _json_leaves(value, path=""):
+    """(path, leaf) of every number, bool, string and null under a JSON value."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _json_leaves(v, f"{path}/{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _json_leaves(v, f"{path}/{i}")
+    else:
+        yield path, value
+
+
+def _measured_or_skipped(value, key):
+    """A cell of gpu_check.json: a dict whose `key` is a positive number, or a skip reason."""
+    if isinstance(value, str):
+        return value.startswith("skipped: ") and len(value) > len("skipped: ")
+    return isinstance(value, dict) and value[key] > 0
+
+
+@pytest.mark.slow  # 30-80 s on 2 CPU cores: a subprocess importing TF and tracing 4 steps
+def test_gpu_check_smoke_reports_every_section(tmp_path):
+    """`bench/gpu_check.py --smoke` on this machine: every section with numbers or a skip
+    reason, nothing raised, and the float32-vs-bf16 step comparison in finite numbers."""
+    import math
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(_BENCH), "gpu_check.py"),
+                           "--smoke", f"--out={out}"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "RESULT:" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["errors"] == []
+    sections = ("device", "precision", "xla", "throughput", "pipeline", "attacks")
+    assert all(s in result for s in sections)
+    for s in sections:
+        for path, leaf in _json_leaves(result[s]):
+            assert not (isinstance(leaf, str) and leaf.startswith("error")), (s + path, leaf)
+            if isinstance(leaf, float) and s != "precision":
+                assert math.isfinite(leaf), (s + path, leaf)
+    device = result["device"]
+    assert any("CPU" in d for d in device["physical_devices"]) and "gpu" in device
+
+    # (a): bf16 ran and differs from float32 by finite, small-ish amounts; fp16 and TF32
+    # rows are numbers on a GPU, skip reasons on a CPU.
+    precision = result["precision"]
+    bf16 = precision["bf16"]
+    for key in ("loss", "loss_ref", "loss_rel_diff", "update_rel_diff", "update_cosine",
+                "weights_rel_diff", "perturbed_fraction", "perturbation_sign_agreement"):
+        assert math.isfinite(bf16[key]), (key, bf16[key])
+    assert bf16["finite"] and isinstance(bf16["pass"], bool)
+    assert 0 < bf16["update_rel_diff"] < 1 and bf16["update_cosine"] > 0.5
+    assert bf16["loss_rel_diff"] < 0.05
+    for row in ("fp16", "float32_tf32"):
+        assert _measured_or_skipped(precision[row], "loss"), precision[row]
+    if result["device"]["gpu"] is None:
+        assert precision["fp16"].startswith("skipped: no GPU")
+
+    # (b): the repeat is the noise floor (0 on a CPU); XLA measured or skipped.
+    xla = result["xla"]
+    assert math.isfinite(xla["float32_repeat"]["update_rel_diff"])
+    assert _measured_or_skipped(xla["xla_vs_no_xla"], "first_call_s")
+
+    # (c): every method x precision x XLA cell; float32 and bf16 without XLA always run.
+    cells = result["throughput"]["results"]
+    for method in ("simclr", "clae"):
+        for p in ("float32", "bf16", "fp16"):
+            for key in ("xla_off", "xla_on"):
+                assert _measured_or_skipped(cells[method][p][key], "img_s"), (method, p, key)
+            if p != "fp16":
+                assert cells[method][p]["xla_off"]["img_s"] > 0
+
+    # (d) and (e).
+    for key in ("generated_folder", "digits"):
+        assert result["pipeline"][key]["pairs_s"] > 0
+    attacks = result["attacks"]
+    assert attacks["pgd20"]["images_s"] > 0
+    assert attacks["pgd20"]["model_passes_per_image"] >= 20  # 20 steps + the final check
+    for name in ("apgd-ce", "square"):
+        assert _measured_or_skipped(attacks[name], "images_s"), attacks[name]
