@@ -12,9 +12,10 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of the log
 
 from absl import app, flags, logging  # noqa: E402
+from absl.flags import _helpers  # noqa: E402  (absl's suggestions for a misspelt flag)
 
 from clae_tf import ClaeError
-from clae_tf.runtime import config, signals, workdir  # noqa: E402
+from clae_tf.runtime import config, quiet_start, signals, workdir  # noqa: E402
 
 config.define_flags()
 FLAGS = flags.FLAGS
@@ -30,7 +31,8 @@ def main(argv):
         cfg = config.from_flags()
         if cfg.mode != "train":
             cfg = _with_saved_flags(cfg)
-        from clae_tf.job import app as clae_app  # imports TensorFlow: after the cheap checks
+        quiet_start.start_tensorflow()  # TensorFlow: after the cheap checks (no-GPU noise off)
+        from clae_tf.job import app as clae_app
         clae_app.print_summary(clae_app.run(cfg))
     except ClaeError as e:
         signals.stopping()  # a Ctrl-C now must not cut the message short
@@ -74,12 +76,71 @@ def _parse_flags(argv):
         print(f"error: --flagfile: a flagfile of this command is not UTF-8 text ({e})",
               file=sys.stderr)
         sys.exit(2)
+    except flags.UnrecognizedFlagError as e:
+        print(f"error: {_unknown_flags(argv, e)}", file=sys.stderr)
+        sys.exit(2)
     except flags.Error as e:
         text = str(e).splitlines()[0]
         bad = re.match(r"flag --(\w+)=(.*?): (.*)", text)
         print(f"error: --{bad[1]}: {bad[3]}, got {bad[2]!r}" if bad else f"error: {text}",
               file=sys.stderr)
         sys.exit(2)
+
+
+def _unknown_flags(argv, first):
+    """Every unknown flag of `argv` (absl's error names the first one only), by where it is
+    written (each flagfile, nested ones too, or the command line), with absl's suggestion."""
+    FLAGS.unparse_flags()
+    try:
+        rest = FLAGS(argv, known_only=True)[1:]  # the unknown flags and the positional arguments
+    except (flags.Error, ValueError):  # a bad value besides: the unknown flag absl names
+        rest = [first.flagvalue]
+    finally:
+        FLAGS.mark_as_parsed()  # absl's own exit handling reads a flag
+    files = _flagfiles(argv[1:])
+    places = {}  # where -> the unknown flags written there, in order
+    for arg in rest:
+        if arg == "--":
+            break
+        name = arg.lstrip("-").split("=", 1)[0]
+        if not arg.startswith("-") or not name:
+            continue  # a positional argument
+        where = [f"in --flagfile={path}" for path, lines in files.items() if arg in lines]
+        where += ["on the command line"] if arg in argv[1:] or not where else []
+        # absl's suggestions (its own error lists every flag equally close), at most 3.
+        close = ["--" + s for s in _helpers.get_flag_suggestions(name, list(FLAGS))]
+        close = close[:3] + ["..."] * (len(close) > 3)
+        named = f"--{name}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+        for place in where:
+            places.setdefault(place, [])
+            if named not in places[place]:
+                places[place].append(named)
+    count = sum(len(names) for names in places.values())
+    return f"unknown flag{'s' if count > 1 else ''} " + "; ".join(
+        f"{place}: {', '.join(names)}" for place, names in places.items())
+
+
+def _flagfiles(args, found=None):
+    """{path: its lines, stripped} of each flagfile that `args` name, and of the flagfiles that
+    those name, as absl reads them (paths as written, relative to the working directory)."""
+    found = {} if found is None else found
+    for i, arg in enumerate(args):
+        if arg in ("--flagfile", "-flagfile"):
+            path = args[i + 1] if i + 1 < len(args) else ""
+        elif arg.startswith(("--flagfile=", "-flagfile=")):
+            path = arg.split("=", 1)[1].strip()
+        else:
+            continue
+        path = os.path.expanduser(path)
+        if not path or path in found:
+            continue
+        try:
+            with open(path) as f:
+                found[path] = [line.strip() for line in f]
+        except (OSError, UnicodeDecodeError):
+            continue
+        _flagfiles(found[path], found)
+    return found
 
 
 if __name__ == "__main__":

@@ -20,6 +20,22 @@ def test_unknown_method(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_unknown_flags_are_all_named_with_their_flagfiles(tmp_path):
+    # absl's own error names the first unknown flag only, and not the file it is in.
+    inner, outer = tmp_path / "inner.cfg", tmp_path / "outer.cfg"
+    inner.write_text("--widht=2\n")
+    outer.write_text(f"# a comment\n--flagfile={inner}\n--no_such_flag=1\n--lerning_rate=0.1\n"
+                     f"--epochs=1\n")
+    proc = _run([f"--flagfile={outer}", "--bogus_flag", f"--workdir={tmp_path / 'run'}"],
+                tmp_path, tensorflow=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: unknown flags in --flagfile={inner}: --widht (did you mean --width?); "
+        f"in --flagfile={outer}: --no_such_flag, --lerning_rate (did you mean --learning_rate?); "
+        f"on the command line: --bogus_flag"], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_missing_dataset_folder(tmp_path):
     proc = _run(["--dataset=/nonexistent", f"--workdir={tmp_path / 'run'}"], tmp_path)
