@@ -49,15 +49,36 @@ def test_dlr_attack_on_a_two_class_dataset_fails_before_training_or_restoring(tm
 
 
 @pytest.mark.slow  # > 10 s on the 2 shared cores
-def test_export_mode_without_a_probe_says_so(tmp_path):
+@pytest.mark.parametrize("probe, says", [(None, "no linear probe"),
+                                         (b"not a probe\n", "probe.npz cannot be read (")])
+def test_export_mode_without_a_probe_says_so(tmp_path, probe, says):
     cfg = tiny_config(tmp_path)
     workdir.write_flagfile(cfg)
     checkpoints.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
+    if probe is not None:
+        with open(os.path.join(cfg.run_dir, "probe.npz"), "wb") as f:
+            f.write(probe)
     out = app.run(dataclasses.replace(cfg, mode="export"))
     assert os.path.exists(os.path.join(out["saved_model"], "saved_model.pb"))
     assert "probe_saved_model" not in out
-    assert "no linear probe" in out["probe_note"] and "\n" not in out["probe_note"]
+    assert says in out["probe_note"] and "\n" not in out["probe_note"]
     assert not os.path.exists(os.path.join(cfg.run_dir, "probe_saved_model"))
+
+
+@pytest.mark.parametrize("content", [b"kernel = 1\n", b"PK\x03\x04 truncated"])
+def test_a_probe_that_cannot_be_read_exports_the_encoder_only_and_says_what_to_run(tmp_path,
+                                                                                   content):
+    """As with no probe at all: the encoder is exported, and the Probe line of the summary says
+    why there is no probe export and what to run."""
+    cfg = tiny_config(tmp_path)
+    os.makedirs(cfg.run_dir)
+    path = os.path.join(cfg.run_dir, "probe.npz")
+    with open(path, "wb") as f:
+        f.write(content)
+    probe, note = app._own_probe(cfg, 0)
+    assert probe is None and "\n" not in note
+    assert note.startswith(f"{path} cannot be read (")
+    assert note.endswith("); run --mode=eval to fit the probe again; exported the encoder only")
 
 
 def test_printout_of_the_robust_results():
@@ -79,3 +100,7 @@ def test_printout_of_the_robust_results():
                                                            "worst": {"8": 0.5}})
     del one["robust_top1_l2"]
     assert app.robust_lines(one)[1:] == ["  Linf /255:  worst 8:0.5000"]
+    # Results kept from an earlier evaluation (evaluate.earlier_robust_results) say so.
+    kept = dict(one, robust_kept_from={"step": 7, "eval_flags": {}})
+    assert app.robust_lines(kept)[0] == app.robust_lines(one)[0] + (
+        "  [kept from an earlier evaluation of step 7]")

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from clae_tf import ClaeError
 from clae_tf.job import app, checkpoints
 from clae_tf.runtime import workdir
 
-from conftest import tiny_config
+from conftest import one_line_error, run_cli, tiny_config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 
@@ -141,6 +142,28 @@ def test_a_checkpoint_of_other_flags_is_refused_with_one_line(saved, tmp_path):
     other = tiny_config(tmp_path, adversarial=False, proj_dim=8)  # same workdir, other head
     with pytest.raises(ClaeError, match="does not fit these flags"):
         _restore(other)
+
+
+# TensorFlow's C++ start-up lines (logged before absl's logging is set up: "0000" dates).
+_TF_START_UP = re.compile(r"WARNING: All log messages before absl::InitializeLog|[IWE]0000 00:00:")
+
+
+@pytest.mark.slow  # one run.py process that imports TensorFlow (~20 s)
+def test_a_checkpoint_of_another_method_is_refused_in_one_line_and_nothing_else(tmp_path):
+    """A --method=moco checkpoint without flags.cfg, resumed with --method=simclr: the error
+    line is all that follows TensorFlow's start-up, not TensorFlow's warning about each value of
+    the checkpoint that the failed restore did not reach (tens of lines, logged at exit)."""
+    moco = tiny_config(tmp_path, adversarial=False, method="moco")
+    checkpoints.State(moco, ONE_DEVICE, 10, 10).save(1)
+    proc = run_cli(["--method=simclr", "--dataset=digits", f"--arch={moco.arch}",
+                    f"--width={moco.width}", f"--image_size={moco.image_size}",
+                    f"--batch_size={moco.batch_size}", f"--proj_dim={moco.proj_dim}",
+                    "--epochs=1", f"--workdir={moco.workdir}"], tmp_path)
+    line = one_line_error(proc, "--workdir", tensorflow=True)
+    assert "ckpt-1 does not fit these flags" in line, line
+    assert [text for text in proc.stderr.splitlines() if not _TF_START_UP.match(text)] == [
+        line], proc.stderr
+    assert proc.stdout == "", proc.stdout
 
 
 def test_eval_state_restores_without_an_optimizer(saved):

@@ -205,6 +205,7 @@ def test_eps_message_explains_the_units():
     (["--attack=nope"], "--attack"),
     (["--attack_steps=0"], "--attack_steps"),
     (["--attack_step_size=-0.01"], "--attack_step_size"),
+    (["--robust_attacks=,,"], "--robust_attacks"),
 ])
 def test_bad_values_fail_before_tensorflow(tmp_path, args, flag):
     proc = run_cli(["--flagfile=flags/smoke.cfg", "--epochs=1", "--linear_epochs=2",
@@ -223,6 +224,11 @@ def test_bad_values_fail_before_tensorflow(tmp_path, args, flag):
     (dict(robust_square_queries=0), "robust_square_queries", ">= 1"),
     (dict(robust_apgd_steps=0), "robust_apgd_steps", ">= 1"),
     (dict(robust_targets=0), "robust_targets", ">= 1"),
+    (dict(robust_square_queries=10 ** 9), "robust_square_queries",
+     "1000000000 is more than 100,000 queries per image"),
+    (dict(robust_attacks=",,"), "robust_attacks", "empty item in ',,'"),
+    (dict(robust_attacks="pgd20,,fgsm"), "robust_attacks", "empty item in 'pgd20,,fgsm'"),
+    (dict(robust_attacks="autoattack,"), "robust_attacks", "a comma too many?"),
 ])  # the radii: below, message by message
 def test_bad_robust_flags_name_the_flag(flags, flag, words):
     with pytest.raises(ClaeError) as e:
@@ -239,6 +245,10 @@ def test_bad_robust_flags_name_the_flag(flags, flag, words):
                                "(255/255); the radii are in 1/255"),
     (dict(robust_l2_eps="0.5,-0.25"), "--robust_l2_eps: must be >= 0, got -0.25"),
     (dict(robust_l2_eps="a"), "--robust_l2_eps: expected comma-separated numbers, got 'a'"),
+    (dict(robust_eps="1,,2"), "--robust_eps: empty item in '1,,2' (a comma too many?); an "
+                              "entirely empty value means none"),
+    (dict(robust_l2_eps=" ,"), "--robust_l2_eps: empty item in ' ,' (a comma too many?); an "
+                               "entirely empty value means none"),
 ])
 def test_a_bad_radius_is_refused_once_with_its_message(monkeypatch, flags, message):
     calls = []
@@ -249,6 +259,20 @@ def test_a_bad_radius_is_refused_once_with_its_message(monkeypatch, flags, messa
     assert str(e.value) == message
     bad = next(iter(flags))
     assert [name for name, _ in calls].count(bad) == 1  # refused on its first parse
+
+
+def test_an_entirely_empty_list_means_none():
+    cfg = Config(robust_attacks=" ", robust_eps="", robust_l2_eps="  ")
+    assert cfg.robust_attack_list == () and cfg.robust_eps_list == () == cfg.robust_l2_eps_list
+
+
+def test_square_budget_is_bounded_with_the_reason():
+    assert Config(robust_square_queries=config.MAX_SQUARE_QUERIES).robust_square_queries == 100_000
+    with pytest.raises(ClaeError) as e:
+        Config(robust_square_queries=config.MAX_SQUARE_QUERIES + 1)
+    assert str(e.value) == ("--robust_square_queries: 100001 is more than 100,000 queries per "
+                            "image, which takes days on 1,000 images; AutoAttack's standard "
+                            "budget is 5,000")
 
 
 def test_radii_are_parsed_once_into_numbers(monkeypatch):

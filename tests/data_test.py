@@ -421,6 +421,16 @@ def test_batch_size_larger_than_the_training_set(tmp_path):
     assert sources.load(_cfg(root, batch_size=6)).train.num_examples == 6
 
 
+@pytest.mark.parametrize("mode", ["eval", "export"])
+@pytest.mark.parametrize("subset", [dict(train_examples=10), dict(examples_per_class=1)])
+def test_batch_size_larger_than_the_training_set_is_for_training_only(mode, subset):
+    """--batch_size is the pretraining batch: evaluating (or exporting) a run on a subset smaller
+    than it is fine."""
+    source = sources.load(tiny_config(batch_size=16, mode=mode, **subset))
+    assert source.train.num_examples == next(iter(subset.values())) * (
+        10 if "examples_per_class" in subset else 1)
+
+
 def test_tfds_by_name_with_mock_data():
     with tfds.testing.mock_data(num_examples=24):
         source = sources.load(tiny_config(dataset="cifar10", batch_size=8))

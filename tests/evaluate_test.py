@@ -13,6 +13,9 @@ test_y = the reference's predictions the accuracy is 1 exactly when every predic
 and one changed label must cost exactly 1 / n.
 """
 
+import json
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -265,3 +268,119 @@ def test_extract_names_a_file_that_cannot_be_decoded(tmp_path):
     split = sources._file_split(files, np.zeros(2, np.int32), 8)
     with pytest.raises(ClaeError, match=f"^--dataset: cannot read image {files[1]}$"):
         evaluate.extract(lambda x, training: (x, x), split, 2, "half")
+
+
+# ---------------------------------------------------------------------------------------------
+# What an evaluation does with the robust results of an earlier one, and a probe.npz that cannot
+# be read. The features and the robust evaluation are stand-ins: only the bookkeeping is tested.
+
+
+def _features(n, seed):
+    rng = np.random.default_rng(seed)
+    h = rng.normal(size=(n, 4)).astype(np.float32)
+    return h, h / np.linalg.norm(h, axis=1, keepdims=True), (np.arange(n) % 3).astype(np.int32)
+
+
+MEASURED = {"robust_top1": {"pgd20": {"8": 0.25}, "worst": {"8": 0.25}},
+            "robust_attacks": ["pgd20"], "robust_clean_top1": 0.5, "robust_examples": 16,
+            "robust_seconds": 3600.0}
+
+
+@pytest.fixture
+def evaluate_at(tmp_path, monkeypatch):
+    """evaluate.evaluate(tiny_config(tmp_path, **flags), step) on fixed features, its robust
+    evaluation (when one runs) giving MEASURED."""
+    monkeypatch.setattr(evaluate, "extract",
+                        lambda model, split, *a: _features(12 if split == "train" else 6, 0))
+    monkeypatch.setattr(evaluate.robust, "evaluate", lambda *a: dict(MEASURED))
+    source = sources.Source(name="digits", train="train", test="test", num_classes=3)
+
+    def run(step, **flags):
+        cfg = tiny_config(tmp_path, **{"linear_epochs": 1, **flags})
+        return evaluate.evaluate(cfg, None, source, step)
+    return run
+
+
+def test_eval_without_attacks_keeps_the_robust_results_of_its_step(evaluate_at, capsys, tmp_path):
+    first = evaluate_at(5, robust_attacks="pgd20", robust_eps="8")
+    assert first["robust_seconds"] == 3600.0
+    capsys.readouterr()
+    for attacks, l2 in (("", "0.5"), (",".join(["fgsm", "square"]), "0.5")):  # none / no L2
+        kept = evaluate_at(5, robust_attacks=attacks, robust_eps="", robust_l2_eps=l2)
+        assert {k: kept[k] for k in MEASURED} == MEASURED
+        assert kept["robust_kept_from"] == {"step": 5, "eval_flags": {
+            k: v for k, v in first["eval_flags"].items() if k.startswith("robust_")}}
+        assert kept["eval_flags"]["robust_attacks"] == attacks  # this evaluation's own flags
+        line = capsys.readouterr().out.splitlines()[-1]
+        assert line.startswith("note: kept the robust results of step 5 from an earlier "
+                               "evaluation in ")
+        assert line.endswith("(--robust_attacks=pgd20 --robust_eps=8 --robust_l2_eps=): this "
+                             "evaluation runs no robust attack")
+    with open(tmp_path / "run" / "results.json") as f:
+        assert json.load(f) == json.loads(json.dumps(kept))
+
+
+@pytest.mark.parametrize("later, why", [
+    (dict(step=6), "they are of another checkpoint than the one of step 6 evaluated now"),
+    (dict(linear_epochs=3), "they are of another linear probe, fitted with --linear_epochs=1 "
+                            "(now 3)"),
+    (dict(seed=1), "fitted with --seed=0 (now 1)"),
+])
+def test_eval_without_attacks_removes_robust_results_of_another_classifier(evaluate_at, capsys,
+                                                                          later, why):
+    evaluate_at(5, robust_attacks="pgd20")
+    capsys.readouterr()
+    step = later.pop("step", 5)
+    out = evaluate_at(step, robust_attacks="", **later)
+    assert not any(k.startswith("robust_") for k in out)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("note: removed the robust results of step 5 from an earlier "
+                           "evaluation in ") and why in line, line
+
+
+def test_eval_with_attacks_replaces_kept_results_and_their_record(evaluate_at, capsys):
+    evaluate_at(5, robust_attacks="pgd20")
+    evaluate_at(5, robust_attacks="")
+    capsys.readouterr()
+    out = evaluate_at(5, robust_attacks="fgsm")
+    assert "robust_kept_from" not in out and out["robust_top1"] == MEASURED["robust_top1"]
+    assert "note:" not in capsys.readouterr().out  # nothing earlier kept or lost without a word
+
+
+def test_eval_without_attacks_and_no_earlier_robust_results_says_nothing(evaluate_at, capsys):
+    out = evaluate_at(5, robust_attacks="")
+    assert not any(k.startswith("robust_") for k in out)
+    assert "note:" not in capsys.readouterr().out
+
+
+def _probe_file(path):
+    layer = keras.layers.Dense(3)
+    layer.build((None, 4))
+    evaluate.save_probe(str(path), layer, "h", 7)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("damage", ["text", "empty", "truncated", "half", "npy", "no_bias",
+                                    "directory"])
+def test_a_probe_that_cannot_be_read_is_one_line_that_says_what_to_run(tmp_path, damage):
+    path = tmp_path / "probe.npz"
+    data = _probe_file(path)
+    assert evaluate.load_probe(str(path))["step"] == 7
+    path.unlink()
+    if damage == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    elif damage == "no_bias":
+        with open(path, "wb") as f:
+            np.savez(f, kernel=np.zeros((4, 3)), feature="h", step=7)
+    elif damage == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes({"text": b"kernel = [1, 2]\n", "empty": b"", "truncated": data[:-9],
+                          "half": data[:len(data) // 2]}[damage])
+    with pytest.raises(ClaeError) as e:
+        evaluate.load_probe(str(path))
+    message = str(e.value)
+    assert message.startswith(f"--workdir: {path} cannot be read (")
+    assert message.endswith("); run --mode=eval to fit the probe again") and "\n" not in message

@@ -291,7 +291,17 @@ def _nan_at_one_pixel(n=2):
     ("serve", np.full((1, 16, 16, 3), np.inf, np.float32), "NaN or infinite values"),
     ("serve_uint8", np.full((2, 16, 16, 3), 0.5, np.float32), "serve_uint8: takes uint8 images "
      "in [0, 255]; for float images in [0, 1] use serve; got float32 images"),
-], ids=["0_255_floats", "uint8", "nan", "inf", "floats_to_uint8"])
+    ("serve", np.full((16, 16, 3), 0.5, np.float32), "serve: takes images of shape (N, H, W, 3) "
+     "with H, W >= 1; got shape] [16 16 3]"),
+    ("serve_uint8", np.full((16, 16, 3), 9, np.uint8), "serve_uint8: takes images of shape "
+     "(N, H, W, 3) with H, W >= 1; got shape] [16 16 3]"),
+    ("serve", np.full((2, 16, 16, 1), 0.5, np.float32), "got shape] [2 16 16 1]"),
+    ("serve_uint8", np.full((2, 16, 16, 4), 9, np.uint8), "got shape] [2 16 16 4]"),
+    ("serve", np.zeros((2, 0, 0, 3), np.float32), "got shape] [2 0 0 3]"),
+    ("serve_uint8", np.zeros((1, 16, 0, 3), np.uint8), "got shape] [1 16 0 3]"),
+    ("serve", np.full((16, 16, 3), 9, np.uint8), "got uint8 images"),  # the dtype first
+], ids=["0_255_floats", "uint8", "nan", "inf", "floats_to_uint8", "one_image", "one_image_uint8",
+        "1_channel", "4_channels", "0x0", "no_columns", "uint8_one_image"])
 def test_probe_endpoint_checks_its_input_as_the_encoder_does(endpoints, form, endpoint, images,
                                                              says):
     _, _, _, encoder, classifier = endpoints
@@ -331,6 +341,8 @@ def test_saved_model_right_dtypes_match_the_model(exported):
     specs = {k: list(f.structured_input_signature[1].values())[0].dtype
              for k, f in loaded.signatures.items()}
     assert specs == {"serve": tf.float32, "serve_uint8": tf.uint8, "serving_default": tf.float32}
+    assert all(list(f.structured_input_signature[1].values())[0].shape.as_list() == [
+        None, None, None, 3] for f in loaded.signatures.values())
 
 
 @pytest.mark.slow

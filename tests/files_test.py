@@ -7,6 +7,7 @@ another process would be. Then two run.py processes on one workdir.
 """
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -283,3 +284,113 @@ def test_leftovers_of_dead_processes_are_removed(tmp_path):
     for name in ("export", "saved_model", "export.json"):
         files.remove_leftovers(str(tmp_path / name))
     assert sorted(os.listdir(tmp_path)) == [f"export.{alive}.tmp", "saved_model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk: no_space_reason recognises it, writing turns it into one line and cleans up.
+
+def _resource_exhausted(message):
+    import tensorflow as tf
+    return tf.errors.ResourceExhaustedError(None, None, message)
+
+
+NO_SPACE_ERRORS = {
+    "oserror_enospc": lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/w/probe.npz"),
+    "oserror_edquot": lambda: OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)),
+    "tf_save": lambda: _resource_exhausted(  # as TensorFlow 2.21's checkpoint save says it
+        "{{function_node __wrapped__SaveV2_dtypes_244_device_/job:localhost/replica:0/task:0/"
+        "device:CPU:0}} /w/checkpoints/ckpt-30_temp/part-00000-of-00001.data-00000-of-00001."
+        "tempstate1; No space left on device [Op:SaveV2]"),
+    "tf_summary": lambda: _resource_exhausted(  # and its summary writer (queue full or flush)
+        "/w/tensorboard/events.out.tfevents.1.vm.2.0.v2; No space left on device\n\tFailed to "
+        "flush 11 events to /w/tensorboard/events.out.tfevents.1.vm.2.0.v2\n\tCould not flush "
+        "events file. [Op:WriteSummary]"),
+}
+
+
+@pytest.mark.parametrize("make", NO_SPACE_ERRORS.values(), ids=NO_SPACE_ERRORS.keys())
+def test_no_space_errors_are_recognised(make):
+    error = make()
+    assert files.no_space_reason(error) in ("No space left on device", "Disk quota exceeded")
+    try:  # raised while handling one, or from one (a library that wraps the error)
+        try:
+            raise error
+        except Exception as e:
+            raise RuntimeError("saving failed") from e
+    except RuntimeError as wrapped:
+        assert files.no_space_reason(wrapped) == files.no_space_reason(error)
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.EACCES, "Permission denied"), OSError("no errno: No space left on device"),
+    ValueError("No space left on device"), KeyboardInterrupt(),
+], ids=["eacces", "oserror_without_errno", "valueerror", "interrupt"])
+def test_other_errors_are_not_no_space(error):
+    assert files.no_space_reason(error) is None
+
+
+def test_out_of_memory_is_not_no_space():
+    assert files.no_space_reason(_resource_exhausted(
+        "OOM when allocating tensor with shape[256,512,16,16] [Op:Conv2D]")) is None
+
+
+def test_writing_turns_a_full_disk_into_one_line_and_cleans_up(tmp_path):
+    half = tmp_path / "model.tmp"
+    path = tmp_path / "model"
+    with pytest.raises(ClaeError) as e:
+        with files.writing(str(path), "the export", needed=3 * 2**20, cleanup=[str(half)],
+                           note=lambda: "the last good one is kept"):
+            (half / "variables").mkdir(parents=True)
+            (half / "variables" / "data").write_bytes(b"x" * 1000)
+            raise NO_SPACE_ERRORS["tf_save"]()
+    free = files.human_bytes(shutil.disk_usage(tmp_path).free)
+    assert str(e.value) == (
+        f"--workdir: cannot write the export at {path}: No space left on device (about 3.0 MiB "
+        f"needed, {free} free); the last good one is kept; free some space and run the same "
+        f"command again")
+    assert os.listdir(tmp_path) == []
+
+
+def _interrupt_while_handling_a_full_disk():
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            return e
+
+
+@pytest.mark.parametrize("make", [lambda: OSError(errno.EACCES, "Permission denied"),
+                                  _interrupt_while_handling_a_full_disk],
+                         ids=["eacces", "interrupt"])
+def test_writing_lets_other_errors_through_untouched(tmp_path, make):
+    leftover = tmp_path / "half"
+    leftover.write_text("x")
+    error = make()
+    with pytest.raises(type(error)) as e:
+        with files.writing(str(tmp_path / "f"), "x", cleanup=[str(leftover)]):
+            raise error
+    assert e.value is error
+    assert leftover.exists()  # left as before: only a full disk cleans up
+
+
+def test_write_atomic_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    path.write_text('{"knn_top1": 0.5}')
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(ClaeError) as e:
+        files.write_atomic(str(path), '{"knn_top1": 0.75}', "the results")
+    assert str(e.value).startswith(f"--workdir: cannot write the results at {path}: No space "
+                                   f"left on device (about 18 B needed, ")
+    assert "\n" not in str(e.value)
+    assert json.loads(path.read_text()) == {"knn_top1": 0.5}
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file
+
+
+def test_free_bytes_of_a_path_not_yet_there(tmp_path):
+    assert files.free_bytes(str(tmp_path / "a" / "b")) == shutil.disk_usage(tmp_path).free

@@ -263,6 +263,19 @@ def test_the_default_suite_is_deterministic_and_its_results_complete():
     assert 1 <= r["robust_square_mean_queries"]["16"] <= SMALL["square_queries"]
 
 
+@pytest.mark.parametrize("flag, used", [(100, 3), (2, 2)])
+def test_results_record_the_targets_apgd_t_used(flag, used):
+    """--robust_targets is capped at the classes - 1 (4 classes here): results.json records what
+    ran (robust_targets_used); eval_flags keeps the flag's value."""
+    w, b, x, y = four_classes(n=8)
+    out = robust.robust_accuracy(_linear(w, b), x, y, _suite(("apgd-t",), (16.0,), apgd_steps=2,
+                                                             targets=flag), 4, batch_size=8)
+    assert out["robust_targets_used"] == used
+    without = robust.robust_accuracy(_linear(w, b), x, y, _suite(("fgsm",), (16.0,), targets=flag),
+                                     4, batch_size=8)
+    assert "robust_targets_used" not in without
+
+
 # ---------------------------------------------------------------------------------- the suite
 
 def test_attack_list_expands_suites_in_place_and_drops_repeats():
@@ -479,11 +492,25 @@ def test_export_mode_writes_the_probe_saved_model(evaluated):
 
 
 @pytest.mark.slow
-def test_eval_without_attacks_leaves_no_stale_robust_results(evaluated):
-    assert not any(k.startswith("robust_") for k in evaluated["off"])
+def test_eval_mode_records_the_targets_used_and_the_flag(evaluated):
+    r = evaluated["r"]
+    assert r["robust_targets_used"] == 2 and r["eval_flags"]["robust_targets"] == "2"
+
+
+@pytest.mark.slow
+def test_eval_without_attacks_keeps_the_robust_results_of_its_step(evaluated):
+    """--robust_attacks= on the same checkpoint and probe flags: the robust results of the first
+    evaluation stay, with where they come from (tests/evaluate_test.py: when they go)."""
+    off, r = evaluated["off"], evaluated["r"]
+    assert {k: v for k, v in off.items() if k.startswith("robust_") and k != "robust_kept_from"} \
+        == {k: v for k, v in json.loads(json.dumps(r)).items() if k.startswith("robust_")}
+    assert off["robust_kept_from"] == {"step": 0, "eval_flags": {
+        k: v for k, v in r["eval_flags"].items() if k.startswith("robust_")}}
+    assert off["eval_flags"]["robust_attacks"] == ""
 
 
 @pytest.mark.slow
 def test_old_flagfile_is_evaluated_with_the_chain_flags_of_the_command_line(evaluated):
     r = evaluated["old"]
     assert r["robust_attacks"] == CHAIN[1:] and "robust_top1_l2" not in r
+    assert "robust_kept_from" not in r  # measured now: the kept results and their record go

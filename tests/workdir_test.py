@@ -369,11 +369,13 @@ def test_write_flagfile_is_atomic_and_reads_back(tmp_path, monkeypatch):
     path = os.path.join(cfg.run_dir, "flags.cfg")
     written = open(path).read()
     assert Config.parse_flagfile(written)["width"] == "0.0625"
-    # A failure before the rename leaves the previous flags.cfg as it was.
+    # A failure before the rename (here a full disk: one line) leaves the previous flags.cfg
+    # as it was, and no temporary file beside it.
     monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "full")))
-    with pytest.raises(OSError):
+    with pytest.raises(ClaeError, match=f"cannot write the run's flags at {path}: No space"):
         workdir.write_flagfile(tiny_config(tmp_path, width=0.125))
     assert open(path).read() == written
+    assert sorted(os.listdir(cfg.run_dir)) == ["flags.cfg"]
 
 
 @pytest.mark.slow  # extraction and probe of a tiny model, twice: ~10-15 s on 2 shared cores

@@ -105,7 +105,10 @@ def load(cfg: Config) -> Source:
     source.train = _subset(source.train, source.num_classes, cfg.train_examples,
                            cfg.examples_per_class)
     _check_train_classes(source, cfg)
-    if source.train.num_examples < cfg.batch_size:
+    # Training only: the pretraining stream drops the last partial batch, so a training set
+    # smaller than --batch_size has no step. Evaluation and export never read it in batches of
+    # --batch_size (features go in --eval_batch_size batches, the probe in --linear_batch_size).
+    if cfg.mode == "train" and source.train.num_examples < cfg.batch_size:
         raise ClaeError(f"--batch_size: {cfg.batch_size} is larger than the "
                         f"{source.train.num_examples} training images of {cfg.dataset}")
     check_readable(source.test, f"the test split of {cfg.dataset}")

@@ -7,14 +7,17 @@ reference, which keeps the best test accuracy over probe epochs and drops the la
 
 import os
 import time
+import zipfile
+import zlib
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from clae_tf import ClaeError
 from clae_tf.data import sources, streams
 from clae_tf.evaluation import robust
-from clae_tf.runtime import workdir
+from clae_tf.runtime import files, workdir
 from clae_tf.runtime.config import EVAL_FLAGS, Config
 
 
@@ -139,15 +142,36 @@ def linear_probe(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3
 def save_probe(path: str, layer, feature: str, step: int):
     """The probe's weights, what it reads (h or z) and the encoder step it was trained on."""
     kernel, bias = (np.asarray(w, np.float32) for w in layer.get_weights())
-    with open(path, "wb") as f:  # np.savez would append .npz to a path without it
-        np.savez(f, kernel=kernel, bias=bias, feature=feature, step=step)
+    with files.replacing(path, "the linear probe", needed=kernel.nbytes + bias.nbytes) as tmp:
+        with open(tmp, "wb") as f:  # np.savez would append .npz to a path without it
+            np.savez(f, kernel=kernel, bias=bias, feature=feature, step=step)
 
 
 def load_probe(path: str) -> dict:
-    """{"kernel" (D, C), "bias" (C,), "feature" ("h"/"z"), "step"} as save_probe wrote them."""
-    with np.load(path) as f:
-        return {"kernel": f["kernel"], "bias": f["bias"], "feature": str(f["feature"]),
-                "step": int(f["step"])}
+    """{"kernel" (D, C), "bias" (C,), "feature" ("h"/"z"), "step"} as save_probe wrote them.
+
+    Raises ClaeError (one line: the path, why, and that --mode=eval fits the probe again) for a
+    file that is not such an archive: not an .npz (text, pickled data, a bare .npy), truncated,
+    unreadable, or without one of the arrays or with arrays of the wrong shape.
+    """
+    try:
+        data = np.load(path)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not the .npz archive of a probe")
+        with data as f:
+            probe = {"kernel": f["kernel"], "bias": f["bias"], "feature": str(f["feature"]),
+                     "step": int(f["step"])}
+        if (probe["kernel"].ndim != 2 or probe["bias"].shape != probe["kernel"].shape[1:]
+                or probe["feature"] not in ("h", "z")):
+            raise ValueError(f"kernel {probe['kernel'].shape}, bias {probe['bias'].shape} and "
+                             f"feature {probe['feature']!r} are not a probe's")
+    except (ValueError, TypeError, KeyError, EOFError, OSError, zipfile.BadZipFile,
+            zlib.error) as e:
+        # numpy's first sentence ("This file contains pickled (object) data"), on one line.
+        why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else "empty"
+        raise ClaeError(f"--workdir: {path} cannot be read ({type(e).__name__}: {why}); run "
+                        f"--mode=eval to fit the probe again") from None
+    return probe
 
 
 def evaluate(cfg: Config, model, source: sources.Source, step: int, extra=None,
@@ -185,23 +209,94 @@ def evaluate(cfg: Config, model, source: sources.Source, step: int, extra=None,
         "eval_flags": {name: cfg.value_str(name) for name in EVAL_FLAGS
                        if getattr(cfg, name) is not None},
     }
-    if robust.Suite.from_config(cfg).runs():  # encoder + probe under the attack chain
+    attacked = robust.Suite.from_config(cfg).runs()
+    if attacked:  # encoder + probe under the attack chain
         results.update(robust.evaluate(cfg, model, probe, source.test, source.num_classes))
         seconds["robust"] = results["robust_seconds"]
     results["eval_seconds_by_part"] = seconds
     results.update(extra or {})
     _write_scalars(cfg.run_dir, paths["prefix"], step, results)
-    # Robust numbers of an earlier evaluation (other attacks, radii, or none now) are stale.
-    return workdir.update_results(cfg.run_dir, results, other_data, stale_prefix="robust_")
+    kept_from = None
+    if not attacked:  # the robust results already there: kept if still of this classifier
+        kept_from, note = earlier_robust_results(paths["results"], results)
+        if kept_from is not None:
+            results["robust_kept_from"] = kept_from
+        if note:
+            print(note, flush=True)
+    # Robust entries of an earlier evaluation are replaced by this one's (other attacks or radii
+    # leave none of theirs behind), or removed as of another classifier, unless kept above.
+    return workdir.update_results(cfg.run_dir, results, other_data,
+                                  stale_prefix=None if kept_from is not None else "robust_")
+
+
+# Beside the step (the checkpoint: a workdir holds one per step), what decides the classifier
+# that robust numbers are of (encoder + linear probe) and the attacks' random draws.
+PROBE_FLAGS = ("probe", "linear_epochs", "linear_lr", "linear_batch_size")
+
+
+def earlier_robust_results(path: str, results: dict):
+    """For an evaluation that runs no robust attack: whether the robust entries of an earlier
+    evaluation in the results file at `path` stay, and the line that says what happens to them.
+
+    They stay if they are of the step evaluated now, of a probe fitted with the same flags
+    (PROBE_FLAGS) and of the same --seed, as results.json records them ("step", "eval_flags",
+    "seed"); they would be a second evaluation's compute lost for nothing. Else they describe
+    another classifier than the one whose results are written now, and go.
+
+    Args:
+      path: the results file; results: this evaluation's entries ("step", "eval_flags", "seed").
+    Returns:
+      (robust_kept_from: {"step", "eval_flags": the robust flags of the evaluation that measured
+      them} if they stay, else None; a one-line note, or None if there are none).
+    """
+    saved = files.read_json(path) or {}
+    if not any(k.startswith("robust_") for k in saved):
+        return None, None
+    was_flags = saved.get("eval_flags") or {}
+    kept_from = saved.get("robust_kept_from") or {
+        "step": saved.get("step"),
+        "eval_flags": {k: v for k, v in was_flags.items() if k.startswith("robust_")}}
+    step, where = results["step"], f"from an earlier evaluation in {path}"
+    old = "an unknown step" if kept_from["step"] is None else f"step {kept_from['step']}"
+    if kept_from["step"] != step:
+        return None, (f"note: removed the robust results of {old} {where}: they are of another "
+                      f"checkpoint than the one of step {step} evaluated now, which runs no "
+                      f"robust attack")
+    now_flags = results["eval_flags"]
+    changed = [f"--{name}={was_flags[name]} (now {now_flags.get(name)})" for name in PROBE_FLAGS
+               if name in was_flags and was_flags[name] != now_flags.get(name)]
+    if saved.get("seed") is not None and saved["seed"] != results["seed"]:
+        changed.append(f"--seed={saved['seed']} (now {results['seed']})")
+    if changed:
+        return None, (f"note: removed the robust results of {old} {where}: they are of another "
+                      f"linear probe, fitted with {', '.join(changed)}; this evaluation runs no "
+                      f"robust attack")
+    chain = " ".join(f"--{name}={kept_from['eval_flags'][name]}"
+                     for name in ("robust_attacks", "robust_eps", "robust_l2_eps")
+                     if name in kept_from["eval_flags"])
+    return kept_from, (f"note: kept the robust results of {old} {where}"
+                       f"{f' ({chain})' if chain else ''}: this evaluation runs no robust attack")
 
 
 def _write_scalars(run_dir, prefix, step, results):
-    writer = tf.summary.create_file_writer(workdir.tensorboard_dir(run_dir))
-    with writer.as_default(step=step):
-        tf.summary.scalar(f"{prefix}/knn_top1", results["knn_top1"])
-        tf.summary.scalar(f"{prefix}/linear_top1", results["linear_top1"])
-        for table in ("robust_top1", "robust_top1_l2"):  # L-inf, L2
-            for attack, by_eps in results.get(table, {}).items():
-                for eps, acc in by_eps.items():
-                    tf.summary.scalar(f"{prefix}/{table}/{attack}_{eps}", acc)
-    writer.flush()
+    """The results as TensorBoard scalars, in an events file of their own; a full disk removes
+    that file (files.writing)."""
+    logdir = workdir.tensorboard_dir(run_dir)
+    before = _entries(logdir)
+    with files.writing(logdir, "TensorBoard events", cleanup=lambda: _entries(logdir) - before):
+        writer = tf.summary.create_file_writer(logdir)
+        with writer.as_default(step=step):
+            tf.summary.scalar(f"{prefix}/knn_top1", results["knn_top1"])
+            tf.summary.scalar(f"{prefix}/linear_top1", results["linear_top1"])
+            for table in ("robust_top1", "robust_top1_l2"):  # L-inf, L2
+                for attack, by_eps in results.get(table, {}).items():
+                    for eps, acc in by_eps.items():
+                        tf.summary.scalar(f"{prefix}/{table}/{attack}_{eps}", acc)
+        writer.flush()
+
+
+def _entries(directory):
+    """The paths in `directory` (none if it is missing)."""
+    if not os.path.isdir(directory):
+        return set()
+    return {os.path.join(directory, name) for name in os.listdir(directory)}

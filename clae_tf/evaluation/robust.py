@@ -257,6 +257,11 @@ class Attacker:
         self._targets = attacks.top_targets(tf.constant(logits), tf.constant(self.labels),
                                             k).numpy()
 
+    @property
+    def targets_per_image(self) -> int:
+        """APGD-T's target classes per image (set_clean): min(--robust_targets, classes - 1)."""
+        return self._targets.shape[1]
+
     def passes(self, name: str, norm: str, steps: int = 0):
         """The attack passes of `name` (run_chain's steps): APGD-T one per target rank.
 
@@ -319,16 +324,20 @@ def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, b
     Returns:
       The results.json entries (README "Robustness"): robust_clean_top1, robust_examples,
       per norm its top-1 table, attacks and radii, robust_attack_seconds ({norm: {attack: s}}),
-      robust_square_mean_queries (queries per image Square attacked, by radius), and with
+      robust_square_mean_queries (queries per image Square attacked, by radius),
+      robust_targets_used (apgd-t's target classes per image: --robust_targets, at most
+      num_classes - 1; only with apgd-t), and with
       suite.checks robust_checks, robust_checks_seconds and robust_warnings.
     """
     attacker = Attacker(logits_fn, images, labels, suite, num_classes)
     logits = attacker.clean_logits(batch_size)
     clean = np.argmax(logits, axis=1) == attacker.labels
-    if "apgd-t" in suite.attacks:
-        attacker.set_clean(logits)
     out = {"robust_clean_top1": float(np.mean(clean)), "robust_examples": int(len(clean)),
            "robust_attack_seconds": {}}
+    if "apgd-t" in suite.attacks:
+        attacker.set_clean(logits)
+        # What ran: --robust_targets capped at classes - 1 (eval_flags keeps the flag's value).
+        out["robust_targets_used"] = int(attacker.targets_per_image)
     chains = {}
     for norm, keys in NORMS.items():
         names = suite.attacks_for(norm)

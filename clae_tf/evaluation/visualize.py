@@ -11,6 +11,8 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins import projector
 
+from clae_tf.runtime import files
+
 # Neighbour picture: a frame says whether a neighbour has the query's label.
 GREEN = (0, 200, 0)  # same label as the query
 RED = (220, 0, 0)  # another label
@@ -105,20 +107,24 @@ def write_projector(logdir, name, features, labels, images, index):
       The path of projector_config.pbtxt.
     """
     directory = os.path.join(logdir, PROJECTOR_DIR)
-    os.makedirs(directory, exist_ok=True)
-    np.savetxt(os.path.join(directory, "tensors.tsv"), np.asarray(features, np.float32),
-               delimiter="\t", fmt="%.6g")
-    with open(os.path.join(directory, "metadata.tsv"), "w") as f:
-        f.write("label\tindex\n")  # two columns: the projector wants a header line
-        f.writelines(f"{int(y)}\t{int(i)}\n" for y, i in zip(labels, index))
-    grid, d = sprite(images)
-    tf.io.write_file(os.path.join(directory, "sprite.png"), tf.io.encode_png(grid))
-    config = projector.ProjectorConfig()
-    embedding = config.embeddings.add()
-    embedding.tensor_name = name
-    embedding.tensor_path = f"{PROJECTOR_DIR}/tensors.tsv"
-    embedding.metadata_path = f"{PROJECTOR_DIR}/metadata.tsv"
-    embedding.sprite.image_path = f"{PROJECTOR_DIR}/sprite.png"
-    embedding.sprite.single_image_dim.extend([d, d])
-    projector.visualize_embeddings(logdir, config)
-    return os.path.join(logdir, "projector_config.pbtxt")
+    config_path = os.path.join(logdir, "projector_config.pbtxt")
+    # A full disk removes the projector's files: a half-replaced set would mislabel the points.
+    with files.writing(directory, "TensorBoard's projector files",
+                       cleanup=(directory, config_path)):
+        os.makedirs(directory, exist_ok=True)
+        np.savetxt(os.path.join(directory, "tensors.tsv"), np.asarray(features, np.float32),
+                   delimiter="\t", fmt="%.6g")
+        with open(os.path.join(directory, "metadata.tsv"), "w") as f:
+            f.write("label\tindex\n")  # two columns: the projector wants a header line
+            f.writelines(f"{int(y)}\t{int(i)}\n" for y, i in zip(labels, index))
+        grid, d = sprite(images)
+        tf.io.write_file(os.path.join(directory, "sprite.png"), tf.io.encode_png(grid))
+        config = projector.ProjectorConfig()
+        embedding = config.embeddings.add()
+        embedding.tensor_name = name
+        embedding.tensor_path = f"{PROJECTOR_DIR}/tensors.tsv"
+        embedding.metadata_path = f"{PROJECTOR_DIR}/metadata.tsv"
+        embedding.sprite.image_path = f"{PROJECTOR_DIR}/sprite.png"
+        embedding.sprite.single_image_dim.extend([d, d])
+        projector.visualize_embeddings(logdir, config)
+    return config_path

@@ -137,12 +137,15 @@ def _export(cfg: Config, model, step: int, out: dict):
 
 def _own_probe(cfg: Config, step: int):
     """The run's own probe (probe.npz) if it was trained on the encoder of `step`, else None;
-    and why not (one line)."""
+    and why not (one line): no probe, one that cannot be read, or one of another step."""
     probe_path = workdir.eval_paths(cfg.run_dir)["probe"]
     if not os.path.exists(probe_path):
         return None, (f"no linear probe in {cfg.run_dir} yet (run --mode=eval first); "
                       f"exported the encoder only")
-    probe = evaluate.load_probe(probe_path)
+    try:
+        probe = evaluate.load_probe(probe_path)
+    except ClaeError as e:  # a broken probe.npz counts as none: export the encoder, say why
+        return None, f"{str(e).removeprefix('--workdir: ')}; exported the encoder only"
     if probe["step"] != step:  # a probe of other weights would give meaningless logits
         return None, (f"the linear probe in {probe_path} is of step {probe['step']}, the "
                       f"checkpoint of step {step} (run --mode=eval first); exported the "
@@ -188,8 +191,10 @@ def robust_lines(r: dict) -> list:
     chain, then per norm the worst case over the chain and the first attack alone (radii in
     1/255 for L-inf, [0, 1]-pixel units for L2)."""
     chain = r.get("robust_attacks") or r.get("robust_l2_attacks") or []
+    kept = r.get("robust_kept_from")
     lines = [f"Robust top-1: clean {r['robust_clean_top1']:.4f} on {r['robust_examples']} images"
-             f"  ({' > '.join(chain)}, {r['robust_seconds']:.0f} s)"]
+             f"  ({' > '.join(chain)}, {r['robust_seconds']:.0f} s)"
+             + (f"  [kept from an earlier evaluation of step {kept['step']}]" if kept else "")]
     for label, table, attacks in (("  Linf /255:  ", "robust_top1", "robust_attacks"),
                                   ("  L2:         ", "robust_top1_l2", "robust_l2_attacks")):
         if table not in r:

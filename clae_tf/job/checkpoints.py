@@ -1,14 +1,17 @@
 """The train state of a workdir: model, method state, optimizer, and their checkpoints."""
 
+import math
 import os
+import traceback
 
 import keras
 import tensorflow as tf
+from tensorflow.python.checkpoint import checkpoint as tf_checkpoint
 
 from clae_tf import ClaeError
 from clae_tf.method import builders, contrastive
 from clae_tf.method.optim import build_optimizer
-from clae_tf.runtime import distribute, signals, workdir
+from clae_tf.runtime import distribute, files, signals, workdir
 from clae_tf.runtime.config import Config
 
 
@@ -54,11 +57,31 @@ class State:
         return found[0] if found else None
 
     def save(self, step: int):
-        """Writes ckpt-<step>. A Ctrl-C or SIGTERM meanwhile waits until it is written whole."""
-        with signals.held():
+        """Writes ckpt-<step>. A Ctrl-C or SIGTERM meanwhile waits until it is written whole.
+
+        A full disk removes what this save wrote (its ckpt-<step>_temp/, any file of
+        ckpt-<step>, the index's temporary file) and is a ClaeError that names the last good
+        checkpoint (files.writing).
+        """
+        directory = self.manager.directory
+        with signals.held(), files.writing(
+                os.path.join(directory, f"ckpt-{step}"), "the checkpoint",
+                needed=self._checkpoint_bytes, cleanup=lambda: _partial_save(directory, step),
+                note=lambda: _last_good(self.latest_checkpoint)):
             self.manager.save(checkpoint_number=step)
-            distribute.remove_worker_dir(self.strategy, self.manager.directory)
+            distribute.remove_worker_dir(self.strategy, directory)
             self.saved_step = step
+
+    def _checkpoint_bytes(self) -> int:
+        """About the size of a checkpoint: the newest one's files, else the variables' bytes."""
+        latest = self.latest_checkpoint
+        if latest is None:
+            variables = self.model.variables + (self.optimizer.variables if self.optimizer
+                                                else [])
+            return sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables)
+        directory, prefix = os.path.split(latest)
+        return sum(files.tree_bytes(os.path.join(directory, name))
+                   for name in os.listdir(directory) if name.startswith(prefix + "."))
 
     def restore(self, model_only=False):
         """Restores the newest checkpoint that can be read; False when there is none.
@@ -76,6 +99,7 @@ class State:
                 else:
                     status.assert_existing_objects_matched()
             except (AssertionError, ValueError, IndexError, tf.errors.OpError) as e:
+                _expect_partial(e)  # this failure is reported below, in one line
                 # Only a failed restore reads the whole file again, to tell a damaged checkpoint
                 # (fall back; an older one then overwrites whatever this one assigned) from one
                 # of another model (an error).
@@ -129,6 +153,26 @@ def _manager(checkpoint, directory):
         return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
 
 
+# The bookkeeping of one tf.train.Checkpoint.restore call (private to TensorFlow; () if a
+# release renames it, which brings back TensorFlow's own report of a failed restore).
+_RESTORE_COORDINATOR = getattr(tf_checkpoint, "_CheckpointRestoreCoordinator", ())
+
+
+def _expect_partial(error):
+    """Marks the restore that raised `error` as partial on purpose, as status.expect_partial()
+    marks one that returned a status (a restore that raises returns none).
+
+    Without this, TensorFlow logs a warning for every value of the checkpoint that the restore
+    did not reach (tens of lines: the whole model of another --method) when the restore's
+    bookkeeping is garbage-collected, typically at exit, after the one line that says what is
+    wrong. The restore is found among the locals of the frames that `error` passed through.
+    """
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        for value in frame.f_locals.values():
+            if isinstance(value, _RESTORE_COORDINATOR):
+                value.expect_partial = True
+
+
 def unreadable(path):
     """Why the checkpoint at `path` cannot be read (None if every tensor in it reads)."""
     try:
@@ -149,6 +193,20 @@ def _set_aside(path):
         if name == prefix + ".index" or name.startswith(prefix + ".data"):
             tf.io.gfile.rename(os.path.join(directory, name), os.path.join(aside, name),
                                overwrite=True)
+
+
+def _partial_save(directory, step):
+    """What a failed save of ckpt-<step> leaves in `directory`: TensorFlow's ckpt-<step>_temp/,
+    the files of ckpt-<step> written so far, and the `checkpoint` index's temporary file."""
+    prefix = f"ckpt-{step}"
+    return [os.path.join(directory, name) for name in os.listdir(directory)
+            if name in (prefix, prefix + "_temp") or name.startswith(prefix + ".")
+            or name.startswith("checkpoint.tmp")]
+
+
+def _last_good(path):
+    return (f"the last good checkpoint, {path}, is kept" if path else
+            "no checkpoint was saved before")
 
 
 def _step_of(path):

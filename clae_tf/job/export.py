@@ -45,7 +45,8 @@ def export(cfg: Config, model, path: str, encoder=None):
       serve_uint8(images): uint8   (N, H, W, 3) in [0, 255]
 
     Images of any size are resized to --image_size and normalised (--normalize) as in training.
-    A wrong dtype fails (InvalidArgumentError naming the endpoint to use) instead of being cast;
+    A wrong dtype fails (InvalidArgumentError naming the endpoint to use) instead of being cast,
+    and so does a wrong shape (one image without the batch axis, 1 or 4 channels, 0 x 0 pixels);
     serve also fails on values outside [0, 1] (by more than 0.01), which catches 0..255 images
     that reach it as floats (e.g. through `signatures`, which do cast NumPy arguments), and on
     NaN or infinite values. An empty batch (N = 0) gives empty outputs, (0, D).
@@ -103,22 +104,37 @@ def _add_endpoints(archive, fn, empty):
 
 
 def _dtype_checked(name, fn, empty):
-    """`fn` as a tf.function traced for the dtypes `name` accepts and for the usual wrong ones;
-    an empty batch returns empty() without running `fn` (TF 2.21's CPU convolution returns its
-    input unchanged on an empty batch, and the next layer then fails on its shape)."""
+    """`fn` as a tf.function traced for the dtypes `name` accepts and for the usual wrong ones,
+    with the shape checked too: (N, H, W, 3) images with H, W >= 1, else an InvalidArgumentError
+    that says so (not TensorFlow's "Could not find matching concrete function" or an error from
+    inside the model). An empty batch returns empty() without running `fn` (TF 2.21's CPU
+    convolution returns its input unchanged on an empty batch, and the next layer then fails on
+    its shape)."""
+    wrong_shape = f"{name}: takes images of shape (N, H, W, 3) with H, W >= 1; got shape"
+
+    def refuse(message):
+        check = tf.debugging.Assert(False, message, summarize=8)  # a shape whole, not [2 16 16...]
+        with tf.control_dependencies([check]):
+            return tf.nest.map_structure(tf.identity, empty())
 
     @tf.function(autograph=False)
     def endpoint(images):
-        if images.dtype in _ACCEPTS[name]:
+        if images.dtype not in _ACCEPTS[name]:
+            # Traced for a wrong dtype, any shape: the model never runs, the call fails.
+            return refuse([f"{name}: takes {_HOW[name]}; got {images.dtype.name} images"])
+        if images.shape.rank is None:
+            # Traced for any shape after the (N, H, W, 3) traces, and a call runs the first trace
+            # that fits: this one gets the other ranks and channel counts only.
+            return refuse([wrong_shape, tf.shape(images)])
+        sized = tf.debugging.Assert(tf.reduce_all(tf.shape(images)[1:3] >= 1),
+                                    [wrong_shape, tf.shape(images)], summarize=8)
+        with tf.control_dependencies([sized]):
             return tf.cond(tf.shape(images)[0] > 0, lambda: fn(images), empty)
-        # Traced for a wrong dtype: the model never runs, the call fails with this message.
-        refuse = tf.debugging.Assert(
-            False, [f"{name}: takes {_HOW[name]}; got {images.dtype.name} images"])
-        with tf.control_dependencies([refuse]):
-            return tf.nest.map_structure(tf.identity, empty())
 
-    for dtype in _ACCEPTS[name] + _REFUSES[name]:  # the first trace becomes the signature
+    for dtype in _ACCEPTS[name]:  # the first trace becomes the signature
         endpoint.get_concrete_function(tf.TensorSpec([None, None, None, 3], dtype))
+    for dtype in _REFUSES[name] + _ACCEPTS[name]:
+        endpoint.get_concrete_function(tf.TensorSpec(None, dtype))
     return endpoint
 
 
@@ -129,7 +145,7 @@ def export_probe(cfg: Config, model, probe: dict, path: str, encoder=None):
       serve_uint8(images): uint8   (N, H, W, 3) in [0, 255] -> the same
 
     resized and normalised as `export`, clean BNs in inference mode, the probe on h or z (as it
-    was trained), with the same input checks as `export`'s endpoints (dtype, range, NaN) and
+    was trained), with the same input checks as `export`'s endpoints (dtype, shape, range, NaN) and
     (0, num_classes) logits for an empty batch. Differentiable end to end, so an attack library
     can attack it in pixel space (what clae_tf/robust.py does in-process).
 
@@ -181,13 +197,17 @@ def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[d
     for name in EXPORTS + (EXPORT_STAGING, MANIFEST):
         files.remove_leftovers(os.path.join(run_dir, name))
     staging = files.temporary_sibling(os.path.join(run_dir, EXPORT_STAGING))
-    os.makedirs(staging)
     try:
-        encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # one for all
-        export(cfg, model, os.path.join(staging, SAVED_MODEL), encoder)
-        export_keras(cfg, model, os.path.join(staging, ENCODER_KERAS), encoder)
+        with _staged(run_dir, SAVED_MODEL, staging):
+            os.makedirs(staging)
+            encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # one for all
+            export(cfg, model, os.path.join(staging, SAVED_MODEL), encoder)
+        with _staged(run_dir, ENCODER_KERAS, staging):
+            export_keras(cfg, model, os.path.join(staging, ENCODER_KERAS), encoder)
         if probe is not None:
-            export_probe(cfg, model, probe, os.path.join(staging, PROBE_SAVED_MODEL), encoder)
+            with _staged(run_dir, PROBE_SAVED_MODEL, staging):
+                export_probe(cfg, model, probe, os.path.join(staging, PROBE_SAVED_MODEL),
+                             encoder)
         written = [name for name in EXPORTS if os.path.lexists(os.path.join(staging, name))]
         previous = read_manifest(run_dir) or {}
         kept = [name for name in EXPORTS if name not in written and previous.get("step") == step
@@ -205,12 +225,21 @@ def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[d
             for name in removed:
                 files.remove_path(os.path.join(run_dir, name))
             files.write_atomic(manifest, json.dumps({"step": step, "exports": written + kept},
-                                                    indent=2))
+                                                    indent=2), "the exports' manifest")
         model_card.write(run_dir, step, written + kept)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # empty unless something failed
     return {"paths": {name: os.path.join(run_dir, name) for name in written + kept},
             "removed": removed}
+
+
+def _staged(run_dir: str, name: str, staging: str):
+    """Around the writing of export `name` into `staging`: a full disk removes `staging` and
+    is one line naming the export's place in `run_dir`, with the size of the one there now as
+    the space needed (files.writing)."""
+    path = os.path.join(run_dir, name)
+    return files.writing(path, "the export", needed=lambda: files.tree_bytes(path),
+                         cleanup=(staging,))
 
 
 def read_manifest(run_dir: str) -> Optional[dict]:

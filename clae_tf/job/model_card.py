@@ -121,6 +121,6 @@ def write(run_dir: str, step: int, exports: list, path: Optional[str] = None) ->
     path = path or os.path.join(run_dir, workdir.MODEL_CARD)
     flags = workdir.saved_flags(run_dir) or {}
     results = files.read_json(workdir.eval_paths(run_dir)["results"]) or {}
-    files.write_atomic(path, card(flags, results, step, exports))
+    files.write_atomic(path, card(flags, results, step, exports), "the model card")
     return path
 

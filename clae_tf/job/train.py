@@ -18,7 +18,7 @@ from clae_tf.data import augment, sources, streams
 from clae_tf.evaluation import monitor
 from clae_tf.job import checkpoints, health
 from clae_tf.method import train_step
-from clae_tf.runtime import distribute, signals, workdir
+from clae_tf.runtime import distribute, files, signals, workdir
 from clae_tf.runtime.config import Config
 from clae_tf.runtime.progress import Progress
 
@@ -187,10 +187,11 @@ class _Loop:
             strategy, train_step.make_distributed_step(strategy, replica_step, state.method,
                                                        compiled=False),
             state.model, cfg)
-        logdir = workdir.tensorboard_dir(cfg.run_dir)
+        logdir = self.logdir = workdir.tensorboard_dir(cfg.run_dir)
         chief = distribute.is_chief(strategy)
-        self.writer = (tf.summary.create_file_writer(logdir) if chief
-                       else tf.summary.create_noop_writer())
+        with self._events():  # the writer writes its first event at once
+            self.writer = (tf.summary.create_file_writer(logdir) if chief
+                           else tf.summary.create_noop_writer())
         # Online kNN and pictures: the chief only (no collectives in there, monitor.py).
         self.watch = (monitor.Monitor(cfg, state.model, source, self.writer, logdir) if chief
                       else None)
@@ -221,17 +222,23 @@ class _Loop:
         self._check_health(step, out["last"])
         metrics = {k: float(v) for k, v in out["metrics"].items()}
         self.window_steps += int(out["steps"])
-        if (self.watch and cfg.eval_every_epochs and epoch_ended
-                and (step // self.steps_per_epoch) % cfg.eval_every_epochs == 0):
-            self._online_eval(step)
-        self.progress.update(step, {**{k: metrics[k] for k in ("loss", "contrast_acc")},
-                                    **self.online})
-        if step % cfg.log_every == 0 or step == self.total_steps:
-            self._log_scalars(step, metrics)
-        if cfg.adversarial and (step % cfg.image_every == 0 or step == self.start + n):
-            _log_images(self.writer, step, out["images"], cfg.eps, cfg.normalize)
+        with self._events():
+            if (self.watch and cfg.eval_every_epochs and epoch_ended
+                    and (step // self.steps_per_epoch) % cfg.eval_every_epochs == 0):
+                self._online_eval(step)
+            self.progress.update(step, {**{k: metrics[k] for k in ("loss", "contrast_acc")},
+                                        **self.online})
+            if step % cfg.log_every == 0 or step == self.total_steps:
+                self._log_scalars(step, metrics)
+            if cfg.adversarial and (step % cfg.image_every == 0 or step == self.start + n):
+                _log_images(self.writer, step, out["images"], cfg.eps, cfg.normalize)
         if step % cfg.ckpt_every == 0:
             self.state.save(step)
+
+    def _events(self):
+        """Around TensorBoard writes: a summary op flushes the writer's queue when it is full,
+        so a full disk surfaces there or at flush() (files.writing: one line)."""
+        return files.writing(self.logdir, "TensorBoard events")
 
     def _check_health(self, step: int, last: dict):
         if not last["healthy"]:
@@ -259,9 +266,10 @@ class _Loop:
         """The last checkpoint, the monitor's last picture, the events on disk; the record."""
         if self.state.saved_step != step:
             self.state.save(step)
-        if self.watch:
-            self.watch.at_end(step)
-        self.writer.flush()
+        with self._events():
+            if self.watch:
+                self.watch.at_end(step)
+            self.writer.flush()
         return TrainResult(
             model=self.state.model, step=step, steps_per_epoch=self.steps_per_epoch,
             train_seconds=self.train_seconds, online_evals=self.online_evals,

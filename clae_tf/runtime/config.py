@@ -70,6 +70,13 @@ _STEP_PAIR = ("lr_boundaries", "lr_factors")
 # in place. autoattack is AutoAttack's "standard" version (Croce & Hein 2020) without FAB-T.
 ROBUST_ATTACKS = ("pgd20", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t", "square")
 ROBUST_SUITES = {"autoattack": ("apgd-ce", "apgd-t", "square"), "quick": ("pgd20", "fgsm")}
+# The most --robust_square_queries accepted: 20x AutoAttack's standard 5,000. Square's cost
+# grows linearly with its queries (one forward pass of every standing image per query), and on a
+# robust model most images use the whole budget: 100,000 queries on 1,000 images are 10^8
+# forward passes, hours on a GPU and days on a CPU. A bound refuses a typo (10^9) at once, where
+# an estimate of the time would first need a timing of the model; a larger budget adds little
+# (README "Robustness": 5,000 queries found nothing that 1,000 missed).
+MAX_SQUARE_QUERIES = 100_000
 # Not written to a run's flags.cfg: they say what to do with the run, not what the run is.
 _NOT_RECORDED = ("mode", "virtual_cpus")
 
@@ -240,8 +247,8 @@ class Config:
     robust_targets: int = _flag(3, "apgd-t: target classes, the most likely other classes of "
                                 "the clean image (at most the number of classes - 1); "
                                 "AutoAttack's standard: 9.")
-    robust_square_queries: int = _flag(1000, "square: queries (forward passes) per image; "
-                                       "AutoAttack's standard: 5000.")
+    robust_square_queries: int = _flag(1000, "square: queries (forward passes) per image, at "
+                                       "most 100000; AutoAttack's standard: 5000.")
     robust_checks: bool = _flag(True, "Gradient-masking checks of the robust evaluation "
                                 "(results.json robust_checks; a warning line when one fires).")
     # Distribution.
@@ -390,6 +397,11 @@ class Config:
             _ = self.robust_attack_list  # evaluated only to validate: raises on a bad name
         except ValueError as e:
             _bad("robust_attacks", str(e))
+        if self.robust_square_queries > MAX_SQUARE_QUERIES:
+            _bad("robust_square_queries", f"{self.robust_square_queries} is more than "
+                                          f"{MAX_SQUARE_QUERIES:,} queries per image, which "
+                                          f"takes days on 1,000 images; AutoAttack's standard "
+                                          f"budget is 5,000")
         if self.attack_step_size < 0:
             _bad("attack_step_size", f"must be > 0 (or 0: 2.5 * eps / steps), got "
                                      f"{self.attack_step_size}")
@@ -430,7 +442,7 @@ class Config:
     @property
     def robust_attack_list(self) -> Tuple[str, ...]:
         """--robust_attacks with the suites expanded in place and repeats dropped (the first
-        place counts). Raises ValueError naming an unknown attack or suite."""
+        place counts). Raises ValueError naming an unknown attack or suite, or an empty item."""
         out = []
         for name in (item.lower() for item in _items(self.robust_attacks)):
             if name not in ROBUST_ATTACKS and name not in ROBUST_SUITES:
@@ -535,17 +547,32 @@ def _bad(flag: str, why: str):
 
 
 def _items(text: str):
-    """The non-empty items of a comma list ("1, 2," -> ["1", "2"])."""
-    return [item.strip() for item in text.split(",") if item.strip()]
+    """The items of a comma list, stripped ("1, 2" -> ["1", "2"]; "" or blanks -> none).
+
+    Raises ValueError for an empty item ("1,,2", ",,", "1,"): a comma too many is a typo, and
+    dropping the item would evaluate something other than what was asked without a word.
+    """
+    if not text.strip():
+        return []
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise ValueError(f"empty item in {text!r} (a comma too many?); an entirely empty value "
+                         f"means none")
+    return items
 
 
 def parse_radii(name: str, text: str) -> Tuple[float, ...]:
     """The radii of --robust_eps or --robust_l2_eps (`name`): a comma list ("1,2,4,8"; "" -> none)
-    as floats, in the order given. Raises ClaeError(`--name: why`) for an item that is not a
-    number, is negative or nan, or (--robust_eps, in 1/255) is more than 255."""
+    as floats, in the order given. Raises ClaeError(`--name: why`) for an empty item ("1,,2"),
+    an item that is not a number, is negative or nan, or (--robust_eps, in 1/255) is more than
+    255."""
     unit = " (in 1/255)" if name == "robust_eps" else ""
+    try:
+        items = _items(text)
+    except ValueError as e:
+        _bad(name, str(e))
     radii = []
-    for item in _items(text):
+    for item in items:
         try:
             value = float(item)
         except ValueError:

@@ -119,7 +119,7 @@ def update_results(run_dir: str, entries: dict, other_data=None, stale_prefix=No
     if stale_prefix is not None:
         saved = {k: v for k, v in saved.items() if not k.startswith(stale_prefix)}
     results = {**saved, **entries}
-    files.write_atomic(path, json.dumps(results, indent=2, sort_keys=True))
+    files.write_atomic(path, json.dumps(results, indent=2, sort_keys=True), "the results")
     return results
 
 
@@ -165,7 +165,7 @@ def write_flagfile(cfg: Config):
     resolved = dataclasses.replace(cfg, workdir=cfg.run_dir)
     files.write_atomic(flagfile(cfg.run_dir),
                        f"# Reproduce this run: {reproduce_command(cfg.run_dir)}\n"
-                       + resolved.to_flagfile())
+                       + resolved.to_flagfile(), "the run's flags")
 
 
 def reproduce_command(run_dir: str) -> str:
