@@ -1,6 +1,6 @@
 """Throughput of the SimCLR and CLAE train steps, the input pipeline, bf16, and peak memory.
 
-    python bench/benchmark.py                  # the table in BENCHMARKS.md (20-40 min, 2 cores)
+    python bench/benchmark.py                  # docs/performance.md's step costs (20-40 min)
     python bench/benchmark.py --quick          # ResNet-10 x0.25, batch 64: ~1 min when idle
     python bench/benchmark.py --widths=1 --batch_size=128 --image_size=32 --precisions=float32
     python bench/benchmark.py --widths=0.25 --rounds=0 --profile   # op-level time by op group

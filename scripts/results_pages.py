@@ -32,6 +32,14 @@ _TINY_FOLDER = ("Tiny-ImageNet laid out by scripts/tinyimagenet_folder.sh "
                 "([docs/data.md](../../data.md))")
 # name (folder under docs/results) -> title, what the protocol is, the sweep that makes its runs.
 PROTOCOLS = {
+    "first_run": dict(
+        title="The first command: SimCLR + CLAE on the bundled digits",
+        about="`python run.py --method=simclr --adversarial` (the README's first command) with "
+              "seeds 0, 1 and 2: ResNet-18 x0.25 at 32 px, 30 epochs (150 steps) on "
+              "scikit-learn's 8x8 digits, kNN and a linear probe on the 360 test digits, PGD-20 "
+              "and FGSM.",
+        sweep="python run.py --method=simclr --adversarial --seed=K",
+        data_note="scikit-learn's digits, shipped with scikit-learn"),
     "cifar10_full": dict(
         title="All of CIFAR-10: SimCLR vs SimCLR + CLAE",
         about="All 50,000 training images, ResNet-18 x0.25 (CIFAR stem), batch 256, bf16, 10 "
@@ -93,7 +101,7 @@ def _data(groups: Dict[str, List[dict]]) -> str:
     values = sorted({r["flags"].get("dataset", "?") for runs in groups.values() for r in runs})
     # A folder is named by its last part: the machine's path says nothing to a reader.
     names = [f"the image folder `{os.path.basename(os.path.normpath(v))}/`" if os.sep in v
-             else f"TFDS `{v}`" for v in values]
+             else "`--dataset=digits`" if v == "digits" else f"TFDS `{v}`" for v in values]
     text = ", ".join(names)
     return text
 

@@ -1,4 +1,4 @@
-"""The robustness table and plot of README "Robustness" from finished runs' results.json.
+"""The robustness table and plot of docs/robustness.md from finished runs' results.json.
 
     python scripts/robustness_table.py \
         --run="SimCLR=runs/cifar10_small/simclr_seed*" \

@@ -94,7 +94,7 @@ def test_portable_encoder_under_mixed_precision():
 # sys.meta_path refuses `clae_tf` before the editable install's finder (or any sys.path entry)
 # is asked, and the script checks that `import clae_tf` fails and nothing named clae_tf gets
 # loaded. It loads both exports, computes h and z, and takes one fit step of a classifier on h
-# with the encoder trainable, as in README "Export".
+# with the encoder trainable, as in docs/export.md.
 _USER_SCRIPT = textwrap.dedent('''
     import importlib.abc, json, sys
 
@@ -121,7 +121,7 @@ _USER_SCRIPT = textwrap.dedent('''
     out, report = {}, {}
 
 
-    # README "Export": keras.layers.TFSMLayer, with Keras 3's weight names repaired.
+    # docs/export.md: keras.layers.TFSMLayer, with Keras 3's weight names repaired.
     class TFSMLayer(keras.layers.TFSMLayer):
         """keras.layers.TFSMLayer whose weights a Keras optimizer accepts.
 

@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 
@@ -67,3 +68,41 @@ def test_the_check_mode_names_a_stale_page(tmp_path, monkeypatch, capsys):
                         lambda: {**real(), page: real()[page] + "one more line\n"})
     assert results_pages.main(["--check"]) == 1
     assert "differs: " in capsys.readouterr().out
+
+
+def _readme():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def _first_runs():
+    out = {}
+    for path in glob.glob(os.path.join(REPO, "docs", "results", "first_run", "runs", "*",
+                                       "results.json")):
+        with open(path) as f:
+            results = json.load(f)
+        out[results["seed"]] = results
+    return out
+
+
+def test_the_readmes_first_run_block_is_the_kept_seed_0_run():
+    seed0 = _first_runs()[0]
+    line = (f"kNN top-1:    {seed0['knn_top1']:.4f}   linear top-1: {seed0['linear_top1']:.4f}   "
+            f"(step {seed0['step']}, {seed0['test_examples']} test images)")
+    assert line in _readme().splitlines()
+
+
+def test_the_readmes_first_run_range_holds_every_kept_seed():
+    runs = _first_runs()
+    assert sorted(runs) == [0, 1, 2]
+    match = re.search(r"kNN top-1 from ([\d.]+) to ([\d.]+) and linear top-1 from ([\d.]+) to "
+                      r"([\d.]+)", _readme().replace("\n", " "))
+    assert match, "the README states the first command's range"
+    knn_lo, knn_hi, lin_lo, lin_hi = map(float, match.groups())
+    for results in runs.values():
+        assert knn_lo <= round(results["knn_top1"], 2) <= knn_hi
+        assert lin_lo <= round(results["linear_top1"], 2) <= lin_hi
+    assert knn_lo == round(min(r["knn_top1"] for r in runs.values()), 2)
+    assert knn_hi == round(max(r["knn_top1"] for r in runs.values()), 2)
+    assert lin_lo == round(min(r["linear_top1"] for r in runs.values()), 2)
+    assert lin_hi == round(max(r["linear_top1"] for r in runs.values()), 2)

@@ -1,7 +1,7 @@
 """The --augment sets built from keras-cv 0.9 layers (--augment_impl=keras_cv), an alternative to
 augment.py for users who want Keras-native preprocessing layers.
 
-What it cannot promise (README, "--augment_impl"):
+What it cannot promise (docs/methods.md, "--augment_impl"):
   - Exact resume and reproducibility. keras-cv's layers draw from stateful generators
     (tf.random.Generator, seeded from --seed) and from TF's global seed (its factor samplers), so a
     view depends on how many batches the layer saw before, in which order tf.data's parallel map

@@ -5,7 +5,7 @@ permutation of indices (tf.random.experimental.index_shuffle, seeded by (seed, e
 looks the images up here. One tf.data pipeline then serves every epoch of a run: no pipeline
 is built, no iterator created or destroyed, and no shuffle buffer refilled at an epoch
 boundary, where releasing the finished epoch's iterator stalls the train loop for seconds
-(BENCHMARKS.md, "Whole run").
+(docs/performance.md).
 
 Images that are all image_size square are one (N, S, S, 3) uint8 tensor; images of other or
 mixed sizes are kept flat (one uint8 vector, each image's offset and shape) and reshaped on

@@ -72,7 +72,7 @@ def epoch_iterators(split: Split, cfg: Config, step: int, total_steps: int,
     Yields (iterator, steps left in its epoch) for each epoch. A split held in memory gives ONE
     iterator for the rest of the run (`pretrain_stream`), handed out again at each epoch (the
     caller still stops at epoch ends, for epoch-end work): building a pipeline and dropping the
-    last one's iterator at each boundary costs seconds per epoch (BENCHMARKS.md, "Whole run").
+    last one's iterator at each boundary costs seconds per epoch (docs/performance.md).
     Otherwise one per epoch (`pretrain_dataset`).
 
     Args:
@@ -143,8 +143,8 @@ def _stream(images: memory.Images, cfg: Config, start_step: int, end_step: int):
 
 def _with_options(ds):
     """The pipeline shares the CPU cores with the train step and needs a fraction of one core
-    (BENCHMARKS.md), so each of its ops runs on one thread rather than spreading over every core
-    the step is using."""
+    (docs/performance.md), so each of its ops runs on one thread rather than spreading over every
+    core the step is using."""
     options = tf.data.Options()
     options.threading.max_intra_op_parallelism = 1
     return ds.with_options(options)

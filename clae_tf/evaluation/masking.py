@@ -1,4 +1,4 @@
-"""Gradient-masking checks of the robust evaluation (README, "Robustness").
+"""Gradient-masking checks of the robust evaluation (docs/robustness.md).
 
 A classifier whose input gradient is useless (a saturated softmax, a flat or non-finite loss
 surface) defeats gradient attacks without being robust (Athalye et al. 2018; Carlini et al.

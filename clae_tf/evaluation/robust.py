@@ -322,7 +322,7 @@ def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, b
       log: optional callable taking a progress line per attack (run_chain).
 
     Returns:
-      The results.json entries (README "Robustness"): robust_clean_top1, robust_examples,
+      The results.json entries (docs/robustness.md): robust_clean_top1, robust_examples,
       per norm its top-1 table, attacks and radii, robust_attack_seconds ({norm: {attack: s}}),
       robust_square_mean_queries (queries per image Square attacked, by radius),
       robust_targets_used (apgd-t's target classes per image: --robust_targets, at most

@@ -9,7 +9,7 @@ from clae_tf.runtime.config import Config
 def build_optimizer(cfg: Config, steps_per_epoch: int, total_steps: int):
     """Adam or SGD with the --lr_schedule of cfg (float16: with dynamic loss scaling).
 
-    KNOWN DIFFERENCE (README, "Differences from the reference code"): Keras' SGD keeps the
+    KNOWN DIFFERENCE (docs/method.md, "Differences from the reference code"): Keras' SGD keeps the
     learning rate inside its momentum (v = m v - lr g; w += v), PyTorch's applies it to the
     buffer (b = m b + g; w -= lr b). They agree while lr is constant; after a step-schedule drop
     Keras goes on applying the old lr's share of the momentum for ~1/(1 - m) steps

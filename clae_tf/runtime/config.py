@@ -75,7 +75,7 @@ ROBUST_SUITES = {"autoattack": ("apgd-ce", "apgd-t", "square"), "quick": ("pgd20
 # robust model most images use the whole budget: 100,000 queries on 1,000 images are 10^8
 # forward passes, hours on a GPU and days on a CPU. A bound refuses a typo (10^9) at once, where
 # an estimate of the time would first need a timing of the model; a larger budget adds little
-# (README "Robustness": 5,000 queries found nothing that 1,000 missed).
+# (docs/robustness.md: 5,000 queries found nothing that 1,000 missed).
 MAX_SQUARE_QUERIES = 100_000
 # Not written to a run's flags.cfg: they say what to do with the run, not what the run is.
 _NOT_RECORDED = ("mode", "virtual_cpus")
@@ -156,7 +156,7 @@ class Config:
                            choices=("float32", "bf16", "fp16"))
     jit_compile: bool = _flag(False, "Compile the train step with XLA (the loop and its data "
                               "iterator stay outside XLA). For accelerators; on a CPU it is "
-                              "checked for correctness, not speed (BENCHMARKS.md).")
+                              "checked for correctness, not speed (docs/performance.md).")
     # Data.
     dataset: str = _flag("digits", "A TFDS name (cifar10, cifar100, ...), a folder "
                          "root/{train,test}/<label>/<image>, or 'digits' (scikit-learn's 8x8 "
@@ -222,7 +222,7 @@ class Config:
     eval_batch_size: int = _flag(500, "Batch size for feature extraction.")
     # Default "quick": the full suite costs minutes per 1,000 images on a GPU but 15-60 min on
     # 2 CPU cores, too much for the offline first run; the small CIFAR-10 presets and every
-    # published number use pgd20,autoattack (README "Robustness").
+    # published number use pgd20,autoattack (docs/robustness.md).
     robust_attacks: str = _flag("quick", "Robust evaluation of encoder + linear "
                                 "probe: the attacks, comma-separated, run in this order, each on "
                                 "the images the ones before left standing: pgd20 (PGD-20, step "
@@ -243,7 +243,7 @@ class Config:
                                    "target of apgd-t).")
     # AutoAttack's standard budget is 9 targets and 5,000 Square queries; the defaults are a
     # third and a fifth of it, so that a CPU run evaluates 1,000 images in minutes, not hours
-    # (README "Robustness" says what the smaller budget costs). The APGD steps are AutoAttack's.
+    # (docs/robustness.md says what the smaller budget costs). The APGD steps are AutoAttack's.
     robust_targets: int = _flag(3, "apgd-t: target classes, the most likely other classes of "
                                 "the clean image (at most the number of classes - 1); "
                                 "AutoAttack's standard: 9.")

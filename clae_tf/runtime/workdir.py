@@ -1,7 +1,7 @@
 """A run's directory (--workdir): its layout, its flags.cfg and its results.
 
-The only module that knows what a run leaves in its workdir (README "What a run leaves in its
-workdir") and the only writer of its results files:
+The only module that knows what a run leaves in its workdir (docs/monitoring.md) and the only
+writer of its results files:
 
     flags.cfg                  the resolved flags (reproduce and resume the run)
     checkpoints/               checkpoints.State's checkpoints
