@@ -2,6 +2,7 @@
 first batches of the pretraining stream and a numpy reference of the weighted kNN."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -64,6 +65,28 @@ def parse_flags(*args):
         return config.from_flags()
     finally:
         flags.FLAGS.unparse_flags()
+
+
+# The exit code of an in_mount_namespace script whose mount was refused.
+MOUNT_REFUSED = 90
+
+
+def in_mount_namespace(script, what, covered_by, timeout=600, env=None):
+    """Runs the sh `script` in a private mount namespace (`unshare -m`; root), where it may
+    mount a small tmpfs (`mount ... || exit 90`); returns the finished process. Skips, saying
+    why, where unshare is missing or mounting is not allowed (not root, or a container without
+    CAP_SYS_ADMIN). what: the filesystem the test needs; covered_by: what covers it otherwise."""
+    import pytest
+    if shutil.which("unshare") is None:
+        pytest.skip(f"needs util-linux unshare (a private mount namespace for {what}); "
+                    f"{covered_by}")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+    if proc.returncode == MOUNT_REFUSED or (proc.returncode != 0
+                                            and proc.stderr.startswith("unshare")):
+        pytest.skip(f"not root or no mount namespaces (containers without CAP_SYS_ADMIN), so no "
+                    f"{what} to test on: {proc.stderr.strip()}")
+    return proc
 
 
 def tiny_config(tmp_path=None, **overrides) -> Config:

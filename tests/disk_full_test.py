@@ -12,8 +12,6 @@ import json
 import math
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 
 import keras
@@ -28,7 +26,7 @@ from clae_tf.job import checkpoints, export, model_card, train
 from clae_tf.method import builders, train_step
 from clae_tf.runtime import files, workdir
 
-from conftest import REPO, tiny_config
+from conftest import in_mount_namespace, tiny_config
 from subprocs import TIMEOUT
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -311,16 +309,9 @@ def test_exports_on_a_full_disk_keep_the_previous_ones(cfg, previous_exports, mo
 # unshare), then the same command once the tmpfs has room.
 
 
-def _in_mount_namespace(script, tmp_path):
-    if shutil.which("unshare") is None:
-        pytest.skip("needs util-linux unshare (a private mount namespace for a tiny tmpfs); the "
-                    "tests above cover each write site")
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=2 * TIMEOUT,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    if proc.returncode == 90 or (proc.returncode != 0 and "unshare" in proc.stderr):
-        pytest.skip(f"not root or no mount namespaces (containers without CAP_SYS_ADMIN), so no "
-                    f"tiny tmpfs to fill: {proc.stderr.strip()}")
+def _in_mount_namespace(script):
+    proc = in_mount_namespace(script, "a tiny tmpfs", "the tests above cover each write site",
+                              timeout=2 * TIMEOUT, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode == 0, proc.stderr
 
 
@@ -341,7 +332,7 @@ def test_smoke_run_on_a_full_tmpfs_stops_in_one_line_and_resumes(tmp_path):
         f"find {q['run']} > {q['logs']}/files1\n"
         f"mount -o remount,size=64m {q['disk']}\n"
         f"{command} > {q['logs']}/out2 2> {q['logs']}/err2; echo $? > {q['logs']}/rc2\n"
-        f"find {q['run']} > {q['logs']}/files2\n", tmp_path)
+        f"find {q['run']} > {q['logs']}/files2\n")
     out = {name: (logs / name).read_text() for name in os.listdir(logs)}
     assert out["rc1"].strip() == "2", out["err1"][-3000:]
     assert "Traceback" not in out["err1"]

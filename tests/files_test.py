@@ -22,7 +22,7 @@ from clae_tf import ClaeError
 from clae_tf.job import app
 from clae_tf.runtime import files
 
-from conftest import REPO, tiny_config
+from conftest import MOUNT_REFUSED, in_mount_namespace, tiny_config
 from subprocs import Program, run_py
 
 
@@ -197,15 +197,11 @@ def test_workdir_on_a_read_only_filesystem(tmp_path):
              f"    files.check_writable({str(ro / 'run')!r})\n"
              "except ClaeError as e:\n"
              "    print(e)\n")
-    script = f"mount -t tmpfs -o ro tmpfs {ro} && {sys.executable} -c \"$CHECK\""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs util-linux unshare (a private mount namespace for a read-only "
-                    "tmpfs); the regular-file and sysfs tests cover the refusal")
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, CHECK=check))
-    if proc.returncode != 0 and "mount" in proc.stderr:
-        pytest.skip(f"not root or no mount namespaces (containers without CAP_SYS_ADMIN), so no "
-                    f"read-only tmpfs to test on: {proc.stderr.strip()}")
+    script = (f"mount -t tmpfs -o ro tmpfs {ro} || exit {MOUNT_REFUSED}\n"
+              f"{sys.executable} -c \"$CHECK\"")
+    proc = in_mount_namespace(script, "a read-only tmpfs",
+                              "the regular-file and sysfs tests cover the refusal",
+                              env={"CHECK": check})
     assert proc.stdout.strip() == (
         f"--workdir: cannot write in {ro / 'run'} (Read-only file system)"), proc.stderr
 
