@@ -79,22 +79,27 @@ PROTOCOLS = {
 _METHOD_ORDER = list(compare.METHOD_NAMES)
 
 
-def run_dirs(name: str) -> List[str]:
-    """The kept runs of a protocol, by seed, then method, the baseline before its + CLAE."""
-    root = os.path.join(RESULTS, name, "runs")
-    if not os.path.isdir(root):
-        return []
-    runs = [os.path.join(root, d) for d in os.listdir(root)
-            if os.path.isdir(os.path.join(root, d))]
-    return sorted(runs, key=_order)
+def protocol_groups() -> Dict[str, Dict[str, List[dict]]]:
+    """{protocol: its kept runs grouped by method} for every protocol with runs/, each run read
+    once, in order: by seed, then method, the baseline before its + CLAE."""
+    out = {}
+    for name in PROTOCOLS:
+        root = os.path.join(RESULTS, name, "runs")
+        if not os.path.isdir(root):
+            continue
+        runs = [compare.load_run(os.path.join(root, d)) for d in os.listdir(root)
+                if os.path.isdir(os.path.join(root, d))]
+        if runs:
+            out[name] = compare.group_runs(sorted(runs, key=_order))
+    return out
 
 
-def _order(workdir: str):
-    flags = compare.load_run(workdir)["flags"]
+def _order(run: dict):
+    flags = run["flags"]
     method = flags.get("method", "")
     return (int(flags.get("seed", 0)),
             _METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER),
-            flags.get("adversarial") == "True", os.path.basename(workdir))
+            flags.get("adversarial") == "True", os.path.basename(run["workdir"]))
 
 
 def _data(groups: Dict[str, List[dict]]) -> str:
@@ -141,11 +146,7 @@ def index(pages: Dict[str, Dict[str, List[dict]]]) -> str:
 
 def generate() -> Dict[str, str]:
     """{path: text} of every results page."""
-    pages = {}
-    for name in PROTOCOLS:
-        runs = run_dirs(name)
-        if runs:
-            pages[name] = compare.group_runs([compare.load_run(r) for r in runs])
+    pages = protocol_groups()
     out = {os.path.join(RESULTS, name, "README.md"): page(name, groups)
            for name, groups in pages.items()}
     out[os.path.join(RESULTS, "README.md")] = index(pages)
@@ -169,15 +170,10 @@ def main(argv=None):
         if not args.check:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
-    if args.plots:
-        for name in PROTOCOLS:
-            runs = run_dirs(name)
-            if runs:
-                groups = compare.group_runs([compare.load_run(r) for r in runs])
-                compare.plot(groups, os.path.join(RESULTS, name, "comparison.png"))
-                curves = compare.write_online_knn(
-                    groups, os.path.join(RESULTS, name, "online_knn.json"))
-                compare.plot_online_knn(curves, os.path.join(RESULTS, name, "online_knn.png"))
+    for name, groups in protocol_groups().items() if args.plots else ():
+        compare.plot(groups, os.path.join(RESULTS, name, "comparison.png"))
+        curves = compare.write_online_knn(groups, os.path.join(RESULTS, name, "online_knn.json"))
+        compare.plot_online_knn(curves, os.path.join(RESULTS, name, "online_knn.png"))
     for path in stale:
         print(f"{'differs' if args.check else 'written'}: {os.path.relpath(path)}")
     return 1 if args.check and stale else 0
