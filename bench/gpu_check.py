@@ -432,6 +432,17 @@ class Check:
     def case_skip(self, precision: str, jit: bool):
         return self.skip.get(precision) or (self.skip["xla"] if jit else None)
 
+    def verdict(self, label: str, row: dict, failed: list, case: Case, head: str) -> dict:
+        """`row` with its first-call time and pass/fail, logged as `head` + the update
+        difference + the verdict; a failure is also kept for the exit status."""
+        row["first_call_s"] = case.first_call_s
+        row["pass"], row["failed"] = not failed, failed
+        self.clock.log(f"{head}, update rel. diff {row['update_rel_diff']:.2e}: "
+                       f"{'pass' if not failed else 'FAIL ' + '; '.join(failed)}")
+        if failed:
+            self.failures.append(f"{label}: {'; '.join(failed)}")
+        return row
+
     def record_time(self, method: str, precision: str, jit: bool, case: Case, x1, x2):
         key = "xla_on" if jit else "xla_off"
         self.timed.add((method, precision, jit))
@@ -501,14 +512,8 @@ class Check:
                         failed.append(f"no step applied in {args.fp16_tries} tries")
                     if not row["loss_scale_finite"]:
                         failed.append("loss scale not finite and positive")
-                row["first_call_s"] = case.first_call_s
-                row["pass"], row["failed"] = not failed, failed
-                precision[p] = row
-                self.clock.log(f"{p}: loss {row['loss']:.5f}, update rel. diff "
-                               f"{row['update_rel_diff']:.2e}: "
-                               f"{'pass' if not failed else 'FAIL ' + '; '.join(failed)}")
-                if failed:
-                    self.failures.append(f"precision {p}: {'; '.join(failed)}")
+                precision[p] = self.verdict(f"precision {p}", row, failed, case,
+                                            f"{p}: loss {row['loss']:.5f}")
                 case.restore()
                 self.record_time("clae", p, False, case, x1, x2)
                 del case
@@ -533,14 +538,8 @@ class Check:
             case = Case(make_cfg(args, True, jit=True), init)
             row = compare(default, one_step(case, x1, x2), weights0)
             failed = judge(row, TOLERANCES[key])
-            row["first_call_s"] = case.first_call_s
-            row["pass"], row["failed"] = not failed, failed
-            xla["xla_vs_no_xla"] = row
-            self.clock.log(f"XLA: loss rel. diff {row['loss_rel_diff']:.2e}, update rel. diff "
-                           f"{row['update_rel_diff']:.2e}: "
-                           f"{'pass' if not failed else 'FAIL ' + '; '.join(failed)}")
-            if failed:
-                self.failures.append(f"xla: {'; '.join(failed)}")
+            xla["xla_vs_no_xla"] = self.verdict(
+                "xla", row, failed, case, f"XLA: loss rel. diff {row['loss_rel_diff']:.2e}")
             case.restore()
             self.record_time("clae", "float32", True, case, x1, x2)
             del case
