@@ -4,7 +4,6 @@ as they are. Built from the run's own files only (flags.cfg, results.json, expor
 the card says is what those files say."""
 
 import os
-from typing import Optional
 
 from clae_tf.runtime import files, workdir
 
@@ -116,9 +115,9 @@ def _eval_flag(results: dict, name: str) -> str:
     return results.get("eval_flags", {}).get(name, "?")
 
 
-def write(run_dir: str, step: int, exports: list, path: Optional[str] = None) -> str:
+def write(run_dir: str, step: int, exports: list) -> str:
     """Writes the card of `run_dir`'s exports (of `step`) atomically; returns its path."""
-    path = path or os.path.join(run_dir, workdir.MODEL_CARD)
+    path = os.path.join(run_dir, workdir.MODEL_CARD)
     flags = workdir.saved_flags(run_dir) or {}
     results = files.read_json(workdir.eval_paths(run_dir)["results"]) or {}
     files.write_atomic(path, card(flags, results, step, exports), "the model card")
