@@ -106,3 +106,192 @@ def test_the_readmes_first_run_range_holds_every_kept_seed():
     assert knn_hi == round(max(r["knn_top1"] for r in runs.values()), 2)
     assert lin_lo == round(min(r["linear_top1"] for r in runs.values()), 2)
     assert lin_hi == round(max(r["linear_top1"] for r in runs.values()), 2)
+
+
+# -- the trade-off page (scripts/tradeoff_report.py) on small synthetic runs ----------------------
+
+tradeoff = results_pages.tradeoff_report
+
+
+def _run(name, method, adversarial, eps, epochs, seed, linear, knn, worst=None, **results):
+    """A kept run as compare.load_run gives it: accuracies as fractions, worst {radius: acc}."""
+    flags = {"method": method, "seed": str(seed), "epochs": str(epochs), "eps": str(eps),
+             "robust_targets": "3", "robust_square_queries": "1000"}
+    if adversarial:
+        flags["adversarial"] = "True"
+    out = {"knn_top1": knn, "linear_top1": linear, **results}
+    if worst is not None:
+        out.update(robust_top1={"worst": worst}, robust_examples=1000,
+                   robust_attacks=["pgd20", "apgd-ce", "apgd-t", "square"])
+    label = {"simclr": "SimCLR", "plain": "Plain", "uel": "UEL", "moco": "MoCo"}[method]
+    return {"workdir": f"/kept/{name}", "label": label + ("+CLAE" if adversarial else ""),
+            "flags": flags, "results": out, "sweep": {}}
+
+
+# All of CIFAR-10, 10 epochs: SimCLR and SimCLR + CLAE at eps 0.03, seeds 0-2; linear, kNN and
+# the worst case at 2/255 and 8/255.
+SIMCLR10 = {0: (0.550, 0.476, 0.050, 0.000), 1: (0.555, 0.480, 0.070, 0.001),
+            2: (0.548, 0.472, 0.040, 0.000)}
+CLAE10 = {0: (0.515, 0.465, 0.330, 0.030), 1: (0.529, 0.481, 0.341, 0.031),
+          2: (0.523, 0.466, 0.313, 0.021)}
+SIMCLR30 = {0: (0.610, 0.540, 0.041, 0.000), 1: (0.622, 0.551, 0.052, 0.000)}
+CLAE30 = {0: (0.580, 0.521, 0.352, 0.041), 1: (0.583, 0.530, 0.371, 0.046)}
+EPS0588 = (0.490, 0.430, 0.370, 0.060)
+
+
+def _runs(prefix, method, adversarial, eps, epochs, table):
+    return [_run(f"{prefix}_seed{s}", method, adversarial, eps, epochs, s, lin, knn,
+                 {"1": w2 + 0.1, "2": w2, "4": w2 / 2, "8": w8})
+            for s, (lin, knn, w2, w8) in table.items()]
+
+
+def _pages(schedule=True, eps=True):
+    pages = {"cifar10_full": {"SimCLR": _runs("simclr", "simclr", False, 0.03, 10, SIMCLR10),
+                              "SimCLR+CLAE": _runs("clae", "simclr", True, 0.03, 10, CLAE10)}}
+    if eps:
+        lin, knn, w2, w8 = EPS0588
+        pages["tradeoff_eps"] = {"SimCLR+CLAE eps 0.0588": [_run(
+            "clae_eps0588_seed0", "simclr", True, 0.0588, 10, 0, lin, knn,
+            {"1": w2, "2": w2, "4": w2, "8": w8})]}
+    if schedule:
+        pages["tradeoff_schedule"] = {
+            "SimCLR": _runs("simclr", "simclr", False, 0.03, 30, SIMCLR30),
+            "SimCLR+CLAE": _runs("clae", "simclr", True, 0.03, 30, CLAE30)}
+    return pages
+
+
+def _points(table, i, seeds=(0, 1, 2)):
+    return np.array([100 * table[s][i] for s in seeds])
+
+
+def _question(key):
+    return next(q for q in tradeoff.QUESTIONS if q.key == key)
+
+
+def _comparison(key, subject):
+    return next(c for c in _question(key).comparisons if c.subject == subject)
+
+
+def test_paired_differences_are_the_seed_by_seed_differences():
+    cells = tradeoff.collect(_pages())
+    c = _comparison("schedule", "CLAE - SimCLR at 10 epochs")
+    for i, metric in enumerate(("linear", "kNN", "worst 2/255", "worst 8/255")):
+        diffs = tradeoff.paired(cells, c, metric)
+        assert list(diffs) == ["0", "1", "2"]
+        np.testing.assert_allclose(list(diffs.values()),
+                                   _points(CLAE10, i) - _points(SIMCLR10, i), atol=1e-9)
+    # The change of CLAE's effect from 10 to 30 epochs: over the seeds all four groups have.
+    c = _comparison("schedule", "(CLAE - SimCLR at 30 epochs) - (CLAE - SimCLR at 10 epochs)")
+    diffs = tradeoff.paired(cells, c, "linear")
+    expected = ((_points(CLAE30, 0, (0, 1)) - _points(SIMCLR30, 0, (0, 1)))
+                - (_points(CLAE10, 0, (0, 1)) - _points(SIMCLR10, 0, (0, 1))))
+    assert list(diffs) == ["0", "1"]
+    np.testing.assert_allclose(list(diffs.values()), expected, atol=1e-9)
+
+
+def test_the_verdict_rule():
+    # Mean beyond one std: costs / gains |mean| ± std.
+    d = np.array([-3.5, -1.4, -2.5])
+    assert tradeoff.verdict(list(d)) == (
+        f"costs {abs(d.mean()):.2f} ± {d.std(ddof=1):.2f} points (3 seeds)")
+    assert tradeoff.verdict([3.5, 1.4, 2.5]).startswith(f"gains {d.mean() * -1:.2f} ± ")
+    # Within one std: no effect measured.
+    d = np.array([1.5, -1.0, 0.4])
+    assert abs(d.mean()) <= d.std(ddof=1)
+    assert tradeoff.verdict(list(d)) == (
+        f"no effect measured ({d.mean():+.2f} ± {d.std(ddof=1):.2f}, 3 seeds)")
+    # One seed: judged against a reference std when given, else not judged.
+    assert tradeoff.verdict([-2.0], ref_std=0.7) == (
+        "costs 2.00 ± 0.70 points (one seed against the reference std)")
+    assert tradeoff.verdict([0.5], ref_std=0.7) == (
+        "no effect measured (+0.50 ± 0.70, one seed against the reference std)")
+    assert tradeoff.verdict([-2.0]) == "-2.00 on one seed (no spread: not judged)"
+    assert tradeoff.verdict([]) == "not measured"
+
+
+def test_the_trade_off_page_states_the_verdicts_of_its_numbers(tmp_path):
+    text = tradeoff.page(_pages(), str(tmp_path), "<!-- generated -->")
+    lin = _points(CLAE10, 0) - _points(SIMCLR10, 0)
+    w2 = _points(CLAE10, 2) - _points(SIMCLR10, 2)
+    assert (f"| CLAE - SimCLR at 10 epochs | 0,1,2 | {lin.mean():+.2f} ± {lin.std(ddof=1):.2f} "
+            in text)
+    assert (f"- CLAE - SimCLR at 10 epochs: linear costs {-lin.mean():.2f} ± "
+            f"{lin.std(ddof=1):.2f} points (3 seeds);" in text)
+    assert f"worst 2/255 gains {w2.mean():.2f} ± {w2.std(ddof=1):.2f} points (3 seeds)" in text
+    # eps 0.0588 has seed 0 alone: judged against the std of the eps 0.03 differences.
+    d = 100 * (EPS0588[0] - SIMCLR10[0][0])
+    assert (f"- SimCLR+CLAE eps 0.0588 (7.5/255) - SimCLR: linear costs {-d:.2f} ± "
+            f"{lin.std(ddof=1):.2f} points (one seed against the reference std)" in text)
+    # The group means, with the seeds kept of those expected.
+    means = _points(SIMCLR30, 0, (0, 1))
+    assert (f"| SimCLR, 30 epochs | [tradeoff_schedule](../tradeoff_schedule/README.md) | 0,1 "
+            f"(2 of 2) | {means.mean():.2f} ± {means.std(ddof=1):.2f} |" in text)
+    # What is missing is named, never an error.
+    assert ("- SimCLR+CLAE eps 0.0078 (1.0/255) - SimCLR: not run yet (3 of 4 runs kept; "
+            "missing: SimCLR+CLAE eps 0.0078 (1.0/255) seed 0)." in text)
+    assert "| MoCo | - | not run yet (0 of 3) |" in text
+    assert "The eps series (2 of 5 eps kept, group means): worst 2/255 is highest at eps 0.0588" \
+        in text
+    assert ("Robust suite: pgd20 + apgd-ce, apgd-t (3 targets), square (1,000 queries) on 1,000 "
+            "test images (all 10 runs)." in text)
+    assert "not run yet (0 of 4 runs kept)" not in text
+
+
+def test_the_trade_off_page_with_partial_and_no_data(tmp_path):
+    text = tradeoff.page(_pages(schedule=False, eps=False), str(tmp_path), "")
+    assert ("- CLAE - SimCLR at 30 epochs: not run yet (0 of 4 runs kept; missing: SimCLR+CLAE "
+            "eps 0.03 (3.8/255), 30 epochs seeds 0,1; SimCLR, 30 epochs seeds 0,1).") in text
+    assert "The online kNN curves of the 30-epoch pairs: not run yet (0 of 4 runs kept)." in text
+    assert "The eps series: 1 of 5 eps kept" in text
+    empty = tradeoff.page({}, str(tmp_path), "")
+    assert "Runs kept: 0 of the 38 the questions use." in empty
+    assert empty.count("not run yet") >= 14
+    # The figure draws what there is (and nothing without runs).
+    assert tradeoff.plot_tradeoff(_pages(schedule=False), str(tmp_path / "t.png"))
+    assert os.path.getsize(tmp_path / "t.png") > 0
+    assert not tradeoff.plot_tradeoff({}, str(tmp_path / "none.png"))
+    assert not tradeoff.plot_online(str(tmp_path), str(tmp_path / "o.png"))
+
+
+def test_the_online_knn_table_of_the_30_epoch_pairs(tmp_path):
+    curves = {"SimCLR": {"simclr_seed0": [[5.0, 0.40], [10.0, 0.45]],
+                         "simclr_seed1": [[5.0, 0.42], [10.0, 0.48]]},
+              "SimCLR+CLAE": {"clae_seed0": [[5.0, 0.39], [10.0, 0.46]],
+                              "clae_seed1": [[5.0, 0.40], [10.0, 0.44]]}}
+    (tmp_path / "tradeoff_schedule").mkdir()
+    with open(tmp_path / "tradeoff_schedule" / "online_knn.json", "w") as f:
+        json.dump(curves, f)
+    text = tradeoff.page(_pages(), str(tmp_path), "")
+    d = 100 * (np.array([0.46, 0.44]) - np.array([0.45, 0.48]))
+    assert (f"| 10 | 46.50 ± 2.12 | 45.00 ± 1.41 | {d.mean():+.2f} ± {d.std(ddof=1):.2f} |"
+            in text)
+    assert tradeoff.plot_online(str(tmp_path), str(tmp_path / "o.png"))
+
+
+def test_which_robust_suite_made_the_numbers():
+    run = _run("a", "simclr", True, 0.03, 10, 0, 0.5, 0.5, {"2": 0.3})
+    assert tradeoff.suite_description(run) == (
+        "pgd20 + apgd-ce, apgd-t (3 targets), square (1,000 queries)")
+    # What ran over the flags: apgd-t's targets as used, the evaluation's flags over flags.cfg.
+    run["results"].update(robust_targets_used=2, eval_flags={"robust_square_queries": "5000"})
+    assert tradeoff.suite_description(run) == (
+        "pgd20 + apgd-ce, apgd-t (2 targets), square (5,000 queries)")
+    # Without the kept list: the flag, its suites expanded.
+    del run["results"]["robust_attacks"]
+    run["flags"]["robust_attacks"] = "quick"
+    assert tradeoff.suite_description(run) == "pgd20, fgsm"
+    # results.json's robust_suite names it when present.
+    named = _run("b", "simclr", True, 0.03, 10, 1, 0.5, 0.5, {"2": 0.3},
+                 robust_suite="autoattack-standard")
+    assert tradeoff.suite_description(named) == "autoattack-standard"
+    line = tradeoff.suite_line([run, named, _run("c", "simclr", False, 0, 10, 0, 0.5, 0.5)])
+    assert line.startswith("Robust suites differ")
+    assert "pgd20, fgsm on 1,000 test images (a)" in line
+    assert "autoattack-standard on 1,000 test images (b)" in line
+
+
+def test_a_protocol_of_several_eps_gets_a_group_per_eps():
+    runs = [_run(f"clae_eps{e}_seed0", "simclr", True, e, 10, 0, 0.5, 0.5) for e in
+            (0.0078, 0.1176)] + [_run("plain_seed0", "plain", False, 0.03, 15, 0, 0.4, 0.4)]
+    labels = [r["label"] for r in results_pages._split(runs)]
+    assert labels == ["SimCLR+CLAE eps 0.0078", "SimCLR+CLAE eps 0.1176", "Plain"]
