@@ -11,11 +11,17 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of the log
 
+from clae_tf.runtime import signals  # noqa: E402
+
+# First of all: from here on Ctrl-C and SIGTERM are requests to stop (signals.py), whatever
+# disposition this process inherited, and never an exception inside an import.
+signals.install()
+
 from absl import app, flags, logging  # noqa: E402
 from absl.flags import _helpers  # noqa: E402  (absl's suggestions for a misspelt flag)
 
-from clae_tf import ClaeError
-from clae_tf.runtime import config, quiet_start, signals, workdir  # noqa: E402
+from clae_tf import ClaeError  # noqa: E402
+from clae_tf.runtime import config, quiet_start, workdir  # noqa: E402
 
 config.define_flags()
 FLAGS = flags.FLAGS
@@ -27,10 +33,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # TF's SavedModel writer logs every step at INFO
     cfg = None
     try:
-        signals.install()  # Ctrl-C and SIGTERM, whatever disposition this process inherited
+        signals.check()  # a request while the flags were read
         cfg = config.from_flags()
         if cfg.mode != "train":
             cfg = _with_saved_flags(cfg)
+        signals.set_exit_note(_where(cfg))
         quiet_start.start_tensorflow()  # TensorFlow: after the cheap checks (no-GPU noise off)
         from clae_tf.job import app as clae_app
         clae_app.print_summary(clae_app.run(cfg))
@@ -40,11 +47,14 @@ def main(argv):
         sys.exit(2)
     except KeyboardInterrupt as e:  # outside the train loop (which saves and says so itself)
         signals.stopping()
-        where = (f"; checkpoints so far are kept in {cfg.run_dir}/{workdir.CHECKPOINTS} (the same "
-                 f"command resumes; --mode=eval --workdir={cfg.run_dir} re-evaluates)"
-                 if cfg else "")
-        print(f"error: {signals.describe(e)}{where}", file=sys.stderr)
+        print(f"error: {signals.describe(e)}{_where(cfg) if cfg else ''}", file=sys.stderr)
         sys.exit(2)
+
+
+def _where(cfg) -> str:
+    """What the line of a stop outside the train loop says after "error: <why>"."""
+    return (f"; checkpoints so far are kept in {cfg.run_dir}/{workdir.CHECKPOINTS} (the same "
+            f"command resumes; --mode=eval --workdir={cfg.run_dir} re-evaluates)")
 
 
 def _with_saved_flags(cfg):

@@ -17,7 +17,7 @@ import tensorflow as tf
 from clae_tf import ClaeError
 from clae_tf.data import sources, streams
 from clae_tf.evaluation import robust
-from clae_tf.runtime import files, workdir
+from clae_tf.runtime import files, signals, workdir
 from clae_tf.runtime.config import EVAL_FLAGS, Config
 
 
@@ -27,6 +27,7 @@ def extract(model, split: sources.Split, batch_size: int, normalize: str):
     hs, zs, ys = [], [], []
     with sources.unreadable_named(split):
         for x, y in streams.eval_dataset(split, batch_size, normalize):
+            signals.check()
             h, z = embed(x)
             hs.append(h.numpy())
             zs.append(z.numpy())
@@ -74,6 +75,7 @@ def knn_top1(train_z, train_y, test_z, test_y, num_classes, k=200, sigma=0.5, ch
 
     correct = 0
     for i in range(0, len(test_z), chunk):
+        signals.check()
         pred = predict(tf.constant(test_z[i:i + chunk], tf.float32)).numpy()
         correct += int(np.sum(pred == test_y[i:i + chunk]))
     return correct / len(test_z)
@@ -96,7 +98,7 @@ def linear_probe(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3
     The epochs run in compiled calls of PROBE_EPOCHS_PER_CALL epochs each (a tf.while_loop
     over epochs and batches, the features on the device): a return to Python per epoch or per
     batch costs seconds of overhead over 100-1000 epochs, more than the arithmetic; a return
-    every PROBE_EPOCHS_PER_CALL epochs is often enough for Ctrl-C to stop it.
+    every PROBE_EPOCHS_PER_CALL epochs is a safe point for Ctrl-C and SIGTERM (signals.check).
 
     Args:
       train_h, train_y, test_h, test_y: features (N, D) and int labels (N,).
@@ -130,9 +132,10 @@ def linear_probe(train_h, train_y, test_h, test_y, num_classes, epochs=100, lr=3
 
     if n and epochs:
         features, labels = tf.constant(train_h, tf.float32), tf.constant(train_y, tf.int32)
-        # PROBE_EPOCHS_PER_CALL epochs per call: Ctrl-C (delivered only when a call returns)
-        # stops a long probe within a second, at ~1 ms per call.
+        # PROBE_EPOCHS_PER_CALL epochs per call: a safe point between calls (a request to stop
+        # is seen within a second) at ~1 ms per call.
         for first in range(0, epochs, PROBE_EPOCHS_PER_CALL):
+            signals.check()
             train(features, labels, tf.constant(first),
                   tf.constant(min(first + PROBE_EPOCHS_PER_CALL, epochs)))
     pred = np.argmax(layer(tf.constant(test_h, tf.float32)).numpy(), axis=-1)

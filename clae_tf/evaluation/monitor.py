@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from clae_tf.data import augment, sources
 from clae_tf.evaluation import evaluate, visualize
+from clae_tf.runtime import signals
 from clae_tf.runtime.config import Config
 
 NEIGHBOUR_ROWS = 10  # test images in the picture: the first of each class (up to 10 classes)
@@ -71,6 +72,7 @@ class Monitor:
         """(h, z) float32 numpy arrays of uint8 images (N, S, S, 3), in eval batches."""
         hs, zs = [], []
         for i in range(0, len(images), self.cfg.eval_batch_size):
+            signals.check()
             h, z = self._embed(tf.constant(images[i:i + self.cfg.eval_batch_size]))
             hs.append(h.numpy())
             zs.append(z.numpy())

@@ -1,5 +1,6 @@
 """SavedModel export of the encoder (clean BN path) and of encoder + linear probe (logits)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -177,13 +178,13 @@ def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[d
     """Writes the exports of `model` (the checkpoint of `step`) into `run_dir`, each whole or not
     at all, and all of the same step.
 
-    Everything is written into a staging directory beside them first (`export.<pid>.tmp`; a kill
-    meanwhile leaves the previous exports as they were, and the next export removes the
-    leftover), then renamed into place with Ctrl-C and SIGTERM held back (signals.held),
-    and the manifest (export.json: the step and the exports of it) is written last, then the
-    model card (README.md, model_card.py) from the run's flags and results. Without a
-    probe, a probe export left by an earlier export is kept if the manifest says it is of this
-    step, else removed in the same go: it would classify with another encoder than
+    Everything is written into a staging directory beside them first (`export.<pid>.tmp`; a stop
+    meanwhile leaves the previous exports as they were and removes it, a kill -9 leaves it for
+    the next export to remove), then renamed into place with Ctrl-C and SIGTERM held back
+    (signals.held), and the manifest (export.json: the step and the exports of it) is written
+    last, then the model card (README.md, model_card.py) from the run's flags and results.
+    Without a probe, a probe export left by an earlier export is kept if the manifest says it
+    is of this step, else removed in the same go: it would classify with another encoder than
     saved_model's.
 
     Args:
@@ -198,12 +199,15 @@ def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[d
         files.remove_leftovers(os.path.join(run_dir, name))
     staging = files.temporary_sibling(os.path.join(run_dir, EXPORT_STAGING))
     try:
+        signals.check()  # safe points: before each export is written into staging
         with _staged(run_dir, SAVED_MODEL, staging):
             os.makedirs(staging)
             encoder = portable.build_encoder(model, cfg.image_size, cfg.normalize)  # one for all
             export(cfg, model, os.path.join(staging, SAVED_MODEL), encoder)
+        signals.check()
         with _staged(run_dir, ENCODER_KERAS, staging):
             export_keras(cfg, model, os.path.join(staging, ENCODER_KERAS), encoder)
+        signals.check()
         if probe is not None:
             with _staged(run_dir, PROBE_SAVED_MODEL, staging):
                 export_probe(cfg, model, probe, os.path.join(staging, PROBE_SAVED_MODEL),
@@ -233,13 +237,15 @@ def write_exports(cfg: Config, model, step: int, run_dir: str, probe: Optional[d
             "removed": removed}
 
 
+@contextlib.contextmanager
 def _staged(run_dir: str, name: str, staging: str):
     """Around the writing of export `name` into `staging`: a full disk removes `staging` and
     is one line naming the export's place in `run_dir`, with the size of the one there now as
     the space needed (files.writing)."""
     path = os.path.join(run_dir, name)
-    return files.writing(path, "the export", needed=lambda: files.tree_bytes(path),
-                         cleanup=(staging,))
+    with files.writing(path, "the export", needed=lambda: files.tree_bytes(path),
+                       cleanup=(staging,)), signals.scratch(staging):  # a hard exit removes it
+        yield
 
 
 def read_manifest(run_dir: str) -> Optional[dict]:

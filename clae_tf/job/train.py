@@ -154,14 +154,21 @@ def train(cfg: Config, strategy, source: sources.Source, on_accepted=None) -> Tr
     iterator, left_in_epoch = next(epochs)
     loop.timings["data_setup"] += time.time() - loop_start
     try:
-        with signals.handling():  # SIGTERM as Ctrl-C, also when called without app.run
+        # Requests to stop (also when called without app.run), taken at the safe points: here
+        # between calls, and in the online evaluation's batches. Once the first call (tracing and
+        # compiling) has run, the watchdog waits for them: they save the steps since the last
+        # checkpoint.
+        with signals.handling(), contextlib.ExitStack() as patience:
             while step < total_steps:
+                signals.check()
                 if not left_in_epoch:
                     t = time.time()
                     iterator, left_in_epoch = next(epochs)
                     loop.timings["data_setup"] += time.time() - t
                 n = min(left_in_epoch, _steps_to_next_event(step, total_steps, cfg))
                 out = loop.call(iterator, n)
+                if step == start:
+                    patience.enter_context(signals.patient())
                 step += int(out["steps"])
                 left_in_epoch -= int(out["steps"])
                 loop.after_call(step, n, out, epoch_ended=not left_in_epoch)

@@ -15,6 +15,7 @@ import sys
 from typing import Callable, Optional, Union
 
 from clae_tf import ClaeError
+from clae_tf.runtime import signals
 
 
 def check_writable(workdir: str):
@@ -119,12 +120,15 @@ def temporary_sibling(path: str) -> str:
 def replacing(path: str, what: Optional[str] = None, needed: "Lazy" = None):
     """Yields temporary_sibling(path) for the body to write, then puts it at `path` (os.replace,
     atomic). If the body or the rename fails, `path` is left as it was and the temporary file is
-    removed; a full disk is a ClaeError (writing, with `what` and `needed`)."""
+    removed; a full disk is a ClaeError (writing, with `what` and `needed`). A stop request
+    waits for the rename (signals.held); a hard exit before it removes the temporary file
+    (signals.scratch)."""
     tmp = temporary_sibling(path)
     try:
-        with writing(path, what, needed=needed, cleanup=(tmp,)):
+        with writing(path, what, needed=needed, cleanup=(tmp,)), signals.scratch(tmp):
             yield tmp
-            os.replace(tmp, path)
+            with signals.held():
+                os.replace(tmp, path)
     except BaseException:
         if os.path.lexists(tmp):
             os.remove(tmp)
