@@ -20,7 +20,10 @@
 # arguments. Each workdir gets sweep.jsonl (commit, preset, load; scripts/sweep_lib.sh); the
 # runs' small result files are copied to ROOT/<part>/compare/runs/ (to keep in docs/results/);
 # moco and schedule are scripts/cifar10_small_baselines.sh and scripts/cifar10_full.sh (with
-# --epochs=30), which also write their comparison tables to ROOT/<part>/compare/.
+# --epochs=30), which also write their comparison tables to ROOT/<part>/compare/. Keep
+# ROOT/<part>/compare/runs/ as docs/results/tradeoff_<part>/runs/ and, for schedule, also
+# ROOT/schedule/compare/online_knn.json as docs/results/tradeoff_schedule/online_knn.json (the
+# kept runs have no TensorBoard events); then `python scripts/results_pages.py --plots`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/sweep_lib.sh
