@@ -1164,6 +1164,27 @@ def test_fab_t_aims_at_the_top_targets_in_turn():
         np.testing.assert_array_equal(run(k).numpy(), by_rank[:, :k].any(1), err_msg=str(k))
 
 
+def test_fab_t_with_a_given_target_runs_that_target_alone():
+    """target= (N,): one run towards that class of each example, as the robust evaluation's chain
+    runs FAB-T one target rank per call. Rank 0 of top_targets is n_targets=1 bit for bit; each
+    rank breaks exactly the examples whose class of that rank can beat the label within eps
+    (the closed form)."""
+    logits_fn, _, _, x, y, reachable = _linear_case(5, "l2", n=96, seed=3)
+    eps = LINEAR_EPS["l2"]
+    run = tf.function(lambda target: attacks.fab_t(logits_fn, x, y, eps, "l2", steps=5,
+                                                   target=target))
+    targets = attacks.top_targets(logits_fn(x), y, 4).numpy()
+    by_rank = reachable[np.arange(96)[:, None], targets]
+    first = attacks.fab_t(logits_fn, x, y, eps, "l2", steps=5, n_targets=1)
+    for got, want in zip(run(tf.constant(targets[:, 0])), first):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    for rank in range(4):
+        np.testing.assert_array_equal(run(tf.constant(targets[:, rank]))[1].numpy(),
+                                      by_rank[:, rank], err_msg=str(rank))
+    assert run.experimental_get_tracing_count() == 1
+    assert by_rank[:, 1:].any() and (by_rank[:, 1:].any(1) & ~by_rank[:, 0]).any()  # not vacuous
+
+
 def test_fab_t_bad_inputs_raise_clear_errors():
     x, y = tf.fill([4, 5], 0.5), tf.zeros([4], tf.int32)
     model = lambda v: tf.matmul(v, tf.ones([5, 3]))  # noqa: E731

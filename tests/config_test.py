@@ -206,6 +206,8 @@ def test_eps_message_explains_the_units():
     (["--attack_steps=0"], "--attack_steps"),
     (["--attack_step_size=-0.01"], "--attack_step_size"),
     (["--robust_attacks=,,"], "--robust_attacks"),
+    # smoke.cfg's --robust_apgd_steps=5 (its first budget flag) and the standard suite's 100
+    (["--robust_attacks=pgd20,autoattack"], "--robust_apgd_steps"),
 ])
 def test_bad_values_fail_before_tensorflow(tmp_path, args, flag):
     proc = run_cli(["--flagfile=flags/smoke.cfg", "--epochs=1", "--linear_epochs=2",
@@ -221,9 +223,9 @@ def test_bad_values_fail_before_tensorflow(tmp_path, args, flag):
 @pytest.mark.parametrize("flags, flag, words", [
     (dict(robust_attacks="pgd20,apgd"), "robust_attacks", "'apgd'"),
     (dict(robust_attacks="autoatack"), "robust_attacks", "did you mean autoattack"),
-    (dict(robust_square_queries=0), "robust_square_queries", ">= 1"),
-    (dict(robust_apgd_steps=0), "robust_apgd_steps", ">= 1"),
-    (dict(robust_targets=0), "robust_targets", ">= 1"),
+    (dict(robust_square_queries=-1), "robust_square_queries", ">= 1, or 0 for the suite's"),
+    (dict(robust_apgd_steps=-1), "robust_apgd_steps", ">= 1, or 0 for the suite's"),
+    (dict(robust_targets=-1), "robust_targets", ">= 1, or 0 for the suite's"),
     (dict(robust_square_queries=10 ** 9), "robust_square_queries",
      "1000000000 is more than 100,000 queries per image"),
     (dict(robust_attacks=",,"), "robust_attacks", "empty item in ',,'"),
@@ -273,6 +275,58 @@ def test_square_budget_is_bounded_with_the_reason():
     assert str(e.value) == ("--robust_square_queries: 100001 is more than 100,000 queries per "
                             "image, which takes days on 1,000 images; AutoAttack's standard "
                             "budget is 5,000")
+
+
+# The suites: autoattack is standard AutoAttack at its fixed budget (AutoAttack's
+# version='standard': 100 iterations, 9 targets, 5,000 queries), fast its attacks minus FAB-T at
+# the budget flags', whose 0 means the suite's.
+STANDARD = dict(robust_apgd_steps=100, robust_targets=9, robust_square_queries=5000)
+SMALLER = dict(robust_apgd_steps=100, robust_targets=3, robust_square_queries=1000)
+
+
+@pytest.mark.parametrize("attacks, flags, budgets", [
+    ("pgd20,autoattack", {}, STANDARD),
+    ("AutoAttack,apgd-dlr", dict(STANDARD), STANDARD),  # the standard values, given: accepted
+    ("pgd20,fast", {}, SMALLER),
+    ("quick", {}, SMALLER),
+    ("apgd-ce,apgd-t,fab-t,square", {}, SMALLER),
+    ("pgd20,fast", dict(robust_apgd_steps=5, robust_targets=2, robust_square_queries=20),
+     dict(robust_apgd_steps=5, robust_targets=2, robust_square_queries=20)),
+    ("fast", dict(robust_targets=9), dict(SMALLER, robust_targets=9)),
+])
+def test_budget_flags_at_zero_are_the_suites(attacks, flags, budgets):
+    cfg = Config(robust_attacks=attacks, **flags)
+    assert cfg.robust_budgets == budgets
+    assert {name: getattr(cfg, name) for name in budgets} == {**dict.fromkeys(budgets, 0),
+                                                               **flags}  # the flags as given
+
+
+@pytest.mark.parametrize("flag, value", [("robust_targets", 3), ("robust_square_queries", 1000),
+                                         ("robust_apgd_steps", 50)])
+def test_autoattack_refuses_another_budget_in_one_line(flag, value):
+    with pytest.raises(ClaeError) as e:
+        Config(robust_attacks="pgd20,autoattack", **{flag: value})
+    assert str(e.value) == (
+        f"--{flag}: {value}, but autoattack is standard AutoAttack, whose budget is fixed "
+        f"({STANDARD[flag]}; leave the flag at 0); for another budget use the suite fast "
+        f"(apgd-ce,apgd-t,square at the budget flags'), which is what autoattack ran before it "
+        f"had FAB-T (an older flags.cfg's --robust_attacks=...,autoattack)")
+
+
+def test_autoattack_and_fast_are_not_both_named():
+    with pytest.raises(ClaeError) as e:
+        Config(robust_attacks="fast,pgd20,autoattack")
+    assert str(e.value) == ("--robust_attacks: autoattack and fast are the same attacks at two "
+                            "budgets (standard AutoAttack's and the budget flags'): name one")
+
+
+def test_suites_expand_to_autoattacks_standard_composition_and_the_fast_one():
+    assert config.ROBUST_SUITES == {"autoattack": ("apgd-ce", "apgd-t", "fab-t", "square"),
+                                    "fast": ("apgd-ce", "apgd-t", "square"),
+                                    "quick": ("pgd20", "fgsm")}
+    assert Config(robust_attacks="pgd20,autoattack").robust_attack_list == (
+        "pgd20", "apgd-ce", "apgd-t", "fab-t", "square")
+    assert Config(robust_attacks="fast").robust_attack_list == ("apgd-ce", "apgd-t", "square")
 
 
 def test_radii_are_parsed_once_into_numbers(monkeypatch):

@@ -40,6 +40,18 @@ def test_card_results_are_the_results_files_numbers_with_the_suites_budget():
             "targets, Square 1000 queries).") in lines
 
 
+def test_card_names_the_suite_of_the_results_when_they_say_it():
+    """results.json's robust_suite (robust.Suite.describe) replaces the budget flags, whose 0
+    means "the suite's" since the standard AutoAttack suite."""
+    suite = ("pgd20,autoattack (standard AutoAttack + pgd20): pgd20 (20 steps), apgd-ce (100 "
+             "steps), apgd-t (9 targets x 100 steps), fab-t (9 targets x 100 steps), square "
+             "(5000 queries; L-inf only)")
+    results = dict(RESULTS, robust_suite=suite, eval_flags={"robust_targets": "0"})
+    lines = model_card.card(FLAGS, results, 285, EXPORTS).splitlines()
+    assert ("Robust rows: encoder + probe, 1000 class-balanced test images (clean 41.2 %), worst "
+            f"case over {suite}.") in lines
+
+
 def test_card_lists_how_to_load_each_export_written_and_no_other():
     text = model_card.card(FLAGS, RESULTS, 285, ["saved_model", "encoder.keras"])
     files = [line.split("`")[1] for line in text.splitlines() if line.startswith("- `")]

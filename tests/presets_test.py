@@ -28,10 +28,14 @@ DEFAULTS = dict(
     image_every=200, export=True, knn_k=200, knn_sigma=0.0, linear_epochs=100, linear_lr=3e-4,
     eval_batch_size=500, attack="fgsm", attack_steps=3, attack_step_size=0.0,
     attack_random_start=False, robust_eps="1,2,4,8", robust_examples=1000, strategy="auto",
-    robust_attacks="quick", robust_l2_eps="0.25,0.5", robust_apgd_steps=100,
-    robust_targets=3, robust_square_queries=1000, robust_checks=True,
+    robust_attacks="quick", robust_l2_eps="0.25,0.5", robust_apgd_steps=0,
+    robust_targets=0, robust_square_queries=0, robust_checks=True,
     virtual_cpus=0, eval_every_epochs=0, online_eval_examples=1000, projector_examples=1000,
-    projector_features="z", augment_impl="tf")
+    projector_features="z", augment_impl="tf",
+    # --mode=finetune (ALF, AFF): 0 / empty stand for the benchmark recipe's values.
+    finetune="alf,aff", finetune_epochs=0, finetune_lr=0.0, finetune_lr_boundaries=(),
+    finetune_batch_size=0, finetune_weight_decay=2e-4, finetune_eps=8.0, finetune_step_size=2.0,
+    finetune_attack_steps=10, trades_beta=6.0, finetune_restart=False)
 # The method settings (docs/method.md, "Reference hyper-parameters"; MoCo v2 at CIFAR scale).
 SIMCLR = dict(method="simclr", temperature=0.5, head="mlp", proj_dim=64, augment="simclr",
               normalize="half", optimizer="adam", learning_rate=3e-4, weight_decay=0.0,
@@ -60,7 +64,7 @@ PAPER_MOCO = dict(MOCO, dataset="cifar10", width=1.0, proj_hidden=512, epochs=20
                   knn_sigma=0.2, linear_epochs=1000, ckpt_every=2000, log_every=50,
                   image_every=1000, eval_every_epochs=10)
 SMALL = dict(dataset="cifar10", examples_per_class=500, epochs=15, linear_epochs=500,
-             eval_every_epochs=3, robust_attacks="pgd20,autoattack")
+             eval_every_epochs=3, robust_attacks="pgd20,fast")
 
 # {preset: every field of its resolved Config}, as the presets resolved before they were cut
 # down to their differences from the method defaults.
@@ -87,9 +91,14 @@ EXPECTED = {
     "cifar10_small_clae_pgd.cfg": dict(SIMCLR, knn_sigma=0.5, **SMALL, **CLAE, attack="pgd"),
     "smoke.cfg": dict(SIMCLR, adversarial=True, arch="resnet10", width=0.125, image_size=16,
                       batch_size=64, epochs=2, linear_epochs=20, workdir="runs/smoke",
-                      eval_every_epochs=1, robust_attacks="pgd20,autoattack",
+                      eval_every_epochs=1, robust_attacks="pgd20,fast",
                       robust_examples=100, robust_apgd_steps=5,
                       robust_targets=2, robust_square_queries=20),
+    # Fine-tunes of a finished small run (its method comes from its flags.cfg at run time).
+    "cifar10_small_alf.cfg": dict(SIMCLR, mode="finetune", finetune="alf", finetune_epochs=10,
+                                  finetune_batch_size=128, finetune_attack_steps=5),
+    "cifar10_small_aff.cfg": dict(SIMCLR, mode="finetune", finetune="aff", finetune_epochs=6,
+                                  finetune_attack_steps=5),
 }
 # Edited elsewhere (Tiny-ImageNet's own settings); only the name check below covers them.
 NOT_PINNED = ("tinyimagenet_",)
@@ -153,11 +162,11 @@ def test_small_common_preset_takes_each_methods_settings(monkeypatch, method, se
 
 # ---- The larger CPU protocols: all of CIFAR-10 and the small Tiny-ImageNet protocol.
 FULL = dict(dataset="cifar10", epochs=10, precision="bf16", linear_epochs=1000,
-            ckpt_every=195, eval_every_epochs=5, robust_attacks="pgd20,autoattack")
+            ckpt_every=195, eval_every_epochs=5, robust_attacks="pgd20,fast")
 TINY_SMALL = dict(dataset="/path/to/tiny-imagenet", examples_per_class=100, stem="imagenet",
                   normalize="imagenet", image_size=64, epochs=25, precision="bf16",
                   linear_epochs=1000, ckpt_every=78, eval_every_epochs=5,
-                  online_eval_examples=2000, robust_attacks="pgd20,autoattack")
+                  online_eval_examples=2000, robust_attacks="pgd20,fast")
 LARGER = {
     "cifar10_full_common.cfg": dict(SIMCLR, **FULL),
     "cifar10_full_simclr.cfg": dict(SIMCLR, **FULL),
@@ -192,3 +201,15 @@ def test_larger_protocols_checkpoint_each_epoch_and_end_on_an_online_point(monke
 def test_full_common_preset_takes_each_methods_settings(monkeypatch, method, settings):
     cfg = _parse(monkeypatch, "--flagfile=flags/cifar10_full_common.cfg", f"--method={method}")
     _assert_config(cfg, dict(settings, **FULL))
+
+
+@pytest.mark.parametrize("preset", ["cifar10_small_common.cfg", "cifar10_full_common.cfg",
+                                    "tinyimagenet_small_common.cfg"])
+def test_cpu_presets_run_the_suite_they_ran_before_fab_t(monkeypatch, preset):
+    """The CPU protocols' robust evaluation: PGD-20, APGD-CE, APGD-T with 3 targets and Square
+    with 1,000 queries, as when autoattack meant that (their kept results): the fast suite, not
+    the standard AutoAttack that autoattack now is."""
+    cfg = _parse(monkeypatch, f"--flagfile=flags/{preset}")
+    assert cfg.robust_attack_list == ("pgd20", "apgd-ce", "apgd-t", "square")
+    assert cfg.robust_budgets == dict(robust_apgd_steps=100, robust_targets=3,
+                                      robust_square_queries=1000)

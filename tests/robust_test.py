@@ -151,9 +151,14 @@ def test_chain_counts_a_hand_computed_attack_table():
     out = robust.run_chain([(name, fake(name)) for name in "abc"], clean, [4.0, 1.0, 2.0],
                            unit=1.0, batch_size=2, tag="linf", log=lines.append)
     assert out["top1"] == {**_EXPECTED, "worst": _EXPECTED["c"]}
-    # One progress line per attack, its accuracies by increasing radius (by hand, above).
+    # Two progress lines per attack: the images it attacks at the smallest radius, then its
+    # accuracies by increasing radius (by hand, above).
     assert [line.split("  (")[0] for line in lines] == [
-        "Robust linf a: 1:0.6250 2:0.5000 4:0.5000", "Robust linf b: 1:0.5000 2:0.2500 4:0.1250",
+        "Robust linf a: attacking 6 of 8 images at 1 2 4 ...",
+        "Robust linf a: 1:0.6250 2:0.5000 4:0.5000",
+        "Robust linf b: attacking 5 of 8 images at 1 2 4 ...",
+        "Robust linf b: 1:0.5000 2:0.2500 4:0.1250",
+        "Robust linf c: attacking 4 of 8 images at 1 2 4 ...",
         "Robust linf c: 1:0.5000 2:0.1250 4:0.0000"]
     assert attacked == _ATTACKED  # survivors only; clean-incorrect images are never attacked
     assert out["fooled"] == {"a": {"1": 1, "2": 1, "4": 0}, "b": {"1": 1, "2": 1, "4": 1},
@@ -237,9 +242,9 @@ SMALL = dict(apgd_steps=10, targets=2, square_queries=50)
 @pytest.mark.slow  # the whole default suite in both norms, twice (~50 s on the shared cores)
 def test_the_default_suite_is_deterministic_and_its_results_complete():
     w, b, x, y = four_classes()  # robust at 16/255, all breakable at 64/255 (closed form)
-    suite = robust.Suite(config.Config(robust_attacks="pgd20,autoattack").robust_attack_list,
-                         (16.0, 64.0), (0.25, 2.0),
-                         checks=False, **SMALL)
+    suite = robust.Suite(config.Config(robust_attacks="pgd20,fast").robust_attack_list,
+                         (16.0, 64.0), (0.25, 2.0), checks=False, fab_steps=10,
+                         spec="pgd20,fast", **SMALL)
     assert suite.attacks == ("pgd20", "apgd-ce", "apgd-t", "square")
     runs = [robust.robust_accuracy(_linear(w, b), x, y, suite, 4, batch_size=16, seed=3)
             for _ in range(2)]
@@ -276,15 +281,178 @@ def test_results_record_the_targets_apgd_t_used(flag, used):
     assert "robust_targets_used" not in without
 
 
+# ------------------------------------------------------------- FAB-T and standard AutoAttack
+
+def _independent_classes(norm, n=160, m=4, seed=0):
+    """Images labelled 0 on 3 x m pixels (n, 3, m, 1) and a linear classifier whose class 0 has
+    logit 0 and whose class j = 1..3 has logit w_j.x + b_j with w_j on the j-th m pixels alone
+    (scaled 1, 2, 4). A step towards class t's boundary changes no other logit, so an image is
+    broken within eps by a run aimed at t iff d_t = -z_t / ||w_t||_dual <= eps (the closed form;
+    inputs in [0.4, 0.6]: the box never binds), and FAB-T with k targets breaks it iff one of
+    its k most likely other classes (by clean logit) has d_t <= eps.
+
+    Returns (w, b, images, labels, d (n, 3): d_t of classes 1..3, top (n, 3): classes 1..3 (as
+    0..2) in decreasing clean logit)."""
+    rng = np.random.default_rng(seed)
+    w = np.zeros((3 * m, 4), np.float32)
+    for j, scale in zip((1, 2, 3), (1.0, 2.0, 4.0)):
+        w[(j - 1) * m:j * m, j] = scale * rng.uniform(0.5, 1.5, m)
+    b = np.zeros(4, np.float32)
+    b[1:] = -0.5 * w.sum(axis=0)[1:] - np.array([0.2, 0.4, 0.8])
+    x = rng.uniform(0.4, 0.6, (n, 3 * m)).astype(np.float32)
+    z = (x.astype(np.float64) @ w + b)[:, 1:]
+    d = -z / np.linalg.norm(w[:, 1:], ord={"linf": 1, "l2": 2}[norm], axis=0)
+    return w, b, x.reshape(n, 3, m, 1), np.zeros(n, np.int32), d, np.argsort(-z, axis=1)
+
+
+@pytest.mark.parametrize("norm, radii", [("linf", (4.0, 8.0)), ("l2", (0.05, 0.1))])
+def test_fab_t_in_the_chain_breaks_what_the_closed_form_says(norm, radii):
+    """fab-t as an attack of the chain, L-inf and L2: with k targets (the top k of the clean
+    logits, as APGD-T's) it fools exactly the images with one of those k classes' boundary
+    within eps (images within 2% of a radius left out: FAB-T finds the least distortion to
+    about 1%), and leaves every other image standing; clean-incorrect images count as fooled."""
+    w, b, x, y, d, top = _independent_classes(norm)
+    unit = 1 / 255 if norm == "linf" else 1.0
+    keep = np.all([np.all(np.abs(d / (e * unit) - 1) > 0.02, axis=1) for e in radii], axis=0)
+    clean = np.all(d > 0, axis=1)
+    expected = {}
+    for k in (1, 3):
+        suite = _suite(("fab-t",), radii if norm == "linf" else (),
+                       radii if norm == "l2" else (), targets=k, fab_steps=20)
+        out = robust.robust_accuracy(_linear(w, b), x[keep], y[keep], suite, 4, batch_size=64)
+        assert out["robust_targets_used"] == k
+        assert out["robust_clean_top1"] == pytest.approx(np.mean(clean[keep]))
+        table = out["robust_top1" if norm == "linf" else "robust_top1_l2"]
+        for e in radii:
+            reached = np.any(np.take_along_axis(d, top[:, :k], axis=1) <= e * unit, axis=1)
+            expected[k, e] = np.mean((clean & ~reached)[keep])
+            assert table["fab-t"][robust.eps_key(e)] == pytest.approx(expected[k, e]), (k, e)
+            assert table["worst"] == table["fab-t"]
+    big = radii[-1]  # not vacuous: the radius matters, and so do the targets after the first
+    assert expected[3, big] < expected[1, big] < expected[1, radii[0]] < np.mean(clean[keep])
+
+
+def _robust_many_classes(n=4, classes=12):
+    """A linear classifier on 2x2x3 images that no attack breaks at 1/255 (class 0 ahead of
+    every other by 10, weights ~0.1), so that every attack spends its whole budget on every
+    image."""
+    rng = np.random.default_rng(0)
+    w = (0.1 * rng.normal(size=(12, classes))).astype(np.float32)
+    b = np.zeros(classes, np.float32)
+    b[0] = 10.0
+    x = rng.uniform(0.2, 0.8, (n, 2, 2, 3)).astype(np.float32)
+    return w, b, x, np.zeros(n, np.int32)
+
+
+def _standard_run(monkeypatch, attacks=None, count=True):
+    """robust_accuracy of --robust_attacks=autoattack (budget flags at 0: the standard budget)
+    at 1/255 on _robust_many_classes, the chain's attacks replaced by `attacks` (the budgets
+    kept). Returns (results, [(attack, classifier calls, or 0 without `count`) per pass])."""
+    suite = robust.Suite.from_config(config.Config(
+        robust_attacks="autoattack", robust_eps="1", robust_l2_eps="", robust_checks=False))
+    assert (suite.attacks, suite.apgd_steps, suite.fab_steps, suite.targets,
+            suite.square_queries) == (("apgd-ce", "apgd-t", "fab-t", "square"), 100, 100, 9, 5000)
+    w, b, x, y = _robust_many_classes()
+    calls = [0]
+
+    def logits_fn(v):
+        if count:  # a host call per evaluation: Square's 5,000 would take seconds
+            tf.py_function(lambda: calls.__setitem__(0, calls[0] + 1), [], [])
+        return _linear(w, b)(v)
+
+    passes = []
+    standing = robust.attack_standing
+
+    def spy(attack_pass, alive, eps, batch_size, seed, tag):
+        before = calls[0]
+        fooled = standing(attack_pass, alive, eps, batch_size, seed, tag)
+        passes.append((tag.split("/")[1], calls[0] - before))
+        return fooled
+
+    monkeypatch.setattr(robust, "attack_standing", spy)
+    if attacks:
+        suite = dataclasses.replace(suite, attacks=attacks)
+    out = robust.robust_accuracy(logits_fn, x, y, suite, 12, batch_size=4)
+    assert out["robust_top1"]["worst"] == {"1": 1.0}  # every image survives every attack
+    return out, passes
+
+
+def test_autoattack_runs_fab_t_and_square_at_the_standard_budget(monkeypatch):
+    """--robust_attacks=autoattack with its budget flags left at 0, on a 12-class model every
+    image of which survives: FAB-T one pass per target for 9 targets, 100 iterations each
+    (FAB-T evaluates the classifier once, then twice per iteration: attacks_test), and
+    Square's 5,000 queries on every image."""
+    out, passes = _standard_run(monkeypatch, ("fab-t",))
+    assert passes == [("fab-t", 1 + 2 * 100)] * 9
+    assert out["robust_targets_used"] == 9
+    monkeypatch.undo()
+    out, passes = _standard_run(monkeypatch, ("square",), count=False)
+    assert passes == [("square", 0)]
+    assert out["robust_square_mean_queries"] == {"1": 5000.0}
+
+
+@pytest.mark.slow  # the whole standard chain on 4 images: 5-11 s on the shared cores
+def test_autoattack_runs_the_standard_chain(monkeypatch):
+    """The whole chain of autoattack: APGD-CE once, then APGD-T and FAB-T one pass per target
+    (9), then Square, in AutoAttack's order; and results.json says it was standard AutoAttack."""
+    out, passes = _standard_run(monkeypatch, count=False)
+    assert [name for name, _ in passes] == (["apgd-ce"] + ["apgd-t"] * 9 + ["fab-t"] * 9
+                                            + ["square"])
+    assert out["robust_attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert out["robust_suite"] == (
+        "autoattack (standard AutoAttack): apgd-ce (100 steps), apgd-t (9 targets x 100 steps), "
+        "fab-t (9 targets x 100 steps), square (5000 queries; L-inf only)")
+
+
+def test_the_chains_targets_are_the_top_classes_of_the_clean_logits():
+    """APGD-T's and FAB-T's targets (one set, Attacker.set_clean) against numpy's sort of the
+    clean logits with the label left out."""
+    w, b, x, y = _robust_many_classes(n=6)
+    y = np.arange(6, dtype=np.int32)  # labels other than the top class too
+    attacker = robust.Attacker(_linear(w, b), x, y, _suite(("fab-t",), (1.0,), targets=9), 12)
+    logits = attacker.clean_logits(4)
+    attacker.set_clean(logits)
+    masked = np.where(np.arange(12) == y[:, None], -np.inf, logits)
+    np.testing.assert_array_equal(attacker._targets, np.argsort(-masked, axis=1)[:, :9])
+    assert len(attacker.passes("fab-t", "l2")) == len(attacker.passes("apgd-t", "linf")) == 9
+
+
+def test_results_say_which_suite_produced_the_numbers():
+    """robust_suite: what --robust_attacks named, whether it is standard AutoAttack (its four
+    attacks at its budget, whatever the name), and each attack's budget as it ran."""
+    def described(classes=10, **flags):
+        return robust.Suite.from_config(config.Config(**flags)).describe(classes)
+    assert described(robust_attacks="pgd20,fast") == (
+        "pgd20,fast (not AutoAttack): pgd20 (20 steps), apgd-ce (100 steps), apgd-t (3 targets x "
+        "100 steps), square (1000 queries; L-inf only)")
+    assert described(robust_attacks="pgd20, AutoAttack") == (
+        "pgd20,autoattack (standard AutoAttack + pgd20): pgd20 (20 steps), apgd-ce (100 steps), "
+        "apgd-t (9 targets x 100 steps), fab-t (9 targets x 100 steps), square (5000 queries; "
+        "L-inf only)")
+    assert described(robust_attacks="quick") == "quick (not AutoAttack): pgd20 (20 steps), " \
+                                                "fgsm (1 step)"
+    # AutoAttack's attacks at its budget under other names are standard AutoAttack; with fewer
+    # classes it takes classes - 1 targets, as AutoAttack does.
+    assert described(robust_attacks="fast,fab-t", robust_targets=9,
+                     robust_square_queries=5000).startswith("fast,fab-t (standard AutoAttack)")
+    assert described(4, robust_attacks="autoattack").startswith(
+        "autoattack (standard AutoAttack): apgd-ce (100 steps), apgd-t (3 targets x 100 steps)")
+    assert described(robust_attacks="fast,fab-t").startswith("fast,fab-t (not AutoAttack)")
+    w, b, x, y = _robust_many_classes(n=2)
+    out = robust.robust_accuracy(_linear(w, b), x, y, _suite(("fgsm",), (1.0,)), 12)
+    assert out["robust_suite"] == "quick (not AutoAttack): fgsm (1 step)"  # spec: the default's
+
+
 # ---------------------------------------------------------------------------------- the suite
 
 def test_attack_list_expands_suites_in_place_and_drops_repeats():
     def attacks(text):
         return config.Config(robust_attacks=text).robust_attack_list
-    assert attacks("pgd20,autoattack") == ("pgd20", "apgd-ce", "apgd-t", "square")
+    assert attacks("pgd20,autoattack") == ("pgd20", "apgd-ce", "apgd-t", "fab-t", "square")
+    assert attacks("pgd20,fast") == ("pgd20", "apgd-ce", "apgd-t", "square")
     assert attacks("apgd-t, quick,apgd-t") == ("apgd-t", "pgd20", "fgsm")
-    assert attacks("square,autoattack,quick,pgd20") == ("square", "apgd-ce", "apgd-t", "pgd20",
-                                                        "fgsm")
+    assert attacks("square,autoattack,quick,pgd20") == ("square", "apgd-ce", "apgd-t", "fab-t",
+                                                        "pgd20", "fgsm")
     assert attacks("") == () and not robust.Suite.from_config(
         config.Config(robust_attacks="")).runs()
     assert not robust.Suite.from_config(  # L2 only with attacks that have no L2 version
@@ -292,15 +460,18 @@ def test_attack_list_expands_suites_in_place_and_drops_repeats():
 
 
 def test_suite_is_the_flags_and_has_no_defaults_of_its_own():
-    # The flags' defaults as --help documents them (config.py), spelled out by hand.
+    # The flags' defaults as --help documents them (config.py), spelled out by hand: the budget
+    # flags' 0 is the suite's, 100 steps, 3 targets and 1000 queries outside autoattack.
     assert robust.Suite.from_config(config.Config()) == robust.Suite(
         attacks=("pgd20", "fgsm"), linf_eps=(1.0, 2.0, 4.0, 8.0), l2_eps=(0.25, 0.5),
-        apgd_steps=100, targets=3, square_queries=1000, checks=True)
-    cfg = config.Config(robust_attacks="autoattack", robust_eps="16, 4", robust_l2_eps="",
+        apgd_steps=100, targets=3, square_queries=1000, checks=True, fab_steps=100,
+        spec="quick")
+    cfg = config.Config(robust_attacks="Fast, fab-t", robust_eps="16, 4", robust_l2_eps="",
                         robust_apgd_steps=7, robust_targets=9, robust_square_queries=5000,
                         robust_checks=False)
     assert robust.Suite.from_config(cfg) == robust.Suite(
-        ("apgd-ce", "apgd-t", "square"), (16.0, 4.0), (), 7, 9, 5000, False)
+        ("apgd-ce", "apgd-t", "square", "fab-t"), (16.0, 4.0), (), 7, 9, 5000, False, 7,
+        "fast,fab-t")
     with pytest.raises(TypeError):  # every field must be given: the flags own the budgets
         robust.Suite(("apgd-t",), (8.0,), ())
 
@@ -389,7 +560,7 @@ def evaluated(tmp_path_factory):
     --mode=export; --mode=eval without attacks; and --mode=eval of a flags.cfg from before the
     chain's flags (its lines removed), with them on the command line as run.py gives them."""
     cfg = tiny_config(tmp_path_factory.mktemp("evaluated"), robust_eps="0,8",
-                      robust_examples=20, linear_epochs=1, robust_attacks="pgd20,autoattack",
+                      robust_examples=20, linear_epochs=1, robust_attacks="pgd20,fast",
                       robust_l2_eps="0.5", robust_checks=True, robust_apgd_steps=2,
                       robust_targets=2, robust_square_queries=5)
     workdir.write_flagfile(cfg)
@@ -409,8 +580,8 @@ def evaluated(tmp_path_factory):
 
 
 def _old_flagfile_config(cfg):
-    """The Config run.py builds for --mode=eval --robust_attacks=autoattack (and the chain's
-    other flags) on the run's flags.cfg with the chain's flags taken out of it."""
+    """The Config run.py builds for --mode=eval --robust_attacks=fast (and the chain's other
+    flags) on the run's flags.cfg with the chain's flags taken out of it."""
     path = os.path.join(cfg.run_dir, workdir.FLAGFILE)
     with open(path) as f:
         lines = f.read().splitlines()
@@ -419,7 +590,7 @@ def _old_flagfile_config(cfg):
     with open(path, "w") as f:
         f.write("\n".join(line for line in lines if not line.lstrip("-").startswith(new)
                           and not line.startswith("--norobust_checks")))
-    return parse_flags(f"--flagfile={path}", "--mode=eval", "--robust_attacks=autoattack",
+    return parse_flags(f"--flagfile={path}", "--mode=eval", "--robust_attacks=fast",
                        "--robust_apgd_steps=2", "--robust_targets=2",
                        "--robust_square_queries=5", "--robust_l2_eps=", "--norobust_checks")
 
@@ -495,6 +666,14 @@ def test_export_mode_writes_the_probe_saved_model(evaluated):
 def test_eval_mode_records_the_targets_used_and_the_flag(evaluated):
     r = evaluated["r"]
     assert r["robust_targets_used"] == 2 and r["eval_flags"]["robust_targets"] == "2"
+
+
+@pytest.mark.slow
+def test_eval_mode_records_which_suite_produced_the_numbers(evaluated):
+    assert evaluated["r"]["robust_suite"] == (
+        "pgd20,fast (not AutoAttack): pgd20 (20 steps), apgd-ce (2 steps), apgd-t (2 targets x "
+        "2 steps), square (5 queries; L-inf only)")
+    assert evaluated["old"]["robust_suite"].startswith("fast (not AutoAttack): apgd-ce (2 steps)")
 
 
 @pytest.mark.slow

@@ -45,7 +45,8 @@ WARNINGS = {
     "more_steps": (
         "the attack has not converged: APGD-CE with {steps[1]} steps fooled {value:.1%} of the "
         "images that {steps[0]} steps left standing at {eps:g}/255 (threshold {threshold:.0%}); "
-        "raise --robust_apgd_steps until it stops finding more"),
+        "raise --robust_apgd_steps until it stops finding more (autoattack's budget is fixed: "
+        "use fast or a list of attacks)"),
 }
 
 

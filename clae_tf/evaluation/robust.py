@@ -16,6 +16,12 @@ radius lies in every larger ball (and in [0, 1]), so an image fooled at 2/255 co
 leave the chain at its first attack and radius, which is where the saving is.
 robust_top1[attack][eps] is the accuracy after that attack and every one before it: the first
 attack's row is that attack alone, and "worst" (after all of them) is the suite's worst case.
+
+The suites (config.ROBUST_SUITES): autoattack is standard AutoAttack (APGD-CE, APGD-T and FAB-T
+with 9 targets each, 100 iterations per run, Square with 5,000 queries: its budget is fixed),
+fast the same minus FAB-T at the budget flags' smaller defaults (not AutoAttack). Suite holds
+the budgets that run (the flags, 0 resolved to the suite's), and results.json's robust_suite
+(Suite.describe) says which suite and budget produced the numbers.
 """
 
 import dataclasses
@@ -30,11 +36,13 @@ from clae_tf import ClaeError
 from clae_tf.data import augment, sources
 from clae_tf.evaluation import masking
 from clae_tf.method import attacks
+from clae_tf.runtime import config, signals
 
 PGD_STEPS = 20  # PGD-20, step eps/4, random start (Madry et al. 2018's CIFAR evaluation uses 20)
 NO_L2 = ("fgsm", "square")  # attacks without an L2 version: left out of the L2 chain
 # The DLR losses need a third-largest logit, the targeted one a fourth (attacks/, as AutoAttack).
 MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+TARGETED = ("apgd-t", "fab-t")  # one pass per target rank, the same targets (Attacker.set_clean)
 # Per norm: the unit of its radii (in [0, 1] pixels) and its results.json keys.
 NORMS = {"linf": dict(unit=1 / 255, top1="robust_top1", attacks="robust_attacks",
                       eps="robust_eps"),
@@ -49,12 +57,15 @@ def eps_key(eps: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    """What a robust evaluation runs: the --robust_* flags (from_config), which own the defaults.
+    """What a robust evaluation runs: the --robust_* flags (from_config), which own the defaults,
+    the budget flags' 0 resolved to the suite's (Config.robust_budgets).
 
     attacks: names in chain order (config.ROBUST_ATTACKS, suites expanded); linf_eps: L-inf
     radii in 1/255; l2_eps: L2 radii in [0, 1]-pixel units; apgd_steps: iterations per APGD run;
-    targets: APGD-T's target classes (capped at classes - 1); square_queries: Square's budget per
-    image; checks: run the gradient-masking checks (masking.py).
+    targets: APGD-T's and FAB-T's target classes (capped at classes - 1); square_queries:
+    Square's budget per image; checks: run the gradient-masking checks (masking.py); fab_steps:
+    iterations per FAB-T run (--robust_apgd_steps: AutoAttack runs both 100); spec: what
+    --robust_attacks named, suites unexpanded (describe).
     """
     attacks: tuple
     linf_eps: tuple
@@ -63,12 +74,45 @@ class Suite:
     targets: int
     square_queries: int
     checks: bool
+    fab_steps: int
+    spec: str
 
     @classmethod
     def from_config(cls, cfg) -> "Suite":
+        budgets = cfg.robust_budgets
         return cls(cfg.robust_attack_list, cfg.robust_eps_list, cfg.robust_l2_eps_list,
-                   cfg.robust_apgd_steps, cfg.robust_targets, cfg.robust_square_queries,
-                   cfg.robust_checks)
+                   budgets["robust_apgd_steps"], budgets["robust_targets"],
+                   budgets["robust_square_queries"], cfg.robust_checks,
+                   budgets["robust_apgd_steps"],
+                   ",".join(item.strip().lower() for item in cfg.robust_attacks.split(",")
+                            if item.strip()))
+
+    def standard(self, num_classes: int) -> bool:
+        """Whether the chain holds standard AutoAttack: its four attacks at its budgets
+        (config.ROBUST_BUDGETS; targets: 9, or every other class when there are fewer, where
+        AutoAttack only warns). Other attacks beside them only add to the worst case."""
+        steps, targets, queries = (v[0] for v in config.ROBUST_BUDGETS.values())
+        return (set(config.ROBUST_SUITES["autoattack"]) <= set(self.attacks)
+                and self.apgd_steps == self.fab_steps == steps
+                and min(self.targets, num_classes - 1) == min(targets, num_classes - 1)
+                and self.square_queries == queries)
+
+    def describe(self, num_classes: int) -> str:
+        """results.json's robust_suite: what --robust_attacks named, whether it is standard
+        AutoAttack, and each attack with the budget it ran (targets capped at classes - 1), e.g.
+        "pgd20,fast (not AutoAttack): pgd20 (20 steps), apgd-ce (100 steps), apgd-t (3 targets x
+        100 steps), square (1000 queries; L-inf only)"."""
+        targets = min(self.targets, num_classes - 1)
+        budget = {"pgd20": f"{PGD_STEPS} steps", "fgsm": "1 step",
+                  "apgd-ce": f"{self.apgd_steps} steps", "apgd-dlr": f"{self.apgd_steps} steps",
+                  "apgd-t": f"{targets} targets x {self.apgd_steps} steps",
+                  "fab-t": f"{targets} targets x {self.fab_steps} steps",
+                  "square": f"{self.square_queries} queries; L-inf only"}
+        extra = [a for a in self.attacks if a not in config.ROBUST_SUITES["autoattack"]]
+        kind = (f"standard AutoAttack{' + ' + ', '.join(extra) if extra else ''}"
+                if self.standard(num_classes) else "not AutoAttack")
+        return (f"{self.spec} ({kind}): "
+                + ", ".join(f"{a} ({budget[a]})" for a in self.attacks))
 
     def attacks_for(self, norm: str) -> tuple:
         """The attacks the chain of `norm` runs (none without radii)."""
@@ -132,6 +176,7 @@ def attack_standing(attack_pass, alive, eps, batch_size, seed, tag) -> int:
     """
     index = np.flatnonzero(alive)
     for b, start in enumerate(range(0, len(index), batch_size)):
+        signals.check()  # a safe point between the compiled calls
         rows = index[start:start + batch_size]
         fooled = np.asarray(attack_pass(rows, eps, batch_seed(seed, f"{tag}/{b}")), bool)
         alive[rows[fooled]] = False
@@ -148,7 +193,8 @@ def run_chain(steps, clean, radii, unit, batch_size=500, seed=0, tag="", log=Non
       clean: bool (N,) the images classified correctly clean.
       radii: the radii in the flag's units; unit: their size in [0, 1] pixels (1/255 for L-inf).
       batch_size, seed, tag: as attack_standing (tag names the norm).
-      log: optional callable taking one progress line per attack (its accuracies, its time).
+      log: optional callable taking two progress lines per attack: when it starts (the images
+        it attacks at the smallest radius) and when it ends (its accuracies, its time).
     Returns:
       {"top1": {attack: {eps_key: accuracy}, "worst": {...}}, "fooled": {attack: {eps_key:
       images it fooled}}, "standing": {attack: {eps_key: bool (N,) mask after it}},
@@ -159,6 +205,9 @@ def run_chain(steps, clean, radii, unit, batch_size=500, seed=0, tag="", log=Non
     out = {"top1": {}, "fooled": {}, "standing": {}, "seconds": {}}
     for name, passes in steps:
         start = time.time()
+        if log is not None:  # where the chain is: an attack can run for minutes
+            log(f"Robust {tag} {name}: attacking {np.count_nonzero(alive[order[0][0]])} of "
+                f"{len(clean)} images at {' '.join(key for key, _ in order)} ...")
         for k, (key, eps) in enumerate(order):
             if k:  # fooled at a smaller radius by this attack or an earlier one: fooled here
                 alive[key] &= alive[order[k - 1][0]]
@@ -180,7 +229,7 @@ def run_chain(steps, clean, radii, unit, batch_size=500, seed=0, tag="", log=Non
 
 def _attack_fn(logits_fn, name, norm, steps, queries):
     """The attack `name` as (x, y, eps, seed[, target]) -> fooled bool (N,) [, queries (N,)],
-    traceable (tf.function)."""
+    traceable (tf.function). steps: APGD's or FAB-T's iterations; queries: Square's."""
     def wrong(x_adv, y):
         return tf.not_equal(tf.argmax(logits_fn(x_adv), axis=-1, output_type=tf.int32), y)
 
@@ -200,6 +249,9 @@ def _attack_fn(logits_fn, name, norm, steps, queries):
         return lambda x, y, eps, seed, target: attacks.apgd(
             logits_fn, x, y, eps, steps, seed, norm=norm, loss="dlr_targeted", target=target,
             **box)[1]
+    if name == "fab-t":  # deterministic (no random start, AutoAttack's one restart): no seed
+        return lambda x, y, eps, seed, target: attacks.fab_t(
+            logits_fn, x, y, eps, norm=norm, steps=steps, target=target, **box)[1]
     if name == "square":
         return lambda x, y, eps, seed: attacks.square_linf(logits_fn, x, y, eps, queries, seed,
                                                            **box)[1:]
@@ -252,28 +304,30 @@ class Attacker:
                               [np.zeros((0, self.num_classes), np.float32)])
 
     def set_clean(self, logits: np.ndarray):
-        """APGD-T's targets: the most likely other classes of each clean image."""
+        """APGD-T's and FAB-T's targets: the suite's number of the most likely other classes of
+        each clean image (top_targets, as AutoAttack: both take the same ones)."""
         k = min(self.suite.targets, self.num_classes - 1)
         self._targets = attacks.top_targets(tf.constant(logits), tf.constant(self.labels),
                                             k).numpy()
 
     @property
     def targets_per_image(self) -> int:
-        """APGD-T's target classes per image (set_clean): min(--robust_targets, classes - 1)."""
+        """APGD-T's and FAB-T's target classes per image (set_clean): min(Suite.targets,
+        classes - 1)."""
         return self._targets.shape[1]
 
     def passes(self, name: str, norm: str, steps: int = 0):
-        """The attack passes of `name` (run_chain's steps): APGD-T one per target rank.
+        """The attack passes of `name` (run_chain's steps): APGD-T and FAB-T one per target rank.
 
         Args:
           name: an attack of config.ROBUST_ATTACKS; norm: linf or l2.
-          steps: APGD's iterations (0: the suite's).
+          steps: APGD's or FAB-T's iterations (0: the suite's).
         """
-        steps = steps or self.suite.apgd_steps
+        steps = steps or (self.suite.fab_steps if name == "fab-t" else self.suite.apgd_steps)
         fn = self._fn((name, norm, steps), lambda: _attack_fn(
             self.logits_fn, name, norm, steps, self.suite.square_queries),
-            "labels", "scalar", "seed", *(["rows"] if name == "apgd-t" else []))
-        if name == "apgd-t":
+            "labels", "scalar", "seed", *(["rows"] if name in TARGETED else []))
+        if name in TARGETED:
             return [functools.partial(self._target_pass, fn, r)
                     for r in range(self._targets.shape[1])]
         if name == "square":
@@ -325,18 +379,19 @@ def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, b
       The results.json entries (docs/robustness.md): robust_clean_top1, robust_examples,
       per norm its top-1 table, attacks and radii, robust_attack_seconds ({norm: {attack: s}}),
       robust_square_mean_queries (queries per image Square attacked, by radius),
-      robust_targets_used (apgd-t's target classes per image: --robust_targets, at most
-      num_classes - 1; only with apgd-t), and with
-      suite.checks robust_checks, robust_checks_seconds and robust_warnings.
+      robust_targets_used (apgd-t's and fab-t's target classes per image: suite.targets, at
+      most num_classes - 1; only with one of them), robust_suite (Suite.describe: which suite
+      and budget produced the numbers), and with suite.checks robust_checks,
+      robust_checks_seconds and robust_warnings.
     """
     attacker = Attacker(logits_fn, images, labels, suite, num_classes)
     logits = attacker.clean_logits(batch_size)
     clean = np.argmax(logits, axis=1) == attacker.labels
     out = {"robust_clean_top1": float(np.mean(clean)), "robust_examples": int(len(clean)),
-           "robust_attack_seconds": {}}
-    if "apgd-t" in suite.attacks:
+           "robust_attack_seconds": {}, "robust_suite": suite.describe(num_classes)}
+    if set(TARGETED) & set(suite.attacks):
         attacker.set_clean(logits)
-        # What ran: --robust_targets capped at classes - 1 (eval_flags keeps the flag's value).
+        # What ran: the suite's targets capped at classes - 1 (eval_flags keeps the flag's).
         out["robust_targets_used"] = int(attacker.targets_per_image)
     chains = {}
     for norm, keys in NORMS.items():

@@ -10,7 +10,7 @@ import keras
 from clae_tf import ClaeError
 from clae_tf.data import sources
 from clae_tf.evaluation import evaluate, robust
-from clae_tf.job import checkpoints, export, train
+from clae_tf.job import checkpoints, export, finetuning, train
 from clae_tf.runtime import distribute, signals, workdir
 from clae_tf.runtime.config import Config
 
@@ -38,7 +38,7 @@ def run(cfg: Config, strategy=None) -> dict:
     load, the train loop's parts (train.train), evaluation and export.
     """
     timings = {"startup_seconds": process_seconds()}
-    with signals.handling():  # SIGTERM as Ctrl-C in every phase (run.py installs it for good)
+    with signals.handling():  # requests to stop, taken at safe points (run.py: for good)
         strategy = strategy or distribute.make_strategy(cfg)
         if not distribute.is_chief(strategy):
             return _run(cfg, strategy, timings)
@@ -58,6 +58,8 @@ def _run(cfg: Config, strategy, timings: dict) -> dict:
     out = {"workdir": cfg.run_dir}
     if cfg.mode == "train":
         _train(cfg, strategy, source, timings, out)
+    elif cfg.mode == "finetune":  # ALF and AFF (finetuning.py)
+        finetuning.run(cfg, strategy, source, out)
     else:
         _evaluate_or_export(cfg, strategy, source, out)
     return out
@@ -165,6 +167,17 @@ def print_summary(out: dict):
         path = out.get("results_path", workdir.eval_paths(d)["results"])
         note = f"  ({out['results_note']})" if "results_note" in out else ""
         lines.append(f"Results:      {path}{note}")
+    for kind, r in out.get("finetune", {}).items():  # --mode=finetune
+        lines.append(f"{kind.upper()} top-1:    {r['top1']:.4f}   (encoder step "
+                     f"{r['encoder_step']}, {r['recipe']['epochs']} epochs, {r['test_examples']} "
+                     f"test images)")
+        if "robust_clean_top1" in r:
+            lines += robust_lines(r)
+        lines.append(f"Classifier:   {out['finetune_exports'][kind]}  "
+                     f"(logits = m.serve(images in [0, 1]))")
+    if "finetune" in out:
+        lines.append(f"Results:      {out['finetune_results']}  ({', '.join(out['finetune'])} "
+                     f"beside SLF's linear_top1 and robust_*)")
     lines.append(f"Checkpoints:  {workdir.checkpoint_dir(d)}")
     logdir = shlex.quote("--logdir=" + workdir.tensorboard_dir(d))
     lines.append(f"TensorBoard:  tensorboard {logdir}")

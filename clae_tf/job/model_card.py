@@ -102,12 +102,16 @@ def _robust(results: dict) -> list:
                  for eps, acc in worst.items()]
     if not rows:
         return []
+    # robust_suite: the suite and the budget that ran (robust.Suite.describe); results from
+    # before it have the budget flags' values in eval_flags (their 0 did not exist then).
+    suite = results.get("robust_suite") or (
+        f"the attacks {', '.join(results.get('robust_attacks', []))} "
+        f"(APGD {_eval_flag(results, 'robust_apgd_steps')} steps, APGD-T "
+        f"{_eval_flag(results, 'robust_targets')} targets, Square "
+        f"{_eval_flag(results, 'robust_square_queries')} queries)")
     budget = (f"Robust rows: encoder + probe, {results.get('robust_examples', '?')} class-balanced "
               f"test images (clean {100 * results.get('robust_clean_top1', float('nan')):.1f} %), "
-              f"worst case over the attacks {', '.join(results.get('robust_attacks', []))} "
-              f"(APGD {_eval_flag(results, 'robust_apgd_steps')} steps, APGD-T "
-              f"{_eval_flag(results, 'robust_targets')} targets, Square "
-              f"{_eval_flag(results, 'robust_square_queries')} queries).")
+              f"worst case over {suite}.")
     return rows + ["", budget]
 
 

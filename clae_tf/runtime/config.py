@@ -67,9 +67,22 @@ METHOD_DEFAULTS = {
 # The step schedule's boundaries and factors: taken from the method's row together, or not at all.
 _STEP_PAIR = ("lr_boundaries", "lr_factors")
 # Robust evaluation (robust.py): the attacks --robust_attacks names, and its suites, which expand
-# in place. autoattack is AutoAttack's "standard" version (Croce & Hein 2020) without FAB-T.
-ROBUST_ATTACKS = ("pgd20", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t", "square")
-ROBUST_SUITES = {"autoattack": ("apgd-ce", "apgd-t", "square"), "quick": ("pgd20", "fgsm")}
+# in place (docs/robustness.md). autoattack is AutoAttack's version='standard' (Croce & Hein
+# 2020), as fra31/auto-attack's autoattack/autoattack.py sets it (AutoAttack.__init__ and
+# set_version('standard'), L-inf and L2): apgd-ce (1 restart, 100 iterations), apgd-t (9 target
+# classes, 1 restart, 100 iterations each), fab-t (9 target classes, 1 restart, 100 iterations
+# each), square (5,000 queries, p_init 0.8), in that order. fast is the same minus FAB-T at the
+# budget flags' (smaller) defaults: AutoAttack's attacks, not AutoAttack's numbers.
+ROBUST_ATTACKS = ("pgd20", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+ROBUST_SUITES = {"autoattack": ("apgd-ce", "apgd-t", "fab-t", "square"),
+                 "fast": ("apgd-ce", "apgd-t", "square"), "quick": ("pgd20", "fgsm")}
+# What the budget flags stand for at 0, their default: {flag: (autoattack's, every other
+# chain's)}. autoattack's are fixed: another explicit value is refused (_check_robust), so that
+# a chain with autoattack in it always runs AutoAttack's standard budget. The others are a third
+# of the targets and a fifth of the queries, so that a CPU evaluates 1,000 images in minutes,
+# not hours (docs/robustness.md says what the smaller budget costs).
+ROBUST_BUDGETS = {"robust_apgd_steps": (100, 100), "robust_targets": (9, 3),
+                  "robust_square_queries": (5000, 1000)}
 # The most --robust_square_queries accepted: 20x AutoAttack's standard 5,000. Square's cost
 # grows linearly with its queries (one forward pass of every standing image per query), and on a
 # robust model most images use the whole budget: 100,000 queries on 1,000 images are 10^8
@@ -77,8 +90,14 @@ ROBUST_SUITES = {"autoattack": ("apgd-ce", "apgd-t", "square"), "quick": ("pgd20
 # an estimate of the time would first need a timing of the model; a larger budget adds little
 # (docs/robustness.md: 5,000 queries found nothing that 1,000 missed).
 MAX_SQUARE_QUERIES = 100_000
+# --finetune: the adversarial fine-tunes of --mode=finetune (evaluation/finetune.py), and the
+# flags of their recipe (recorded with their results, results.json "alf" / "aff", not in flags.cfg).
+FINETUNE_KINDS = ("alf", "aff")
+FINETUNE_FLAGS = ("finetune", "finetune_epochs", "finetune_lr", "finetune_lr_boundaries",
+                  "finetune_batch_size", "finetune_weight_decay", "finetune_eps",
+                  "finetune_step_size", "finetune_attack_steps", "trades_beta", "finetune_restart")
 # Not written to a run's flags.cfg: they say what to do with the run, not what the run is.
-_NOT_RECORDED = ("mode", "virtual_cpus")
+_NOT_RECORDED = ("mode", "virtual_cpus") + FINETUNE_FLAGS
 
 
 # --normalize: (mean, std) per RGB channel; --eps is in the units these produce. The one table
@@ -109,8 +128,9 @@ def _flag(default, help, choices=None, auto=False):
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs. Defaults are the small offline run of `python run.py`."""
-    mode: str = _flag("train", "train (then evaluate and export), eval or export (of the run in "
-                      "--workdir).", choices=("train", "eval", "export"))
+    mode: str = _flag("train", "train (then evaluate and export), eval, export or finetune "
+                      "(--finetune, of the run in --workdir).",
+                      choices=("train", "eval", "export", "finetune"))
     workdir: str = _flag("", "Where checkpoints, TensorBoard events, results.json and the "
                          "SavedModel go. Re-running the same command on the same workdir resumes. "
                          "Default runs/<dataset>_<method>[_clae]_seed<seed>.")
@@ -220,18 +240,21 @@ class Config:
     linear_lr: float = _flag(3e-4, "Linear probe learning rate (Adam).")
     linear_batch_size: int = _flag(0, "Linear probe batch size.", auto=True)
     eval_batch_size: int = _flag(500, "Batch size for feature extraction.")
-    # Default "quick": the full suite costs minutes per 1,000 images on a GPU but 15-60 min on
-    # 2 CPU cores, too much for the offline first run; the small CIFAR-10 presets and every
-    # published number use pgd20,autoattack (docs/robustness.md).
+    # Default "quick": the fast suite costs minutes per 1,000 images on a GPU but 15-60 min on
+    # 2 CPU cores, too much for the offline first run; the CPU presets use pgd20,fast, and
+    # numbers to compare with AutoAttack's need pgd20,autoattack (docs/robustness.md).
     robust_attacks: str = _flag("quick", "Robust evaluation of encoder + linear "
                                 "probe: the attacks, comma-separated, run in this order, each on "
                                 "the images the ones before left standing: pgd20 (PGD-20, step "
                                 "eps/4, random start), fgsm, apgd-ce and apgd-dlr (APGD on the "
                                 "cross-entropy / DLR loss), apgd-t (targeted APGD-DLR, one run "
-                                "per target class), square (black box, L-inf only), or the "
-                                "suites autoattack (apgd-ce,apgd-t,square) and quick "
-                                "(pgd20,fgsm). Empty: no robust evaluation. For numbers to "
-                                "publish: pgd20,autoattack.")
+                                "per target class), fab-t (targeted FAB, one run per target "
+                                "class), square (black box, L-inf only), or the suites "
+                                "autoattack (standard AutoAttack: apgd-ce,apgd-t,fab-t,square "
+                                "at its fixed budget), fast (apgd-ce,apgd-t,square at the "
+                                "budget flags'; not AutoAttack) and quick (pgd20,fgsm). Empty: "
+                                "no robust evaluation. Numbers to compare with AutoAttack's: "
+                                "pgd20,autoattack.")
     robust_eps: str = _flag("1,2,4,8", "L-inf radii of the robust evaluation, comma-separated, in "
                             "units of 1/255 of the [0, 1] pixel range (empty: none).")
     robust_l2_eps: str = _flag("0.25,0.5", "L2 radii of the robust evaluation, comma-separated, "
@@ -239,18 +262,49 @@ class Config:
                                "version and are left out there.")
     robust_examples: int = _flag(1000, "Test images of the robust evaluation: a fixed "
                                  "class-balanced subset (0: all).")
-    robust_apgd_steps: int = _flag(100, "Iterations of each APGD run (apgd-ce, apgd-dlr, each "
-                                   "target of apgd-t).")
-    # AutoAttack's standard budget is 9 targets and 5,000 Square queries; the defaults are a
-    # third and a fifth of it, so that a CPU run evaluates 1,000 images in minutes, not hours
-    # (docs/robustness.md says what the smaller budget costs). The APGD steps are AutoAttack's.
-    robust_targets: int = _flag(3, "apgd-t: target classes, the most likely other classes of "
-                                "the clean image (at most the number of classes - 1); "
-                                "AutoAttack's standard: 9.")
-    robust_square_queries: int = _flag(1000, "square: queries (forward passes) per image, at "
-                                       "most 100000; AutoAttack's standard: 5000.")
+    # The budgets: 0 stands for the suite's (ROBUST_BUDGETS); with autoattack nothing else.
+    robust_apgd_steps: int = _flag(0, "Iterations of each APGD and FAB run (apgd-ce, apgd-dlr, "
+                                   "each target of apgd-t and fab-t). 0: the suite's, 100 "
+                                   "(AutoAttack's; autoattack takes no other).")
+    robust_targets: int = _flag(0, "apgd-t and fab-t: target classes, the most likely other "
+                                "classes of the clean image (at most the number of classes - "
+                                "1). 0: the suite's, 9 with autoattack (which takes no other), "
+                                "3 otherwise.")
+    robust_square_queries: int = _flag(0, "square: queries (forward passes) per image, at most "
+                                       "100000. 0: the suite's, 5000 with autoattack (which "
+                                       "takes no other), 1000 otherwise.")
     robust_checks: bool = _flag(True, "Gradient-masking checks of the robust evaluation "
                                 "(results.json robust_checks; a warning line when one fires).")
+    # Adversarial fine-tuning (--mode=finetune, evaluation/finetune.py): the RobustSSL
+    # benchmark's ALF and AFF. 0 / empty: the recipe's value for each (finetune.RECIPES).
+    finetune: str = _flag("alf,aff", "--mode=finetune: which fine-tunes of the run's encoder to "
+                          "run, comma-separated: alf (adversarial linear fine-tuning: a linear "
+                          "head on the frozen encoder, trained on PGD examples) and aff "
+                          "(adversarial full fine-tuning: encoder and head with TRADES).")
+    finetune_epochs: int = _flag(0, "Fine-tuning epochs (0: the recipe's, 25).")
+    finetune_lr: float = _flag(0.0, "Fine-tuning SGD learning rate (0: the recipe's, ALF 0.01, "
+                               "AFF 0.1), times 0.1 at each --finetune_lr_boundaries epoch.")
+    finetune_lr_boundaries: Tuple[int, ...] = _flag((), "Epochs at which the fine-tuning "
+                                                    "learning rate drops 10x (empty: the "
+                                                    "recipe's, ALF 10,20 and AFF 15,20 of 25, "
+                                                    "at the same fractions of "
+                                                    "--finetune_epochs).")
+    finetune_batch_size: int = _flag(0, "Fine-tuning batch size (0: the recipe's, ALF 512, "
+                                     "AFF 128).")
+    finetune_weight_decay: float = _flag(2e-4, "Fine-tuning L2 weight decay, added to the "
+                                         "gradient (PyTorch convention).")
+    finetune_eps: float = _flag(8.0, "Fine-tuning attack: L-inf radius in 1/255 of the [0, 1] "
+                                "pixel range.")
+    finetune_step_size: float = _flag(2.0, "Fine-tuning attack: step size in 1/255.")
+    finetune_attack_steps: int = _flag(10, "Fine-tuning attack: steps (ALF: PGD on the "
+                                       "cross-entropy from a random start; AFF: TRADES' "
+                                       "ascent on the KL divergence).")
+    trades_beta: float = _flag(6.0, "AFF: TRADES' beta, the weight of KL(f(x) || f(x_adv)) "
+                               "beside the clean cross-entropy.")
+    finetune_restart: bool = _flag(False, "--mode=finetune: start the fine-tunes of --finetune "
+                                   "over from the pretrained encoder, discarding their "
+                                   "checkpoints (else a stopped one resumes and a finished one "
+                                   "is skipped).")
     # Distribution.
     strategy: str = _flag("auto", "auto (mirrored when >1 GPU), mirrored, multiworker (TF_CONFIG; "
                           "docs/distributed.md) or one_device.",
@@ -294,6 +348,7 @@ class Config:
         self._check_optimizer()
         self._check_robust()
         self._check_strategy()
+        self._check_finetune()
 
     def _check_choices(self):
         for f in dataclasses.fields(self):
@@ -397,6 +452,18 @@ class Config:
             _ = self.robust_attack_list  # evaluated only to validate: raises on a bad name
         except ValueError as e:
             _bad("robust_attacks", str(e))
+        names = {item.lower() for item in _items(self.robust_attacks)}
+        if {"autoattack", "fast"} <= names:
+            _bad("robust_attacks", "autoattack and fast are the same attacks at two budgets "
+                                   "(standard AutoAttack's and the budget flags'): name one")
+        for name, (standard, _) in ROBUST_BUDGETS.items():
+            value = getattr(self, name)
+            if "autoattack" in names and value not in (0, standard):
+                _bad(name, f"{value}, but autoattack is standard AutoAttack, whose budget is "
+                           f"fixed ({standard}; leave the flag at 0); for another budget use "
+                           f"the suite fast (apgd-ce,apgd-t,square at the budget flags'), "
+                           f"which is what autoattack ran before it had FAB-T (an older "
+                           f"flags.cfg's --robust_attacks=...,autoattack)")
         if self.robust_square_queries > MAX_SQUARE_QUERIES:
             _bad("robust_square_queries", f"{self.robust_square_queries} is more than "
                                           f"{MAX_SQUARE_QUERIES:,} queries per image, which "
@@ -415,6 +482,48 @@ class Config:
                                  "GPUs, or one CPU device)")
         if self.strategy == "one_device":
             _bad("virtual_cpus", "needs --strategy=auto or mirrored, not one_device")
+
+    def _check_finetune(self):
+        """--finetune's names and the fine-tuning recipe's values (0 / empty: the recipe's)."""
+        try:
+            _ = self.finetune_list  # evaluated only to validate: raises on a bad name
+        except ValueError as e:
+            _bad("finetune", str(e))
+        if self.mode == "finetune" and not self.finetune_list:
+            _bad("finetune", f"nothing to fine-tune; choose from {', '.join(FINETUNE_KINDS)}")
+        for name in ("finetune_epochs", "finetune_batch_size"):
+            if getattr(self, name) < 0:
+                _bad(name, f"must be >= 1, or 0 for the recipe's, got {getattr(self, name)}")
+        if self.finetune_lr < 0:
+            _bad("finetune_lr", f"must be > 0, or 0 for the recipe's, got {self.finetune_lr}")
+        if any(b < 1 for b in self.finetune_lr_boundaries) or list(
+                self.finetune_lr_boundaries) != sorted(set(self.finetune_lr_boundaries)):
+            _bad("finetune_lr_boundaries", f"must be increasing epochs >= 1, got "
+                                           f"{','.join(map(str, self.finetune_lr_boundaries))}")
+        if self.finetune_weight_decay < 0:
+            _bad("finetune_weight_decay", f"must be >= 0, got {self.finetune_weight_decay}")
+        if not 0 < self.finetune_eps <= 255:
+            _bad("finetune_eps", f"must be in (0, 255] (1/255 of the [0, 1] pixel range), got "
+                                 f"{self.finetune_eps}")
+        if not 0 < self.finetune_step_size <= 255:
+            _bad("finetune_step_size", f"must be in (0, 255] (in 1/255), got "
+                                       f"{self.finetune_step_size}")
+        if self.finetune_attack_steps < 1:
+            _bad("finetune_attack_steps", f"must be >= 1, got {self.finetune_attack_steps}")
+        if self.trades_beta < 0:
+            _bad("trades_beta", f"must be >= 0, got {self.trades_beta}")
+
+    @property
+    def finetune_list(self) -> Tuple[str, ...]:
+        """--finetune as names, in FINETUNE_KINDS' order. Raises ValueError naming an unknown
+        name or an empty item."""
+        names = [item.lower() for item in _items(self.finetune)]
+        unknown = [n for n in names if n not in FINETUNE_KINDS]
+        if unknown:
+            slf = " (SLF is the linear probe of --mode=eval and train)" if "slf" in unknown else ""
+            raise ValueError(f"unknown fine-tune {unknown[0]!r}{slf}; choose from "
+                             f"{', '.join(FINETUNE_KINDS)} (comma-separated)")
+        return tuple(k for k in FINETUNE_KINDS if k in names)
 
     @property
     def run_dir(self) -> str:
@@ -438,6 +547,14 @@ class Config:
     def robust_l2_eps_list(self) -> Tuple[float, ...]:
         """--robust_l2_eps as numbers, in [0, 1]-pixel units (parse_radii)."""
         return parse_radii("robust_l2_eps", self.robust_l2_eps)
+
+    @property
+    def robust_budgets(self) -> dict:
+        """The budget flags with 0 resolved to the suite's (ROBUST_BUDGETS: autoattack's where
+        --robust_attacks names it, else the others'): {flag: value}; robust.Suite takes them."""
+        standard = "autoattack" in (item.lower() for item in _items(self.robust_attacks))
+        return {name: getattr(self, name) or values[0 if standard else 1]
+                for name, values in ROBUST_BUDGETS.items()}
 
     @property
     def robust_attack_list(self) -> Tuple[str, ...]:
@@ -603,10 +720,10 @@ _AT_LEAST = {
     "image_every": (1, " (steps between image logs)"),
     "linear_epochs": (1, " (an untrained probe's accuracy means nothing)"),
     "eval_every_epochs": (0, " (0: off)"), "projector_examples": (0, " (0: none)"),
-    "robust_examples": (0, " (0: all test images)"), "robust_apgd_steps": (1, ""),
-    "robust_targets": (1, ""), "robust_square_queries": (1, " (queries per image)"),
+    "robust_examples": (0, " (0: all test images)"),
 }
 # Flags whose 0 means "all" or "the default": {flag: what 0 stands for}.
 _ZERO_MEANS = {"proj_hidden": "the representation's width",
                "max_steps": "--epochs x steps per epoch", "train_examples": "all",
-               "examples_per_class": "all"}
+               "examples_per_class": "all", "robust_apgd_steps": "the suite's",
+               "robust_targets": "the suite's", "robust_square_queries": "the suite's"}

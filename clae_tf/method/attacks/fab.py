@@ -175,7 +175,8 @@ def _fab_run(logits_fn, x, y, target, eps, steps, norm, lo, hi, alpha_max, eta, 
 
 @_NOT_CONVERTED
 def fab_t(logits_fn, x, y, eps, norm="linf", steps=FAB_STEPS, n_targets=FAB_TARGETS,
-          clip_min=0.0, clip_max=1.0, alpha_max=FAB_ALPHA_MAX, eta=FAB_ETA, beta=FAB_BETA):
+          clip_min=0.0, clip_max=1.0, alpha_max=FAB_ALPHA_MAX, eta=FAB_ETA, beta=FAB_BETA,
+          target=None):
     """FAB-T (Croce & Hein, ICML 2020), batched: Algorithm 1 of the FAB paper aimed at each of
     the `n_targets` most likely non-true classes in turn (`top_targets` of the clean logits, as
     APGD-T; classes - 1 when fewer), one run of `steps` iterations per target, each on the
@@ -196,6 +197,10 @@ def fab_t(logits_fn, x, y, eps, norm="linf", steps=FAB_STEPS, n_targets=FAB_TARG
       steps: iterations per target (Python int >= 1); n_targets: targets (int >= 1).
       clip_min, clip_max: the box (None: unbounded).
       alpha_max, eta, beta: Algorithm 1's bias towards x, overshoot and backward step.
+      target: None, or (N,) int: one run towards this class of each example instead of the
+        n_targets top ones (n_targets is then unused), as `apgd`'s target: a caller that
+        picked the top_targets of the clean logits once (the robust evaluation's chain) runs
+        one target rank per call.
 
     Returns:
       (x_adv, fooled): fooled (N,) bool, misclassified on x or broken within eps; x_adv the
@@ -211,9 +216,12 @@ def fab_t(logits_fn, x, y, eps, norm="linf", steps=FAB_STEPS, n_targets=FAB_TARG
     lo = tf.cast(-_INF if clip_min is None else clip_min, tf.float32)
     hi = tf.cast(_INF if clip_max is None else clip_max, tf.float32)
     logits = tf.stop_gradient(tf.cast(logits_fn(x), tf.float32))
-    classes = logits.shape[-1]
-    k = n_targets if classes is None else min(n_targets, classes - 1)
-    targets = top_targets(logits, y, k)
+    if target is None:
+        classes = logits.shape[-1]
+        k = n_targets if classes is None else min(n_targets, classes - 1)
+        targets = top_targets(logits, y, k)
+    else:
+        k, targets = 1, tf.cast(target, tf.int32)[:, None]
 
     def run(x, y, target, eps):
         return _fab_run(logits_fn, x, y, target, eps, steps, norm, lo, hi, alpha_max, eta, beta)
