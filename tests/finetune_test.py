@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from clae_tf import ClaeError
 from clae_tf.evaluation import finetune
-from clae_tf.job import app, checkpoints, finetuning, portable
+from clae_tf.job import app, checkpoints, portable
 from clae_tf.method import builders
 from clae_tf.runtime import config, distribute, signals, workdir
 from clae_tf.runtime.config import Config
@@ -273,7 +273,7 @@ def test_finetune_mode_writes_beside_slf_exports_and_skips_when_done(finetuned, 
 def test_the_exported_classifier_is_the_fine_tuned_one_with_the_probes_checks(finetuned, kind):
     cfg, _, out = finetuned
     path = out["finetune_exports"][kind]
-    assert path == finetuning.paths(cfg.run_dir, kind)["export"]
+    assert path == workdir.finetune_paths(cfg.run_dir, kind)["export"]
     loaded = tf.saved_model.load(path)
     info = json.load(open(os.path.join(path, "finetune.json")))
     assert (info["kind"], info["encoder_step"], info["top1"]) == (
@@ -283,7 +283,7 @@ def test_the_exported_classifier_is_the_fine_tuned_one_with_the_probes_checks(fi
     state = checkpoints.State(cfg, distribute.make_strategy(cfg))
     state.restore(model_only=True)
     tuner = finetune.Tuner(recipe, portable.build_encoder(state.model, 16, cfg.normalize), 10,
-                           finetuning.paths(cfg.run_dir, kind)["checkpoints"])
+                           workdir.finetune_paths(cfg.run_dir, kind)["checkpoints"])
     assert tuner.restore() == 3  # 48 images in batches of 16, one epoch
     want = tuner.logits(tf.constant(images / 255.0, tf.float32)).numpy()
     np.testing.assert_allclose(loaded.serve_uint8(images).numpy(), want, atol=1e-4)

@@ -26,15 +26,6 @@ from clae_tf.job import checkpoints, export, portable
 from clae_tf.runtime import files, signals, workdir
 from clae_tf.runtime.config import DATA_FLAGS, EVAL_FLAGS, Config
 
-INFO_FILE = "finetune.json"  # in each export: the fine-tune, its encoder step and recipe
-
-
-def paths(run_dir: str, kind: str, other_data=None) -> dict:
-    """{"checkpoints", "export"} of fine-tune `kind` in `run_dir` (other_data: eval_paths')."""
-    suffix = f"_{other_data}" if other_data else ""
-    return {"checkpoints": os.path.join(run_dir, f"finetune_{kind}{suffix}"),
-            "export": os.path.join(run_dir, f"{kind}{suffix}_saved_model")}
-
 
 def run(cfg: Config, strategy, source: sources.Source, out: dict):
     """Every fine-tune of --finetune on the newest checkpoint's encoder; out["finetune"] gets
@@ -51,7 +42,7 @@ def run(cfg: Config, strategy, source: sources.Source, out: dict):
     train = None
     for kind in cfg.finetune_list:
         recipe = finetune.Recipe.from_config(cfg, kind)
-        where = paths(cfg.run_dir, kind, other)
+        where = workdir.finetune_paths(cfg.run_dir, kind, other)
         note = finetune.prepare(where["checkpoints"], recipe, state.step, cfg.finetune_restart)
         if note:
             print(note, flush=True)
@@ -105,7 +96,7 @@ def write_classifier(cfg: Config, encoder, probe: dict, path: str, info: dict):
         with files.writing(path, "the fine-tuned classifier", cleanup=(tmp,),
                            needed=lambda: files.tree_bytes(path)), signals.scratch(tmp):
             export.export_probe(cfg, None, probe, tmp, encoder=encoder)
-            with open(os.path.join(tmp, INFO_FILE), "w") as f:
+            with open(os.path.join(tmp, workdir.FINETUNE_INFO), "w") as f:
                 json.dump(info, f, indent=2, sort_keys=True)
             with signals.held():
                 files.replace_path(tmp, path)

@@ -42,9 +42,20 @@ EXPORTS = (SAVED_MODEL, ENCODER_KERAS, PROBE_SAVED_MODEL)
 MANIFEST = "export.json"
 MODEL_CARD = "README.md"  # a model hub's README: metadata block, then the card
 EXPORT_STAGING = "export"  # the exports are written into export.<pid>.tmp/ first
+# The adversarial fine-tunes (--mode=finetune, job/finetuning.py): per kind (alf, aff) its
+# checkpoints and its exported classifier, whose FINETUNE_INFO says what it is.
+FINETUNE_INFO = "finetune.json"
 # What a protocol sweep records of a run's processes (preset, commit, load); written by
 # scripts/sweep_lib.sh alone (sweep_run), read by scripts/compare.py.
 SWEEP_FILE = "sweep.jsonl"
+
+
+def finetune_paths(run_dir: str, kind: str, other_data=None) -> dict:
+    """{"checkpoints", "export"} of fine-tune `kind` in `run_dir`: finetune_<kind>/ and
+    <kind>_saved_model/ (with other_data, eval_paths', a _<other_data> suffix on both)."""
+    suffix = f"_{other_data}" if other_data else ""
+    return {"checkpoints": os.path.join(run_dir, f"finetune_{kind}{suffix}"),
+            "export": os.path.join(run_dir, f"{kind}{suffix}_saved_model")}
 
 
 def flagfile(run_dir: str) -> str:
