@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins import projector
 
-from clae_tf.runtime import files
+from clae_tf.runtime import files, signals
 
 # Neighbour picture: a frame says whether a neighbour has the query's label.
 GREEN = (0, 200, 0)  # same label as the query
@@ -108,9 +108,10 @@ def write_projector(logdir, name, features, labels, images, index):
     """
     directory = os.path.join(logdir, PROJECTOR_DIR)
     config_path = os.path.join(logdir, "projector_config.pbtxt")
-    # A full disk removes the projector's files: a half-replaced set would mislabel the points.
-    with files.writing(directory, "TensorBoard's projector files",
-                       cleanup=(directory, config_path)):
+    # A full disk removes the projector's files: a half-replaced set would mislabel the points;
+    # a stop waits for them (a few small files).
+    with signals.held(), files.writing(directory, "TensorBoard's projector files",
+                                       cleanup=(directory, config_path)):
         os.makedirs(directory, exist_ok=True)
         np.savetxt(os.path.join(directory, "tensors.tsv"), np.asarray(features, np.float32),
                    delimiter="\t", fmt="%.6g")
