@@ -49,19 +49,16 @@ def test_dlr_attack_on_a_two_class_dataset_fails_before_training_or_restoring(tm
 
 
 @pytest.mark.slow  # > 10 s on the 2 shared cores
-@pytest.mark.parametrize("probe, says", [(None, "no linear probe"),
-                                         (b"not a probe\n", "probe.npz cannot be read (")])
-def test_export_mode_without_a_probe_says_so(tmp_path, probe, says):
+def test_export_mode_without_a_probe_says_so(tmp_path):
+    """A probe.npz that cannot be read takes this same way (app._own_probe returns no probe and
+    a note, as without one): the test below checks its note."""
     cfg = tiny_config(tmp_path)
     workdir.write_flagfile(cfg)
     checkpoints.State(cfg, distribute.make_strategy(cfg), 89, 89).manager.save(checkpoint_number=0)
-    if probe is not None:
-        with open(os.path.join(cfg.run_dir, "probe.npz"), "wb") as f:
-            f.write(probe)
     out = app.run(dataclasses.replace(cfg, mode="export"))
     assert os.path.exists(os.path.join(out["saved_model"], "saved_model.pb"))
     assert "probe_saved_model" not in out
-    assert says in out["probe_note"] and "\n" not in out["probe_note"]
+    assert "no linear probe" in out["probe_note"] and "\n" not in out["probe_note"]
     assert not os.path.exists(os.path.join(cfg.run_dir, "probe_saved_model"))
 
 

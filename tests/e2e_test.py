@@ -20,7 +20,8 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from clae_tf import ClaeError
-from clae_tf.data import augment
+from clae_tf.data import augment, sources
+from clae_tf.evaluation import evaluate, monitor
 from clae_tf.job import app, checkpoints, export
 from clae_tf.runtime import config, distribute
 
@@ -45,10 +46,11 @@ def full(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
-    """The same run, interrupted after 2 steps and resumed by re-running with max_steps=4."""
+    """The same run, interrupted after 2 steps and resumed by re-running with max_steps=4. No
+    export and no robust evaluation: `full` has them, and they come after what is compared."""
     base = tmp_path_factory.mktemp("resumed")
-    first, first_log = _run(tiny_config(base, max_steps=2, export=False))
-    cfg = tiny_config(base, max_steps=4, export=False)
+    first, first_log = _run(tiny_config(base, max_steps=2, export=False, robust_attacks=""))
+    cfg = tiny_config(base, max_steps=4, export=False, robust_attacks="")
     second, second_log = _run(cfg)
     return cfg, first, first_log, second, second_log
 
@@ -191,6 +193,15 @@ def test_saved_model_matches_the_model(full):
     np.testing.assert_allclose(out["h"].numpy(), h.numpy(), atol=1e-5)
     np.testing.assert_allclose(out["z"].numpy(), z.numpy(), atol=1e-5)
 
+    # And the probe the run's evaluation fitted on this step's h (probe.npz), as a classifier:
+    # [0, 1] images in, h @ kernel + bias out.
+    probe = evaluate.load_probe(os.path.join(cfg.run_dir, "probe.npz"))
+    assert (probe["step"], probe["feature"]) == (4, "h")
+    assert result["probe_saved_model"] == os.path.join(cfg.run_dir, "probe_saved_model")
+    classifier = tf.saved_model.load(result["probe_saved_model"])
+    np.testing.assert_allclose(classifier.serve(tf.constant(images01)).numpy(),
+                               h.numpy() @ probe["kernel"] + probe["bias"], atol=1e-4)
+
 
 @pytest.mark.slow
 def test_checkpoint_holds_every_model_variable(full):
@@ -211,7 +222,10 @@ def test_checkpoint_holds_every_model_variable(full):
 
 
 @pytest.mark.slow
-def test_eval_and_export_modes_on_a_finished_workdir(full, tmp_path):
+def test_eval_mode_on_a_finished_workdir(full, tmp_path):
+    """--mode=eval of the trained checkpoint gives the numbers of the training process's own
+    evaluation. (--mode=export over earlier exports: tests/workdir_test.py, whose last export
+    replaces those of step 2 with step 4's and checks what they compute.)"""
     cfg, result, _ = full
     # On a copy, so that the other tests see the training run's own results.json.
     cfg = dataclasses.replace(cfg, workdir=str(tmp_path / "copy"))
@@ -225,22 +239,7 @@ def test_eval_and_export_modes_on_a_finished_workdir(full, tmp_path):
                                                                 abs=0.02)
     with open(os.path.join(cfg.run_dir, "results.json")) as f:
         assert json.load(f)["knn_top1"] == evaluated["results"]["knn_top1"]
-
-    export_dir = os.path.join(cfg.run_dir, "saved_model")
-    pb = os.path.join(export_dir, "saved_model.pb")
-    os.utime(pb, (0, 0))
-    exported, _ = _run(dataclasses.replace(cfg, mode="export"))  # over the existing one
-    assert exported["saved_model"] == export_dir
-    assert exported["encoder_keras"] == os.path.join(cfg.run_dir, "encoder.keras")
-    assert os.path.getmtime(pb) > 0
-    # Keep a reference to the loaded object: its functions need its variables alive.
-    before = tf.saved_model.load(result["saved_model"])
-    after = tf.saved_model.load(export_dir)
-    images = tf.constant(_images())
-    for key in ("h", "z"):
-        np.testing.assert_allclose(after.serve_uint8(images)[key].numpy(),
-                                   before.serve_uint8(images)[key].numpy(), atol=1e-5)
-    # eval/export never train: still step 4.
+    # eval never trains: still step 4.
     assert tf.train.latest_checkpoint(os.path.join(cfg.run_dir, "checkpoints")).endswith("ckpt-4")
 
 
@@ -344,10 +343,20 @@ def test_run_on_mocked_tfds_cifar10(tmp_path):
 
 @pytest.mark.slow
 def test_run_mirrored_over_two_virtual_cpus(tmp_path):
-    """The same loop under MirroredStrategy (as on several GPUs): logs, checkpoints and exports."""
-    cfg = tiny_config(tmp_path, virtual_cpus=2, max_steps=1, linear_epochs=1, adversarial=False)
+    """The same loop under MirroredStrategy (as on several GPUs): logs, checkpoints, the online
+    kNN and exports. 48 images, batch 16: 3 steps, the online evaluation after the third."""
+    cfg = tiny_config(tmp_path, virtual_cpus=2, train_examples=48, epochs=1, eval_every_epochs=1,
+                      online_eval_examples=30, linear_epochs=1, adversarial=False)
     result, log = _run(cfg)
-    assert result["results"]["step"] == 1 and "step 1/1" in log
-    assert "train/learning_rate" in _events(cfg.run_dir)
-    model = _restore(dataclasses.replace(cfg, virtual_cpus=0)).model  # restored on one device
-    assert export.check_export(result["saved_model"], model, _images()) < 1e-5
+    assert result["results"]["step"] == 3 and "step 3/3" in log
+    tags = _events(cfg.run_dir)
+    assert "train/learning_rate" in tags
+    assert sorted(tags["eval/knn_top1_online"]) == [3]
+    one = dataclasses.replace(cfg, virtual_cpus=0)
+    state = _restore(one)  # restored on one device
+    assert state.step == 3
+    # The online kNN of the mirrored model, again from the checkpoint on one device.
+    again = monitor.Monitor(one, state.model, sources.load(one), tf.summary.create_noop_writer(),
+                            str(tmp_path)).online_eval(3)
+    assert again == pytest.approx(_scalar(tags["eval/knn_top1_online"][3][1]))
+    assert export.check_export(result["saved_model"], state.model, _images()) < 1e-5

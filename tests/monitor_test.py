@@ -19,7 +19,7 @@ from tensorboard.plugins.projector import projector_plugin
 
 from clae_tf.data import sources
 from clae_tf.evaluation import evaluate, monitor, visualize
-from clae_tf.job import checkpoints, train
+from clae_tf.job import train
 from clae_tf.method import builders
 from clae_tf.runtime import distribute
 
@@ -125,20 +125,8 @@ def test_online_evaluation_leaves_the_training_trajectory_unchanged(tmp_path):
     assert sorted(off_tags["monitor/nearest_neighbours"]) == [6]
 
 
-@pytest.mark.slow
-def test_online_evaluation_during_a_mirrored_run(tmp_path):
-    cfg = tiny_config(tmp_path, train_examples=48, epochs=1, eval_every_epochs=1,
-                      online_eval_examples=30, export=False, adversarial=False)
-    strategy = distribute.mirrored([d.name for d in tf.config.list_logical_devices("CPU")[2:]])
-    summary = _train(cfg, strategy)
-    assert summary.online_evals == 1
-    logged = float(_events(os.path.join(cfg.run_dir, "tensorboard"))["eval/knn_top1_online"][3])
-    # The same number from the checkpoint, restored on one device.
-    state = checkpoints.State(cfg, ONE_DEVICE)
-    assert state.restore(model_only=True) and state.step == 3
-    again = monitor.Monitor(cfg, state.model, sources.load(cfg), tf.summary.create_noop_writer(),
-                            str(tmp_path)).online_eval(3)
-    assert again == pytest.approx(logged)
+# The online kNN during a mirrored run (app.run over 2 virtual CPUs), against the checkpoint's on
+# one device: tests/e2e_test.py, test_run_mirrored_over_two_virtual_cpus.
 
 
 def _serve(app, **query):
