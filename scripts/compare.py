@@ -378,6 +378,13 @@ def write_online_knn(groups: Dict[str, List[dict]], path: str) -> dict:
     return curves
 
 
+def mean_curve(curves):
+    """(epochs, mean accuracy in % at each) of several runs' [(epoch, accuracy)] curves."""
+    epochs = sorted({x for curve in curves for x, _ in curve})
+    return epochs, [100 * mean_std([y for curve in curves for x, y in curve if x == e])[0]
+                    for e in epochs]
+
+
 def plot_online_knn(curves: Dict[str, Dict[str, List[tuple]]], path: str) -> bool:
     """The online kNN curves (write_online_knn's) of every run, coloured by method (thin: each
     seed; thick: the mean over the seeds that have the epoch). Returns False if no run has one
@@ -399,9 +406,7 @@ def plot_online_knn(curves: Dict[str, Dict[str, List[tuple]]], path: str) -> boo
             if curve:
                 ax.plot(*zip(*[(x, 100 * y) for x, y in curve]), color=color, lw=0.8,
                         alpha=0.5, marker=".")
-        epochs = sorted({x for curve in runs for x, _ in curve})
-        means = [100 * mean_std([y for curve in runs for x, y in curve if x == e])[0]
-                 for e in epochs]
+        epochs, means = mean_curve(runs)
         if epochs:
             n = sum(1 for c in runs if c)
             ax.plot(epochs, means, color=color, lw=2.2, marker="o",

@@ -650,9 +650,7 @@ def plot_online(results_dir: str, path: str) -> bool:
                     if curve:
                         ax.plot(*zip(*[(e, 100 * v) for e, v in curve]), color=color, lw=0.8,
                                 alpha=0.45, marker=".")
-            epochs = sorted({e for c in runs.values() for e, _ in c})
-            means = [100 * mean_std([v for c in runs.values() for x, v in c if x == e])[0]
-                     for e in epochs]
+            epochs, means = compare.mean_curve(list(runs.values()))
             if epochs:
                 n = sum(1 for c in runs.values() if c)
                 ax.plot(epochs, means, color=color, lw=1.5 if dashed else 2.2,
