@@ -50,7 +50,6 @@ The CPU presets (flags/cifar10_small_alf.cfg, flags/cifar10_small_aff.cfg) scale
 the attack down; the flags --finetune_* and --trades_beta change any value of the recipe.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -327,7 +326,7 @@ class Tuner:
         start, t0, loss = int(self.step.numpy()), time.time(), None
         name = r.kind.upper()
         try:
-            with signals.handling(), contextlib.ExitStack() as patience:
+            with signals.loop_of_calls() as first_call_done:
                 while int(self.step.numpy()) < total:
                     signals.check()
                     step = int(self.step.numpy())
@@ -338,8 +337,7 @@ class Tuner:
                     # always finds them together.
                     loss = self._train_step(tf.constant(images[rows]), tf.constant(labels[rows]),
                                             tf.constant(r.lr_at(epoch), tf.float32))
-                    if step == start:
-                        patience.enter_context(signals.patient())
+                    first_call_done()
                     if index == per_epoch - 1:
                         self.save()
                         log(f"{name} epoch {epoch + 1}/{r.epochs}: loss {float(loss):.4f}, lr "
@@ -423,14 +421,8 @@ def evaluate(cfg: Config, logits_fn, test: sources.Split, num_classes: int) -> d
     images, labels = sources.read_images(test)
     out = {"top1": top1(logits_fn, images, labels.astype(np.int32), cfg.eval_batch_size),
            "test_examples": int(len(labels))}
-    suite = robust.Suite.from_config(cfg)
-    if suite.runs():
-        t_robust = time.time()
-        x, y = robust.load_subset(test, cfg.robust_examples)
-        out.update(robust.robust_accuracy(logits_fn, x, y, suite, num_classes,
-                                          batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                          log=lambda line: print(line, flush=True)))
-        out["robust_seconds"] = time.time() - t_robust
+    if robust.Suite.from_config(cfg).runs():
+        out.update(robust.evaluate_classifier(cfg, logits_fn, test, num_classes))
     out["eval_seconds"] = time.time() - t
     return out
 

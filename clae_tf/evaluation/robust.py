@@ -420,10 +420,16 @@ def evaluate(cfg, model, probe, split: sources.Split, num_classes: int) -> dict:
     Returns the results.json entries of robust_accuracy and robust_seconds (all of it,
     loading the images included).
     """
+    return evaluate_classifier(cfg, classifier(model, probe, cfg.normalize, cfg.probe), split,
+                               num_classes)
+
+
+def evaluate_classifier(cfg, logits_fn, split: sources.Split, num_classes: int) -> dict:
+    """evaluate() of any classifier (images in [0, 1] -> logits; the fine-tunes' too)."""
     t0 = time.time()
     images, labels = load_subset(split, cfg.robust_examples)
-    out = robust_accuracy(classifier(model, probe, cfg.normalize, cfg.probe), images, labels,
-                          Suite.from_config(cfg), num_classes, batch_size=cfg.eval_batch_size,
-                          seed=cfg.seed, log=functools.partial(print, flush=True))
+    out = robust_accuracy(logits_fn, images, labels, Suite.from_config(cfg), num_classes,
+                          batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                          log=functools.partial(print, flush=True))
     out["robust_seconds"] = time.time() - t0
     return out

@@ -158,7 +158,7 @@ def train(cfg: Config, strategy, source: sources.Source, on_accepted=None) -> Tr
         # between calls, and in the online evaluation's batches. Once the first call (tracing and
         # compiling) has run, the watchdog waits for them: they save the steps since the last
         # checkpoint.
-        with signals.handling(), contextlib.ExitStack() as patience:
+        with signals.loop_of_calls() as first_call_done:
             while step < total_steps:
                 signals.check()
                 if not left_in_epoch:
@@ -167,8 +167,7 @@ def train(cfg: Config, strategy, source: sources.Source, on_accepted=None) -> Tr
                     loop.timings["data_setup"] += time.time() - t
                 n = min(left_in_epoch, _steps_to_next_event(step, total_steps, cfg))
                 out = loop.call(iterator, n)
-                if step == start:
-                    patience.enter_context(signals.patient())
+                first_call_done()
                 step += int(out["steps"])
                 left_in_epoch -= int(out["steps"])
                 loop.after_call(step, n, out, epoch_ended=not left_in_epoch)

@@ -236,6 +236,21 @@ def patient():
 
 
 @contextlib.contextmanager
+def loop_of_calls():
+    """handling() around a loop of compiled calls whose safe points keep its work (the train
+    loop, a fine-tune): yields `first_call_done`, to call after each call; from the first on
+    the rest of the block is patient() (the first traces and compiles, and has done nothing a
+    wait would keep)."""
+    with handling(), contextlib.ExitStack() as stack:
+        entered = []
+
+        def first_call_done():
+            if not entered:
+                entered.append(stack.enter_context(patient()))
+        yield first_call_done
+
+
+@contextlib.contextmanager
 def _foreign_held():
     pending = []
     previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
