@@ -277,8 +277,9 @@ def _stop_line(err, first, workdir, training):
 def test_signals_at_every_moment_of_a_run_stop_it_with_one_line_and_it_resumes(tmp_path):
     """Each run gets three signals, the first at one of _MOMENTS, two more of the same kind
     50 and 300 ms later (the user pressing Ctrl-C again while it stops), started with SIGINT
-    ignored as a CI runner starts it: exit 2, the one line of the first, no traceback, the workdir whole, and the same
-    command resumes; the last run, not signalled, finishes. CLAE_SIGNAL_DELAYS=<path> writes
+    ignored as a CI runner starts it: exit 2, the one line of the first, no traceback, the
+    workdir whole, and the same command resumes; the last run, not signalled, finishes.
+    CLAE_SIGNAL_DELAYS=<path> writes
     each stop's delay (first signal to exit) there."""
     workdir = str(tmp_path / "run")
     command = ["--flagfile=flags/smoke.cfg", "--epochs=4", f"--workdir={workdir}",
