@@ -279,8 +279,7 @@ def test_signals_at_every_moment_of_a_run_stop_it_with_one_line_and_it_resumes(t
     50 and 300 ms later (the user pressing Ctrl-C again while it stops), started with SIGINT
     ignored as a CI runner starts it: exit 2, the one line of the first, no traceback, the
     workdir whole, and the same command resumes; the last run, not signalled, finishes.
-    CLAE_SIGNAL_DELAYS=<path> writes
-    each stop's delay (first signal to exit) there."""
+    CLAE_SIGNAL_DELAYS=<path> writes each stop's delay (first signal to exit) there."""
     workdir = str(tmp_path / "run")
     command = ["--flagfile=flags/smoke.cfg", "--epochs=4", f"--workdir={workdir}",
                "--robust_examples=20", "--robust_eps=8", "--robust_l2_eps=",
