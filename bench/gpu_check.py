@@ -54,12 +54,13 @@ pretraining stream (streams.pretrain_dataset) of the bundled digits at --image_s
              to a temporary directory (the square in-memory path CIFAR takes) and over the
              bundled digits (8 px images cropped one by one, then resized); no network. Also
              the ratio to the fastest CLAE step of (c).
-  attacks    (e) The robust evaluation's attacks (attacks.pgd_classifier as robust.py's pgd20:
-             20 steps of eps/4 from a random start; attacks.apgd with the CE loss; attacks.
-             square_linf) on robust.classifier(encoder, linear probe): a randomly initialised
-             float32 encoder of the same arch and width and a random probe on h, labels = its
-             own clean predictions (every image is attacked), --attack_images random images,
-             eps --attack_eps/255, batches of --attack_batch. images/s of the second full pass
+  attacks    (e) The robust evaluation's attacks as robust.py runs them (attacks.pgd_until_fooled
+             as pgd20: 20 steps of eps/4 from a random start; attacks.apgd with the CE loss;
+             attacks.square_linf; the refill engine with --attack_batch slots over pools of
+             robust.POOL_BATCHES batches) on robust.classifier(encoder, linear probe): a
+             randomly initialised float32 encoder of the same arch and width and a random probe
+             on h, labels = its own clean predictions (every image is attacked),
+             --attack_images random images, eps --attack_eps/255. images/s of the second full pass
              (the first traces and autotunes); the fraction fooled and the model passes per
              image (robust_speed.Counted) say how much of the budget early exits saved.
 """
@@ -146,7 +147,7 @@ def parse_args(argv=None):
     p.add_argument("--pipeline_batches", type=int, help="timed batches of the input pipeline")
     p.add_argument("--pipeline_images", type=int, help="generated training images")
     p.add_argument("--attack_images", type=int, help="images attacked")
-    p.add_argument("--attack_batch", type=int, help="images per attack call")
+    p.add_argument("--attack_batch", type=int, help="images per model call of the attacks")
     p.add_argument("--attack_eps", type=float, default=8.0, help="L-inf radius in 1/255")
     p.add_argument("--apgd_steps", type=int, help="APGD-CE iterations (0: skip)")
     p.add_argument("--square_queries", type=int, help="Square queries per image (0: skip)")
@@ -699,20 +700,19 @@ def attack_rates(args) -> dict:
                         for i in range(0, len(x), args.attack_batch)]).astype(np.int32)
     eps = args.attack_eps / 255
     signature = [tf.TensorSpec([None, *shape], tf.float32), tf.TensorSpec([None], tf.int32),
-                 tf.TensorSpec([2], tf.int64)]
-
-    def wrong(x_adv, labels):
-        return tf.not_equal(tf.argmax(counted(x_adv), -1, output_type=tf.int32), labels)
-
-    fns = {f"pgd{robust.PGD_STEPS}": (robust.PGD_STEPS, lambda xb, yb, seed: wrong(
-        attacks.pgd_classifier(counted, xb, yb, eps, robust.PGD_STEPS, eps / 4,
-                               random_start=True, seed=seed, clip_min=0.0, clip_max=1.0), yb))}
+                 tf.TensorSpec([2], tf.int64), tf.TensorSpec([None], tf.int32)]
+    box = dict(clip_min=0.0, clip_max=1.0, batch=args.attack_batch)
+    fns = {f"pgd{robust.PGD_STEPS}": (robust.PGD_STEPS, lambda xb, yb, seed, ids: attacks.
+                                      pgd_until_fooled(counted, xb, yb, eps, robust.PGD_STEPS,
+                                                       eps / 4, random_start=True, seed=seed,
+                                                       ids=ids, **box)[1])}
     if args.apgd_steps:
-        fns["apgd-ce"] = (args.apgd_steps, lambda xb, yb, seed: attacks.apgd(
-            counted, xb, yb, eps, args.apgd_steps, seed, norm="linf", loss="ce")[1])
+        fns["apgd-ce"] = (args.apgd_steps, lambda xb, yb, seed, ids: attacks.apgd(
+            counted, xb, yb, eps, args.apgd_steps, seed, norm="linf", loss="ce", ids=ids,
+            **box)[1])
     if args.square_queries:
-        fns["square"] = (args.square_queries, lambda xb, yb, seed: attacks.square_linf(
-            counted, xb, yb, eps, args.square_queries, seed)[1])
+        fns["square"] = (args.square_queries, lambda xb, yb, seed, ids: attacks.square_linf(
+            counted, xb, yb, eps, args.square_queries, seed, ids=ids, **box)[1])
     out = {}
     if not args.apgd_steps:
         out["apgd-ce"] = "skipped: --apgd_steps=0"
@@ -738,12 +738,13 @@ def attack_rates(args) -> dict:
 
 
 def attack_pass(compiled, x, y, args) -> np.ndarray:
-    """fooled (N,) of one attack of all the images, in batches seeded by their index."""
-    fooled = []
-    for b, i in enumerate(range(0, len(x), args.attack_batch)):
-        fooled.append(compiled(tf.constant(x[i:i + args.attack_batch]),
-                               tf.constant(y[i:i + args.attack_batch]),
-                               tf.constant([args.seed, b], tf.int64)).numpy())
+    """fooled (N,) of one attack of all the images, in pools of robust.POOL_BATCHES batches
+    (robust.attack_standing's), each image drawing from its own stream (its index)."""
+    fooled, pool = [], robust.POOL_BATCHES * args.attack_batch
+    for i in range(0, len(x), pool):
+        fooled.append(compiled(tf.constant(x[i:i + pool]), tf.constant(y[i:i + pool]),
+                               tf.constant([args.seed, 0], tf.int64),
+                               tf.range(i, min(i + pool, len(x)))).numpy())
     return np.concatenate(fooled)
 
 

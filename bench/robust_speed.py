@@ -48,6 +48,7 @@ import tensorflow as tf  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from clae_tf.data import sources  # noqa: E402 (needs REPO on sys.path, above)
+from clae_tf.evaluation import robust  # noqa: E402
 from clae_tf.method import attacks  # noqa: E402
 
 SMOKE = dict(images=16, steps=5, queries=20, repeats=2, eps=8.0, batch_size=16)
@@ -137,36 +138,43 @@ def smoke_inputs(args, folder: str):
 
 def ours(serve, shape, eps: float, args) -> dict:
     """clae-tf's attacks of `serve` (images of `shape` (H, W, C)): {name: fn(x, y) -> (x_adv,
-    info)}, compiled, the budget of `args`, seeded per batch."""
+    info)}, compiled, the budget of `args`, as the robust evaluation runs them: pools of
+    robust.POOL_BATCHES batches per call, the model seeing --batch_size images per call (the
+    refill engine), each image drawing from its own random stream (its index)."""
 
-    # One trace for every batch size: the warm-up on a few images compiles the timed calls.
+    # One trace for every pool size: the warm-up on a few images compiles the timed calls.
     signature = [tf.TensorSpec([None, *shape], tf.float32), tf.TensorSpec([None], tf.int32),
-                 tf.TensorSpec([2], tf.int64)]
+                 tf.TensorSpec([2], tf.int64), tf.TensorSpec([None], tf.int32)]
 
     @tf.function(input_signature=signature)
-    def apgd(x, y, seed):  # -> (x_adv, fooled)
-        return attacks.apgd(serve, x, y, eps, args.steps, seed, norm="linf", loss="ce")
+    def apgd(x, y, seed, ids):  # -> (x_adv, fooled)
+        return attacks.apgd(serve, x, y, eps, args.steps, seed, norm="linf", loss="ce",
+                            batch=args.batch_size, ids=ids)
 
     @tf.function(input_signature=signature)
-    def square(x, y, seed):  # -> (x_adv, queries spent on each image)
+    def square(x, y, seed, ids):  # -> (x_adv, queries spent on each image)
         x_adv, _, n_queries = attacks.square_linf(serve, x, y, eps, args.queries, seed,
-                                                  p_init=0.8, clip_min=0.0, clip_max=1.0)
+                                                  p_init=0.8, clip_min=0.0, clip_max=1.0,
+                                                  batch=args.batch_size, ids=ids)
         return x_adv, n_queries
 
-    def batched(attack, info_of):
+    def pooled(attack, info_of):
+        pool = robust.POOL_BATCHES * args.batch_size
+
         def run(x, y):
             x_adv, extra = [], []
-            for b, start in enumerate(range(0, len(x), args.batch_size)):
-                sl = slice(start, start + args.batch_size)
+            for start in range(0, len(x), pool):
+                sl = slice(start, start + pool)
                 out, more = attack(tf.constant(x[sl]), tf.constant(y[sl]),
-                                   tf.constant([args.seed, b], tf.int64))
+                                   tf.constant([args.seed, 0], tf.int64),
+                                   tf.range(start, min(start + pool, len(x))))
                 x_adv.append(out.numpy())
                 extra.append(more.numpy())
             return np.concatenate(x_adv), info_of(np.concatenate(extra))
         return run
 
-    return {"apgd": batched(apgd, lambda fooled: {}),
-            "square": batched(square, lambda n: {"mean_queries": float(np.mean(n))})}
+    return {"apgd": pooled(apgd, lambda fooled: {}),
+            "square": pooled(square, lambda n: {"mean_queries": float(np.mean(n))})}
 
 
 class Counted:

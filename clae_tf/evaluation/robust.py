@@ -158,27 +158,37 @@ def classifier(model, probe, normalize: str, feature: str = "h"):
 
 
 def batch_seed(seed: int, tag: str):
-    """The shape-[2] seed of one attacked batch: the run's --seed and a hash of the norm, the
-    attack, the radius, the pass and the batch (the same run draws the same numbers)."""
+    """The shape-[2] seed of one attack pass: the run's --seed and a hash of the norm, the
+    attack, the radius and the pass (the same run draws the same numbers). Each image draws
+    from its own stream under it (keyed by its index in the evaluated set), so an image's
+    attack does not depend on which images were standing with it."""
     return [int(seed), zlib.crc32(tag.encode()) & 0x7FFFFFFF]
 
 
+# Images per compiled call, in batches of --eval_batch_size: the refill engine keeps the batch
+# full while images wait (attacks/engine.py), and a pool bounds the attacks' memory (state,
+# x_adv) and the time between safe points.
+POOL_BATCHES = 4
+
+
 def attack_standing(attack_pass, alive, eps, batch_size, seed, tag) -> int:
-    """Runs `attack_pass` on the images still standing, in batches; marks the fooled ones.
+    """Runs `attack_pass` on the images still standing, marks the fooled ones.
 
     Args:
-      attack_pass: (rows int (n,), eps, seed [2]) -> fooled bool (n,).
+      attack_pass: (rows int (n,), eps, seed [2]) -> fooled bool (n,), the model seeing at most
+        batch_size images per call (the refill engine's slots).
       alive: bool (N,) numpy mask of the images standing, updated in place.
-      eps: the radius in [0, 1]-pixel units; batch_size: rows per call.
+      eps: the radius in [0, 1]-pixel units; batch_size: images per model call.
       seed, tag: the run's seed and the name of this pass (batch_seed).
     Returns:
       How many images it fooled.
     """
     index = np.flatnonzero(alive)
-    for b, start in enumerate(range(0, len(index), batch_size)):
+    pool = POOL_BATCHES * batch_size
+    for start in range(0, len(index), pool):
         signals.check()  # a safe point between the compiled calls
-        rows = index[start:start + batch_size]
-        fooled = np.asarray(attack_pass(rows, eps, batch_seed(seed, f"{tag}/{b}")), bool)
+        rows = index[start:start + pool]
+        fooled = np.asarray(attack_pass(rows, eps, batch_seed(seed, tag)), bool)
         alive[rows[fooled]] = False
     return int(len(index) - np.count_nonzero(alive[index]))
 
@@ -227,52 +237,52 @@ def run_chain(steps, clean, radii, unit, batch_size=500, seed=0, tag="", log=Non
     return out
 
 
-def _attack_fn(logits_fn, name, norm, steps, queries):
-    """The attack `name` as (x, y, eps, seed[, target]) -> fooled bool (N,) [, queries (N,)],
-    traceable (tf.function). steps: APGD's or FAB-T's iterations; queries: Square's."""
-    def wrong(x_adv, y):
-        return tf.not_equal(tf.argmax(logits_fn(x_adv), axis=-1, output_type=tf.int32), y)
-
-    box = dict(clip_min=0.0, clip_max=1.0)
-    if name == "pgd20":
-        return lambda x, y, eps, seed: wrong(attacks.pgd_classifier(
-            logits_fn, x, y, eps, PGD_STEPS, eps / 4, random_start=True, seed=seed, norm=norm,
-            **box), y)
-    if name == "fgsm":
-        return lambda x, y, eps, seed: wrong(attacks.fgsm_classifier(logits_fn, x, y, eps, **box),
-                                             y)
+def _attack_fn(logits_fn, name, norm, steps, queries, batch):
+    """The attack `name` as (x, y, eps, seed, ids[, target]) -> fooled bool (N,)
+    [, queries (N,)], traceable (tf.function), on the refill engine with `batch` slots. steps:
+    APGD's or FAB-T's iterations; queries: Square's; ids: the images' random streams."""
+    box = dict(clip_min=0.0, clip_max=1.0, batch=batch)
+    if name in ("pgd20", "fgsm"):  # FGSM: one step of eps from x
+        steps, random_start = (PGD_STEPS, True) if name == "pgd20" else (1, False)
+        return lambda x, y, eps, seed, ids: attacks.pgd_until_fooled(
+            logits_fn, x, y, eps, steps, eps / 4 if random_start else eps,
+            random_start=random_start, seed=seed, norm=norm, ids=ids, **box)[1]
     if name in ("apgd-ce", "apgd-dlr"):
         loss = name.split("-")[1]
-        return lambda x, y, eps, seed: attacks.apgd(logits_fn, x, y, eps, steps, seed, norm=norm,
-                                                    loss=loss, **box)[1]
+        return lambda x, y, eps, seed, ids: attacks.apgd(
+            logits_fn, x, y, eps, steps, seed, norm=norm, loss=loss, ids=ids, **box)[1]
     if name == "apgd-t":
-        return lambda x, y, eps, seed, target: attacks.apgd(
+        return lambda x, y, eps, seed, ids, target: attacks.apgd(
             logits_fn, x, y, eps, steps, seed, norm=norm, loss="dlr_targeted", target=target,
-            **box)[1]
+            ids=ids, **box)[1]
     if name == "fab-t":  # deterministic (no random start, AutoAttack's one restart): no seed
-        return lambda x, y, eps, seed, target: attacks.fab_t(
-            logits_fn, x, y, eps, norm=norm, steps=steps, target=target, **box)[1]
+        return lambda x, y, eps, seed, ids, target: attacks.fab_t(
+            logits_fn, x, y, eps, norm=norm, steps=steps, target=target, minimal=False,
+            **box)[1]
     if name == "square":
-        return lambda x, y, eps, seed: attacks.square_linf(logits_fn, x, y, eps, queries, seed,
-                                                           **box)[1:]
+        return lambda x, y, eps, seed, ids: attacks.square_linf(
+            logits_fn, x, y, eps, queries, seed, ids=ids, **box)[1:]
     raise ValueError(f"unknown attack {name!r}")
 
 
 class Attacker:
     """The attacks of a suite on one classifier and one set of images.
 
-    Each attack is compiled once (a tf.function whose input signature leaves the batch size
-    open, the radius and seed tensors: one trace for every batch of survivors) and called on the
-    rows still standing, one host round trip per batch, never per iteration.
+    Each attack is compiled once (a tf.function whose input signature leaves the number of
+    images open, the radius and seed tensors: one trace for every set of survivors) and called
+    on the rows still standing (attack_standing's pools), its model calls in batches of
+    batch_size (the refill engine), one host round trip per pool, never per iteration.
 
     Args:
       logits_fn: images in [0, 1] -> (N, C) float32 logits, stateless (inference mode).
       images: float32 (N, H, W, C) in [0, 1]; labels: int (N,).
-      suite: the Suite; num_classes: C.
+      suite: the Suite; num_classes: C; batch_size: images per model call.
     """
 
-    def __init__(self, logits_fn, images, labels, suite: Suite, num_classes: int):
+    def __init__(self, logits_fn, images, labels, suite: Suite, num_classes: int,
+                 batch_size: int = 500):
         self.logits_fn, self.suite, self.num_classes = logits_fn, suite, num_classes
+        self.batch_size = batch_size
         self.images = np.asarray(images, np.float32)
         self.labels = np.asarray(labels, np.int32)
         self.square_queries = {}  # eps_key (1/255) -> queries per attacked image
@@ -294,7 +304,7 @@ class Attacker:
     def _call(self, fn, rows, eps, seed, *extra):
         return fn(tf.constant(self.images[rows]), tf.constant(self.labels[rows]),
                   tf.constant(eps, tf.float32), tf.constant(seed, tf.int64),
-                  *(tf.constant(e[rows], tf.int32) for e in extra))
+                  tf.constant(rows, tf.int32), *(tf.constant(e[rows], tf.int32) for e in extra))
 
     def clean_logits(self, batch_size: int) -> np.ndarray:
         """(N, C) logits of the clean images."""
@@ -325,8 +335,8 @@ class Attacker:
         """
         steps = steps or (self.suite.fab_steps if name == "fab-t" else self.suite.apgd_steps)
         fn = self._fn((name, norm, steps), lambda: _attack_fn(
-            self.logits_fn, name, norm, steps, self.suite.square_queries),
-            "labels", "scalar", "seed", *(["rows"] if name in TARGETED else []))
+            self.logits_fn, name, norm, steps, self.suite.square_queries, self.batch_size),
+            "labels", "scalar", "seed", "rows", *(["rows"] if name in TARGETED else []))
         if name in TARGETED:
             return [functools.partial(self._target_pass, fn, r)
                     for r in range(self._targets.shape[1])]
@@ -384,7 +394,7 @@ def robust_accuracy(logits_fn, images, labels, suite: Suite, num_classes: int, b
       and budget produced the numbers), and with suite.checks robust_checks,
       robust_checks_seconds and robust_warnings.
     """
-    attacker = Attacker(logits_fn, images, labels, suite, num_classes)
+    attacker = Attacker(logits_fn, images, labels, suite, num_classes, batch_size)
     logits = attacker.clean_logits(batch_size)
     clean = np.argmax(logits, axis=1) == attacker.labels
     out = {"robust_clean_top1": float(np.mean(clean)), "robust_examples": int(len(clean)),

@@ -20,11 +20,15 @@ Map of the attacks, their modules and sources:
   - square.py, `square_linf`: the L-inf Square attack, Andriushchenko et al., "Square Attack: a
     query-efficient black-box adversarial attack via random search" (ECCV 2020), Algorithm 1
     and its L-inf proposal; score-based, never a gradient.
-  - common.py: the balls, random starts and per-example bookkeeping they share.
+  - engine.py: the refill engine the evaluation attacks (`apgd`, `fab_t`, `square_linf`,
+    `pgd_until_fooled`) run on: per-image state machines in a fixed number of slots, a
+    finished image's slot taken by the next waiting one, every random number from the image's
+    own stream (common.image_uniform), so an image's result does not depend on its batch.
+  - common.py: the balls, random starts, per-image random streams and per-example
+    bookkeeping they share.
 
-The evaluation attacks (`apgd`, `fab_t`, `square_linf`, `pgd_classifier`) loop with
-tf.while_loop: one trace per call site, whatever the number of iterations, and no host round trip
-inside the loop.
+The evaluation attacks loop with tf.while_loop: one trace per call site, whatever the number of
+iterations, and no host round trip inside the loop.
 Callers use the names below (`attacks.apgd`, ...), not the modules.
 """
 
@@ -46,6 +50,7 @@ from clae_tf.method.attacks.gradient import (
                                       linf_pgd,
                                       pgd,
                                       pgd_classifier,
+                                      pgd_until_fooled,
 )
 from clae_tf.method.attacks.logit_losses import ce_loss, dlr_loss, dlr_targeted_loss, margin
 from clae_tf.method.attacks.square import SQUARE_DRAWS, SQUARE_HALVINGS, square_linf, square_p
@@ -54,4 +59,4 @@ __all__ = ["APGD_LOSSES", "FAB_ALPHA_MAX", "FAB_BETA", "FAB_ETA", "FAB_STEPS", "
            "NORMS", "SQUARE_DRAWS", "SQUARE_HALVINGS", "apgd", "apgd_checkpoints",
            "auto_step_size", "ce_loss", "classifier_objective", "dlr_loss", "dlr_targeted_loss",
            "fab_t", "fgsm", "fgsm_classifier", "linf_pgd", "margin", "pgd", "pgd_classifier",
-           "square_linf", "square_p", "top_targets", "uniform_start"]
+           "pgd_until_fooled", "square_linf", "square_p", "top_targets", "uniform_start"]

@@ -5,18 +5,18 @@ targeted DLR loss (logit_losses.py); `top_targets` picks APGD-T's target classes
 
 import tensorflow as tf
 
+from clae_tf.method.attacks import engine
 from clae_tf.method.attacks.common import (
     _NOT_CONVERTED,
     _check_norm,
     _count,
     _misclassified,
-    _on_alive,
     _projection,
-    _random_start,
     _row_mask,
     _rows,
     _seed,
     _select,
+    image_start,
 )
 from clae_tf.method.attacks.gradient import _ascent_step, _input_gradient
 from clae_tf.method.attacks.logit_losses import _is_label, ce_loss, dlr_loss, dlr_targeted_loss
@@ -92,7 +92,7 @@ def _loss_grad_fn(logits_fn, loss_fn):
 def _apgd_step(s, project, norm, momentum):
     """Algorithm 1, lines 7-8: z = P(x_k + eta dir(g)), x_{k+1} = P(x_k + a (z - x_k) +
     (1 - a)(x_k - x_{k-1})), a = 1 at the first step (no momentum yet), else `momentum`."""
-    a = tf.where(s["k"] == 0, 1.0, momentum)
+    a = _rows(tf.where(s["k"] == 0, 1.0, momentum), s["x"])
     z = _ascent_step(s["x"], s["grad"], s["eta"], norm, project)
     x_next = s["x"] + a * (z - s["x"]) + (1.0 - a) * (s["x"] - s["x_prev"])
     return project(x_next)
@@ -110,50 +110,91 @@ def _apgd_checkpoint(s, window, rho):
     return at_check & (oscillating | stalled)
 
 
-def _apgd_body(s, x, y, target, project, norm, evaluate, windows, rho, momentum):
-    """One iteration k of Algorithm 1 on the examples not fooled yet: x_{k+1}, its loss and
-    gradient, the best point, the first fooling point, and the checkpoint rule."""
-    x_next = _apgd_step(s, project, norm, momentum)
-    alive = ~s["fooled"]
-    loss, grad, fooled_now = _on_alive(alive, evaluate, x_next, y, target)
-    first = _row_mask(fooled_now & alive, x)
+def _apgd_first(s, x0, loss, grad, fooled):
+    """The state after the start x0's evaluation (k = 0: no step taken yet)."""
+    return dict(s, k=tf.zeros_like(s["k"]), x=x0, x_prev=x0, grad=grad, loss=loss, x_max=x0,
+                loss_max=loss, grad_max=grad, x_fool=x0, fooled=fooled,
+                n_up=tf.zeros_like(s["n_up"]), loss_max_check=loss,
+                halved_check=tf.zeros_like(fooled))
+
+
+def _apgd_update(s, x_next, loss, grad, fooled_now, windows, rho):
+    """One iteration k of Algorithm 1 after x_{k+1}'s evaluation: the best point, the first
+    fooling point, and the checkpoint rule (an image stops at its first fooling point)."""
+    first = _row_mask(fooled_now, x_next)
     n_up = s["n_up"] + tf.cast(loss > s["loss"], tf.int32)
     better = loss > s["loss_max"]
-    rows = _row_mask(better, x)
+    rows = _row_mask(better, x_next)
     s = dict(s, x_fool=_select(first, x_next, s["x_fool"]), fooled=s["fooled"] | fooled_now,
              n_up=n_up, x_max=_select(rows, x_next, s["x_max"]),
              loss_max=tf.where(better, loss, s["loss_max"]),
              grad_max=_select(rows, grad, s["grad_max"]))
-    window = windows[s["k"]]
+    window = tf.gather(windows, tf.maximum(s["k"], 0))  # k = -1: a fresh image (unused)
     halve = _apgd_checkpoint(s, window, rho)
-    restart = _row_mask(halve, x)  # line 14: eta / 2 and x_{k+1} <- x_max (with its gradient)
+    restart = _row_mask(halve, x_next)  # line 14: eta / 2 and x_{k+1} <- x_max (its gradient)
     at_check = window > 0
     return dict(
         s, k=s["k"] + 1, x_prev=s["x"], x=_select(restart, s["x_max"], x_next),
         grad=_select(restart, s["grad_max"], grad), loss=tf.where(halve, s["loss_max"], loss),
-        eta=tf.where(restart, s["eta"] / 2.0, s["eta"]),
+        eta=_select(restart, s["eta"] / 2.0, s["eta"]),
         n_up=tf.where(at_check, 0, n_up),
         halved_check=tf.where(at_check, halve, s["halved_check"]),
         loss_max_check=tf.where(at_check, s["loss_max"], s["loss_max_check"]))
 
 
+def _apgd_machine(logits_fn, loss_fn, steps, seed, norm, clip_min, clip_max, rho, momentum):
+    """APGD as a refill-engine machine (engine.py): one image's state is Algorithm 1's."""
+    evaluate = _loss_grad_fn(logits_fn, loss_fn)
+    # (steps + 1,): window at iteration k; the extra 0 keeps k = steps (no step) in range.
+    windows = tf.concat([_apgd_windows(steps), [0]], 0)
+
+    def project(rows):
+        return _projection(rows["x"], _rows(rows["eps"], rows["x"]), norm, clip_min, clip_max)
+
+    def start(rows):
+        x, eps = rows["x"], _rows(rows["eps"], rows["x"])
+        if "x_start" in rows:
+            x0 = project(rows)(rows["x_start"])
+        else:
+            x0 = image_start(x, eps, norm, seed, rows["id"], clip_min, clip_max)
+        zero, none = tf.zeros_like(rows["y"]), tf.zeros_like(rows["y"], tf.bool)
+        loss = tf.zeros(tf.shape(rows["y"]), tf.float32)
+        return dict(k=zero - 1, x=x0, x_prev=x0, grad=tf.zeros_like(x0), loss=loss,
+                    eta=2.0 * eps, x_max=x0, loss_max=loss, grad_max=tf.zeros_like(x0),
+                    x_fool=x0, fooled=none, n_up=zero, loss_max_check=loss, halved_check=none)
+
+    def step(s, rows):
+        fresh = s["k"] < 0  # its first step evaluates the start
+        x_next = _select(_row_mask(fresh, s["x"]), s["x"],
+                         _apgd_step(s, project(rows), norm, momentum))
+        loss, grad, fooled = evaluate(x_next, rows["y"], rows.get("target"))
+        first = _apgd_first(s, x_next, loss, grad, fooled)
+        later = _apgd_update(s, x_next, loss, grad, fooled, windows, rho)
+        return {k: engine._row_select(fresh, first[k], later[k]) for k in s}
+
+    def result(s, rows):
+        return _select(_row_mask(s["fooled"], s["x"]), s["x_fool"], s["x_max"]), s["fooled"]
+
+    return engine.Machine(start, step, lambda s, rows: s["fooled"] | (s["k"] >= steps), result)
+
+
 @_NOT_CONVERTED
 def apgd(logits_fn, x, y, eps, steps, seed, norm="linf", loss="ce", target=None, clip_min=0.0,
-         clip_max=1.0, rho=0.75, momentum=0.75, x_start=None):
-    """APGD, Algorithm 1 of Croce & Hein (ICML 2020), batched, one tf.while_loop.
+         clip_max=1.0, rho=0.75, momentum=0.75, x_start=None, batch=None, ids=None):
+    """APGD, Algorithm 1 of Croce & Hein (ICML 2020), on the refill engine (engine.py).
 
     Per example: a random start x_0 in the ball, step size eta = 2 eps, `steps` iterations of a
     projected step with momentum (`_apgd_step`); at the checkpoints of `apgd_checkpoints` eta is
     halved and the iterate restarts from the best point x_max when the loss stopped improving
     (`_apgd_checkpoint`). Nothing couples the examples (each has its own eta, checkpoint
-    decisions and early exit), so a batch split in two gives the same result from the same
-    starts, up to round-off of the model's batched kernels.
+    decisions, random start and early exit): an example's result depends on its input, its id
+    and the seed only, up to round-off of the model's batched kernels.
 
     Projection: L-inf, clipping to x +- eps then to the range (exact); L2, radial scaling onto
     the ball then clipping to the range (`_project_l2`: a point of both, as AutoAttack, not the
-    exact projection onto the intersection). Start: `_random_start` (noise drawn for the whole
-    batch from `seed`) unless `x_start` is given. The loop stops when every example is fooled;
-    fooled examples leave the model's batch (`_on_alive`).
+    exact projection onto the intersection). Start: `image_start` (the example's own random
+    stream) unless `x_start` is given. An example stops at its first misclassified iterate,
+    and its slot takes the next waiting example (`batch`).
 
     Args:
       logits_fn: images (N, ...) -> (N, C) logits; stateless, examples independent.
@@ -164,6 +205,8 @@ def apgd(logits_fn, x, y, eps, steps, seed, norm="linf", loss="ce", target=None,
       clip_min, clip_max: the valid range (None: unbounded).
       rho: condition 1's threshold; momentum: alpha of the momentum step.
       x_start: optional (N, ...) start point instead of the random one (projected first).
+      batch: examples the model sees per call (None: all N at once).
+      ids: (N,) int ids of the examples' random streams (default 0..N-1).
 
     Returns:
       (x_adv, fooled): fooled (N,) bool, True if any iterate (the start included) was
@@ -175,25 +218,14 @@ def apgd(logits_fn, x, y, eps, steps, seed, norm="linf", loss="ce", target=None,
     steps = _count(steps, "steps", 0)
     x = tf.cast(x, tf.float32)
     y = tf.cast(y, tf.int32)
-    target = None if target is None else tf.cast(target, tf.int32)
-    eps = _rows(eps, x)
-    project = _projection(x, eps, norm, clip_min, clip_max)
-    if x_start is None:
-        x0 = _random_start(x, eps, norm, _seed(seed), clip_min, clip_max)
+    pool = dict(x=x, y=y, eps=tf.broadcast_to(tf.cast(eps, tf.float32), tf.shape(y)),
+                id=tf.range(tf.shape(y)[0]) if ids is None else tf.cast(ids, tf.int32))
+    if target is not None:
+        pool["target"] = tf.cast(target, tf.int32)
+    if x_start is not None:
+        pool["x_start"] = tf.cast(x_start, tf.float32)
     else:
-        x0 = project(tf.cast(x_start, x.dtype))
-    evaluate = _loss_grad_fn(logits_fn, loss_fn)
-    loss0, grad0, fooled0 = evaluate(x0, y, target)
-    s = dict(k=tf.constant(0), x=x0, x_prev=x0, grad=grad0, loss=loss0, eta=2.0 * eps,
-             x_max=x0, loss_max=loss0, grad_max=grad0, x_fool=x0, fooled=fooled0,
-             n_up=tf.zeros_like(y), loss_max_check=loss0,
-             halved_check=tf.zeros_like(fooled0))
-    if steps > 0:
-        windows = _apgd_windows(steps)
-        s = tf.while_loop(
-            lambda s: (s["k"] < steps) & ~tf.reduce_all(s["fooled"]),
-            lambda s: (_apgd_body(s, x, y, target, project, norm, evaluate, windows, rho,
-                                  momentum),),
-            (s,))[0]
-    x_adv = _select(_row_mask(s["fooled"], x), s["x_fool"], s["x_max"])
-    return tf.stop_gradient(x_adv), tf.stop_gradient(s["fooled"])
+        seed = _seed(seed)
+    x_adv, fooled = engine.run(_apgd_machine(logits_fn, loss_fn, steps, seed, norm, clip_min,
+                                             clip_max, rho, momentum), pool, batch)
+    return tf.stop_gradient(x_adv), tf.stop_gradient(fooled)

@@ -118,26 +118,6 @@ def uniform_start(x, eps, seed, clip_min=None, clip_max=None):
     return _projection(x, eps, "linf", clip_min, clip_max)(x + eps * noise)
 
 
-def _random_start(x, eps, norm, seed, clip_min, clip_max):
-    """A random point of the ball around each example, then clipped to the range.
-
-    L-inf: x + U(-eps, eps) per entry (`uniform_start`). L2: uniform in the ball: a Gaussian
-    direction at radius eps * U^(1/d), d the entries per example (in high dimension nearly the
-    sphere, where AutoAttack starts). The noise is drawn for the whole (N, ...) batch from `seed`,
-    so example i's start depends on the seed, i and the batch shape.
-    """
-    if norm == "linf":
-        return uniform_start(x, eps, seed, clip_min, clip_max)
-    d = 1
-    for size in x.shape[1:]:
-        d *= size
-    direction = tf.random.stateless_normal(tf.shape(x), seed=seed, dtype=x.dtype)
-    u = tf.random.stateless_uniform(tf.shape(eps), seed=tf.random.experimental.stateless_fold_in(
-        seed, 1), dtype=x.dtype)
-    delta = eps * u ** (1.0 / d) * direction / (_l2_norm(direction) + 1e-12)
-    return _projection(x, eps, "l2", clip_min, clip_max)(x + delta)
-
-
 def _misclassified(logits, y):
     return tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
 
@@ -156,3 +136,70 @@ def _on_alive(alive, fn, *rows):
         else:
             scattered.append(tf.scatter_nd(index, out, shape))
     return tuple(scattered)
+
+
+# Per-image random streams (the refill engine, engine.py): counter-based, keyed by (seed, image
+# id, stream, position), so an image draws the same numbers whatever batch it is in.
+_M32 = 0xFFFFFFFF
+
+
+def _mix(v):
+    """A 32-bit integer hash (int64 holding [0, 2^32)): two xor-shift-multiply rounds with
+    odd constants below 2^31, so every product stays below 2^63 (no int64 overflow)."""
+    v = tf.bitwise.bitwise_xor(v, tf.bitwise.right_shift(v, 16))
+    v = tf.bitwise.bitwise_and(v * 0x21F0AAAD, _M32)
+    v = tf.bitwise.bitwise_xor(v, tf.bitwise.right_shift(v, 15))
+    v = tf.bitwise.bitwise_and(v * 0x735A2D97, _M32)
+    return tf.bitwise.bitwise_xor(v, tf.bitwise.right_shift(v, 15))
+
+
+def _key(seed, ids, stream):
+    """(M,) int64: one key per image from the shape-[2] seed, its id and the stream number
+    (a scalar or (M,) int: e.g. an iteration)."""
+    seed = tf.bitwise.bitwise_and(tf.cast(seed, tf.int64), _M32)
+    ids = tf.bitwise.bitwise_and(tf.cast(ids, tf.int64), _M32)
+    stream = tf.bitwise.bitwise_and(tf.cast(stream, tf.int64), _M32)
+    key = _mix(tf.bitwise.bitwise_xor(seed[1], _mix(tf.bitwise.bitwise_xor(stream, 0x9E3779B9))))
+    key = _mix(tf.bitwise.bitwise_xor(seed[0], key))
+    return _mix(tf.bitwise.bitwise_xor(_mix(ids + 0x632BE5AB), key))
+
+
+def image_uniform(seed, ids, shape, stream=0):
+    """(M, *shape) float32 uniform in [0, 1) (24-bit resolution): image i's numbers are a pure
+    function of (seed, ids[i], stream, position), whatever else is in the batch.
+
+    Args:
+      seed: shape-[2] int seed; ids: (M,) int image ids (< 2^32); shape: the per-image shape
+        (static ints); stream: a scalar or (M,) int telling draws of one image apart.
+    """
+    size = 1
+    for s in shape:
+        size *= int(s)
+    counter = _mix(tf.range(size, dtype=tf.int64) * 2 + 1)  # (size,): the element's own hash
+    bits = _mix(tf.bitwise.bitwise_xor(_key(seed, ids, stream)[:, None], counter[None, :]))
+    u = tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) * (1.0 / (1 << 24))
+    return tf.reshape(u, tf.concat([tf.shape(u)[:1], tf.constant(list(shape), tf.int32)], 0))
+
+
+def image_normal(seed, ids, shape, stream=0):
+    """(M, *shape) float32 standard normal (Box-Muller on two `image_uniform` streams)."""
+    u1 = image_uniform(seed, ids, shape, 2 * tf.cast(stream, tf.int64))
+    u2 = image_uniform(seed, ids, shape, 2 * tf.cast(stream, tf.int64) + 1)
+    radius = tf.sqrt(-2.0 * tf.math.log1p(-u1))  # 1 - u1 in (0, 1]: log is finite
+    return radius * tf.cos(2.0 * 3.141592653589793 * u2)
+
+
+def image_start(x, eps, norm, seed, ids, clip_min, clip_max):
+    """A random point of the ball around each example, then clipped to the range, from each
+    example's own stream (`image_uniform`): L-inf, x + eps U(-1, 1) per entry; L2, uniform in
+    the ball: a Gaussian direction at radius eps U^(1/d), d the entries per example (in high
+    dimension nearly the sphere, where AutoAttack starts). eps: (M, 1, ..., 1); ids: (M,)."""
+    shape = x.shape[1:]
+    if norm == "linf":
+        delta = eps * (2.0 * image_uniform(seed, ids, shape) - 1.0)
+    else:
+        direction = image_normal(seed, ids, shape, stream=1)
+        u = tf.reshape(image_uniform(seed, ids, [1], stream=4), tf.shape(eps))
+        delta = eps * u ** (1.0 / shape.num_elements()) * direction / (
+            _l2_norm(direction) + 1e-12)
+    return _projection(x, eps, norm, clip_min, clip_max)(x + delta)

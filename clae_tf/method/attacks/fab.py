@@ -15,6 +15,7 @@ p-norm) from x onto pi_s inside the box C = [clip_min, clip_max].
 
 import tensorflow as tf
 
+from clae_tf.method.attacks import engine
 from clae_tf.method.attacks.auto_pgd import top_targets
 from clae_tf.method.attacks.common import (
     _NOT_CONVERTED,
@@ -119,13 +120,14 @@ def _project(t, w, c, norm, lo, hi):
 
 
 def _gap_and_grad(logits_fn, x1, y, target):
-    """f_s(x1) = z_target - z_y (M,) and its input gradient (M, D) in float32: one tape."""
+    """f_s(x1) = z_target - z_y (M,), its input gradient (M, D) in float32 and whether x1 is
+    misclassified (M,): one tape."""
     def objective(v):
         logits = tf.cast(logits_fn(v), tf.float32)
         gap = (tf.gather(logits, target, batch_dims=1) - tf.gather(logits, y, batch_dims=1))
-        return tf.reduce_sum(gap), gap  # summed: examples independent
-    grad, gap = _input_gradient(objective, x1, finite=True)
-    return tf.stop_gradient(gap), _flat(grad)
+        return tf.reduce_sum(gap), (gap, logits)  # summed: examples independent
+    grad, (gap, logits) = _input_gradient(objective, x1, finite=True)
+    return tf.stop_gradient(gap), _flat(grad), _misclassified(tf.stop_gradient(logits), y)
 
 
 def _fab_step(x1, x0, gap, grad, norm, lo, hi, alpha_max, eta):
@@ -144,39 +146,47 @@ def _fab_step(x1, x0, gap, grad, norm, lo, hi, alpha_max, eta):
     return tf.clip_by_value(x_new, lo, hi)
 
 
-def _fab_body(s, x0, y, target, x, logits_fn, norm, lo, hi, alpha_max, eta, beta):
-    """One iteration of Algorithm 1: the step, then, where x_new is misclassified, the best
-    point so far (least p-norm) and the backward step x_orig + beta (x_new - x_orig)."""
-    gap, grad = _gap_and_grad(logits_fn, _unflat(s["x1"], x), y, target)
-    x_new = _fab_step(s["x1"], x0, gap, grad, norm, lo, hi, alpha_max, eta)
-    fooled = _misclassified(tf.cast(logits_fn(_unflat(x_new, x)), tf.float32), y)
-    dist = _norm(x_new - x0, norm)
-    better = fooled & (dist < s["u"])
-    backward = x0 + beta * (x_new - x0)
-    return dict(i=s["i"] + 1, x1=_select(fooled[:, None], backward, x_new),
-                x_out=_select(better[:, None], x_new, s["x_out"]),
-                u=tf.where(better, dist, s["u"]))
+def _fab_machine(logits_fn, steps, norm, lo, hi, alpha_max, eta, beta, minimal):
+    """One FAB-T run towards rows["target"] from x_orig = x (no random start: one restart) as a
+    refill-engine machine (engine.py). Per example: the iterate x1, the least distorted fooling
+    point x_out and its p-norm distance u, the iterations i. An example stops after `steps`
+    iterations, or (minimal=False) once u <= eps: found, which later iterations, shrinking u,
+    cannot undo."""
+    def start(rows):
+        x0 = _flat(rows["x"])
+        return dict(i=tf.zeros_like(rows["y"]), x1=x0, x_out=x0,
+                    u=tf.fill(tf.shape(rows["y"]), _INF))
 
+    def step(s, rows):
+        """Algorithm 1: the step, then, where x_new is misclassified, the best point so far
+        (least p-norm) and the backward step x_orig + beta (x_new - x_orig). At i = 0, x1 is
+        x_orig: one misclassified there is found at distance 0."""
+        x, y, target = rows["x"], rows["y"], rows["target"]
+        x0 = _flat(x)
+        gap, grad, wrong = _gap_and_grad(logits_fn, _unflat(s["x1"], x), y, target)
+        x_new = _fab_step(s["x1"], x0, gap, grad, norm, lo, hi, alpha_max, eta)
+        fooled = _misclassified(tf.cast(logits_fn(_unflat(x_new, x)), tf.float32), y)
+        dist = _norm(x_new - x0, norm)
+        better = fooled & (dist < s["u"])
+        clean_wrong = (s["i"] == 0) & wrong
+        return dict(i=s["i"] + 1, x1=_select(fooled[:, None], x0 + beta * (x_new - x0), x_new),
+                    x_out=_select((better & ~clean_wrong)[:, None], x_new, s["x_out"]),
+                    u=tf.where(clean_wrong, 0.0, tf.where(better, dist, s["u"])))
 
-def _fab_run(logits_fn, x, y, target, eps, steps, norm, lo, hi, alpha_max, eta, beta):
-    """One FAB-T run towards `target` from x_orig = x (no random start: one restart), `steps`
-    iterations for every example. Returns (x_out, found): found where the least-norm fooling
-    point is within eps; x_out that point, else x."""
-    x0 = _flat(x)
-    s = dict(i=tf.constant(0), x1=x0, x_out=x0, u=tf.fill(tf.shape(y), _INF))
-    s = tf.while_loop(
-        lambda s: s["i"] < steps,
-        lambda s: (_fab_body(s, x0, y, target, x, logits_fn, norm, lo, hi, alpha_max, eta,
-                             beta),),
-        (s,))[0]
-    found = s["u"] <= eps
-    return _unflat(_select(found[:, None], s["x_out"], x0), x), found
+    def result(s, rows):
+        found = s["u"] <= rows["eps"]
+        return _unflat(_select(found[:, None], s["x_out"], _flat(rows["x"])), rows["x"]), found
+
+    def done(s, rows):
+        return (s["i"] >= steps) | (False if minimal else s["u"] <= rows["eps"])
+
+    return engine.Machine(start, step, done, result)
 
 
 @_NOT_CONVERTED
 def fab_t(logits_fn, x, y, eps, norm="linf", steps=FAB_STEPS, n_targets=FAB_TARGETS,
           clip_min=0.0, clip_max=1.0, alpha_max=FAB_ALPHA_MAX, eta=FAB_ETA, beta=FAB_BETA,
-          target=None):
+          target=None, batch=None, minimal=True):
     """FAB-T (Croce & Hein, ICML 2020), batched: Algorithm 1 of the FAB paper aimed at each of
     the `n_targets` most likely non-true classes in turn (`top_targets` of the clean logits, as
     APGD-T; classes - 1 when fewer), one run of `steps` iterations per target, each on the
@@ -200,12 +210,18 @@ def fab_t(logits_fn, x, y, eps, norm="linf", steps=FAB_STEPS, n_targets=FAB_TARG
       target: None, or (N,) int: one run towards this class of each example instead of the
         n_targets top ones (n_targets is then unused), as `apgd`'s target: a caller that
         picked the top_targets of the clean logits once (the robust evaluation's chain) runs
-        one target rank per call.
+        one target rank per call; an example misclassified on x is then found at distance 0.
+      batch: examples the model sees per call (None: all at once); when an example's run ends
+        the next waiting one takes its slot (engine.py).
+      minimal: run every example all `steps` iterations, for its least distorted point; False:
+        stop an example's run once a point within eps is found (enough to count it fooled: the
+        robust evaluation's chain), x_adv then that run's least distorted point so far.
 
     Returns:
       (x_adv, fooled): fooled (N,) bool, misclassified on x or broken within eps; x_adv the
-      least distorted fooling point of the first target that broke the example (in the eps-ball
-      and the box), x where none did (and for examples misclassified on x). Gradients stopped.
+      least distorted fooling point of the first target that broke the example (`minimal`; in
+      the eps-ball and the box), x where none did (and for examples misclassified on x).
+      Gradients stopped.
     """
     _check_norm(norm)
     steps = _count(steps, "steps", 1)
@@ -215,19 +231,21 @@ def fab_t(logits_fn, x, y, eps, norm="linf", steps=FAB_STEPS, n_targets=FAB_TARG
     eps = tf.broadcast_to(tf.cast(eps, tf.float32), tf.shape(y))
     lo = tf.cast(-_INF if clip_min is None else clip_min, tf.float32)
     hi = tf.cast(_INF if clip_max is None else clip_max, tf.float32)
+    machine = _fab_machine(logits_fn, steps, norm, lo, hi, alpha_max, eta, beta, minimal)
+    ids = tf.range(tf.shape(y)[0])  # FAB-T draws nothing: ids only key the engine's pool
+    if target is not None:
+        return tuple(tf.stop_gradient(v) for v in engine.run(
+            machine, dict(x=x, y=y, eps=eps, target=tf.cast(target, tf.int32), id=ids), batch))
     logits = tf.stop_gradient(tf.cast(logits_fn(x), tf.float32))
-    if target is None:
-        classes = logits.shape[-1]
-        k = n_targets if classes is None else min(n_targets, classes - 1)
-        targets = top_targets(logits, y, k)
-    else:
-        k, targets = 1, tf.cast(target, tf.int32)[:, None]
+    classes = logits.shape[-1]
+    k = n_targets if classes is None else min(n_targets, classes - 1)
+    targets = top_targets(logits, y, k)
 
-    def run(x, y, target, eps):
-        return _fab_run(logits_fn, x, y, target, eps, steps, norm, lo, hi, alpha_max, eta, beta)
+    def run(x, y, target, eps, ids):
+        return engine.run(machine, dict(x=x, y=y, eps=eps, target=target, id=ids), batch)
 
     def body(j, x_adv, fooled):
-        x_run, broken = _on_alive(~fooled, run, x, y, tf.gather(targets, j, axis=1), eps)
+        x_run, broken = _on_alive(~fooled, run, x, y, tf.gather(targets, j, axis=1), eps, ids)
         return j + 1, _select(_row_mask(broken, x), x_run, x_adv), fooled | broken
 
     _, x_adv, fooled = tf.while_loop(

@@ -17,14 +17,19 @@ gradients and never becomes part of a training graph.
 
 import tensorflow as tf
 
+from clae_tf.method.attacks import engine
 from clae_tf.method.attacks.common import (
     _NOT_CONVERTED,
     _check_norm,
+    _count,
     _direction,
+    _misclassified,
     _projection,
-    _random_start,
+    _row_mask,
     _rows,
     _seed,
+    _select,
+    image_start,
     uniform_start,
 )
 
@@ -209,7 +214,7 @@ def classifier_objective(logits_fn, y):
 
 @_NOT_CONVERTED
 def pgd_classifier(logits_fn, x, y, eps, steps, step_size, random_start=False, seed=None,
-                   clip_min=None, clip_max=None, norm="linf"):
+                   clip_min=None, clip_max=None, norm="linf", ids=None):
     """PGD (Madry et al. 2018) on a classifier's cross-entropy, in the L-inf or the L2 ball.
 
     L-inf: x_adv <- Proj(x_adv + step_size * sign(g)); L2: x_adv <- Proj(x_adv + step_size *
@@ -220,11 +225,12 @@ def pgd_classifier(logits_fn, x, y, eps, steps, step_size, random_start=False, s
       logits_fn: x -> (N, C) logits (inference mode: no state changes).
       x: (N, ...) clean inputs; y: (N,) int labels.
       eps, steps, step_size: radius, number and size of the steps, in x's units.
-      random_start: start from a uniform point of the ball (`uniform_start`; L2: `_random_start`)
-        instead of x.
+      random_start: start from a random point of the ball (`image_start`: each example's own
+        random stream, as APGD's: the same seed gives both attacks the same starts) instead of x.
       seed: shape-[2] integer seed of the random start (required with random_start).
       clip_min, clip_max: optional valid range of x (e.g. 0 and 1 for pixels).
       norm: "linf" or "l2".
+      ids: (N,) int ids of the examples' random streams (default 0..N-1).
 
     Returns:
       x_adv, with its gradient stopped.
@@ -235,12 +241,70 @@ def pgd_classifier(logits_fn, x, y, eps, steps, step_size, random_start=False, s
         eps = _rows(eps, x)
     x_start = None  # L-inf: x itself
     if random_start:
-        x_start = _random_start(x, eps, norm, _seed(seed), clip_min, clip_max)
+        ids = tf.range(tf.shape(x)[0]) if ids is None else ids
+        x_start = image_start(x, eps if norm == "l2" else _rows(eps, x), norm, _seed(seed),
+                              ids, clip_min, clip_max)
     elif norm == "l2":
         x_start = x  # L2: x projected (x + 0, then the range: x again for an x in the range)
     # A tf.while_loop: the objective is stateless (inference mode), and PGD-20 then traces once.
     return _pgd(classifier_objective(logits_fn, y), x, eps, steps, step_size, norm, x_start,
                 clip_min, clip_max, unroll=False)
+
+
+def _pgd_machine(logits_fn, steps, step_size, norm, random_start, seed, clip_min, clip_max):
+    """`pgd_classifier` as a refill-engine machine (engine.py) that also checks every iterate:
+    per example the iterate x_k, its gradient, k, and the first misclassified iterate."""
+    def start(rows):
+        x, eps = rows["x"], _rows(rows["eps"], rows["x"])
+        x0 = (image_start(x, eps, norm, seed, rows["id"], clip_min, clip_max) if random_start
+              else _projection(x, eps, norm, clip_min, clip_max)(x))
+        return dict(k=tf.zeros_like(rows["y"]) - 1, x=x0, grad=tf.zeros_like(x0), x_fool=x0,
+                    fooled=tf.zeros_like(rows["y"], tf.bool))
+
+    def step(s, rows):
+        x, y, eps = rows["x"], rows["y"], _rows(rows["eps"], rows["x"])
+        project = _projection(x, eps, norm, clip_min, clip_max)
+        x_next = _ascent_step(s["x"], s["grad"], _rows(step_size, x), norm, project)
+        x_next = _select(_row_mask(s["k"] < 0, x), s["x"], x_next)  # first: the start itself
+
+        def objective(v):
+            logits = tf.cast(logits_fn(v), tf.float32)
+            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            return tf.reduce_sum(loss), _misclassified(logits, y)  # summed: examples independent
+        grad, wrong = _input_gradient(objective, x_next)
+        first = wrong & ~s["fooled"]
+        return dict(k=s["k"] + 1, x=x_next, grad=grad, fooled=s["fooled"] | wrong,
+                    x_fool=_select(_row_mask(first, x), x_next, s["x_fool"]))
+
+    def result(s, rows):
+        return _select(_row_mask(s["fooled"], s["x"]), s["x_fool"], s["x"]), s["fooled"]
+
+    return engine.Machine(start, step, lambda s, rows: s["fooled"] | (s["k"] >= steps), result)
+
+
+@_NOT_CONVERTED
+def pgd_until_fooled(logits_fn, x, y, eps, steps, step_size, random_start=False, seed=None,
+                     clip_min=None, clip_max=None, norm="linf", batch=None, ids=None):
+    """`pgd_classifier`'s iterates (the same start and steps), an example stopping at its first
+    misclassified iterate, the start included: the robust evaluation's PGD and FGSM, on the
+    refill engine (engine.py; `batch`, `ids` as `apgd`'s). Up to its first misclassified
+    iterate an example follows pgd_classifier's path exactly, so it is fooled wherever
+    pgd_classifier's x_adv is (and where an earlier iterate was).
+
+    Returns:
+      (x_adv, fooled): fooled (N,) bool; x_adv the first misclassified iterate, else
+      pgd_classifier's x_adv. Gradients stopped.
+    """
+    _check_norm(norm)
+    steps = _count(steps, "steps", 0)
+    x = tf.cast(x, tf.float32)
+    y = tf.cast(y, tf.int32)
+    pool = dict(x=x, y=y, eps=tf.broadcast_to(tf.cast(eps, tf.float32), tf.shape(y)),
+                id=tf.range(tf.shape(y)[0]) if ids is None else tf.cast(ids, tf.int32))
+    machine = _pgd_machine(logits_fn, steps, step_size, norm, random_start,
+                           _seed(seed) if random_start else None, clip_min, clip_max)
+    x_adv, fooled = engine.run(machine, pool, batch)
+    return tf.stop_gradient(x_adv), tf.stop_gradient(fooled)
 
 
 def fgsm_classifier(logits_fn, x, y, eps, clip_min=None, clip_max=None):

@@ -1,0 +1,112 @@
+"""The refill engine: an evaluation attack as a per-image state machine, run over a pool of
+images in a fixed number of slots. When an image finishes (fooled, or its budget spent) its
+slot takes the next waiting image, so every model call works on a full batch until the pool runs
+out, and no work is spent on finished images (their state leaves the loop with them).
+
+An image's result depends only on its own inputs, its id and the seed: every random number it
+draws comes from common.image_uniform, a counter-based stream keyed by (seed, id, stream, element),
+so which images share its batch, its slot and when it starts change nothing (up to the model's
+batched kernels' round-off). The pool's order, the number of slots and a split of the pool
+into several calls give the same numbers.
+
+A `Machine` is four functions of per-image tensors (every leaf's first axis runs over images):
+
+  start(rows) -> state     the state before any model call (rows: the pool's inputs of
+                           these images: "x", "y", "id", and whatever else the pool holds)
+  step(state, rows) -> state   one iteration: its model calls and the update. An image's
+                           first step evaluates its start (a state `start` leaves "fresh").
+  done(state, rows) -> (M,) bool   finished: fooled, or its budget spent
+  result(state, rows) -> tuple of (M, ...) outputs
+"""
+
+import typing
+
+import tensorflow as tf
+
+from clae_tf.method.attacks.common import _NOT_CONVERTED
+
+
+class Machine(typing.NamedTuple):
+    start: typing.Callable
+    step: typing.Callable
+    done: typing.Callable
+    result: typing.Callable
+
+
+def _row_select(mask, a, b):
+    """Per image: a where mask (M,), else b, for a leaf of any dtype and rank >= 1."""
+    m = tf.reshape(mask, [-1] + [1] * (a.shape.rank - 1))
+    if a.dtype.is_floating:  # arithmetic blend: exact for finite values, faster than select
+        m = tf.cast(m, a.dtype)
+        return a * m + b * (1.0 - m)
+    return tf.where(m, a, b)
+
+
+def _on_rows(mask, fn, *structures):
+    """fn(*structures) on the images where mask (M,) holds, its output (a structure of (K, ...)
+    leaves) scattered back to M rows (zeros and False elsewhere); fn directly when all hold."""
+    def compact():
+        index = tf.where(mask)
+        outs = fn(*tf.nest.map_structure(lambda v: tf.gather_nd(v, index), structures))
+        m = tf.shape(mask, out_type=tf.int64)
+
+        def scatter(v):
+            shape = tf.concat([m, tf.shape(v, out_type=tf.int64)[1:]], 0)
+            if v.dtype == tf.bool:
+                out = tf.scatter_nd(index, tf.cast(v, tf.int32), shape) > 0
+            else:
+                out = tf.scatter_nd(index, v, shape)
+            out.set_shape(mask.shape[:1].concatenate(v.shape[1:]))  # the loop keeps shapes
+            return out
+        return tf.nest.map_structure(scatter, outs)
+    return tf.cond(tf.reduce_all(mask), lambda: fn(*structures), compact)
+
+
+def _gather(pool, slot):
+    return {k: tf.gather(v, tf.maximum(slot, 0)) for k, v in pool.items()}
+
+
+@_NOT_CONVERTED
+def run(machine: Machine, pool: dict, batch=None):
+    """Runs `machine` on every image of `pool` in `batch` slots (None: all at once).
+
+    Args:
+      machine: the attack (module docstring).
+      pool: {name: (N, ...) tensor}: each image's inputs, "id" among them (its random streams).
+      batch: the slots: images the model sees per call (a Python int >= 1, or None).
+
+    Returns:
+      machine.result's outputs for every image, (N, ...) each, in pool order.
+    """
+    n = tf.shape(pool["id"])[0]
+    b = n if batch is None else tf.minimum(n, int(batch))
+    slot = tf.range(b)  # the pool index of each slot's image; -1: empty (the pool ran out)
+    rows = _gather(pool, slot)
+    state = machine.start(rows)
+
+    def zeros(v):
+        out = tf.zeros(tf.concat([[n], tf.shape(v)[1:]], 0), v.dtype)
+        out.set_shape(pool["id"].shape[:1].concatenate(v.shape[1:]))
+        return out
+    outs = tf.nest.map_structure(zeros, machine.result(state, rows))
+
+    def body(slot, waiting, state, outs):
+        active = slot >= 0
+        rows = _gather(pool, slot)
+        state = _on_rows(active, machine.step, state, rows)
+        finished = active & machine.done(state, rows)
+        where = tf.boolean_mask(slot, finished)[:, None]
+        outs = tf.nest.map_structure(
+            lambda out, v: tf.tensor_scatter_nd_update(out, where, tf.boolean_mask(v, finished)),
+            outs, machine.result(state, rows))
+        # The finished slots take the next waiting images, in pool order.
+        new = waiting + tf.cumsum(tf.cast(finished, tf.int32)) - 1
+        refill = finished & (new < n)
+        slot = tf.where(finished, tf.where(refill, new, -1), slot)
+        fresh = _on_rows(refill, machine.start, _gather(pool, slot))
+        state = tf.nest.map_structure(lambda a, s: _row_select(refill, a, s), fresh, state)
+        return slot, waiting + tf.reduce_sum(tf.cast(finished, tf.int32)), state, outs
+
+    _, _, _, outs = tf.while_loop(lambda slot, *_: tf.reduce_any(slot >= 0), body,
+                                  (slot, b, state, outs))
+    return outs
