@@ -90,22 +90,29 @@ def run(machine: Machine, pool: dict, batch=None):
         return out
     outs = tf.nest.map_structure(zeros, machine.result(state, rows))
 
-    def body(slot, waiting, state, outs):
-        active = slot >= 0
+    def retire(slot, waiting, state, outs, finished):
+        """The finished images' results into outs; their slots take the next waiting images,
+        in pool order."""
         rows = _gather(pool, slot)
-        state = _on_rows(active, machine.step, state, rows)
-        finished = active & machine.done(state, rows)
         where = tf.boolean_mask(slot, finished)[:, None]
         outs = tf.nest.map_structure(
             lambda out, v: tf.tensor_scatter_nd_update(out, where, tf.boolean_mask(v, finished)),
             outs, machine.result(state, rows))
-        # The finished slots take the next waiting images, in pool order.
         new = waiting + tf.cumsum(tf.cast(finished, tf.int32)) - 1
         refill = finished & (new < n)
         slot = tf.where(finished, tf.where(refill, new, -1), slot)
         fresh = _on_rows(refill, machine.start, _gather(pool, slot))
         state = tf.nest.map_structure(lambda a, s: _row_select(refill, a, s), fresh, state)
         return slot, waiting + tf.reduce_sum(tf.cast(finished, tf.int32)), state, outs
+
+    def body(slot, waiting, state, outs):
+        active = slot >= 0
+        state = _on_rows(active, machine.step, state, _gather(pool, slot))
+        finished = active & machine.done(state, _gather(pool, slot))
+        # Most iterations finish no image: they skip the results' and the states' copies.
+        return tf.cond(tf.reduce_any(finished),
+                       lambda: retire(slot, waiting, state, outs, finished),
+                       lambda: (slot, waiting, state, outs))
 
     _, _, _, outs = tf.while_loop(lambda slot, *_: tf.reduce_any(slot >= 0), body,
                                   (slot, b, state, outs))
