@@ -16,6 +16,7 @@ from clae_tf.method.attacks.common import (
     _rows,
     _seed,
     _select,
+    _select_rows,
     image_start,
 )
 from clae_tf.method.attacks.gradient import _ascent_step, _input_gradient
@@ -170,7 +171,7 @@ def _apgd_machine(logits_fn, loss_fn, steps, seed, norm, clip_min, clip_max, rho
         loss, grad, fooled = evaluate(x_next, rows["y"], rows.get("target"))
         first = _apgd_first(s, x_next, loss, grad, fooled)
         later = _apgd_update(s, x_next, loss, grad, fooled, windows, rho)
-        return {k: engine._row_select(fresh, first[k], later[k]) for k in s}
+        return {k: _select_rows(fresh, first[k], later[k]) for k in s}
 
     def result(s, rows):
         return _select(_row_mask(s["fooled"], s["x"]), s["x_fool"], s["x_max"]), s["fooled"]

@@ -122,20 +122,32 @@ def _misclassified(logits, y):
     return tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
 
 
+def _select_rows(mask, a, b):
+    """Per example: a where mask (M,) holds, else b, for tensors of any dtype and rank >= 1
+    (`_select`'s blend for floats)."""
+    m = _row_mask(mask, a)
+    return _select(m, a, b) if a.dtype.is_floating else tf.where(m, a, b)
+
+
 def _on_alive(alive, fn, *rows):
-    """fn(*rows) on the examples where alive (N,) holds, its outputs scattered back to N rows
-    (zeros, False elsewhere): the fooled examples of an attack cost no more model calls."""
-    index = tf.where(alive)  # (M, 1)
-    outs = fn(*[None if r is None else tf.gather_nd(r, index) for r in rows])
-    n = tf.shape(alive, out_type=tf.int64)
-    scattered = []
-    for out in outs:
-        shape = tf.concat([n, tf.shape(out, out_type=tf.int64)[1:]], 0)
-        if out.dtype == tf.bool:
-            scattered.append(tf.scatter_nd(index, tf.cast(out, tf.int32), shape) > 0)
-        else:
-            scattered.append(tf.scatter_nd(index, out, shape))
-    return tuple(scattered)
+    """fn(*rows) on the examples where alive (M,) holds, its outputs (any structure of (K, ...)
+    tensors) scattered back to M rows (zeros, False elsewhere): the finished examples of an
+    attack cost no model calls. fn on all rows directly when every one is alive."""
+    def compact():
+        index = tf.where(alive)  # (K, 1)
+        outs = fn(*tf.nest.map_structure(lambda v: tf.gather_nd(v, index), rows))
+        m = tf.shape(alive, out_type=tf.int64)
+
+        def scatter(v):
+            shape = tf.concat([m, tf.shape(v, out_type=tf.int64)[1:]], 0)
+            if v.dtype == tf.bool:
+                out = tf.scatter_nd(index, tf.cast(v, tf.int32), shape) > 0
+            else:
+                out = tf.scatter_nd(index, v, shape)
+            out.set_shape(alive.shape[:1].concatenate(v.shape[1:]))  # loops keep static shapes
+            return out
+        return tf.nest.map_structure(scatter, outs)
+    return tf.cond(tf.reduce_all(alive), lambda: fn(*rows), compact)
 
 
 # Per-image random streams (the refill engine, engine.py): counter-based, keyed by (seed, image

@@ -23,7 +23,7 @@ import typing
 
 import tensorflow as tf
 
-from clae_tf.method.attacks.common import _NOT_CONVERTED
+from clae_tf.method.attacks.common import _NOT_CONVERTED, _on_alive, _select_rows
 
 
 class Machine(typing.NamedTuple):
@@ -31,35 +31,6 @@ class Machine(typing.NamedTuple):
     step: typing.Callable
     done: typing.Callable
     result: typing.Callable
-
-
-def _row_select(mask, a, b):
-    """Per image: a where mask (M,), else b, for a leaf of any dtype and rank >= 1."""
-    m = tf.reshape(mask, [-1] + [1] * (a.shape.rank - 1))
-    if a.dtype.is_floating:  # arithmetic blend: exact for finite values, faster than select
-        m = tf.cast(m, a.dtype)
-        return a * m + b * (1.0 - m)
-    return tf.where(m, a, b)
-
-
-def _on_rows(mask, fn, *structures):
-    """fn(*structures) on the images where mask (M,) holds, its output (a structure of (K, ...)
-    leaves) scattered back to M rows (zeros and False elsewhere); fn directly when all hold."""
-    def compact():
-        index = tf.where(mask)
-        outs = fn(*tf.nest.map_structure(lambda v: tf.gather_nd(v, index), structures))
-        m = tf.shape(mask, out_type=tf.int64)
-
-        def scatter(v):
-            shape = tf.concat([m, tf.shape(v, out_type=tf.int64)[1:]], 0)
-            if v.dtype == tf.bool:
-                out = tf.scatter_nd(index, tf.cast(v, tf.int32), shape) > 0
-            else:
-                out = tf.scatter_nd(index, v, shape)
-            out.set_shape(mask.shape[:1].concatenate(v.shape[1:]))  # the loop keeps shapes
-            return out
-        return tf.nest.map_structure(scatter, outs)
-    return tf.cond(tf.reduce_all(mask), lambda: fn(*structures), compact)
 
 
 def _gather(pool, slot):
@@ -101,13 +72,13 @@ def run(machine: Machine, pool: dict, batch=None):
         new = waiting + tf.cumsum(tf.cast(finished, tf.int32)) - 1
         refill = finished & (new < n)
         slot = tf.where(finished, tf.where(refill, new, -1), slot)
-        fresh = _on_rows(refill, machine.start, _gather(pool, slot))
-        state = tf.nest.map_structure(lambda a, s: _row_select(refill, a, s), fresh, state)
+        fresh = _on_alive(refill, machine.start, _gather(pool, slot))
+        state = tf.nest.map_structure(lambda a, s: _select_rows(refill, a, s), fresh, state)
         return slot, waiting + tf.reduce_sum(tf.cast(finished, tf.int32)), state, outs
 
     def body(slot, waiting, state, outs):
         active = slot >= 0
-        state = _on_rows(active, machine.step, state, _gather(pool, slot))
+        state = _on_alive(active, machine.step, state, _gather(pool, slot))
         finished = active & machine.done(state, _gather(pool, slot))
         # Most iterations finish no image: they skip the results' and the states' copies.
         return tf.cond(tf.reduce_any(finished),
