@@ -358,8 +358,13 @@ def header(args, n: int, clean: float) -> str:
     """One line: the code, the libraries, the machine and the budgets of this run."""
     try:
         import subprocess
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
+
+        def git(*cmd):
+            return subprocess.run(["git", "-C", REPO, *cmd], capture_output=True,
+                                  text=True).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        if git("status", "--porcelain", "--untracked-files=no"):
+            commit += " + uncommitted changes"
     except OSError:
         commit = "?"
     lib = ""
