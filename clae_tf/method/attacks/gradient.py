@@ -7,8 +7,12 @@ public L-inf face. Two front ends build the objective:
   - `pgd` / `fgsm`: the CLAE training attack (docs/method.md, "The CLAE step", step 3), the
     batch-wide contrastive loss batch_loss(sg z(x1), z(x_adv)) of an embedding function z;
   - `pgd_classifier` / `fgsm_classifier` (Goodfellow et al., ICLR 2015; Madry et al., ICLR
-    2018; robust evaluation), L-inf or L2: the summed cross-entropy of a classifier's logits
-    against the labels.
+    2018; the fine-tunes' training attack), L-inf or L2: the summed cross-entropy of a
+    classifier's logits against the labels.
+
+`pgd_until_fooled`, the robust evaluation's PGD and FGSM, takes `pgd_classifier`'s steps
+(`_ascent_step`) one image at a time on the refill engine (engine.py), stopping each image at
+its first misclassified iterate.
 
 Every gradient is taken w.r.t. the input only (a nested tape that watches just x_adv and no
 variable), kept in float32, and the result is stop_gradient-ed: an attack never forms parameter
