@@ -217,15 +217,10 @@ def apgd(logits_fn, x, y, eps, steps, seed, norm="linf", loss="ce", target=None,
     _check_norm(norm)
     loss_fn = _apgd_loss(loss, target)
     steps = _count(steps, "steps", 0)
-    x = tf.cast(x, tf.float32)
-    y = tf.cast(y, tf.int32)
-    pool = dict(x=x, y=y, eps=tf.broadcast_to(tf.cast(eps, tf.float32), tf.shape(y)),
-                id=tf.range(tf.shape(y)[0]) if ids is None else tf.cast(ids, tf.int32))
-    if target is not None:
-        pool["target"] = tf.cast(target, tf.int32)
-    if x_start is not None:
-        pool["x_start"] = tf.cast(x_start, tf.float32)
-    else:
+    pool = engine.pool_of(x, y, eps, ids,
+                          target=None if target is None else tf.cast(target, tf.int32),
+                          x_start=None if x_start is None else tf.cast(x_start, tf.float32))
+    if x_start is None:
         seed = _seed(seed)
     x_adv, fooled = engine.run(_apgd_machine(logits_fn, loss_fn, steps, seed, norm, clip_min,
                                              clip_max, rho, momentum), pool, batch)

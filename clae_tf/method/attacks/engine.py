@@ -33,6 +33,17 @@ class Machine(typing.NamedTuple):
     result: typing.Callable
 
 
+def pool_of(x, y, eps, ids=None, **extra):
+    """The pool `run` takes: x float32, y int32, eps per image, the ids of the images' random
+    streams (default 0..N-1), and any further per-image inputs (None ones left out)."""
+    y = tf.cast(y, tf.int32)
+    pool = dict(x=tf.cast(x, tf.float32), y=y,
+                eps=tf.broadcast_to(tf.cast(eps, tf.float32), tf.shape(y)),
+                id=tf.range(tf.shape(y)[0]) if ids is None else tf.cast(ids, tf.int32))
+    pool.update({k: v for k, v in extra.items() if v is not None})
+    return pool
+
+
 def _gather(pool, slot):
     return {k: tf.gather(v, tf.maximum(slot, 0)) for k, v in pool.items()}
 
@@ -61,10 +72,9 @@ def run(machine: Machine, pool: dict, batch=None):
         return out
     outs = tf.nest.map_structure(zeros, machine.result(state, rows))
 
-    def retire(slot, waiting, state, outs, finished):
+    def retire(slot, waiting, state, outs, rows, finished):
         """The finished images' results into outs; their slots take the next waiting images,
         in pool order."""
-        rows = _gather(pool, slot)
         where = tf.boolean_mask(slot, finished)[:, None]
         outs = tf.nest.map_structure(
             lambda out, v: tf.tensor_scatter_nd_update(out, where, tf.boolean_mask(v, finished)),
@@ -78,11 +88,12 @@ def run(machine: Machine, pool: dict, batch=None):
 
     def body(slot, waiting, state, outs):
         active = slot >= 0
-        state = _on_alive(active, machine.step, state, _gather(pool, slot))
-        finished = active & machine.done(state, _gather(pool, slot))
+        rows = _gather(pool, slot)
+        state = _on_alive(active, machine.step, state, rows)
+        finished = active & machine.done(state, rows)
         # Most iterations finish no image: they skip the results' and the states' copies.
         return tf.cond(tf.reduce_any(finished),
-                       lambda: retire(slot, waiting, state, outs, finished),
+                       lambda: retire(slot, waiting, state, outs, rows, finished),
                        lambda: (slot, waiting, state, outs))
 
     _, _, _, outs = tf.while_loop(lambda slot, *_: tf.reduce_any(slot >= 0), body,

@@ -301,10 +301,7 @@ def pgd_until_fooled(logits_fn, x, y, eps, steps, step_size, random_start=False,
     """
     _check_norm(norm)
     steps = _count(steps, "steps", 0)
-    x = tf.cast(x, tf.float32)
-    y = tf.cast(y, tf.int32)
-    pool = dict(x=x, y=y, eps=tf.broadcast_to(tf.cast(eps, tf.float32), tf.shape(y)),
-                id=tf.range(tf.shape(y)[0]) if ids is None else tf.cast(ids, tf.int32))
+    pool = engine.pool_of(x, y, eps, ids)
     machine = _pgd_machine(logits_fn, steps, step_size, norm, random_start,
                            _seed(seed) if random_start else None, clip_min, clip_max)
     x_adv, fooled = engine.run(machine, pool, batch)

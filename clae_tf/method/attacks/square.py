@@ -153,9 +153,7 @@ def square_linf(logits_fn, x, y, eps, queries, seed, p_init=0.8, clip_min=0.0, c
     x = tf.cast(x, tf.float32)
     if x.shape.rank != 4 or None in x.shape[1:]:
         raise ValueError(f"square_linf attacks images (N, H, W, C) of known size, got {x.shape}")
-    y = tf.cast(y, tf.int32)
-    pool = dict(x=x, y=y, eps=tf.broadcast_to(tf.cast(eps, tf.float32), tf.shape(y)),
-                id=tf.range(tf.shape(y)[0]) if ids is None else tf.cast(ids, tf.int32))
     x_adv, fooled, n_queries = engine.run(
-        _square_machine(logits_fn, queries, _seed(seed), p_init, clip_min, clip_max), pool, batch)
+        _square_machine(logits_fn, queries, _seed(seed), p_init, clip_min, clip_max),
+        engine.pool_of(x, y, eps, ids), batch)
     return tf.stop_gradient(x_adv), fooled, n_queries
