@@ -1,7 +1,8 @@
 # Sourced by the protocol scripts (scripts/cifar10_small.sh, scripts/cifar10_small_methods.sh,
 # scripts/cifar10_small_baselines.sh, scripts/cifar10_full.sh, scripts/tinyimagenet_small.sh,
-# scripts/tradeoff.sh): runs one run.py workdir of a sweep, and records in <workdir>/sweep.jsonl
-# (clae_tf/runtime/workdir.py's SWEEP_FILE) what the results table needs beyond results.json:
+# scripts/tradeoff.sh, scripts/finetune_small.sh): runs one run.py workdir of a sweep, and
+# records in <workdir>/sweep.jsonl (clae_tf/runtime/workdir.py's SWEEP_FILE) what the results
+# table needs beyond results.json:
 #   {"event": "start", "unix": ..., "utc": ..., "preset": "<run.py arguments>", "extra": "<the
 #    sweep's extra flags>", "commit": "<git HEAD>", "dirty": true|false, "loadavg": [1, 5, 15 min],
 #    "cores": N}
@@ -57,12 +58,18 @@ _sweep_dirty() {  # true if tracked files differ from the commit
 # SWEEP_EXTRA...`, recording sweep.jsonl. Returns run.py's exit code (the caller's set -e then
 # stops the sweep, so that a failed or interrupted run is not followed by the next).
 sweep_run() {
-  local workdir=$1
-  shift
-  if [[ -f "$workdir/results.json" ]]; then
-    echo "== $workdir: done already (results.json), skipping"
+  if [[ -f "$1/results.json" ]]; then
+    echo "== $1: done already (results.json), skipping"
     return 0
   fi
+  sweep_step "$@"
+}
+
+# sweep_step WORKDIR RUN.PY-ARGS...: sweep_run without the skip, for a step on a run that has
+# results already (--mode=finetune, --mode=eval), which run.py itself skips or redoes.
+sweep_step() {
+  local workdir=$1
+  shift
   mkdir -p "$workdir"
   local meta="$workdir/sweep.jsonl" start
   start=$(date +%s)
