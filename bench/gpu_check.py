@@ -740,12 +740,10 @@ def attack_rates(args) -> dict:
 def attack_pass(compiled, x, y, args) -> np.ndarray:
     """fooled (N,) of one attack of all the images, in pools of robust.POOL_BATCHES batches
     (robust.attack_standing's), each image drawing from its own stream (its index)."""
-    fooled, pool = [], robust.POOL_BATCHES * args.attack_batch
-    for i in range(0, len(x), pool):
-        fooled.append(compiled(tf.constant(x[i:i + pool]), tf.constant(y[i:i + pool]),
-                               tf.constant([args.seed, 0], tf.int64),
-                               tf.range(i, min(i + pool, len(x)))).numpy())
-    return np.concatenate(fooled)
+    return np.concatenate([
+        compiled(tf.constant(x[start:stop]), tf.constant(y[start:stop]),
+                 tf.constant([args.seed, 0], tf.int64), tf.range(start, stop)).numpy()
+        for start, stop in robust.pools(len(x), args.attack_batch)])
 
 
 # ----------------------------------------------------------------------------------- summary

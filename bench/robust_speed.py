@@ -159,15 +159,11 @@ def ours(serve, shape, eps: float, args) -> dict:
         return x_adv, n_queries
 
     def pooled(attack, info_of):
-        pool = robust.POOL_BATCHES * args.batch_size
-
         def run(x, y):
             x_adv, extra = [], []
-            for start in range(0, len(x), pool):
-                sl = slice(start, start + pool)
-                out, more = attack(tf.constant(x[sl]), tf.constant(y[sl]),
-                                   tf.constant([args.seed, 0], tf.int64),
-                                   tf.range(start, min(start + pool, len(x))))
+            for start, stop in robust.pools(len(x), args.batch_size):
+                out, more = attack(tf.constant(x[start:stop]), tf.constant(y[start:stop]),
+                                   tf.constant([args.seed, 0], tf.int64), tf.range(start, stop))
                 x_adv.append(out.numpy())
                 extra.append(more.numpy())
             return np.concatenate(x_adv), info_of(np.concatenate(extra))

@@ -171,6 +171,13 @@ def batch_seed(seed: int, tag: str):
 POOL_BATCHES = 4
 
 
+def pools(n: int, batch_size: int):
+    """The (start, stop) row ranges of n images that one compiled attack call takes together:
+    POOL_BATCHES batches of batch_size each, the last one shorter."""
+    size = POOL_BATCHES * batch_size
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 def attack_standing(attack_pass, alive, eps, batch_size, seed, tag) -> int:
     """Runs `attack_pass` on the images still standing, marks the fooled ones.
 
@@ -184,10 +191,9 @@ def attack_standing(attack_pass, alive, eps, batch_size, seed, tag) -> int:
       How many images it fooled.
     """
     index = np.flatnonzero(alive)
-    pool = POOL_BATCHES * batch_size
-    for start in range(0, len(index), pool):
+    for start, stop in pools(len(index), batch_size):
         signals.check()  # a safe point between the compiled calls
-        rows = index[start:start + pool]
+        rows = index[start:stop]
         fooled = np.asarray(attack_pass(rows, eps, batch_seed(seed, tag)), bool)
         alive[rows[fooled]] = False
     return int(len(index) - np.count_nonzero(alive[index]))

@@ -232,20 +232,19 @@ def fab_t(logits_fn, x, y, eps, norm="linf", steps=FAB_STEPS, n_targets=FAB_TARG
     lo = tf.cast(-_INF if clip_min is None else clip_min, tf.float32)
     hi = tf.cast(_INF if clip_max is None else clip_max, tf.float32)
     machine = _fab_machine(logits_fn, steps, norm, lo, hi, alpha_max, eta, beta, minimal)
-    ids = tf.range(tf.shape(y)[0])  # FAB-T draws nothing: ids only key the engine's pool
     if target is not None:
         return tuple(tf.stop_gradient(v) for v in engine.run(
-            machine, dict(x=x, y=y, eps=eps, target=tf.cast(target, tf.int32), id=ids), batch))
+            machine, engine.pool_of(x, y, eps, target=tf.cast(target, tf.int32)), batch))
     logits = tf.stop_gradient(tf.cast(logits_fn(x), tf.float32))
     classes = logits.shape[-1]
     k = n_targets if classes is None else min(n_targets, classes - 1)
     targets = top_targets(logits, y, k)
 
-    def run(x, y, target, eps, ids):
-        return engine.run(machine, dict(x=x, y=y, eps=eps, target=target, id=ids), batch)
+    def run(x, y, target, eps):  # FAB-T draws nothing: the pool's default ids serve
+        return engine.run(machine, engine.pool_of(x, y, eps, target=target), batch)
 
     def body(j, x_adv, fooled):
-        x_run, broken = _on_alive(~fooled, run, x, y, tf.gather(targets, j, axis=1), eps, ids)
+        x_run, broken = _on_alive(~fooled, run, x, y, tf.gather(targets, j, axis=1), eps)
         return j + 1, _select(_row_mask(broken, x), x_run, x_adv), fooled | broken
 
     _, x_adv, fooled = tf.while_loop(
