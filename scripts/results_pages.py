@@ -12,6 +12,10 @@ sweep that makes its runs (copy the sweep's ROOT/compare/runs/ to docs/results/<
 The trade-off page, docs/results/tradeoff/README.md, draws on several protocols' runs
 (scripts/tradeoff_report.py); the 30-epoch online kNN curves it shows are the schedule sweep's
 ROOT/schedule/compare/online_knn.json, kept as docs/results/tradeoff_schedule/online_knn.json.
+The fine-tuning page, docs/results/finetune_small/README.md (SLF, ALF and AFF;
+scripts/finetune_report.py), exists once that folder holds runs/ (scripts/finetune_small.sh's
+ROOT/compare/runs/); it is not in PROTOCOLS: each of its runs has a copy re-evaluated by
+AutoAttack (<run>_aa8), which compare.py's grouping would count as another seed.
 """
 
 import argparse
@@ -24,6 +28,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
 import compare  # noqa: E402 (scripts/ on sys.path, above)
+import finetune_report  # noqa: E402
 import tradeoff_report  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(_HERE), "docs", "results")
@@ -169,7 +174,13 @@ def page(name: str, groups: Dict[str, List[dict]]) -> str:
     return text + ("\n".join(tail) + "\n" if plots else "")
 
 
-def index(pages: Dict[str, Dict[str, List[dict]]]) -> str:
+def finetune_page(runs: List[dict]) -> str:
+    """The fine-tuning page (scripts/finetune_report.py) of its kept runs and copies."""
+    data = f"{_data({finetune_report.NAME: runs})}, {_CIFAR_JPEG}"
+    return finetune_report.page(runs, GENERATED, data)
+
+
+def index(pages: Dict[str, Dict[str, List[dict]]], finetune: List[dict] = ()) -> str:
     lines = [GENERATED, "", "# Results", "",
              "Every table below and on the pages it links is generated from kept run files. "
              "What CLAE changes, paired by seed (points; mean ± sample std over seeds; worst = the "
@@ -179,6 +190,11 @@ def index(pages: Dict[str, Dict[str, List[dict]]]) -> str:
         paired = compare.paired_tables(groups)[2:]
         suite = tradeoff_report.suite_line([r for runs in groups.values() for r in runs])
         lines += paired + ["", suite] if paired else ["", "(no CLAE pair yet)"]
+    if finetune:
+        lines += ["", f"## [{finetune_report.TITLE}]({finetune_report.NAME}/README.md)", "",
+                  "Clean top-1 and worst cases (%; mean ± sample std over seeds) of the linear "
+                  "probe (SLF) and the two adversarial fine-tunes; suites and times on its "
+                  "page:", ""] + finetune_report.summary(finetune)
     lines += ["", f"## [{tradeoff_report.TITLE}]({tradeoff_report.NAME}/README.md)", "",
               "Clean linear against the worst case at 2/255 and 8/255, and a paired table with "
               "verdicts per question, from the runs of the pages above:", ""]
@@ -191,9 +207,12 @@ def generate() -> Dict[str, str]:
     pages = protocol_groups()
     out = {os.path.join(RESULTS, name, "README.md"): page(name, groups)
            for name, groups in pages.items()}
+    finetune = finetune_report.load(RESULTS)  # [] without its runs/
+    if finetune:
+        out[os.path.join(RESULTS, finetune_report.NAME, "README.md")] = finetune_page(finetune)
     out[os.path.join(RESULTS, tradeoff_report.NAME, "README.md")] = tradeoff_report.page(
         pages, RESULTS, GENERATED.replace("in runs/", "of the pages it links"))
-    out[os.path.join(RESULTS, "README.md")] = index(pages)
+    out[os.path.join(RESULTS, "README.md")] = index(pages, finetune)
     return out
 
 

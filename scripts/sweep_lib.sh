@@ -105,7 +105,7 @@ sweep_step() {
 # passed it, so WORKDIR must be given here as it was there) becomes ROOT/<name>, as the protocol
 # docs name the sweep's folder: a kept file names no folder of the machine it ran on.
 sweep_keep() {
-  local out=$1 workdir name file text
+  local out=$1 workdir name file text recorded
   shift
   for workdir in "$@"; do
     name=$(basename "$workdir")
@@ -115,8 +115,12 @@ sweep_keep() {
     done
     if [[ -f "$workdir/flags.cfg" ]]; then
       text=$(<"$workdir/flags.cfg")
-      # The quoted pattern matches the path literally (sed would read it as a regex).
-      printf '%s\n' "${text//"$workdir"/ROOT/$name}" > "$out/$name/flags.cfg"
+      # The path the run recorded too: a copy of a workdir (finetune_small.sh's _aa8) keeps its
+      # original's. The quoted patterns match the paths literally (sed would read regexes).
+      recorded=$(sed -n 's/^--workdir=//p' "$workdir/flags.cfg" | head -n 1)
+      text=${text//"$workdir"/ROOT/$name}
+      if [[ -n "$recorded" ]]; then text=${text//"$recorded"/ROOT/$name}; fi
+      printf '%s\n' "$text" > "$out/$name/flags.cfg"
     fi
   done
 }

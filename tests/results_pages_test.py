@@ -295,3 +295,161 @@ def test_a_protocol_of_several_eps_gets_a_group_per_eps():
             (0.0078, 0.1176)] + [_run("plain_seed0", "plain", False, 0.03, 15, 0, 0.4, 0.4)]
     labels = [r["label"] for r in results_pages._split(runs)]
     assert labels == ["SimCLR+CLAE eps 0.0078", "SimCLR+CLAE eps 0.1176", "Plain"]
+
+
+# -- the fine-tuning page (scripts/finetune_report.py) on small synthetic runs --------------------
+
+finetune = results_pages.finetune_report
+CHEAP, AA = "pgd20,fast", "pgd20,autoattack"
+# Per (CLAE or not, seed) and protocol: clean top-1, the cheaper suite's worst case at 1, 2, 4 and
+# 8/255, AutoAttack's at 8/255, seconds of (fine-)tuning and of the cheaper suite.
+FT = {
+    (False, 0): {"SLF": (0.612, (0.301, 0.113, 0.012, 0.000), 0.000, 1510.0, 610.0),
+                 "ALF": (0.523, (0.452, 0.381, 0.252, 0.071), 0.052, 700.0, 602.0),
+                 "AFF": (0.584, (0.531, 0.472, 0.353, 0.142), 0.121, 820.0, 590.0)},
+    (False, 1): {"SLF": (0.618, (0.292, 0.104, 0.021, 0.001), 0.001, 1490.0, 630.0),
+                 "ALF": (0.531, (0.443, 0.392, 0.243, 0.083), 0.061, 720.0, 611.0),
+                 "AFF": (0.571, (0.524, 0.461, 0.364, 0.153), 0.132, 800.0, 580.0)},
+    (True, 0): {"SLF": (0.581, (0.512, 0.403, 0.101, 0.012), 0.004, 2310.0, 650.0),
+                "ALF": (0.504, (0.483, 0.421, 0.312, 0.121), 0.093, 710.0, 620.0),
+                "AFF": (0.566, (0.543, 0.491, 0.382, 0.171), 0.144, 830.0, 600.0)},
+    (True, 1): {"SLF": (0.592, (0.523, 0.384, 0.113, 0.021), 0.011, 2290.0, 660.0),
+                "ALF": (0.512, (0.471, 0.433, 0.321, 0.112), 0.102, 690.0, 640.0),
+                "AFF": (0.553, (0.551, 0.482, 0.371, 0.183), 0.151, 850.0, 610.0)},
+}
+
+
+def _entry(suite, clean_key, clean, worst, train, evaluation):
+    """An SLF (clean_key linear_top1: results.json's top level) or ALF/AFF entry."""
+    return {clean_key: clean, "test_examples": 10000, "robust_top1": {"worst": worst},
+            "robust_examples": 1000, "robust_suite": f"{suite} (the suite)",
+            "eval_flags": {"robust_attacks": suite}, "train_seconds_this_process": train,
+            "robust_seconds": evaluation}
+
+
+def _ft_runs(adversarial, seed, protocols=("SLF", "ALF", "AFF"), copy=True,
+             aa=("SLF", "ALF", "AFF")):
+    """A pretraining run with the `protocols` it has, and (copy) its _aa8 copy, re-evaluated by
+    AutoAttack for the protocols in `aa` (the others still the run's numbers)."""
+    name = f"{'clae' if adversarial else 'simclr'}_seed{seed}"
+    table = FT[(adversarial, seed)]
+    run = _run(name, "simclr", adversarial, 0.03, 15, seed, table["SLF"][0], 0.4)
+    for p in protocols:
+        clean, worst, _, train, evaluation = table[p]
+        e = _entry(CHEAP, "linear_top1" if p == "SLF" else "top1", clean,
+                   dict(zip(("1", "2", "4", "8"), worst)), train, evaluation)
+        if p == "SLF":
+            run["results"].update(e)
+        else:
+            run["results"][p.lower()] = e
+    if not copy:
+        return [run]
+    results = json.loads(json.dumps(run["results"]))
+    # The copy's own numbers, other than AutoAttack's, must never reach the table.
+    results.update(linear_top1=0.999, train_seconds_this_process=1.0, robust_seconds=9999.0)
+    for p in aa:
+        e = results if p == "SLF" else results.get(p.lower())
+        if e is not None:
+            e.update(eval_flags={"robust_attacks": AA}, robust_suite=f"{AA} (standard)",
+                     robust_top1={"worst": {"8": table[p][2]}}, robust_seconds=5000.0)
+    return [run, dict(run, workdir=run["workdir"] + "_aa8", results=results)]
+
+
+def _pct(values):
+    v = 100 * np.array(values)
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+
+
+def _min(values):
+    v = np.array(values) / 60
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+
+
+def _ft_row(protocol, adversarial, seeds):
+    rows = [FT[(adversarial, s)][protocol] for s in seeds]
+    cells = [_pct([r[0] for r in rows]), _pct([r[2] for r in rows])]
+    cells += [_pct([r[1][i] for r in rows]) for i in range(4)]
+    cells += [_min([r[3] for r in rows]), _min([r[4] for r in rows])]
+    label = "SimCLR+CLAE" if adversarial else "SimCLR"
+    return f"| {protocol} | {label} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |"
+
+
+def test_the_finetune_page_shows_the_files_numbers_over_two_seeds():
+    runs = [r for s in (0, 1) for adv in (False, True) for r in _ft_runs(adv, s)]
+    text = finetune.page(runs)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == [_ft_row(p, adv, (0, 1)) for p in ("SLF", "ALF", "AFF")
+                        for adv in (False, True)]
+    assert "Not kept yet" not in text
+    # The copies are paired with their runs, never seeds: 4 runs, 4 copies.
+    assert "Runs: 4 pretrained encoders and 4 AutoAttack copies of them" in text
+    assert "pgd20,autoattack (standard) on 1,000 test images" in text
+    assert "the cheaper suite, pgd20,fast (the suite) on 1,000 test images." in text
+    # The speed record: the pretraining's train steps against SLF's robust evaluation.
+    ratio = np.array([FT[(True, s)]["SLF"][4] / FT[(True, s)]["SLF"][3] for s in (0, 1)])
+    assert (f"- SimCLR+CLAE (seeds 0,1): pretraining {_min([2310.0, 2290.0])} min, the cheaper "
+            f"suite's evaluation of SLF {_min([650.0, 660.0])} min: evaluation / training = "
+            f"{ratio.mean():.2f} ± {ratio.std(ddof=1):.2f}") in text
+    # The index's short table: clean, AutoAttack, worst 2/255 and 8/255.
+    summary = finetune.summary(runs)
+    adv = [FT[(True, s)]["ALF"] for s in (0, 1)]
+    assert (f"| ALF | SimCLR+CLAE | 0,1 | {_pct([r[0] for r in adv])} | "
+            f"{_pct([r[2] for r in adv])} | {_pct([r[1][1] for r in adv])} | "
+            f"{_pct([r[1][3] for r in adv])} |") in summary
+
+
+def test_the_finetune_page_names_what_is_not_kept_yet():
+    # SimCLR: no AFF yet, its copy re-evaluated for SLF and ALF only; SimCLR + CLAE: no copy yet.
+    runs = (_ft_runs(False, 0, protocols=("SLF", "ALF"), aa=("SLF", "ALF"))
+            + _ft_runs(True, 0, copy=False))
+    text = finetune.page(runs)
+    assert _ft_row("SLF", False, (0,)) in text
+    assert "| AFF | SimCLR | 0 | – | – | – | – | – | – | – | – |" in text
+    clae = _ft_row("SLF", True, (0,)).split(" | ")
+    assert " | ".join(clae[:4] + ["–"] + clae[5:]) in text
+    assert ("Not kept yet (– in the table): simclr_seed0: AFF; simclr_seed0_aa8: AutoAttack of "
+            "AFF; clae_seed0_aa8: not made yet (AutoAttack of SLF, ALF, AFF).") in text
+    # A copy whose AutoAttack step has not run holds its run's numbers: not AutoAttack's.
+    stale = _ft_runs(False, 0, aa=())
+    assert "| SLF | SimCLR | 0 | 61.20 | – |" in finetune.page(stale)
+    assert "simclr_seed0_aa8: AutoAttack of SLF, ALF, AFF" in finetune.page(stale)
+    # One seed of two with a number: over the seed that has it, saying so.
+    two = _ft_runs(False, 0) + _ft_runs(False, 1, protocols=("SLF",), copy=False)
+    assert "| ALF | SimCLR | 0,1 | 52.30 (1 of 2 seeds) | 5.20 (1 of 2 seeds) |" in (
+        finetune.page(two))
+
+
+def _keep(folder, run):
+    """Writes a synthetic run's kept files as scripts/sweep_lib.sh's sweep_keep would."""
+    path = os.path.join(folder, os.path.basename(run["workdir"]))
+    os.makedirs(path)
+    with open(os.path.join(path, "results.json"), "w") as f:
+        json.dump(run["results"], f)
+    flags = ["--method=simclr", f"--seed={run['flags']['seed']}", "--dataset=/data/cifar10",
+             "--adversarial" if run["flags"].get("adversarial") else "--noadversarial"]
+    with open(os.path.join(path, "flags.cfg"), "w") as f:
+        f.write("\n".join(flags) + "\n")
+    with open(os.path.join(path, "sweep.jsonl"), "w") as f:
+        f.write(json.dumps({"event": "start", "unix": 1, "commit": "0123456789abcdef"}) + "\n")
+
+
+def test_the_finetune_page_is_generated_once_its_runs_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(results_pages, "RESULTS", str(tmp_path))
+    page = os.path.join(str(tmp_path), "finetune_small", "README.md")
+    generated = results_pages.generate()
+    assert page not in generated and "finetune_small" not in generated[
+        os.path.join(str(tmp_path), "README.md")]
+    folder = tmp_path / "finetune_small" / "runs"
+    for adv in (False, True):
+        for run in _ft_runs(adv, 0):
+            _keep(str(folder), run)
+    generated = results_pages.generate()
+    assert results_pages.protocol_groups() == {}  # not a protocol: its copies are no seeds
+    text = generated[page]
+    assert text.startswith(results_pages.GENERATED)
+    assert _ft_row("AFF", True, (0,)) in text
+    assert "at commit 0123456; data: the image folder `cifar10/`, the CIFAR-10 JPEG" in text
+    assert "/data/cifar10" not in text
+    index = generated[os.path.join(str(tmp_path), "README.md")]
+    assert f"## [{finetune.TITLE}](finetune_small/README.md)" in index
+    assert "| AFF | SimCLR+CLAE | 0 |" in index
