@@ -233,7 +233,9 @@ def notes(runs: List[dict]) -> List[str]:
             f"seeds (ddof=1); \"(k of n seeds)\": over the seeds that have it.",
             "",
             f"AutoAttack {AA_RADIUS}/255: the worst case of {_suites(aa)}, in the runs' "
-            f"`<run>{COPY}` copies (evaluation only, no training).",
+            f"`<run>{COPY}` copies (evaluation only, no training)." if aa else
+            f"AutoAttack {AA_RADIUS}/255: from the runs' `<run>{COPY}` copies (evaluation only, "
+            "no training), none kept yet.",
             "",
             f"worst r/255: the worst case of the cheaper suite, {_suites(cheap)}.",
             "",
@@ -290,6 +292,10 @@ def _commits(runs: List[dict]) -> str:
     return ", ".join(sorted(commits))
 
 
+def _count(n: int, one: str, many: str = "") -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def page(runs: List[dict], header: str = "", data: str = "") -> str:
     """The page's markdown. header: the generated-file comment; data: what data the runs used
     (results_pages' wording), left out when empty."""
@@ -297,7 +303,9 @@ def page(runs: List[dict], header: str = "", data: str = "") -> str:
     data_text = f"; data: {data}" if data else ""
     lines = ([header, ""] if header else []) + [
         f"# {TITLE}", "", ABOUT, "",
-        f"Runs: {len(mains)} pretrained encoders and {len(copies)} AutoAttack copies of them, "
+        f"Runs: {_count(len(mains), 'pretrained encoder')} and "
+        f"{_count(len(copies), 'AutoAttack copy', 'AutoAttack copies')} of "
+        f"{'it' if len(mains) == 1 else 'them'}, "
         f"made by `{SWEEP}` at commit {_commits(runs)}{data_text}. Each workdir's files are in "
         "[runs/](runs/): results.json, flags.cfg (the pretraining's flags) and sweep.jsonl.", ""]
     lines += table(runs) + missing_line(runs) + notes(runs) + recipes(runs) + speed(runs)
