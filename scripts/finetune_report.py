@@ -26,6 +26,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import compare  # noqa: E402 (scripts/ on sys.path, above)
 import tradeoff_report  # noqa: E402
 from report_lib import mean_std  # noqa: E402
+from tradeoff_report import run_name  # noqa: E402
 
 NAME = "finetune_small"  # the page's folder under docs/results
 TITLE = "SLF, ALF and AFF of SimCLR and SimCLR + CLAE (small CIFAR-10 protocol)"
@@ -57,10 +58,6 @@ def load(results_dir: str) -> List[dict]:
             if os.path.isdir(os.path.join(root, d))]
 
 
-def _name(run: dict) -> str:
-    return os.path.basename(os.path.normpath(run["workdir"]))
-
-
 def _order(run: dict):
     flags = run["flags"]
     method = flags.get("method", "")
@@ -68,13 +65,13 @@ def _order(run: dict):
     methods = list(compare.METHOD_NAMES)
     return (methods.index(method) if method in methods else len(methods),
             flags.get("adversarial") == "True",
-            int(seed) if seed.isdigit() else 0, seed, _name(run))
+            int(seed) if seed.isdigit() else 0, seed, run_name(run))
 
 
 def split(runs: List[dict]) -> Tuple[List[dict], Dict[str, dict], List[str]]:
     """(the runs, ordered by method, CLAE or not, seed; {run name: its _aa8 copy}; the names of
     copies whose run is not kept). A copy is never one of the runs."""
-    by_name = {_name(r): r for r in runs}
+    by_name = {run_name(r): r for r in runs}
     mains = sorted((r for n, r in by_name.items() if not n.endswith(COPY)), key=_order)
     copies = {n[:-len(COPY)]: r for n, r in by_name.items() if n.endswith(COPY)}
     orphans = sorted(n + COPY for n in copies if n not in by_name)
@@ -153,11 +150,12 @@ def table(runs: List[dict], columns=None) -> List[str]:
     cols = [c for c in COLUMNS if columns is None or c[0] in columns]
     lines = ["| protocol | method | seeds | " + " | ".join(c[0] for c in cols) + " |",
              "|---" * (3 + len(cols)) + "|"]
+    groups = compare.group_runs(mains)
     for protocol in PROTOCOLS:
-        for label, group in compare.group_runs(mains).items():
+        for label, group in groups.items():
             seeds = ",".join(r["flags"].get("seed", "?") for r in group)
             found = {"run": [entry(r, protocol) for r in group],
-                     "aa": [aa_entry(copies.get(_name(r)), protocol) for r in group]}
+                     "aa": [aa_entry(copies.get(run_name(r)), protocol) for r in group]}
             lines.append(f"| {protocol} | {label} | {seeds} | " + " | ".join(
                 cell([None if e is None else value(e, protocol) for e in found[whose]], kind)
                 for _, whose, value, kind in cols) + " |")
@@ -170,7 +168,7 @@ def missing_steps(runs: List[dict]) -> List[str]:
     mains, copies, orphans = split(runs)
     out = []
     for run in mains:
-        name = _name(run)
+        name = run_name(run)
         lacking = [p for p in PROTOCOLS if entry(run, p) is None]
         if lacking:
             out.append(f"{name}: {', '.join(lacking)}")
@@ -200,7 +198,7 @@ def _measured(runs: List[dict]) -> Tuple[List[dict], List[dict]]:
     for run in mains:
         for p in PROTOCOLS:
             for found, out in ((entry(run, p), cheap),
-                               (aa_entry(copies.get(_name(run)), p), aa)):
+                               (aa_entry(copies.get(run_name(run)), p), aa)):
                 if found is not None and found.get("robust_top1"):
                     out.append({"results": found, "flags": run["flags"], "workdir": run["workdir"]})
     return cheap, aa

@@ -273,7 +273,8 @@ def suite_description(run: dict) -> str:
     return " + ".join(p for p in parts if p)
 
 
-def _run_name(run: dict) -> str:
+def run_name(run: dict) -> str:
+    """A kept run's folder name (its workdir's last part)."""
     return os.path.basename(os.path.normpath(run["workdir"]))
 
 
@@ -292,7 +293,7 @@ def suite_line(runs: List[dict]) -> str:
         which = "the one run" if n == 1 else f"all {n} runs"
         return f"Robust suite: {next(iter(suites))} ({which})."
     return ("Robust suites differ, compare their worst cases with care: " + "; ".join(
-        f"{text} ({', '.join(_run_name(r) for r in rs)})" for text, rs in suites.items()) + ".")
+        f"{text} ({', '.join(run_name(r) for r in rs)})" for text, rs in suites.items()) + ".")
 
 
 # -- the page -------------------------------------------------------------------------------------
